@@ -1,0 +1,12 @@
+"""cellvae: fast deep generative models for single-cell omics on AnnData and PyTorch."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from . import datasets, pp
+
+try:
+    __version__ = version("cellvae")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = ["datasets", "pp"]

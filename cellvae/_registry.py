@@ -1,0 +1,270 @@
+"""The registry: one plain record of where each registered field lives in an AnnData.
+
+:func:`cellvae.pp.setup_anndata` validates an AnnData and stores a :class:`Registry` as a plain
+dict in ``adata.uns["cellvae"]``. Everything in the record is a string, a number, a bool or a list
+of those, so it survives ``write_h5ad`` / ``read_h5ad``. Nothing is ever written to ``obs``, ``X``,
+``layers`` or ``obsm``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+logger = logging.getLogger(__name__)
+
+UNS_KEY = "cellvae"
+_CHUNK = 10_000  # rows read at a time from a backed or large matrix
+_INT_CHECK_SAMPLE = 100_000  # values sampled to warn about non-integer counts
+
+
+@dataclass(frozen=True)
+class Registry:
+    """Where each field of an AnnData lives, its categories, and summary statistics.
+
+    Built by :func:`cellvae.pp.setup_anndata`; stored as ``adata.uns["cellvae"]`` through
+    :meth:`to_dict` and read back with :meth:`from_adata`.
+    """
+
+    var_names: tuple[str, ...]
+    layer: str | None = None
+    batch_key: str | None = None
+    labels_key: str | None = None
+    size_factor_key: str | None = None
+    categorical_covariate_keys: tuple[str, ...] = ()
+    continuous_covariate_keys: tuple[str, ...] = ()
+    protein_expression_obsm_key: str | None = None
+    protein_names_uns_key: str | None = None
+    batch_categories: tuple[str, ...] = ("0",)
+    label_categories: tuple[str, ...] = ("0",)
+    categorical_covariate_categories: tuple[tuple[str, ...], ...] = ()
+    protein_names: tuple[str, ...] = ()
+    protein_batch_mask: tuple[tuple[bool, ...], ...] = ()
+    library_log_means: tuple[float, ...] = ()
+    library_log_vars: tuple[float, ...] = ()
+    n_obs: int = 0
+    n_nonzero: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def n_vars(self) -> int:
+        """Number of genes."""
+        return len(self.var_names)
+
+    @property
+    def n_batch(self) -> int:
+        """Number of batch categories (1 when no batch key was given)."""
+        return len(self.batch_categories)
+
+    @property
+    def n_labels(self) -> int:
+        """Number of label categories (1 when no labels key was given)."""
+        return len(self.label_categories)
+
+    @property
+    def n_proteins(self) -> int:
+        """Number of proteins (0 when none were registered)."""
+        return len(self.protein_names)
+
+    @property
+    def n_cats_per_covariate(self) -> list[int]:
+        """Number of categories of each extra categorical covariate."""
+        return [len(c) for c in self.categorical_covariate_categories]
+
+    @property
+    def n_continuous_covariates(self) -> int:
+        """Number of continuous covariates."""
+        return len(self.continuous_covariate_keys)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """Return an h5ad-safe plain dict: no None, only str / int / float / bool and lists."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if f.name in ("categorical_covariate_categories",):
+                value = {k: list(v) for k, v in zip(self.categorical_covariate_keys, value)}
+            elif f.name == "protein_batch_mask":
+                value = np.asarray(value, dtype=bool).reshape(self.n_batch, self.n_proteins)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> Registry:
+        """Rebuild a registry from :meth:`to_dict` output (also after an h5ad round trip)."""
+
+        def strings(v: Any) -> tuple[str, ...]:
+            return tuple(str(s) for s in np.asarray(v, dtype=object).ravel().tolist())
+
+        def scalar(v: Any) -> Any:
+            return v.item() if isinstance(v, np.generic | np.ndarray) else v
+
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(record) - known
+        if unknown:
+            raise ValueError(
+                f"adata.uns[{UNS_KEY!r}] has unknown fields {sorted(unknown)}: it was written by a "
+                "newer cellvae or edited by hand. Run cellvae.pp.setup_anndata(adata, ...) again."
+            )
+        kw: dict[str, Any] = {}
+        for name, v in record.items():
+            if name in (
+                "var_names",
+                "categorical_covariate_keys",
+                "continuous_covariate_keys",
+                "batch_categories",
+                "label_categories",
+                "protein_names",
+            ):
+                kw[name] = strings(v)
+            elif name == "categorical_covariate_categories":
+                kw[name] = v  # handled below, needs the keys
+            elif name == "protein_batch_mask":
+                arr = np.asarray(v, dtype=bool)
+                kw[name] = tuple(tuple(bool(b) for b in row) for row in np.atleast_2d(arr))
+            elif name in ("library_log_means", "library_log_vars"):
+                kw[name] = tuple(float(x) for x in np.asarray(v, dtype=float).ravel())
+            elif name == "extra":
+                kw[name] = dict(v)
+            else:
+                kw[name] = scalar(v)
+        cats = kw.pop("categorical_covariate_categories", {}) or {}
+        kw["categorical_covariate_categories"] = tuple(
+            strings(cats[k]) for k in kw.get("categorical_covariate_keys", ())
+        )
+        if kw.get("protein_batch_mask") and not kw.get("protein_names"):
+            kw["protein_batch_mask"] = ()
+        return cls(**kw)
+
+    @classmethod
+    def from_adata(cls, adata) -> Registry:
+        """Read the registry that :func:`cellvae.pp.setup_anndata` stored in ``adata``."""
+        if UNS_KEY not in adata.uns:
+            raise ValueError(
+                "This AnnData has not been set up for cellvae. Run "
+                "cellvae.pp.setup_anndata(adata, layer=..., batch_key=...) first."
+            )
+        return cls.from_dict(dict(adata.uns[UNS_KEY]))
+
+    def setup_kwargs(self) -> dict[str, Any]:
+        """The arguments of :func:`cellvae.pp.setup_anndata` that produced this registry."""
+        return {
+            "layer": self.layer,
+            "batch_key": self.batch_key,
+            "labels_key": self.labels_key,
+            "size_factor_key": self.size_factor_key,
+            "categorical_covariate_keys": list(self.categorical_covariate_keys) or None,
+            "continuous_covariate_keys": list(self.continuous_covariate_keys) or None,
+            "protein_expression_obsm_key": self.protein_expression_obsm_key,
+            "protein_names_uns_key": self.protein_names_uns_key,
+        }
+
+    # ------------------------------------------------------------------ encoding
+    def codes(self, adata, key: str | None, categories: Sequence[str]) -> np.ndarray:
+        """Integer codes of ``adata.obs[key]`` against ``categories`` (zeros if ``key`` is None)."""
+        if key is None:
+            return np.zeros(adata.n_obs, dtype=np.int64)
+        values = adata.obs[key].astype(str).to_numpy()
+        lookup = {c: i for i, c in enumerate(categories)}
+        codes = np.fromiter((lookup.get(v, -1) for v in values), dtype=np.int64, count=len(values))
+        if (codes < 0).any():
+            unseen = sorted(set(values[codes < 0]))
+            raise ValueError(
+                f"obs[{key!r}] has categories {unseen[:10]} that the model was not trained on "
+                f"(known: {list(categories)[:10]}). Pass extend_categories=True to "
+                "cellvae.pp.transfer_setup to add them, or drop those cells."
+            )
+        return codes
+
+
+# ---------------------------------------------------------------------- matrix access
+def get_counts(adata, layer: str | None):
+    """Return the registered count matrix (``X`` or a layer) without copying it."""
+    if layer is None:
+        if adata.X is None:
+            raise ValueError("adata.X is None. Pass layer='counts' (or the layer with raw counts).")
+        return adata.X
+    if layer not in adata.layers:
+        raise KeyError(
+            f"Layer {layer!r} not found in adata.layers (available: {list(adata.layers.keys())}). "
+            "Pass layer=None to use adata.X."
+        )
+    return adata.layers[layer]
+
+
+def iter_row_chunks(matrix, n_obs: int, chunk: int = _CHUNK):
+    """Yield ``(start, stop, block)`` row blocks as CSR or dense numpy, for in-memory or backed."""
+    for start in range(0, n_obs, chunk):
+        stop = min(start + chunk, n_obs)
+        block = matrix[start:stop]
+        if sp.issparse(block) or _is_sparse_array(block):
+            block = sp.csr_matrix(block)
+        else:
+            block = np.asarray(block)
+        yield start, stop, block
+
+
+def _is_sparse_array(m) -> bool:
+    return hasattr(sp, "sparray") and isinstance(m, sp.sparray)
+
+
+def _values(block) -> np.ndarray:
+    return block.data if sp.issparse(block) else np.asarray(block).ravel()
+
+
+def _row_sums(block) -> np.ndarray:
+    return np.asarray(block.sum(axis=1), dtype=np.float64).ravel()
+
+
+def scan_counts(matrix, n_obs: int, n_vars: int) -> dict[str, Any]:
+    """One pass over the counts: validity, library sizes, per-gene totals, nonzeros."""
+    library = np.empty(n_obs, dtype=np.float64)
+    gene_totals = np.zeros(n_vars, dtype=np.float64)
+    nnz = 0
+    sample: list[np.ndarray] = []
+    sampled = 0
+    for start, stop, block in iter_row_chunks(matrix, n_obs):
+        values = _values(block)
+        if not np.issubdtype(values.dtype, np.number):
+            raise ValueError(f"The count matrix has non-numeric dtype {values.dtype}.")
+        bad = ~np.isfinite(values)
+        if bad.any():
+            raise ValueError(
+                f"The count matrix contains {int(bad.sum())} NaN or infinite values (first in "
+                f"rows {start}–{stop}). Raw counts must be finite; check the layer you registered."
+            )
+        if (values < 0).any():
+            raise ValueError(
+                f"The count matrix contains {int((values < 0).sum())} negative values (first in "
+                f"rows {start}–{stop}). cellvae models need raw, non-negative counts: pass "
+                "layer='counts' (or wherever the raw counts are), not scaled or log data."
+            )
+        if sampled < _INT_CHECK_SAMPLE:
+            take = values[: _INT_CHECK_SAMPLE - sampled]
+            sample.append(take)
+            sampled += take.size
+        library[start:stop] = _row_sums(block)
+        gene_totals += np.asarray(block.sum(axis=0), dtype=np.float64).ravel()
+        nnz += block.nnz if sp.issparse(block) else int(np.count_nonzero(block))
+    vals = np.concatenate(sample) if sample else np.zeros(0)
+    if vals.size and not np.allclose(vals, np.round(vals)):
+        warnings.warn(
+            "The count matrix contains non-integer values; cellvae's count likelihoods expect "
+            "raw counts. If you normalised or log-transformed the data, register the raw-count "
+            "layer instead (layer='counts').",
+            UserWarning,
+            stacklevel=3,
+        )
+    return {"library": library, "gene_totals": gene_totals, "nnz": nnz}

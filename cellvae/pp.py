@@ -1,0 +1,441 @@
+"""Preprocessing: register an AnnData for cellvae models (the only writer of setup state)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ._registry import UNS_KEY, Registry, get_counts, scan_counts
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["setup_anndata", "transfer_setup", "view_setup"]
+
+
+def _check_not_view(adata) -> None:
+    if getattr(adata, "is_view", False):
+        raise ValueError(
+            "Received a view of an AnnData. Make a copy first: adata = adata.copy(), "
+            "then call cellvae.pp.setup_anndata(adata, ...)."
+        )
+
+
+def _obs_column(adata, key: str, what: str) -> pd.Series:
+    if key not in adata.obs.columns:
+        raise KeyError(
+            f"{what} {key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)})."
+        )
+    return adata.obs[key]
+
+
+def _categories(adata, key: str | None, what: str) -> tuple[str, ...]:
+    if key is None:
+        return ("0",)
+    col = _obs_column(adata, key, what)
+    if col.isna().any():
+        raise ValueError(
+            f"obs[{key!r}] ({what}) has {int(col.isna().sum())} missing values. Fill them "
+            f"(e.g. adata.obs[{key!r}] = adata.obs[{key!r}].astype(str)) or drop those cells."
+        )
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        used = set(col.astype(str))
+        return tuple(str(c) for c in col.cat.categories if str(c) in used)
+    return tuple(sorted(set(col.astype(str))))
+
+
+def _continuous(adata, keys: Sequence[str]) -> None:
+    for key in keys:
+        col = _obs_column(adata, key, "continuous covariate")
+        if not pd.api.types.is_numeric_dtype(col):
+            raise ValueError(
+                f"Continuous covariate obs[{key!r}] has dtype {col.dtype}; it must be numeric. "
+                "Register it with categorical_covariate_keys instead if it is a category."
+            )
+        values = col.to_numpy(dtype=float)
+        if not np.isfinite(values).all():
+            raise ValueError(
+                f"Continuous covariate obs[{key!r}] has {int((~np.isfinite(values)).sum())} NaN "
+                "or infinite values. Fill or drop them before setup."
+            )
+
+
+def protein_matrix(adata, obsm_key: str) -> np.ndarray:
+    """Return ``adata.obsm[obsm_key]`` as a validated float32 array (cells × proteins)."""
+    if obsm_key not in adata.obsm:
+        raise KeyError(
+            f"Protein key {obsm_key!r} is not in adata.obsm (keys: {list(adata.obsm.keys())})."
+        )
+    raw = adata.obsm[obsm_key]
+    if isinstance(raw, pd.DataFrame):
+        non_numeric = [c for c in raw.columns if not pd.api.types.is_numeric_dtype(raw[c])]
+        if non_numeric:
+            raise ValueError(
+                f"obsm[{obsm_key!r}] has non-numeric protein columns {non_numeric[:5]}; "
+                "protein counts must be numbers."
+            )
+        values = raw.to_numpy(dtype=np.float32)
+    else:
+        if hasattr(raw, "toarray"):
+            raw = raw.toarray()
+        values = np.asarray(raw)
+        if not np.issubdtype(values.dtype, np.number):
+            raise ValueError(
+                f"obsm[{obsm_key!r}] has dtype {values.dtype}; protein counts must be numeric."
+            )
+        values = values.astype(np.float32, copy=False)
+    if values.ndim != 2 or values.shape[0] != adata.n_obs:
+        raise ValueError(
+            f"obsm[{obsm_key!r}] has shape {values.shape}; expected ({adata.n_obs}, n_proteins): "
+            "one row per cell, in the order of adata.obs_names."
+        )
+    if not np.isfinite(values).all():
+        raise ValueError(f"obsm[{obsm_key!r}] contains NaN or infinite protein counts.")
+    if (values < 0).any():
+        raise ValueError(
+            f"obsm[{obsm_key!r}] contains {int((values < 0).sum())} negative protein counts; "
+            "register raw ADT counts, not normalised values."
+        )
+    return values
+
+
+def _protein_names(adata, obsm_key: str, uns_key: str | None, n: int) -> tuple[str, ...]:
+    if uns_key is not None:
+        if uns_key not in adata.uns:
+            raise KeyError(f"protein_names_uns_key {uns_key!r} is not in adata.uns.")
+        names = tuple(str(s) for s in np.asarray(adata.uns[uns_key]).ravel())
+    elif isinstance(adata.obsm[obsm_key], pd.DataFrame):
+        names = tuple(str(c) for c in adata.obsm[obsm_key].columns)
+    else:
+        names = tuple(f"protein_{i}" for i in range(n))
+    if len(names) != n:
+        raise ValueError(f"Got {len(names)} protein names for {n} protein columns.")
+    return names
+
+
+def _library_stats(library: np.ndarray, codes: np.ndarray, n_batch: int):
+    log_lib = np.log(np.maximum(library, 1.0))
+    means, variances = [], []
+    for b in range(n_batch):
+        vals = log_lib[codes == b]
+        means.append(float(vals.mean()) if vals.size else 0.0)
+        variances.append(float(vals.var()) if vals.size > 1 else 1.0)
+    return tuple(means), tuple(variances)
+
+
+def _build_registry(
+    adata,
+    *,
+    layer: str | None,
+    batch_key: str | None,
+    labels_key: str | None,
+    size_factor_key: str | None,
+    categorical_covariate_keys: Sequence[str] | None,
+    continuous_covariate_keys: Sequence[str] | None,
+    protein_expression_obsm_key: str | None,
+    protein_names_uns_key: str | None,
+    categories: dict[str, tuple[str, ...]] | None = None,
+) -> Registry:
+    """Validate ``adata`` and compute a registry; touches nothing in ``adata``."""
+    _check_not_view(adata)
+    cat_keys = tuple(categorical_covariate_keys or ())
+    cont_keys = tuple(continuous_covariate_keys or ())
+    counts = get_counts(adata, layer)
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(f"The AnnData is empty ({adata.n_obs} cells × {adata.n_vars} genes).")
+
+    categories = categories or {}
+    batch_cats = categories.get("batch") or _categories(adata, batch_key, "batch_key")
+    label_cats = categories.get("labels") or _categories(adata, labels_key, "labels_key")
+    cov_cats = tuple(
+        categories.get(f"cat:{k}") or _categories(adata, k, "categorical covariate")
+        for k in cat_keys
+    )
+    _continuous(adata, cont_keys)
+    if size_factor_key is not None:
+        _continuous(adata, [size_factor_key])
+        if (adata.obs[size_factor_key].to_numpy(dtype=float) <= 0).any():
+            raise ValueError(f"Size factors obs[{size_factor_key!r}] must be strictly positive.")
+
+    protein_names: tuple[str, ...] = ()
+    mask: tuple[tuple[bool, ...], ...] = ()
+    proteins = None
+    if protein_expression_obsm_key is not None:
+        proteins = protein_matrix(adata, protein_expression_obsm_key)
+        protein_names = _protein_names(
+            adata, protein_expression_obsm_key, protein_names_uns_key, proteins.shape[1]
+        )
+
+    stats = scan_counts(counts, adata.n_obs, adata.n_vars)
+    empty = int((stats["library"] <= 0).sum())
+    if empty:
+        raise ValueError(
+            f"{empty} cells have zero total counts; models need at least one count per cell. "
+            "Remove them first: sc.pp.filter_cells(adata, min_counts=1) "
+            "(then adata = adata.copy() if you sliced)."
+        )
+    n_empty_genes = int((stats["gene_totals"] <= 0).sum())
+    if n_empty_genes:
+        warnings.warn(
+            f"{n_empty_genes} genes have zero counts in every cell; they carry no information. "
+            "Consider sc.pp.filter_genes(adata, min_counts=1).",
+            UserWarning,
+            stacklevel=3,
+        )
+
+    reg = Registry(var_names=(), batch_categories=batch_cats)
+    batch_codes = reg.codes(adata, batch_key, batch_cats)
+    if proteins is not None:
+        present = np.zeros((len(batch_cats), proteins.shape[1]), dtype=bool)
+        np.logical_or.at(present, batch_codes, proteins > 0)
+        mask = tuple(tuple(bool(v) for v in row) for row in present)
+        for b, row in zip(batch_cats, present):
+            if not row.all():
+                logger.info(
+                    "Batch %r has %d proteins with all-zero counts; they are treated as "
+                    "missing in that batch.",
+                    b,
+                    int((~row).sum()),
+                )
+    means, variances = _library_stats(stats["library"], batch_codes, len(batch_cats))
+    return Registry(
+        var_names=tuple(str(v) for v in adata.var_names),
+        layer=layer,
+        batch_key=batch_key,
+        labels_key=labels_key,
+        size_factor_key=size_factor_key,
+        categorical_covariate_keys=cat_keys,
+        continuous_covariate_keys=cont_keys,
+        protein_expression_obsm_key=protein_expression_obsm_key,
+        protein_names_uns_key=protein_names_uns_key,
+        batch_categories=batch_cats,
+        label_categories=label_cats,
+        categorical_covariate_categories=cov_cats,
+        protein_names=protein_names,
+        protein_batch_mask=mask,
+        library_log_means=means,
+        library_log_vars=variances,
+        n_obs=int(adata.n_obs),
+        n_nonzero=int(stats["nnz"]),
+    )
+
+
+def setup_anndata(
+    adata,
+    *,
+    layer: str | None = None,
+    batch_key: str | None = None,
+    labels_key: str | None = None,
+    size_factor_key: str | None = None,
+    categorical_covariate_keys: Sequence[str] | None = None,
+    continuous_covariate_keys: Sequence[str] | None = None,
+    protein_expression_obsm_key: str | None = None,
+    protein_names_uns_key: str | None = None,
+) -> None:
+    """Register where the counts, batch, labels, covariates and proteins live in ``adata``.
+
+    Validates the data and stores one plain, h5ad-safe record in ``adata.uns["cellvae"]``.
+    Nothing is added to ``obs`` and no matrix is modified. On any error the AnnData is left
+    unchanged.
+
+    Parameters
+    ----------
+    adata
+        AnnData with raw counts (not a view).
+    layer
+        Layer holding the raw counts; ``None`` uses ``adata.X``.
+    batch_key
+        Column of ``obs`` with the batch of each cell; ``None`` for a single batch.
+    labels_key
+        Column of ``obs`` with cell labels (used by ``dispersion="gene-label"``).
+    size_factor_key
+        Column of ``obs`` with positive size factors, used instead of the observed library size.
+    categorical_covariate_keys
+        Extra categorical ``obs`` columns injected into the networks.
+    continuous_covariate_keys
+        Numeric ``obs`` columns concatenated to the network inputs.
+    protein_expression_obsm_key
+        Key of ``obsm`` with raw protein (ADT) counts, a DataFrame or an array (TOTALVI).
+    protein_names_uns_key
+        Key of ``uns`` with protein names, when ``obsm`` holds a plain array.
+
+    Examples
+    --------
+    >>> import cellvae
+    >>> adata = cellvae.datasets.kang_ifnb()
+    >>> cellvae.pp.setup_anndata(adata, batch_key="batch", labels_key="cell_type")
+    >>> adata.uns["cellvae"]["batch_categories"]
+    ['ctrl', 'stim']
+    """
+    reg = _build_registry(
+        adata,
+        layer=layer,
+        batch_key=batch_key,
+        labels_key=labels_key,
+        size_factor_key=size_factor_key,
+        categorical_covariate_keys=categorical_covariate_keys,
+        continuous_covariate_keys=continuous_covariate_keys,
+        protein_expression_obsm_key=protein_expression_obsm_key,
+        protein_names_uns_key=protein_names_uns_key,
+    )
+    adata.uns[UNS_KEY] = reg.to_dict()
+    logger.info("Registered %d cells × %d genes in adata.uns[%r].", reg.n_obs, reg.n_vars, UNS_KEY)
+
+
+def _extend(known: tuple[str, ...], new: tuple[str, ...], key: str | None, allow: bool):
+    unseen = [c for c in new if c not in known]
+    if unseen and not allow:
+        raise ValueError(
+            f"obs[{key!r}] has categories {unseen[:10]} not seen by the reference "
+            f"(known: {list(known)[:10]}). Pass extend_categories=True to add them."
+        )
+    return known + tuple(unseen)
+
+
+def transfer_setup(adata, source, *, extend_categories: bool = False) -> Registry:
+    """Register ``adata`` with the setup of a reference (a model, an AnnData or a registry).
+
+    The genes must be the reference's, in the same order. Category mappings are kept, so codes
+    mean the same thing in both; unseen categories are rejected unless ``extend_categories``.
+
+    Parameters
+    ----------
+    adata
+        New AnnData (not a view) with the same genes as the reference.
+    source
+        A trained model, an AnnData set up with :func:`setup_anndata`, or a :class:`Registry`.
+    extend_categories
+        Append unseen batch / label / covariate categories instead of raising.
+
+    Returns
+    -------
+    The registry written to ``adata.uns["cellvae"]``.
+
+    Examples
+    --------
+    >>> import cellvae
+    >>> ref = cellvae.datasets.synthetic(100, 30, random_state=0)
+    >>> cellvae.pp.setup_anndata(ref, batch_key="batch")
+    >>> query = cellvae.datasets.synthetic(50, 30, random_state=1)
+    >>> reg = cellvae.pp.transfer_setup(query, ref)
+    >>> reg.batch_categories == tuple(ref.uns["cellvae"]["batch_categories"])
+    True
+    """
+    _check_not_view(adata)
+    if isinstance(source, Registry):
+        ref = source
+    elif hasattr(source, "registry_"):
+        ref = source.registry_
+    else:
+        ref = Registry.from_adata(source)
+    genes = [str(v) for v in adata.var_names]
+    if genes != list(ref.var_names):
+        ref_set, new_set = set(ref.var_names), set(genes)
+        missing = [g for g in ref.var_names if g not in new_set]
+        extra = [g for g in genes if g not in ref_set]
+        if missing or extra:
+            raise ValueError(
+                f"The genes differ from the reference: {len(missing)} missing "
+                f"(e.g. {missing[:5]}), {len(extra)} extra (e.g. {extra[:5]}). Subset and "
+                "reorder, e.g. adata = adata[:, reference_genes].copy() after adding missing "
+                "genes as zeros."
+            )
+        raise ValueError(
+            "The genes are the reference's but in a different order. Reorder them: "
+            "adata = adata[:, reference_genes].copy()."
+        )
+    kwargs = ref.setup_kwargs()
+    cats: dict[str, tuple[str, ...]] = {}
+    if ref.batch_key is not None:
+        new = _categories(adata, ref.batch_key, "batch_key")
+        cats["batch"] = _extend(ref.batch_categories, new, ref.batch_key, extend_categories)
+    if ref.labels_key is not None:
+        if ref.labels_key in adata.obs:
+            new = _categories(adata, ref.labels_key, "labels_key")
+            cats["labels"] = _extend(ref.label_categories, new, ref.labels_key, True)
+        else:
+            kwargs["labels_key"] = None
+    for key, known in zip(ref.categorical_covariate_keys, ref.categorical_covariate_categories):
+        new = _categories(adata, key, "categorical covariate")
+        cats[f"cat:{key}"] = _extend(known, new, key, extend_categories)
+    reg = _build_registry(adata, **kwargs, categories=cats)
+    if kwargs["labels_key"] is None and ref.labels_key is not None:
+        reg = _replace(reg, label_categories=ref.label_categories)
+    adata.uns[UNS_KEY] = reg.to_dict()
+    return reg
+
+
+def _replace(reg: Registry, **changes: Any) -> Registry:
+    import dataclasses
+
+    return dataclasses.replace(reg, **changes)
+
+
+def view_setup(adata) -> None:
+    """Print a readable summary of the cellvae setup of ``adata``.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :func:`setup_anndata`.
+
+    Examples
+    --------
+    >>> import cellvae
+    >>> adata = cellvae.datasets.synthetic(100, 20)
+    >>> cellvae.pp.setup_anndata(adata, batch_key="batch")
+    >>> cellvae.pp.view_setup(adata)  # doctest: +ELLIPSIS
+    cellvae setup: 100 cells × 20 genes...
+    """
+    print(format_setup(Registry.from_adata(adata)))
+
+
+def format_setup(reg: Registry) -> str:
+    """Return the text :func:`view_setup` prints."""
+    density = reg.n_nonzero / max(reg.n_obs * reg.n_vars, 1)
+    rows = [
+        ("counts", f"adata.layers[{reg.layer!r}]" if reg.layer else "adata.X"),
+        ("batch", _describe(reg.batch_key, reg.batch_categories)),
+        ("labels", _describe(reg.labels_key, reg.label_categories)),
+        ("size factors", f"obs[{reg.size_factor_key!r}]" if reg.size_factor_key else "—"),
+    ]
+    for key, cats in zip(reg.categorical_covariate_keys, reg.categorical_covariate_categories):
+        rows.append(("categorical covariate", _describe(key, cats)))
+    for key in reg.continuous_covariate_keys:
+        rows.append(("continuous covariate", f"obs[{key!r}]"))
+    if reg.n_proteins:
+        missing = sum(not v for row in reg.protein_batch_mask for v in row)
+        rows.append(
+            (
+                "proteins",
+                f"obsm[{reg.protein_expression_obsm_key!r}]: {reg.n_proteins} proteins, "
+                f"{missing} (batch, protein) pairs missing",
+            )
+        )
+    width = max(len(r[0]) for r in rows)
+    lines = [
+        f"cellvae setup: {reg.n_obs} cells × {reg.n_vars} genes, "
+        f"{reg.n_nonzero} nonzero counts ({density:.1%})",
+        f"{'field'.ljust(width)}  where",
+        f"{'-' * width}  {'-' * 40}",
+    ]
+    lines += [f"{name.ljust(width)}  {where}" for name, where in rows]
+    lines.append(
+        f"{'library (log)'.ljust(width)}  "
+        + ", ".join(
+            f"{b}: {m:.2f} ± {v**0.5:.2f}"
+            for b, m, v in zip(reg.batch_categories, reg.library_log_means, reg.library_log_vars)
+        )
+    )
+    return "\n".join(lines)
+
+
+def _describe(key: str | None, cats: tuple[str, ...]) -> str:
+    if key is None:
+        return "—"
+    shown = ", ".join(cats[:6]) + (", …" if len(cats) > 6 else "")
+    return f"obs[{key!r}]: {len(cats)} categories ({shown})"
