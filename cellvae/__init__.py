@@ -3,10 +3,11 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from . import datasets, pp
+from .model import SCVI
 
 try:
     __version__ = version("cellvae")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-__all__ = ["datasets", "pp"]
+__all__ = ["SCVI", "datasets", "pp"]

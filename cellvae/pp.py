@@ -325,6 +325,16 @@ def transfer_setup(adata, source, *, extend_categories: bool = False) -> Registr
     >>> reg.batch_categories == tuple(ref.uns["cellvae"]["batch_categories"])
     True
     """
+    reg = registry_like(adata, source, extend_categories=extend_categories)
+    adata.uns[UNS_KEY] = reg.to_dict()
+    return reg
+
+
+def registry_like(adata, source, *, extend_categories: bool = False) -> Registry:
+    """Validate ``adata`` against a reference setup and return its registry, writing nothing.
+
+    Used by :func:`transfer_setup` and by models that are given new data in their getters.
+    """
     _check_not_view(adata)
     if isinstance(source, Registry):
         ref = source
@@ -365,7 +375,6 @@ def transfer_setup(adata, source, *, extend_categories: bool = False) -> Registr
     reg = _build_registry(adata, **kwargs, categories=cats)
     if kwargs["labels_key"] is None and ref.labels_key is not None:
         reg = _replace(reg, label_categories=ref.label_categories)
-    adata.uns[UNS_KEY] = reg.to_dict()
     return reg
 
 

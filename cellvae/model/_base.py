@@ -1,0 +1,358 @@
+"""The one small model base: data resolution, training entry point, save / load, history.
+
+Subclasses (SCVI, TOTALVI) say which module to build from the registry and add getters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import pp
+from .._data import BatchSampler, TensorData, split_indices
+from .._registry import Registry
+from ..train import TrainConfig, default_max_epochs, resolve_device, train_module
+
+logger = logging.getLogger(__name__)
+
+_FORMAT_VERSION = 1
+
+
+class BaseModel:
+    """Shared machinery of the user-facing models (not used directly).
+
+    Subclasses set ``_module_cls`` and implement ``_module_kwargs()``.
+    """
+
+    _module_cls: type[torch.nn.Module]
+    _train_defaults: dict[str, Any] = {}
+
+    def __init__(self, adata, **hparams: Any):
+        if adata is not None and getattr(adata, "is_view", False):
+            raise ValueError("Received a view of an AnnData; pass adata.copy() instead.")
+        self.adata = adata
+        self.registry_ = Registry.from_adata(adata) if adata is not None else None
+        self.hparams = dict(hparams)
+        self.module_: torch.nn.Module | None = None
+        self.history_: dict[str, list] = {}
+        self.is_trained_ = False
+        self._data_cache: tuple[int, TensorData] | None = None
+        self.train_indices_: np.ndarray | None = None
+        self.validation_indices_: np.ndarray | None = None
+        if self.registry_ is not None:
+            self._check_setup(self.registry_)
+
+    # ------------------------------------------------------------------ to override
+    def _check_setup(self, registry: Registry) -> None:
+        """Raise if the registry lacks what this model needs."""
+
+    def _module_kwargs(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ module
+    def _build_module(self) -> torch.nn.Module:
+        return self._module_cls(**self._module_kwargs())
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The torch module (built by the first call to ``train`` or by ``load``)."""
+        if self.module_ is None:
+            raise RuntimeError(
+                f"The {type(self).__name__} module does not exist yet: call model.train() first."
+            )
+        return self.module_
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the module's parameters."""
+        return next(self.module.parameters()).device
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """Per-epoch training history (one row per epoch)."""
+        if not self.history_:
+            return pd.DataFrame()
+        return pd.DataFrame(self.history_).set_index("epoch")
+
+    def _check_trained(self) -> None:
+        if not self.is_trained_:
+            raise RuntimeError(
+                f"This {type(self).__name__} has not been trained: call model.train() first "
+                f"(or load a saved model with {type(self).__name__}.load(dir, adata))."
+            )
+
+    # ------------------------------------------------------------------ data
+    def _data(self, adata=None) -> tuple[TensorData, Registry]:
+        """Tensors of ``adata`` (default: the training data), checked against the registry."""
+        if adata is None:
+            if self.adata is None:
+                raise ValueError("This model has no AnnData attached: pass adata=...")
+            adata = self.adata
+        if adata is self.adata and self.registry_ is not None:
+            key = id(adata)
+            if self._data_cache is None or self._data_cache[0] != key:
+                self._data_cache = (key, TensorData.from_adata(adata, self.registry_))
+            return self._data_cache[1], self.registry_
+        if getattr(adata, "is_view", False):
+            raise ValueError("Received a view of an AnnData; pass adata.copy() instead.")
+        reg = pp.registry_like(adata, self.registry_, extend_categories=False)
+        return TensorData.from_adata(adata, reg), reg
+
+    @staticmethod
+    def _indices(td: TensorData, indices) -> torch.Tensor:
+        if indices is None:
+            return torch.arange(td.n_obs)
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long).reshape(-1)
+        if len(idx) and (idx.min() < 0 or idx.max() >= td.n_obs):
+            raise IndexError(f"indices must be in [0, {td.n_obs}).")
+        return idx
+
+    def _batches(self, td: TensorData, indices, batch_size: int | None):
+        """Yield minibatch dicts on the module's device, in order."""
+        idx = self._indices(td, indices)
+        dev = self.device
+        td = td.to(dev) if dev.type != "cpu" else td
+        for chunk in BatchSampler(idx, batch_size or 1024):
+            yield td[chunk.to(dev)]
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        max_epochs: int | None = None,
+        *,
+        batch_size: int | None = None,
+        lr: float | None = None,
+        validation_size: float = 0.1,
+        early_stopping: bool | None = None,
+        seed: int | None = 0,
+        device: str = "auto",
+        progress_bar: bool = True,
+        **train_options: Any,
+    ):
+        """Fit the model; return ``self``.
+
+        Parameters
+        ----------
+        max_epochs
+            Number of passes over the training cells; default from the data size, as in
+            scvi-tools (``min(400, 20000 / n_cells · 400)``).
+        batch_size
+            Cells per minibatch.
+        lr
+            Adam learning rate.
+        validation_size
+            Fraction of cells held out for validation (seeded split).
+        early_stopping
+            Stop when the validation ELBO has not improved for ``early_stopping_patience``.
+        seed
+            Seeds the split, the shuffling, the initialisation, dropout and sampling: the same
+            seed gives the same model on CPU. Global random state is left untouched.
+        device
+            ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``.
+        progress_bar
+            Show a tqdm progress bar.
+        **train_options
+            Further :class:`~cellvae.train.TrainConfig` fields: ``weight_decay``, ``eps``,
+            ``kl_warmup_fraction``, ``n_epochs_kl_warmup``, ``early_stopping_patience``,
+            ``early_stopping_min_delta``, ``reduce_lr_on_plateau``, ``lr_factor``,
+            ``lr_patience``, ``gradient_clip_val``.
+        """
+        td, reg = self._data()
+        unknown = set(train_options) - set(TrainConfig.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"Unknown training options {sorted(unknown)}.")
+        options = {**self._train_defaults, **train_options}
+        for name, value in (
+            ("batch_size", batch_size),
+            ("lr", lr),
+            ("early_stopping", early_stopping),
+        ):
+            if value is not None:
+                options[name] = value
+        config = TrainConfig(
+            max_epochs=max_epochs or default_max_epochs(td.n_obs),
+            validation_size=validation_size,
+            seed=seed,
+            device=device,
+            progress_bar=progress_bar,
+            **options,
+        )
+        config.validate()
+        if self.module_ is None:
+            with torch.random.fork_rng(devices=[]):
+                if seed is not None:
+                    torch.manual_seed(int(seed))
+                self.module_ = self._build_module()
+        train_idx, val_idx = split_indices(td.n_obs, validation_size, seed)
+        self.train_indices_, self.validation_indices_ = train_idx.numpy(), val_idx.numpy()
+        try:
+            train_module(self.module_, td, train_idx, val_idx, config, self.history_)
+        finally:
+            if self.history_:
+                self.is_trained_ = True
+            self.module_.eval()
+        return self
+
+    # ------------------------------------------------------------------ save / load
+    def _config(self) -> dict[str, Any]:
+        from .. import __version__
+
+        return {
+            "format_version": _FORMAT_VERSION,
+            "model": type(self).__name__,
+            "cellvae_version": __version__,
+            "hparams": self.hparams,
+            "registry": _jsonable(self.registry_.to_dict()),
+            "history": self.history_,
+            "is_trained": self.is_trained_,
+        }
+
+    def save(self, dir_path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Save weights (``torch.save`` of the state dict) and setup (JSON) into ``dir_path``.
+
+        The save is atomic: weights go to a new file named by their hash, then ``model.json``
+        (which names that file) is replaced in one rename. An interrupted save leaves the
+        previous model intact.
+
+        Parameters
+        ----------
+        dir_path
+            Folder to write (created if missing).
+        overwrite
+            Replace a model already saved there.
+        """
+        self._check_trained()
+        path = Path(dir_path)
+        config_file = path / "model.json"
+        if config_file.exists() and not overwrite:
+            raise FileExistsError(f"{config_file} exists; pass overwrite=True to replace it.")
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        fd, tmp = tempfile.mkstemp(dir=path, prefix=".weights-", suffix=".tmp")
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        digest = _sha256(tmp)
+        weights_name = f"weights-{digest[:16]}.pt"
+        os.replace(tmp, path / weights_name)
+        config = self._config() | {"weights": weights_name, "sha256": digest}
+        old = _read_json(config_file).get("weights") if config_file.exists() else None
+        fd, tmp = tempfile.mkstemp(dir=path, prefix=".model-", suffix=".json.tmp")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(config, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, config_file)
+        if old and old != weights_name and (path / old).exists():
+            (path / old).unlink()
+        logger.info("Saved %s to %s.", type(self).__name__, path)
+
+    @classmethod
+    def load(cls, dir_path: str | os.PathLike, adata=None, *, device: str = "auto"):
+        """Load a model saved with :meth:`save`; ``adata`` (optional) must match its genes.
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by :meth:`save`.
+        adata
+            Data to attach. If it has no cellvae setup (or another one), it is registered with
+            the saved model's setup; the genes must be the same, in the same order.
+        device
+            Where to put the weights (a model saved on GPU loads on CPU and vice versa).
+        """
+        path = Path(dir_path)
+        config_file = path / "model.json"
+        if not config_file.exists():
+            raise FileNotFoundError(f"No saved model in {path} (missing model.json).")
+        config = _read_json(config_file)
+        if config.get("model") != cls.__name__:
+            raise ValueError(
+                f"{path} holds a {config.get('model')!r} model, not {cls.__name__}: "
+                f"use cellvae.{config.get('model')}.load."
+            )
+        weights = path / config["weights"]
+        if not weights.exists():
+            raise FileNotFoundError(f"The weights file {weights} named by model.json is missing.")
+        if _sha256(weights) != config["sha256"]:
+            raise ValueError(
+                f"The weights file {weights} is corrupted or truncated (checksum mismatch); "
+                "save the model again."
+            )
+        dev = resolve_device(device)
+        try:
+            state = torch.load(weights, map_location=dev, weights_only=True)
+        except Exception as err:
+            raise ValueError(f"Could not read the weights in {weights}: {err}") from err
+        registry = Registry.from_dict(config["registry"])
+        if adata is not None:
+            try:
+                current = Registry.from_adata(adata)
+            except ValueError:
+                current = None
+            if (
+                current is None
+                or current.var_names != registry.var_names
+                or (current.setup_kwargs() != registry.setup_kwargs())
+            ):
+                pp.transfer_setup(adata, registry)
+        model = cls.__new__(cls)
+        BaseModel.__init__(model, None, **config["hparams"])
+        model.adata = adata
+        model.registry_ = registry
+        model.module_ = model._build_module().to(dev)
+        try:
+            model.module_.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"The saved weights do not fit this model: {err}") from err
+        model.module_.eval()
+        model.history_ = {k: list(v) for k, v in config.get("history", {}).items()}
+        model.is_trained_ = bool(config.get("is_trained", True))
+        return model
+
+    def __repr__(self) -> str:
+        status = "trained" if self.is_trained_ else "not trained"
+        shape = (
+            f"{self.registry_.n_obs} cells × {self.registry_.n_vars} genes"
+            if self.registry_
+            else "no data"
+        )
+        params = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
+        return f"{type(self).__name__}({params}) — {shape}, {status}"
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON (corrupted or truncated save): {err}") from err
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj

@@ -1,0 +1,392 @@
+"""SCVI: the user-facing scVI model (Lopez et al., Nature Methods 2018)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import pp
+from .._registry import Registry
+from ..module import VAE
+from ._base import BaseModel
+
+
+class SCVI(BaseModel):
+    """Single-cell variational inference for batch correction of count data.
+
+    Register the data first with :meth:`setup_anndata` (or :func:`cellvae.pp.setup_anndata`).
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :func:`cellvae.pp.setup_anndata`.
+    n_hidden, n_latent, n_layers
+        Width of the hidden layers, size of the latent space, number of hidden layers.
+    dropout_rate
+        Dropout in the encoder.
+    dispersion
+        ``"gene"`` (one θ per gene), ``"gene-batch"``, ``"gene-label"`` or ``"gene-cell"``.
+    gene_likelihood
+        ``"zinb"``, ``"nb"``, ``"poisson"`` or ``"normal"``.
+    latent_distribution
+        ``"normal"`` or ``"ln"`` (logistic normal).
+    use_observed_lib_size
+        Use the observed library size (default) or learn it with a per-batch prior.
+    **module_kwargs
+        Further :class:`cellvae.module.VAE` options: ``encode_covariates``,
+        ``deeply_inject_covariates``, ``use_batch_norm``, ``use_layer_norm``,
+        ``log_variational``.
+
+    Examples
+    --------
+    >>> import cellvae
+    >>> adata = cellvae.datasets.synthetic(300, 50)
+    >>> cellvae.SCVI.setup_anndata(adata, batch_key="batch")
+    >>> model = cellvae.SCVI(adata, n_latent=5).train(max_epochs=2, progress_bar=False)
+    >>> model.get_latent_representation().shape
+    (300, 5)
+    """
+
+    _module_cls = VAE
+
+    def __init__(
+        self,
+        adata,
+        *,
+        n_hidden: int = 128,
+        n_latent: int = 10,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene",
+        gene_likelihood: Literal["zinb", "nb", "poisson", "normal"] = "zinb",
+        latent_distribution: Literal["normal", "ln"] = "normal",
+        use_observed_lib_size: bool = True,
+        **module_kwargs: Any,
+    ):
+        allowed = {
+            "encode_covariates",
+            "deeply_inject_covariates",
+            "use_batch_norm",
+            "use_layer_norm",
+            "log_variational",
+        }
+        unknown = set(module_kwargs) - allowed
+        if unknown:
+            raise TypeError(f"Unknown SCVI options {sorted(unknown)}; allowed: {sorted(allowed)}.")
+        super().__init__(
+            adata,
+            n_hidden=n_hidden,
+            n_latent=n_latent,
+            n_layers=n_layers,
+            dropout_rate=dropout_rate,
+            dispersion=dispersion,
+            gene_likelihood=gene_likelihood,
+            latent_distribution=latent_distribution,
+            use_observed_lib_size=use_observed_lib_size,
+            **module_kwargs,
+        )
+        # fail early on bad option values, before any training
+        VAE._check_options(dispersion, gene_likelihood, latent_distribution)
+
+    @staticmethod
+    def setup_anndata(
+        adata,
+        *,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        size_factor_key: str | None = None,
+        categorical_covariate_keys: Sequence[str] | None = None,
+        continuous_covariate_keys: Sequence[str] | None = None,
+    ) -> None:
+        """Register ``adata`` for SCVI; see :func:`cellvae.pp.setup_anndata`.
+
+        Examples
+        --------
+        >>> import cellvae
+        >>> adata = cellvae.datasets.synthetic(100, 20)
+        >>> cellvae.SCVI.setup_anndata(adata, batch_key="batch")
+        """
+        pp.setup_anndata(
+            adata,
+            layer=layer,
+            batch_key=batch_key,
+            labels_key=labels_key,
+            size_factor_key=size_factor_key,
+            categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys,
+        )
+
+    def _module_kwargs(self) -> dict[str, Any]:
+        reg: Registry = self.registry_
+        return {
+            "n_input": reg.n_vars,
+            "n_batch": reg.n_batch,
+            "n_labels": reg.n_labels,
+            "n_continuous_cov": reg.n_continuous_covariates,
+            "n_cats_per_cov": reg.n_cats_per_covariate,
+            "use_size_factor_key": reg.size_factor_key is not None,
+            "library_log_means": list(reg.library_log_means),
+            "library_log_vars": list(reg.library_log_vars),
+            **self.hparams,
+        }
+
+    # ------------------------------------------------------------------ getters
+    @torch.no_grad()
+    def get_latent_representation(
+        self,
+        adata=None,
+        *,
+        indices: Sequence[int] | None = None,
+        give_mean: bool = True,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Return the latent representation of each cell (cells × n_latent).
+
+        Parameters
+        ----------
+        adata
+            Data to embed (default: the training data); new data must have the same genes.
+        indices
+            Cells to embed (default: all).
+        give_mean
+            Return the posterior mean (for ``"ln"``, the Monte Carlo mean of the softmax);
+            otherwise one sample.
+        batch_size
+            Cells per forward pass.
+
+        Examples
+        --------
+        >>> import cellvae
+        >>> adata = cellvae.datasets.synthetic(200, 30)
+        >>> cellvae.SCVI.setup_anndata(adata, batch_key="batch")
+        >>> model = cellvae.SCVI(adata).train(max_epochs=1, progress_bar=False)
+        >>> model.get_latent_representation(indices=[0, 1, 2]).shape
+        (3, 10)
+        """
+        self._check_trained()
+        td, _ = self._data(adata)
+        out = []
+        for batch in self._batches(td, indices, batch_size):
+            inf = self.module.inference(batch)
+            if not give_mean:
+                z = inf["z"]
+            elif self.module.latent_distribution == "ln":
+                noise = torch.randn((100, *inf["qz_m"].shape), device=inf["qz_m"].device)
+                z = torch.softmax(inf["qz_m"] + inf["qz_v"].sqrt() * noise, -1).mean(0)
+            else:
+                z = inf["qz_m"]
+            out.append(z.cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.module.n_latent), np.float32)
+
+    def _batch_codes(self, transform_batch, reg: Registry) -> list[int | None]:
+        if transform_batch is None:
+            return [None]
+        items = [transform_batch] if isinstance(transform_batch, str | int) else transform_batch
+        codes = []
+        for b in items:
+            if str(b) not in reg.batch_categories:
+                raise ValueError(
+                    f"transform_batch {b!r} is not a batch of the model "
+                    f"(batches: {list(reg.batch_categories)})."
+                )
+            codes.append(reg.batch_categories.index(str(b)))
+        return codes
+
+    def _gene_idx(self, gene_list, reg: Registry) -> tuple[torch.Tensor | None, list[str]]:
+        if gene_list is None:
+            return None, list(reg.var_names)
+        lookup = {g: i for i, g in enumerate(reg.var_names)}
+        missing = [g for g in gene_list if g not in lookup]
+        if missing:
+            raise KeyError(f"Genes not in the model: {missing[:10]}.")
+        return torch.tensor([lookup[g] for g in gene_list]), list(gene_list)
+
+    @torch.no_grad()
+    def get_normalized_expression(
+        self,
+        adata=None,
+        *,
+        indices: Sequence[int] | None = None,
+        transform_batch: str | Sequence[str] | None = None,
+        gene_list: Sequence[str] | None = None,
+        library_size: float | Literal["latent"] = 1,
+        n_samples: int = 1,
+        return_numpy: bool = False,
+        batch_size: int | None = None,
+    ) -> pd.DataFrame | np.ndarray:
+        """Return denoised, library-normalised expression (cells × genes).
+
+        Computed in chunks of ``batch_size`` cells written straight into the output; with
+        ``gene_list`` only those genes' output rows of the decoder are evaluated.
+
+        Parameters
+        ----------
+        adata
+            Data (default: the training data).
+        indices
+            Cells to return (default: all).
+        transform_batch
+            Decode every cell as if it came from this batch (or the average over a list of
+            batches): batch-corrected expression. ``None`` uses each cell's own batch.
+        gene_list
+            Genes to return (default: all).
+        library_size
+            Scale the expression to this library size, or ``"latent"`` for the cell's own
+            (observed or inferred) library.
+        n_samples
+            Average over this many posterior samples of z (1: use the posterior mean).
+        return_numpy
+            Return a float32 array instead of a DataFrame.
+        batch_size
+            Cells per forward pass.
+
+        Examples
+        --------
+        >>> import cellvae
+        >>> adata = cellvae.datasets.synthetic(200, 30)
+        >>> cellvae.SCVI.setup_anndata(adata, batch_key="batch")
+        >>> model = cellvae.SCVI(adata).train(max_epochs=1, progress_bar=False)
+        >>> expr = model.get_normalized_expression(transform_batch="batch0", gene_list=["gene1"])
+        >>> expr.shape
+        (200, 1)
+        """
+        self._check_trained()
+        if n_samples < 1:
+            raise ValueError("n_samples must be at least 1.")
+        td, reg = self._data(adata)
+        codes = self._batch_codes(transform_batch, reg)
+        gene_idx, genes = self._gene_idx(gene_list, reg)
+        idx = self._indices(td, indices)
+        dev = self.device
+        g_idx = None if gene_idx is None else gene_idx.to(dev)
+        out = np.empty((len(idx), len(genes)), dtype=np.float32)
+        start = 0
+        key = "px_rate" if library_size == "latent" else "px_scale"
+        scale = 1.0 if library_size == "latent" else float(library_size)
+        for batch in self._batches(td, idx, batch_size):
+            inf = self.module.inference(batch, n_samples=n_samples)
+            z = inf["z"] if n_samples > 1 else inf["qz_m"]
+            if n_samples == 1 and self.module.latent_distribution == "ln":
+                z = torch.softmax(z, -1)
+            acc = None
+            for code in codes:
+                b = None if code is None else torch.full_like(batch["batch"], code)
+                gen = self.module.generative(z, inf["library"], batch, batch=b, gene_idx=g_idx)
+                value = gen[key] if n_samples == 1 else gen[key].mean(0)
+                acc = value if acc is None else acc + value
+            n = len(batch["batch"])
+            out[start : start + n] = (acc * (scale / len(codes))).cpu().numpy()
+            start += n
+        if return_numpy:
+            return out
+        names = self._obs_names(adata, idx)
+        return pd.DataFrame(out, index=names, columns=genes)
+
+    def _obs_names(self, adata, idx: torch.Tensor) -> pd.Index:
+        adata = self.adata if adata is None else adata
+        return adata.obs_names[idx.numpy()]
+
+    @torch.no_grad()
+    def _per_cell(self, adata, indices, batch_size, fn) -> np.ndarray:
+        self._check_trained()
+        td, _ = self._data(adata)
+        was = self.module.training
+        self.module.eval()
+        out = [fn(b).cpu().numpy() for b in self._batches(td, indices, batch_size)]
+        self.module.train(was)
+        return np.concatenate(out)
+
+    def get_elbo(self, adata=None, *, indices=None, batch_size: int | None = None) -> float:
+        """Return the ELBO per cell (a lower bound on log p(x); higher is better).
+
+        Examples
+        --------
+        >>> import cellvae
+        >>> adata = cellvae.datasets.synthetic(200, 30)
+        >>> cellvae.SCVI.setup_anndata(adata)
+        >>> model = cellvae.SCVI(adata).train(max_epochs=1, progress_bar=False)
+        >>> model.get_elbo() < 0
+        True
+        """
+        values = self._per_cell(adata, indices, batch_size, lambda b: -self.module(b).elbo)
+        return float(values.mean())
+
+    def get_reconstruction_error(
+        self, adata=None, *, indices=None, batch_size: int | None = None
+    ) -> float:
+        """Return the mean per-cell reconstruction error −log p(x | z) (lower is better).
+
+        Examples
+        --------
+        >>> import cellvae
+        >>> adata = cellvae.datasets.synthetic(200, 30)
+        >>> cellvae.SCVI.setup_anndata(adata)
+        >>> model = cellvae.SCVI(adata).train(max_epochs=1, progress_bar=False)
+        >>> model.get_reconstruction_error() > 0
+        True
+        """
+        fn = lambda b: self.module(b).reconstruction
+        return float(self._per_cell(adata, indices, batch_size, fn).mean())
+
+    def get_marginal_ll(
+        self,
+        adata=None,
+        *,
+        indices=None,
+        n_mc_samples: int = 1000,
+        batch_size: int | None = None,
+    ) -> float:
+        """Return the importance-sampled marginal log-likelihood log p(x) per cell.
+
+        Higher is better (scvi-tools reports the negative of this number).
+
+        Examples
+        --------
+        >>> import cellvae
+        >>> adata = cellvae.datasets.synthetic(100, 20)
+        >>> cellvae.SCVI.setup_anndata(adata)
+        >>> model = cellvae.SCVI(adata).train(max_epochs=1, progress_bar=False)
+        >>> model.get_marginal_ll(n_mc_samples=20) >= model.get_elbo() - 1.0
+        True
+        """
+        fn = lambda b: self.module.marginal_ll(b, n_mc_samples)
+        return float(self._per_cell(adata, indices, batch_size or 128, fn).mean())
+
+    @torch.no_grad()
+    def posterior_predictive_sample(
+        self,
+        adata=None,
+        *,
+        indices=None,
+        n_samples: int = 1,
+        gene_list: Sequence[str] | None = None,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Draw counts from the posterior predictive (cells × genes [× n_samples]).
+
+        Examples
+        --------
+        >>> import cellvae
+        >>> adata = cellvae.datasets.synthetic(100, 20)
+        >>> cellvae.SCVI.setup_anndata(adata)
+        >>> model = cellvae.SCVI(adata).train(max_epochs=1, progress_bar=False)
+        >>> model.posterior_predictive_sample(n_samples=3).shape
+        (100, 20, 3)
+        """
+        self._check_trained()
+        td, reg = self._data(adata)
+        gene_idx, _ = self._gene_idx(gene_list, reg)
+        g_idx = None if gene_idx is None else gene_idx.to(self.device)
+        out = []
+        for batch in self._batches(td, indices, batch_size):
+            inf = self.module.inference(batch, n_samples=n_samples)
+            gen = self.module.generative(inf["z"], inf["library"], batch, gene_idx=g_idx)
+            x = gen["px"].sample()
+            x = x.permute(1, 2, 0) if n_samples > 1 else x
+            out.append(x.cpu().numpy())
+        return np.concatenate(out)

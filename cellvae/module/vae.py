@@ -1,0 +1,315 @@
+"""The scVI variational autoencoder (Lopez et al., Nature Methods 2018), pure torch.
+
+Read top to bottom: ``inference`` encodes counts into q(z | x) (and q(ℓ | x) for a latent
+library), ``generative`` decodes z into the parameters of the count likelihood, ``loss`` adds the
+reconstruction and KL terms. A minibatch is a dict of tensors as produced by
+:class:`cellvae._data.TensorData`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..distributions import NegativeBinomial, Normal, Poisson, ZeroInflatedNegativeBinomial
+from ..nn import DecoderSCVI, Encoder
+from ._base import LossOutput, kl_normal
+
+Dispersion = Literal["gene", "gene-batch", "gene-label", "gene-cell"]
+Likelihood = Literal["zinb", "nb", "poisson", "normal"]
+
+
+class VAE(nn.Module):
+    """Variational autoencoder for count data with batch correction.
+
+    Parameters
+    ----------
+    n_input
+        Number of genes.
+    n_batch, n_labels
+        Number of batches and labels (1 when not registered).
+    n_hidden, n_latent, n_layers
+        Width, latent size and depth of the networks.
+    n_continuous_cov
+        Number of continuous covariates (concatenated to the decoder input).
+    n_cats_per_cov
+        Categories of each extra categorical covariate (injected like the batch).
+    dropout_rate
+        Dropout in the encoder.
+    dispersion
+        ``"gene"``, ``"gene-batch"``, ``"gene-label"`` or ``"gene-cell"``.
+    log_variational
+        Encode ``log(1 + x)`` instead of ``x``.
+    gene_likelihood
+        ``"zinb"``, ``"nb"``, ``"poisson"`` or ``"normal"``.
+    latent_distribution
+        ``"normal"`` or ``"ln"`` (logistic normal).
+    encode_covariates
+        Also give the batch and covariates to the encoders.
+    deeply_inject_covariates
+        Inject covariates into every hidden layer of the decoder, not just the first.
+    use_batch_norm, use_layer_norm
+        Where to normalise: ``"encoder"``, ``"decoder"``, ``"both"`` or ``"none"``.
+    use_size_factor_key
+        Use registered size factors (``log`` of them) as the library; softplus scale.
+    use_observed_lib_size
+        Use the observed log library size; otherwise learn a latent library with a per-batch
+        log-normal prior given by ``library_log_means`` / ``library_log_vars``.
+    library_log_means, library_log_vars
+        Per-batch mean and variance of the log library size (needed for a latent library).
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_batch: int = 1,
+        n_labels: int = 1,
+        n_hidden: int = 128,
+        n_latent: int = 10,
+        n_layers: int = 1,
+        n_continuous_cov: int = 0,
+        n_cats_per_cov: Sequence[int] | None = None,
+        dropout_rate: float = 0.1,
+        dispersion: Dispersion = "gene",
+        log_variational: bool = True,
+        gene_likelihood: Likelihood = "zinb",
+        latent_distribution: Literal["normal", "ln"] = "normal",
+        encode_covariates: bool = False,
+        deeply_inject_covariates: bool = True,
+        use_batch_norm: Literal["encoder", "decoder", "none", "both"] = "both",
+        use_layer_norm: Literal["encoder", "decoder", "none", "both"] = "none",
+        use_size_factor_key: bool = False,
+        use_observed_lib_size: bool = True,
+        library_log_means: Sequence[float] | None = None,
+        library_log_vars: Sequence[float] | None = None,
+    ):
+        super().__init__()
+        self._check_options(dispersion, gene_likelihood, latent_distribution)
+        for name, value in (("use_batch_norm", use_batch_norm), ("use_layer_norm", use_layer_norm)):
+            _check_choice(name, value, ("encoder", "decoder", "none", "both"))
+        self.n_input, self.n_batch, self.n_labels = n_input, n_batch, n_labels
+        self.n_latent = n_latent
+        self.dispersion = dispersion
+        self.gene_likelihood = gene_likelihood
+        self.latent_distribution = latent_distribution
+        self.log_variational = log_variational
+        self.encode_covariates = encode_covariates
+        self.use_size_factor_key = use_size_factor_key
+        self.use_observed_lib_size = use_size_factor_key or use_observed_lib_size
+        self.n_continuous_cov = n_continuous_cov
+
+        if not self.use_observed_lib_size:
+            if library_log_means is None or library_log_vars is None:
+                raise ValueError("A latent library needs library_log_means and library_log_vars.")
+            self.register_buffer(
+                "library_log_means", torch.as_tensor(library_log_means, dtype=torch.float32)
+            )
+            self.register_buffer(
+                "library_log_vars", torch.as_tensor(library_log_vars, dtype=torch.float32)
+            )
+
+        if dispersion == "gene":
+            self.px_r = nn.Parameter(torch.randn(n_input))
+        elif dispersion == "gene-batch":
+            self.px_r = nn.Parameter(torch.randn(n_batch, n_input))
+        elif dispersion == "gene-label":
+            self.px_r = nn.Parameter(torch.randn(n_labels, n_input))
+
+        cat_list = [n_batch, *(n_cats_per_cov or [])]
+        enc_cats = cat_list if encode_covariates else None
+        n_enc_in = n_input + n_continuous_cov * encode_covariates
+        bn_enc = use_batch_norm in ("encoder", "both")
+        bn_dec = use_batch_norm in ("decoder", "both")
+        ln_enc = use_layer_norm in ("encoder", "both")
+        ln_dec = use_layer_norm in ("decoder", "both")
+        self.z_encoder = Encoder(
+            n_enc_in,
+            n_latent,
+            n_cat_list=enc_cats,
+            n_layers=n_layers,
+            n_hidden=n_hidden,
+            dropout_rate=dropout_rate,
+            distribution=latent_distribution,
+            use_batch_norm=bn_enc,
+            use_layer_norm=ln_enc,
+            inject_covariates=deeply_inject_covariates,
+        )
+        self.l_encoder = (
+            None
+            if self.use_observed_lib_size
+            else Encoder(
+                n_enc_in,
+                1,
+                n_cat_list=enc_cats,
+                n_layers=1,
+                n_hidden=n_hidden,
+                dropout_rate=dropout_rate,
+                use_batch_norm=bn_enc,
+                use_layer_norm=ln_enc,
+                inject_covariates=deeply_inject_covariates,
+            )
+        )
+        self.decoder = DecoderSCVI(
+            n_latent + n_continuous_cov,
+            n_input,
+            n_cat_list=cat_list,
+            n_layers=n_layers,
+            n_hidden=n_hidden,
+            inject_covariates=deeply_inject_covariates,
+            use_batch_norm=bn_dec,
+            use_layer_norm=ln_dec,
+            scale_activation="softplus" if use_size_factor_key else "softmax",
+        )
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _check_options(dispersion: str, gene_likelihood: str, latent_distribution: str) -> None:
+        """Raise a ValueError naming the allowed values of a bad option."""
+        _check_choice("dispersion", dispersion, ("gene", "gene-batch", "gene-label", "gene-cell"))
+        _check_choice("gene_likelihood", gene_likelihood, ("zinb", "nb", "poisson", "normal"))
+        _check_choice("latent_distribution", latent_distribution, ("normal", "ln"))
+
+    @staticmethod
+    def _cats(tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        cats = [tensors["batch"]]
+        if "cat_covs" in tensors:
+            cats += list(tensors["cat_covs"].unbind(-1))
+        return cats
+
+    # ------------------------------------------------------------------ the model
+    def inference(self, tensors: dict[str, torch.Tensor], n_samples: int = 1) -> dict:
+        """Encode a minibatch: q(z | x) and the library (observed, size factor or latent)."""
+        x = tensors["x"]
+        cats = self._cats(tensors)
+        x_in = torch.log1p(x) if self.log_variational else x
+        if self.encode_covariates and "cont_covs" in tensors:
+            x_in = torch.cat([x_in, tensors["cont_covs"]], dim=-1)
+        enc_cats = cats if self.encode_covariates else []
+        qz_m, qz_v, z = self.z_encoder(x_in, *enc_cats)
+        ql_m = ql_v = None
+        if self.use_size_factor_key:
+            library = torch.log(tensors["size_factor"]).unsqueeze(-1)
+        elif self.use_observed_lib_size:
+            library = torch.log(x.sum(-1, keepdim=True))
+        else:
+            ql_m, ql_v, library = self.l_encoder(x_in, *enc_cats)
+        if n_samples > 1:
+            untran = qz_m + qz_v.sqrt() * torch.randn((n_samples, *qz_m.shape), device=x.device)
+            z = self.z_encoder.z_transformation(untran)
+            if ql_m is not None:
+                library = ql_m + ql_v.sqrt() * torch.randn(
+                    (n_samples, *ql_m.shape), device=x.device
+                )
+            else:
+                library = library.expand(n_samples, *library.shape)
+        return {"z": z, "qz_m": qz_m, "qz_v": qz_v, "ql_m": ql_m, "ql_v": ql_v, "library": library}
+
+    def generative(
+        self,
+        z: torch.Tensor,
+        library: torch.Tensor,
+        tensors: dict[str, torch.Tensor],
+        *,
+        batch: torch.Tensor | None = None,
+        gene_idx: torch.Tensor | None = None,
+    ) -> dict:
+        """Decode z into the count distribution ``px`` (``batch`` overrides the cells' batch)."""
+        cats = self._cats(tensors)
+        if batch is not None:
+            cats[0] = batch
+        dec_in = z
+        if "cont_covs" in tensors:
+            cont = tensors["cont_covs"]
+            dec_in = torch.cat([z, cont.expand(*z.shape[:-1], cont.shape[-1])], dim=-1)
+        if z.dim() == 3:  # (samples, cells, latent): flatten for the batch-norm layers
+            s, n = z.shape[:2]
+            px_scale, px_r, px_rate, px_dropout = self.decoder(
+                self.dispersion,
+                dec_in.reshape(s * n, -1),
+                library.reshape(s * n, 1),
+                *[c.repeat(s) for c in cats],
+                gene_idx=gene_idx,
+            )
+            unflat = lambda t: None if t is None else t.reshape(s, n, -1)
+            px_scale, px_r, px_rate, px_dropout = map(unflat, (px_scale, px_r, px_rate, px_dropout))
+        else:
+            px_scale, px_r, px_rate, px_dropout = self.decoder(
+                self.dispersion, dec_in, library, *cats, gene_idx=gene_idx
+            )
+        if self.dispersion == "gene":
+            px_r = self.px_r
+        elif self.dispersion == "gene-batch":
+            px_r = self.px_r[cats[0]]
+        elif self.dispersion == "gene-label":
+            px_r = self.px_r[tensors["labels"]]
+        if gene_idx is not None and self.dispersion != "gene-cell":
+            px_r = px_r[..., gene_idx]
+        theta = torch.exp(px_r)
+        if self.gene_likelihood == "zinb":
+            px = ZeroInflatedNegativeBinomial(mu=px_rate, theta=theta, zi_logits=px_dropout)
+        elif self.gene_likelihood == "nb":
+            px = NegativeBinomial(mu=px_rate, theta=theta)
+        elif self.gene_likelihood == "poisson":
+            px = Poisson(rate=px_rate)
+        else:
+            px = Normal(loc=px_rate, scale=theta.sqrt())
+        return {"px": px, "px_scale": px_scale, "px_rate": px_rate}
+
+    def loss(
+        self, tensors: dict[str, torch.Tensor], inf: dict, gen: dict, kl_weight: float = 1.0
+    ) -> LossOutput:
+        """Negative ELBO of the minibatch with the KL of z weighted by ``kl_weight``."""
+        x = tensors["x"]
+        nz = (tensors["nz_row"], tensors["nz_col"]) if "nz_row" in tensors else None
+        reconstruction = -gen["px"].log_prob_sum(x, nz)
+        kl_z = kl_normal(inf["qz_m"], inf["qz_v"])
+        kl_l = torch.zeros_like(kl_z)
+        if inf["ql_m"] is not None:
+            b = tensors["batch"]
+            kl_l = kl_normal(
+                inf["ql_m"],
+                inf["ql_v"],
+                self.library_log_means[b].unsqueeze(-1),
+                self.library_log_vars[b].unsqueeze(-1),
+            )
+        loss = torch.mean(reconstruction + kl_weight * kl_z + kl_l)
+        return LossOutput(loss=loss, reconstruction=reconstruction, kl_local=kl_z + kl_l)
+
+    def forward(self, tensors: dict[str, torch.Tensor], kl_weight: float = 1.0) -> LossOutput:
+        """Inference, generative and loss for one minibatch."""
+        inf = self.inference(tensors)
+        gen = self.generative(inf["z"], inf["library"], tensors)
+        return self.loss(tensors, inf, gen, kl_weight)
+
+    @torch.no_grad()
+    def marginal_ll(self, tensors: dict[str, torch.Tensor], n_mc_samples: int) -> torch.Tensor:
+        """Importance-sampled log p(x) per cell, with q(z | x) (and q(ℓ | x)) as proposal."""
+        if self.latent_distribution == "ln":
+            raise NotImplementedError("marginal_ll needs latent_distribution='normal'.")
+        inf = self.inference(tensors, n_samples=n_mc_samples)
+        z, lib = inf["z"], inf["library"]
+        if n_mc_samples == 1:
+            z, lib = z.unsqueeze(0), lib.unsqueeze(0)
+        gen = self.generative(z, lib, tensors)
+        log_w = gen["px"].log_prob(tensors["x"]).sum(-1)  # (samples, cells)
+        log_w += Normal(torch.zeros_like(z), torch.ones_like(z)).log_prob(z).sum(-1)
+        log_w -= Normal(inf["qz_m"], inf["qz_v"].sqrt()).log_prob(z).sum(-1)
+        if inf["ql_m"] is not None:
+            b = tensors["batch"]
+            mean = self.library_log_means[b].unsqueeze(-1)
+            prior = Normal(mean, self.library_log_vars[b].unsqueeze(-1).sqrt())
+            log_w += prior.log_prob(lib).sum(-1)
+            log_w -= Normal(inf["ql_m"], inf["ql_v"].sqrt()).log_prob(lib).sum(-1)
+        return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
+
+
+def _check_choice(name: str, value, options) -> None:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {list(options)}, got {value!r}.")
+
+
+__all__ = ["VAE"]

@@ -1,0 +1,254 @@
+"""The one training loop: optimiser, device, KL warm-up, validation, early stopping, progress.
+
+Any module whose ``forward(tensors, kl_weight)`` returns a
+:class:`~cellvae.module.LossOutput` trains here. The loop never touches AnnData, pandas or scipy:
+minibatches come from :class:`~cellvae._data.TensorData` by tensor indexing.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._data import BatchSampler, TensorData
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TrainConfig", "default_max_epochs", "resolve_device", "train_module"]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; other values are passed to torch."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but CUDA is not available; use 'cpu'.")
+    return torch.device(device)
+
+
+def default_max_epochs(n_obs: int) -> int:
+    """scvi-tools' rule: ``min(400, round(20000 / n_obs · 400))``, at least 1."""
+    return max(1, min(400, round(20_000 / max(n_obs, 1) * 400)))
+
+
+@dataclass
+class TrainConfig:
+    """Options of :func:`train_module` (the models' ``train`` methods expose the same names)."""
+
+    max_epochs: int = 400
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    eps: float = 0.01
+    validation_size: float = 0.1
+    kl_warmup_fraction: float | None = 0.75
+    n_epochs_kl_warmup: int | None = None
+    early_stopping: bool = False
+    early_stopping_patience: int = 45
+    early_stopping_min_delta: float = 0.0
+    reduce_lr_on_plateau: bool = False
+    lr_factor: float = 0.6
+    lr_patience: int = 30
+    lr_min: float = 0.0
+    gradient_clip_val: float | None = None
+    seed: int | None = 0
+    device: str = "auto"
+    progress_bar: bool = True
+    eval_batch_size: int = 2048
+
+    def validate(self) -> None:
+        """Raise a ValueError for options out of range."""
+        if self.max_epochs < 1:
+            raise ValueError(f"max_epochs must be at least 1, got {self.max_epochs}.")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be at least 2 (batch norm), got {self.batch_size}.")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}.")
+        if self.kl_warmup_fraction is not None and not 0 <= self.kl_warmup_fraction <= 1:
+            raise ValueError("kl_warmup_fraction must be in [0, 1] or None.")
+
+
+class TrainingError(RuntimeError):
+    """Training produced a non-finite loss; the last good weights were restored."""
+
+
+def _kl_weight(step: int, warmup_steps: int) -> float:
+    return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
+
+
+@torch.no_grad()
+def evaluate(
+    module: nn.Module, data: TensorData, indices: torch.Tensor, batch_size: int = 2048
+) -> dict[str, float]:
+    """Per-cell averages of the negative ELBO and its terms over ``indices`` (eval mode)."""
+    was_training = module.training
+    module.eval()
+    totals: dict[str, float] = {}
+    for idx in BatchSampler(indices, batch_size):
+        out = module(data[idx], kl_weight=1.0)
+        terms = {
+            "elbo": out.elbo.sum(),
+            "reconstruction": out.reconstruction.sum(),
+            "kl_local": out.kl_local.sum(),
+        }
+        terms.update({k: v.sum() for k, v in out.extra.items()})
+        for k, v in terms.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    module.train(was_training)
+    n = max(len(indices), 1)
+    return {k: v / n for k, v in totals.items()}
+
+
+def train_module(
+    module: nn.Module,
+    data: TensorData,
+    train_idx: torch.Tensor,
+    val_idx: torch.Tensor,
+    config: TrainConfig,
+    history: dict[str, list] | None = None,
+) -> dict[str, list]:
+    """Fit ``module`` on ``data[train_idx]``; return the per-epoch history (appended to).
+
+    The history has one entry per epoch for ``train_*`` (averages over the epoch's minibatches)
+    and ``validation_*`` (a full pass in eval mode), where ``*`` is ``loss`` (with the KL weight
+    of the epoch), ``elbo`` (negative ELBO per cell), ``reconstruction`` and ``kl_local``, plus
+    ``kl_weight`` and ``lr``.
+    """
+    config.validate()
+    device = resolve_device(config.device)
+    history = history if history is not None else {}
+    module.to(device)
+    data = data.to(device)
+    train_idx, val_idx = train_idx.to(device), val_idx.to(device)
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(0 if config.seed is None else int(config.seed))
+    sampler = BatchSampler(train_idx.cpu(), config.batch_size, shuffle=True, generator=gen)
+    steps_per_epoch = len(sampler)
+    if config.n_epochs_kl_warmup is not None:
+        warmup_steps = config.n_epochs_kl_warmup * steps_per_epoch
+    elif config.kl_warmup_fraction:
+        warmup_steps = math.ceil(config.kl_warmup_fraction * config.max_epochs * steps_per_epoch)
+    else:
+        warmup_steps = 0
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    fused = device.type in ("cpu", "cuda")
+    try:
+        optimizer = torch.optim.Adam(
+            params, lr=config.lr, weight_decay=config.weight_decay, eps=config.eps, fused=fused
+        )
+    except (RuntimeError, TypeError):  # older torch without fused CPU Adam
+        optimizer = torch.optim.Adam(
+            params, lr=config.lr, weight_decay=config.weight_decay, eps=config.eps
+        )
+    scheduler = None
+    if config.reduce_lr_on_plateau:
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer,
+            mode="min",
+            factor=config.lr_factor,
+            patience=config.lr_patience,
+            threshold=0.0,
+            min_lr=config.lr_min,
+        )
+
+    monitor_key = "validation_elbo" if len(val_idx) else "train_elbo"
+    best, bad_epochs = math.inf, 0
+    last_good = copy.deepcopy(module.state_dict())
+    step = 0
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        if config.seed is not None:
+            torch.manual_seed(int(config.seed))
+        bar = tqdm(
+            range(config.max_epochs),
+            desc="Training",
+            unit="epoch",
+            disable=not config.progress_bar,
+            dynamic_ncols=True,
+        )
+        for epoch in bar:
+            module.train()
+            sums = torch.zeros(5, dtype=torch.float64, device=device)
+            n_cells = 0
+            kl_weight = _kl_weight(step, warmup_steps)
+            for idx in sampler:
+                kl_weight = _kl_weight(step, warmup_steps)
+                batch = data[idx.to(device)]
+                out = module(batch, kl_weight=kl_weight)
+                optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                if config.gradient_clip_val:
+                    nn.utils.clip_grad_norm_(params, config.gradient_clip_val)
+                optimizer.step()
+                step += 1
+                n = len(idx)
+                n_cells += n
+                sums += torch.stack(
+                    [
+                        out.loss.detach() * n,
+                        out.elbo.detach().sum(),
+                        out.reconstruction.detach().sum(),
+                        out.kl_local.detach().sum(),
+                        torch.as_tensor(float(n), device=device),
+                    ]
+                ).double()
+            loss, elbo, rec, kl, _ = (sums / n_cells).tolist()
+            if not math.isfinite(loss):
+                module.load_state_dict(last_good)
+                raise TrainingError(
+                    f"The training loss became {loss} in epoch {epoch + 1}; the weights of the "
+                    "last good epoch were restored. Try a lower lr, gradient_clip_val=1.0, or "
+                    "check the data for extreme values."
+                )
+            record = {
+                "epoch": epoch,
+                "train_loss": loss,
+                "train_elbo": elbo,
+                "train_reconstruction": rec,
+                "train_kl_local": kl,
+                "kl_weight": kl_weight,
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+            if len(val_idx):
+                val = evaluate(module, data, val_idx, config.eval_batch_size)
+                record.update({f"validation_{k}": v for k, v in val.items()})
+            for k, v in record.items():
+                history.setdefault(k, []).append(v)
+            monitored = record[monitor_key]
+            last_good = copy.deepcopy(module.state_dict())
+            bar.set_postfix(
+                {
+                    k.replace("validation_", "val_"): f"{record[k]:.4g}"
+                    for k in ("train_loss", monitor_key)
+                }
+            )
+            if scheduler is not None:
+                scheduler.step(monitored)
+            if monitored < best - config.early_stopping_min_delta:
+                best, bad_epochs = monitored, 0
+            else:
+                bad_epochs += 1
+            if config.early_stopping and bad_epochs >= config.early_stopping_patience:
+                logger.info(
+                    "Early stopping at epoch %d: %s did not improve for %d epochs (best %.4f).",
+                    epoch + 1,
+                    monitor_key,
+                    bad_epochs,
+                    best,
+                )
+                break
+        bar.close()
+    return history
+
+
+Mode = Literal["auto", "cpu", "cuda"]
