@@ -1,0 +1,154 @@
+"""Scanpy-style one-liners: fit a model and write its results into the AnnData.
+
+These functions (with :mod:`cellvae.pl`) are the only writers of results into AnnData. They return
+None, or a new AnnData with ``copy=True``, like ``scanpy.tl``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import pp
+from .model import SCVI
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["scvi"]
+
+
+def _h5ad_safe(params: dict[str, Any]) -> dict[str, Any]:
+    """Drop None values and turn sequences into lists so ``write_h5ad`` accepts the record."""
+    out = {}
+    for k, v in params.items():
+        if v is None:
+            continue
+        out[k] = list(v) if isinstance(v, tuple | list) else v
+    return out
+
+
+def _history_record(model) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v, dtype=float) for k, v in model.history_.items()}
+
+
+def scvi(
+    adata,
+    *,
+    batch_key: str | None = None,
+    layer: str | None = None,
+    labels_key: str | None = None,
+    categorical_covariate_keys: Sequence[str] | None = None,
+    continuous_covariate_keys: Sequence[str] | None = None,
+    n_latent: int = 10,
+    max_epochs: int | None = None,
+    key_added: str = "X_scVI",
+    layer_added: str | None = None,
+    random_state: int | None = 0,
+    progress_bar: bool = True,
+    device: str = "auto",
+    train_kwargs: dict[str, Any] | None = None,
+    copy: bool = False,
+    **model_kwargs: Any,
+):
+    """Batch-correct ``adata`` with scVI and write the latent space into ``obsm``.
+
+    Registers the counts (:func:`cellvae.pp.setup_anndata`), fits :class:`cellvae.SCVI`, writes
+    the posterior mean of z to ``adata.obsm[key_added]``, the parameters and training history to
+    ``adata.uns["scvi"]`` (``uns[key_added]`` when ``key_added`` is not the default) and,
+    if ``layer_added`` is given, batch-corrected normalised expression (scaled to 10,000 counts per
+    cell, averaged over all batches) to ``adata.layers[layer_added]``.
+
+    Parameters
+    ----------
+    adata
+        AnnData with raw counts in ``X`` or ``layer``.
+    batch_key
+        ``obs`` column with the batch to correct for.
+    layer
+        Layer with raw counts (default ``X``).
+    labels_key, categorical_covariate_keys, continuous_covariate_keys
+        Passed to :func:`cellvae.pp.setup_anndata`.
+    n_latent
+        Size of the latent space.
+    max_epochs
+        Training epochs (default from the number of cells, as in scvi-tools).
+    key_added
+        ``obsm`` key for the latent representation.
+    layer_added
+        Layer for batch-corrected normalised expression; None to skip (it is cells × genes).
+    random_state
+        Seed: the same seed gives the same embedding on CPU.
+    progress_bar
+        Show a progress bar while training.
+    device
+        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    train_kwargs
+        Further options of :meth:`cellvae.SCVI.train` (e.g. ``{"batch_size": 256}``).
+    copy
+        Return a modified copy instead of writing into ``adata``.
+    **model_kwargs
+        Options of :class:`cellvae.SCVI` (``n_hidden``, ``n_layers``, ``gene_likelihood``, …).
+
+    Returns
+    -------
+    None, or the modified copy with ``copy=True``.
+
+    Examples
+    --------
+    >>> import cellvae, scanpy as sc
+    >>> adata = cellvae.datasets.synthetic(300, 50, n_batches=2)
+    >>> cellvae.tl.scvi(adata, batch_key="batch", max_epochs=2, progress_bar=False)
+    >>> adata.obsm["X_scVI"].shape
+    (300, 10)
+    >>> sc.pp.neighbors(adata, use_rep="X_scVI")
+    """
+    if getattr(adata, "is_view", False) and not copy:
+        raise ValueError("Received a view of an AnnData: pass adata.copy() (or copy=True).")
+    adata = adata.copy() if copy else adata
+    pp.setup_anndata(
+        adata,
+        layer=layer,
+        batch_key=batch_key,
+        labels_key=labels_key,
+        categorical_covariate_keys=categorical_covariate_keys,
+        continuous_covariate_keys=continuous_covariate_keys,
+    )
+    model = SCVI(adata, n_latent=n_latent, **model_kwargs)
+    model.train(
+        max_epochs,
+        seed=random_state,
+        progress_bar=progress_bar,
+        device=device,
+        **(train_kwargs or {}),
+    )
+    adata.obsm[key_added] = model.get_latent_representation()
+    added = [f"obsm[{key_added!r}]"]
+    if layer_added is not None:
+        adata.layers[layer_added] = model.get_normalized_expression(
+            transform_batch=list(model.registry_.batch_categories),
+            library_size=1e4,
+            return_numpy=True,
+        )
+        added.append(f"layers[{layer_added!r}]")
+    uns_key = "scvi" if key_added == "X_scVI" else key_added
+    adata.uns[uns_key] = {
+        "params": _h5ad_safe(
+            {
+                "batch_key": batch_key,
+                "layer": layer,
+                "n_latent": n_latent,
+                "max_epochs": len(model.history_.get("epoch", [])),
+                "random_state": random_state,
+                "key_added": key_added,
+                "layer_added": layer_added,
+                **model.hparams,
+            }
+        ),
+        "history": _history_record(model),
+    }
+    added.append(f"uns[{uns_key!r}]")
+    logger.info("cellvae.tl.scvi added %s.", ", ".join(added))
+    return adata if copy else None

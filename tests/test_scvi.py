@@ -1,0 +1,437 @@
+import sys
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+from sklearn.neighbors import NearestNeighbors
+
+import cellvae
+from cellvae._data import TensorData
+from cellvae.module import VAE
+from cellvae.nn import DecoderSCVI, Encoder, FCLayers
+from cellvae.train import TrainConfig, TrainingError, train_module
+
+
+def _setup(n_obs=300, n_vars=40, **kw):
+    adata = cellvae.datasets.synthetic(n_obs, n_vars, **kw)
+    cellvae.SCVI.setup_anndata(adata, batch_key="batch", labels_key="cell_type")
+    return adata
+
+
+@pytest.fixture(scope="module")
+def trained():
+    adata = _setup(300, 40, n_batches=2)
+    model = cellvae.SCVI(adata, n_latent=4).train(max_epochs=5, progress_bar=False)
+    return adata, model
+
+
+# ---------------------------------------------------------------- layers
+def test_fc_layers_inject_covariates_changes_output():
+    torch.manual_seed(0)
+    fc = FCLayers(6, 5, n_cat_list=[3], n_layers=2, n_hidden=8, dropout_rate=0.0)
+    fc.eval()
+    x = torch.randn(4, 6).repeat(2, 1)
+    c = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    out = fc(x, c)
+    assert out.shape == (8, 5)
+    assert not torch.allclose(out[:4], out[4:])
+    # covariates with one category are ignored
+    fc1 = FCLayers(6, 5, n_cat_list=[1], dropout_rate=0.0)
+    assert len(fc1.linears[0].embeddings) == 0
+
+
+def test_embedding_injection_equals_one_hot_concat():
+    torch.manual_seed(0)
+    fc = FCLayers(6, 5, n_cat_list=[3], n_layers=1, dropout_rate=0.0, use_batch_norm=False)
+    layer = fc.linears[0]
+    x, c = torch.randn(7, 6), torch.randint(3, (7,))
+    onehot = torch.nn.functional.one_hot(c, 3).float()
+    weight = torch.cat([layer.linear.weight, layer.embeddings[0].weight.T], dim=1)
+    expected = torch.relu(torch.cat([x, onehot], 1) @ weight.T + layer.linear.bias)
+    torch.testing.assert_close(fc(x, c), expected)
+
+
+@pytest.mark.parametrize("dispersion", ["gene", "gene-batch", "gene-label", "gene-cell"])
+def test_decoder_contract(dispersion):
+    dec = DecoderSCVI(4, 30, n_cat_list=[2])
+    z, lib = torch.randn(5, 4), torch.full((5, 1), 3.0)
+    px_scale, px_r, px_rate, px_dropout = dec(dispersion, z, lib, torch.tensor([0, 1, 0, 1, 0]))
+    assert px_scale.shape == px_rate.shape == px_dropout.shape == (5, 30)
+    torch.testing.assert_close(px_scale.sum(-1), torch.ones(5))
+    torch.testing.assert_close(px_rate, px_scale * np.exp(3.0))
+    assert (px_r is None) == (dispersion != "gene-cell")
+
+
+def test_decoder_gene_subset_matches_full_output():
+    dec = DecoderSCVI(4, 30)
+    z, lib = torch.randn(5, 4), torch.zeros(5, 1)
+    full = dec("gene-cell", z, lib)
+    idx = torch.tensor([3, 7, 29])
+    sub = dec("gene-cell", z, lib, gene_idx=idx)
+    for a, b in zip(full, sub):
+        torch.testing.assert_close(a[:, idx], b)
+
+
+def test_encoder_logistic_normal_latent_on_simplex():
+    enc = Encoder(12, 5, distribution="ln")
+    q_m, q_v, z = enc(torch.randn(6, 12))
+    torch.testing.assert_close(z.sum(-1), torch.ones(6))
+    assert (q_v > 0).all()
+
+
+@pytest.mark.parametrize("dispersion", ["gene", "gene-batch", "gene-label", "gene-cell"])
+@pytest.mark.parametrize("likelihood", ["zinb", "nb", "poisson", "normal"])
+@pytest.mark.parametrize("latent", ["normal", "ln"])
+def test_vae_shapes_all_options(dispersion, likelihood, latent):
+    adata = _setup(40, 15, n_batches=2)
+    td = TensorData.from_adata(adata)
+    module = VAE(
+        15,
+        n_batch=2,
+        n_labels=3,
+        n_latent=3,
+        dispersion=dispersion,
+        gene_likelihood=likelihood,
+        latent_distribution=latent,
+    )
+    batch = td[torch.arange(40)]
+    inf = module.inference(batch)
+    assert inf["z"].shape == (40, 3)
+    gen = module.generative(inf["z"], inf["library"], batch)
+    assert gen["px_rate"].shape == (40, 15)
+    out = module(batch)
+    assert out.reconstruction.shape == out.kl_local.shape == (40,)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+
+
+def test_latent_library_and_covariates():
+    adata = cellvae.datasets.synthetic(60, 12, n_batches=3)
+    adata.obs["donor"] = ["a", "b", "c"] * 20
+    adata.obs["pct"] = np.linspace(0, 1, 60)
+    cellvae.SCVI.setup_anndata(
+        adata,
+        batch_key="batch",
+        categorical_covariate_keys=["donor"],
+        continuous_covariate_keys=["pct"],
+    )
+    model = cellvae.SCVI(adata, use_observed_lib_size=False, n_latent=3)
+    model.train(max_epochs=2, progress_bar=False)
+    assert model.module.l_encoder is not None
+    assert model.get_latent_representation().shape == (60, 3)
+    assert np.isfinite(model.get_elbo())
+
+
+def test_bad_options_raise_early():
+    adata = _setup(40, 10)
+    with pytest.raises(ValueError, match="gene_likelihood must be one of"):
+        cellvae.SCVI(adata, gene_likelihood="zip")
+    with pytest.raises(TypeError, match="Unknown SCVI options"):
+        cellvae.SCVI(adata, n_hiden=3)
+
+
+# ---------------------------------------------------------------- training
+def test_training_lowers_validation_elbo_on_kang():
+    adata = cellvae.datasets.kang_ifnb()
+    top = np.argsort(-np.asarray(adata.X.sum(0)).ravel())[:800]
+    adata = adata[:, np.sort(top)].copy()
+    cellvae.SCVI.setup_anndata(adata, batch_key="batch")
+    model = cellvae.SCVI(adata).train(max_epochs=6, progress_bar=False)
+    val = model.history["validation_elbo"].to_numpy()
+    assert np.isfinite(val).all()
+    assert val[-1] < val[0] - 1.0
+
+
+def test_same_seed_identical_latent_and_global_rng_untouched():
+    adata = _setup(200, 30)
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    z1 = cellvae.SCVI(adata).train(max_epochs=3, seed=7, progress_bar=False)
+    after = torch.rand(1)
+    assert torch.equal(before, after), "training must not consume the global RNG"
+    z2 = cellvae.SCVI(adata).train(max_epochs=3, seed=7, progress_bar=False)
+    z3 = cellvae.SCVI(adata).train(max_epochs=3, seed=8, progress_bar=False)
+    l1, l2, l3 = (m.get_latent_representation() for m in (z1, z2, z3))
+    np.testing.assert_array_equal(l1, l2)
+    assert not np.allclose(l1, l3)
+
+
+def test_kl_warmup_reaches_one_at_fraction_of_run():
+    adata = _setup(150, 10)
+    model = cellvae.SCVI(adata).train(max_epochs=8, progress_bar=False)
+    w = model.history["kl_weight"].to_numpy()
+    assert np.all(np.diff(w) >= 0)
+    assert w[4] < 1.0 and w[6] == 1.0  # reaches 1 at 75% of 8 epochs
+
+
+def test_trailing_batch_of_one_does_not_crash():
+    adata = _setup(144, 10)  # 130 training cells = 128 + 2; 129 + 1 with the split below
+    model = cellvae.SCVI(adata)
+    model.train(max_epochs=1, batch_size=128, validation_size=1 - 129 / 144, progress_bar=False)
+    assert len(model.train_indices_) == 129
+    assert np.isfinite(model.history["train_loss"]).all()
+
+
+def test_nan_guard_restores_last_good_weights():
+    adata = _setup(100, 10)
+    td = TensorData.from_adata(adata)
+    torch.manual_seed(0)
+    module = VAE(10, n_batch=2)
+    calls = {"n": 0}
+    original = module.forward
+
+    def poisoned(tensors, kl_weight=1.0):
+        calls["n"] += 1
+        out = original(tensors, kl_weight)
+        if calls["n"] > 3:  # epoch 1 is clean, epoch 2 turns NaN
+            out.loss = out.loss * float("nan")
+        return out
+
+    module.forward = poisoned
+    idx = torch.arange(100)
+    config = TrainConfig(max_epochs=3, batch_size=32, progress_bar=False)
+    history = {}
+    with pytest.raises(TrainingError, match="last good epoch were restored"):
+        train_module(module, td, idx[:96], idx[96:], config, history)
+    assert len(history["train_loss"]) == 1
+    for v in module.state_dict().values():
+        assert torch.isfinite(v.float()).all()
+
+
+def test_training_step_calls_no_pandas_or_scipy():
+    adata = _setup(200, 20)
+    td = TensorData.from_adata(adata)
+    module = VAE(20, n_batch=2)
+    opt = torch.optim.Adam(module.parameters())
+    seen = set()
+
+    def tracer(frame, event, arg):
+        if event == "call":
+            seen.add(str(frame.f_globals.get("__name__", "")).split(".")[0])
+
+    sys.setprofile(tracer)
+    try:
+        for idx in torch.split(torch.randperm(200), 64):
+            out = module(td[idx])
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+    finally:
+        sys.setprofile(None)
+    assert "torch" in seen and "cellvae" in seen
+    assert not seen & {"pandas", "scipy", "anndata", "numpy"}, seen
+
+
+# ---------------------------------------------------------------- batch correction
+def _mixing(latent, batches, k=15):
+    """Mean fraction of each cell's k neighbours from other batches, over its expected value."""
+    nn_idx = NearestNeighbors(n_neighbors=k + 1).fit(latent).kneighbors(latent)[1][:, 1:]
+    other = (batches[nn_idx] != batches[:, None]).mean()
+    expected = 1 - sum((batches == b).mean() ** 2 for b in np.unique(batches))
+    return other / expected
+
+
+def test_latent_mixes_batches_better_than_pca():
+    import scanpy as sc
+
+    adata = cellvae.datasets.synthetic(600, 150, n_batches=2, n_labels=3, batch_effect=0.5)
+    cellvae.SCVI.setup_anndata(adata, batch_key="batch")
+    model = cellvae.SCVI(adata, n_latent=8).train(max_epochs=100, progress_bar=False)
+    latent = model.get_latent_representation()
+    norm = adata.copy()
+    sc.pp.normalize_total(norm, target_sum=1e4)
+    sc.pp.log1p(norm)
+    sc.tl.pca(norm, n_comps=8, random_state=0)
+    batches = adata.obs["batch"].to_numpy()
+    scvi_mix, pca_mix = _mixing(latent, batches), _mixing(norm.obsm["X_pca"], batches)
+    assert pca_mix < 0.2, "the synthetic batch effect should separate batches in PCA"
+    assert scvi_mix > pca_mix + 0.3, (scvi_mix, pca_mix)
+    # and cell types stay apart: neighbours mostly share the type
+    types = adata.obs["cell_type"].to_numpy()
+    nn_idx = NearestNeighbors(n_neighbors=16).fit(latent).kneighbors(latent)[1][:, 1:]
+    assert (types[nn_idx] == types[:, None]).mean() > 0.8
+
+
+# ---------------------------------------------------------------- getters
+def test_getters_shapes(trained):
+    adata, model = trained
+    assert model.get_latent_representation(give_mean=False).shape == (300, 4)
+    expr = model.get_normalized_expression()
+    assert expr.shape == (300, 40)
+    np.testing.assert_allclose(expr.sum(1), 1.0, rtol=1e-4)
+    assert list(expr.index) == list(adata.obs_names)
+    lat = model.get_normalized_expression(library_size="latent", return_numpy=True)
+    libs = np.asarray(adata.X.sum(1)).ravel()
+    np.testing.assert_allclose(lat.sum(1), libs, rtol=1e-4)
+    sub = model.get_normalized_expression(gene_list=["gene3", "gene0"], indices=[5, 1])
+    np.testing.assert_allclose(sub.to_numpy(), expr.iloc[[5, 1]][["gene3", "gene0"]], rtol=1e-5)
+    samples = model.get_normalized_expression(n_samples=4, return_numpy=True)
+    assert samples.shape == (300, 40) and np.isfinite(samples).all()
+    assert model.posterior_predictive_sample(n_samples=2).shape == (300, 40, 2)
+    assert model.get_reconstruction_error() > 0
+    elbo, mll = model.get_elbo(), model.get_marginal_ll(n_mc_samples=50, indices=range(50))
+    assert np.isfinite(elbo) and np.isfinite(mll)
+    assert mll > model.get_elbo(indices=range(50)) - 1.0  # importance sampling is tighter
+
+
+def test_transform_batch_gives_expression_of_that_batch(trained):
+    adata, model = trained
+    own = model.get_normalized_expression(return_numpy=True)
+    as0 = model.get_normalized_expression(transform_batch="batch0", return_numpy=True)
+    as1 = model.get_normalized_expression(transform_batch="batch1", return_numpy=True)
+    b = adata.obs["batch"].to_numpy()
+    # cells of batch0 decoded as batch0 are unchanged; batch1 cells change
+    np.testing.assert_allclose(as0[b == "batch0"], own[b == "batch0"], rtol=1e-5)
+    np.testing.assert_allclose(as1[b == "batch1"], own[b == "batch1"], rtol=1e-5)
+    assert not np.allclose(as0[b == "batch1"], own[b == "batch1"])
+    both = model.get_normalized_expression(transform_batch=["batch0", "batch1"], return_numpy=True)
+    np.testing.assert_allclose(both, (as0 + as1) / 2, rtol=1e-5)
+
+
+def test_transform_batch_direction_matches_data():
+    adata = cellvae.datasets.synthetic(600, 60, n_batches=2, batch_effect=1.0, random_state=3)
+    cellvae.SCVI.setup_anndata(adata, batch_key="batch")
+    model = cellvae.SCVI(adata, n_latent=5).train(max_epochs=40, progress_bar=False)
+    as0 = model.get_normalized_expression(transform_batch="batch0", return_numpy=True)
+    as1 = model.get_normalized_expression(transform_batch="batch1", return_numpy=True)
+    model_lfc = np.log(as1.mean(0)) - np.log(as0.mean(0))
+    x = adata.X.toarray()
+    x = x / x.sum(1, keepdims=True)
+    b = adata.obs["batch"].to_numpy()
+    data_lfc = np.log(x[b == "batch1"].mean(0) + 1e-6) - np.log(x[b == "batch0"].mean(0) + 1e-6)
+    assert np.corrcoef(model_lfc, data_lfc)[0, 1] > 0.8
+
+
+# ---------------------------------------------------------------- misuse
+def test_getters_before_training_raise():
+    adata = _setup(50, 10)
+    model = cellvae.SCVI(adata)
+    with pytest.raises(RuntimeError, match="call model.train"):
+        model.get_latent_representation()
+    with pytest.raises(RuntimeError, match="call model.train"):
+        model.save("unused")
+
+
+def test_model_without_setup_raises():
+    adata = cellvae.datasets.synthetic(50, 10)
+    with pytest.raises(ValueError, match="setup_anndata"):
+        cellvae.SCVI(adata)
+
+
+def test_new_data_unseen_batch_and_different_genes(trained):
+    _, model = trained
+    query = cellvae.datasets.synthetic(50, 40, n_batches=3, random_state=5)
+    with pytest.raises(ValueError, match=r"batch2"):
+        model.get_latent_representation(query)
+    other = cellvae.datasets.synthetic(50, 41, random_state=5)
+    with pytest.raises(ValueError, match="1 extra"):
+        model.get_latent_representation(other)
+    ok = cellvae.datasets.synthetic(50, 40, n_batches=2, random_state=5)
+    assert model.get_latent_representation(ok).shape == (50, 4)
+    assert "cellvae" not in ok.uns, "getters must not write into the user's AnnData"
+    with pytest.raises(ValueError, match="transform_batch"):
+        model.get_normalized_expression(transform_batch="nope")
+    with pytest.raises(KeyError, match="Genes not in the model"):
+        model.get_normalized_expression(gene_list=["nope"])
+
+
+def test_nan_in_data_rejected():
+    adata = cellvae.datasets.synthetic(50, 10)
+    adata.X = adata.X.toarray()
+    adata.X[3, 4] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        cellvae.SCVI.setup_anndata(adata)
+
+
+# ---------------------------------------------------------------- save / load
+def test_save_load_identical_latent(trained, tmp_path):
+    adata, model = trained
+    model.save(tmp_path / "m")
+    with pytest.raises(FileExistsError):
+        model.save(tmp_path / "m")
+    loaded = cellvae.SCVI.load(tmp_path / "m", adata)
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(), model.get_latent_representation()
+    )
+    assert loaded.history.equals(model.history)
+    assert loaded.hparams == model.hparams
+    # without data, getters take adata explicitly
+    bare = cellvae.SCVI.load(tmp_path / "m", device="cpu")
+    np.testing.assert_array_equal(
+        bare.get_latent_representation(adata), model.get_latent_representation()
+    )
+    # overwrite keeps a single weights file
+    model.save(tmp_path / "m", overwrite=True)
+    assert len(list((tmp_path / "m").glob("weights-*.pt"))) == 1
+
+
+def test_load_rejects_corrupted_and_truncated(trained, tmp_path):
+    adata, model = trained
+    model.save(tmp_path / "m")
+    weights = next((tmp_path / "m").glob("weights-*.pt"))
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        cellvae.SCVI.load(tmp_path / "m", adata)
+    (tmp_path / "m" / "model.json").write_text('{"model": "SCVI", ')
+    with pytest.raises(ValueError, match="not valid JSON"):
+        cellvae.SCVI.load(tmp_path / "m", adata)
+    with pytest.raises(FileNotFoundError):
+        cellvae.SCVI.load(tmp_path / "nothing")
+
+
+def test_load_checks_genes(trained, tmp_path):
+    adata, model = trained
+    model.save(tmp_path / "m")
+    other = cellvae.datasets.synthetic(30, 39)
+    with pytest.raises(ValueError, match="genes differ"):
+        cellvae.SCVI.load(tmp_path / "m", other)
+
+
+def test_interrupted_save_keeps_previous_model(trained, tmp_path, monkeypatch):
+    adata, model = trained
+    model.save(tmp_path / "m")
+    before = cellvae.SCVI.load(tmp_path / "m", adata).get_latent_representation()
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("cellvae.model._base.json.dump", boom)
+    with pytest.raises(KeyboardInterrupt):
+        model.save(tmp_path / "m", overwrite=True)
+    monkeypatch.undo()
+    after = cellvae.SCVI.load(tmp_path / "m", adata).get_latent_representation()
+    np.testing.assert_array_equal(before, after)
+
+
+# ---------------------------------------------------------------- scanpy style
+def test_tl_scvi_writes_results_and_survives_h5ad(tmp_path):
+    adata = cellvae.datasets.synthetic(200, 30)
+    obs_cols = list(adata.obs.columns)
+    res = cellvae.tl.scvi(
+        adata, batch_key="batch", max_epochs=2, layer_added="scvi_norm", progress_bar=False
+    )
+    assert res is None
+    assert adata.obsm["X_scVI"].shape == (200, 10)
+    assert adata.layers["scvi_norm"].shape == (200, 30)
+    np.testing.assert_allclose(adata.layers["scvi_norm"].sum(1), 1e4, rtol=1e-3)
+    assert list(adata.obs.columns) == obs_cols
+    assert len(adata.uns["scvi"]["history"]["train_loss"]) == 2
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    back = ad.read_h5ad(tmp_path / "a.h5ad")
+    np.testing.assert_array_equal(back.obsm["X_scVI"], adata.obsm["X_scVI"])
+    assert back.uns["scvi"]["params"]["n_latent"] == 10
+
+
+def test_tl_scvi_copy_leaves_input_untouched():
+    adata = cellvae.datasets.synthetic(100, 20)
+    out = cellvae.tl.scvi(
+        adata, batch_key="batch", max_epochs=1, key_added="X_mine", copy=True, progress_bar=False
+    )
+    assert "X_mine" not in adata.obsm and "cellvae" not in adata.uns
+    assert out.obsm["X_mine"].shape == (100, 10)
+    assert "X_mine" in out.uns
+    with pytest.raises(ValueError, match="view"):
+        cellvae.tl.scvi(adata[:50], batch_key="batch")
