@@ -15,7 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DecoderSCVI", "Encoder", "FCLayers", "reparameterize"]
+__all__ = [
+    "DecoderSCVI",
+    "DecoderTOTALVI",
+    "Encoder",
+    "EncoderTOTALVI",
+    "FCLayers",
+    "reparameterize",
+]
 
 
 def reparameterize(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
@@ -300,3 +307,260 @@ class DecoderSCVI(nn.Module):
         px_rate = torch.exp(library) * px_scale
         px_r = self._head(self.px_r_decoder, h, gene_idx) if dispersion == "gene-cell" else None
         return px_scale, px_r, px_rate, px_dropout
+
+
+# ---------------------------------------------------------------------- totalVI
+_LOG_LIBRARY_MAX = 15.0  # exp(15) ≈ 3.3 million counts: far above any real library size
+
+
+class EncoderTOTALVI(nn.Module):
+    """Encode RNA and protein counts into q(z | x, y) and the gene library q(ℓ | x, y).
+
+    The input is the concatenation ``[log1p(x), log1p(y)]`` (plus continuous covariates, if
+    any). A stack of :class:`FCLayers` gives the mean and variance of ``z``; a one-layer stack
+    gives those of the log library size ``ℓ``. The library is ``exp`` of its normal sample, with
+    the log clamped at 15 so a wild sample early in training cannot overflow.
+
+    Parameters
+    ----------
+    n_input
+        Input size (genes + proteins + continuous covariates).
+    n_output
+        Latent size.
+    n_cat_list
+        Categories of each covariate injected into the layers (batch first); None for none.
+    n_layers, n_hidden
+        Depth and width of the ``z`` stack (the library stack has one layer).
+    dropout_rate
+        Dropout after each hidden layer.
+    distribution
+        ``"ln"`` (logistic normal: ``z`` is the softmax of the normal sample) or ``"normal"``.
+    use_batch_norm, use_layer_norm
+        Normalisation in the hidden layers.
+
+    Returns
+    -------
+    ``forward`` returns ``(qz_m, qz_v, ql_m, ql_v, latent, untran_latent)``: means and variances
+    of z and of the log library, then dicts with ``"z"`` and ``"l"``: the transformed latent and
+    library (``latent["l"] = exp(clamped log library)``) and the untransformed normal samples.
+
+    Examples
+    --------
+    >>> import torch
+    >>> enc = EncoderTOTALVI(60, 10, n_cat_list=[2])
+    >>> data, batch = torch.rand(8, 60), torch.randint(2, (8,))
+    >>> qz_m, qz_v, ql_m, ql_v, latent, untran = enc(data, batch)
+    >>> qz_m.shape, ql_m.shape, latent["z"].shape, latent["l"].shape
+    (torch.Size([8, 10]), torch.Size([8, 1]), torch.Size([8, 10]), torch.Size([8, 1]))
+    >>> bool(torch.allclose(latent["z"].sum(-1), torch.ones(8)))  # logistic normal
+    True
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_output: int,
+        n_cat_list: Iterable[int] | None = None,
+        n_layers: int = 2,
+        n_hidden: int = 256,
+        dropout_rate: float = 0.1,
+        distribution: Literal["ln", "normal"] = "ln",
+        use_batch_norm: bool = True,
+        use_layer_norm: bool = False,
+    ):
+        super().__init__()
+        if distribution not in ("ln", "normal"):
+            raise ValueError(f"distribution must be 'ln' or 'normal', got {distribution!r}.")
+        self.distribution = distribution
+        common = {
+            "n_cat_list": n_cat_list,
+            "n_hidden": n_hidden,
+            "dropout_rate": dropout_rate,
+            "use_batch_norm": use_batch_norm,
+            "use_layer_norm": use_layer_norm,
+        }
+        self.encoder = FCLayers(n_input, n_hidden, n_layers=n_layers, **common)
+        self.z_mean_encoder = nn.Linear(n_hidden, n_output)
+        self.z_var_encoder = nn.Linear(n_hidden, n_output)
+        self.l_encoder = FCLayers(n_input, n_hidden, n_layers=1, **common)
+        self.l_mean_encoder = nn.Linear(n_hidden, 1)
+        self.l_var_encoder = nn.Linear(n_hidden, 1)
+
+    def z_transformation(self, untran_z: torch.Tensor) -> torch.Tensor:
+        """Map a normal sample to the latent space (softmax for ``"ln"``)."""
+        return F.softmax(untran_z, dim=-1) if self.distribution == "ln" else untran_z
+
+    def reparameterize_transformation(
+        self, mu: torch.Tensor, var: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw ``untran_z ~ N(mu, var)`` and return ``(untran_z, z_transformation(untran_z))``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> enc = EncoderTOTALVI(5, 3, distribution="normal")
+        >>> untran, z = enc.reparameterize_transformation(torch.zeros(2, 3), torch.ones(2, 3))
+        >>> bool(torch.equal(untran, z))
+        True
+        """
+        untran_z = reparameterize(mu, var)
+        return untran_z, self.z_transformation(untran_z)
+
+    def forward(self, data: torch.Tensor, *cat_list: torch.Tensor):
+        """Return ``(qz_m, qz_v, ql_m, ql_v, latent, untran_latent)`` for ``data``."""
+        q = self.encoder(data, *cat_list)
+        qz_m = self.z_mean_encoder(q)
+        qz_v = torch.exp(self.z_var_encoder(q)) + 1e-4
+        untran_z, z = self.reparameterize_transformation(qz_m, qz_v)
+
+        ql = self.l_encoder(data, *cat_list)
+        ql_m = self.l_mean_encoder(ql)
+        ql_v = torch.exp(self.l_var_encoder(ql)) + 1e-4
+        untran_l = reparameterize(ql_m, ql_v)
+        library = torch.exp(untran_l.clamp(max=_LOG_LIBRARY_MAX))
+        return qz_m, qz_v, ql_m, ql_v, {"z": z, "l": library}, {"z": untran_z, "l": untran_l}
+
+
+class DecoderTOTALVI(nn.Module):
+    """Decode a latent sample into gene parameters and the protein background / foreground.
+
+    Four small stacks read ``z`` (with the covariates injected): one for the genes, one for
+    the protein background, one for the foreground scale and one for the mixing logits. Each
+    output head sees ``[h, z]`` (the stack's output and ``z`` itself).
+
+    * Genes: ``scale = softmax(W [h, z])`` (or softplus), ``rate = library · scale``, and
+      zero-inflation logits ``dropout``.
+    * Protein background: ``log β ~ N(α, σ)`` per cell and protein with ``α`` =
+      ``back_alpha`` and ``σ`` = ``back_beta`` ``= exp(·) + 1e-8``; the background rate is
+      ``exp`` of a sample (or of ``α`` with ``sample_background=False``).
+    * Protein foreground: ``rate_fore = rate_back · fore_scale`` with ``fore_scale = 1 +
+      ReLU(·) + 1e-8 ≥ 1``.
+    * ``mixing``: logit of the probability that a protein count is background.
+
+    Parameters
+    ----------
+    n_input
+        Latent size (plus continuous covariates concatenated to ``z``).
+    n_output_genes, n_output_proteins
+        Number of genes and of proteins.
+    n_cat_list
+        Categories of each covariate injected into the layers (batch first).
+    n_layers, n_hidden
+        Depth and width of each stack.
+    dropout_rate
+        Dropout in the stacks.
+    use_batch_norm, use_layer_norm
+        Normalisation in the stacks.
+    scale_activation
+        ``"softmax"`` (gene proportions) or ``"softplus"`` (unnormalised, with size factors).
+
+    Returns
+    -------
+    ``forward`` returns ``(px, py, log_pro_back_mean)``: ``px`` has ``"scale"``, ``"rate"`` and
+    ``"dropout"`` (None with ``compute_dropout=False``); ``py`` has ``"back_alpha"``,
+    ``"back_beta"``, ``"fore_scale"``, ``"mixing"``, ``"rate_back"`` and ``"rate_fore"``;
+    ``log_pro_back_mean`` is the per-cell sample of ``log β``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> dec = DecoderTOTALVI(10, 100, 7, n_cat_list=[2])
+    >>> z, lib, b = torch.randn(4, 10), torch.full((4, 1), 1000.0), torch.tensor([0, 1, 0, 1])
+    >>> px, py, log_back = dec(z, lib, b)
+    >>> px["rate"].shape, py["rate_fore"].shape, log_back.shape
+    (torch.Size([4, 100]), torch.Size([4, 7]), torch.Size([4, 7]))
+    >>> bool((py["rate_fore"] >= py["rate_back"]).all())
+    True
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_output_genes: int,
+        n_output_proteins: int,
+        n_cat_list: Iterable[int] | None = None,
+        n_layers: int = 1,
+        n_hidden: int = 256,
+        dropout_rate: float = 0.0,
+        use_batch_norm: bool = True,
+        use_layer_norm: bool = False,
+        scale_activation: Literal["softmax", "softplus"] = "softmax",
+    ):
+        super().__init__()
+        if scale_activation not in ("softmax", "softplus"):
+            raise ValueError(
+                f"scale_activation must be 'softmax' or 'softplus', got {scale_activation!r}."
+            )
+        self.scale_activation = scale_activation
+
+        def stack() -> FCLayers:
+            return FCLayers(
+                n_input,
+                n_hidden,
+                n_cat_list=n_cat_list,
+                n_layers=n_layers,
+                n_hidden=n_hidden,
+                dropout_rate=dropout_rate,
+                use_batch_norm=use_batch_norm,
+                use_layer_norm=use_layer_norm,
+            )
+
+        n_cat = n_hidden + n_input
+        self.px_decoder = stack()
+        self.px_scale_decoder = nn.Linear(n_cat, n_output_genes)
+        self.px_dropout_decoder = nn.Linear(n_cat, n_output_genes)
+        self.py_back_decoder = stack()
+        self.py_back_alpha = nn.Linear(n_cat, n_output_proteins)
+        self.py_back_log_beta = nn.Linear(n_cat, n_output_proteins)
+        self.py_fore_decoder = stack()
+        self.py_fore_scale = nn.Linear(n_cat, n_output_proteins)
+        self.py_mixing_decoder = stack()
+        self.py_mixing = nn.Linear(n_cat, n_output_proteins)
+
+    def forward(
+        self,
+        z: torch.Tensor,
+        library_gene: torch.Tensor,
+        *cat_list: torch.Tensor,
+        sample_background: bool = True,
+        compute_dropout: bool = True,
+    ):
+        """Return ``(px, py, log_pro_back_mean)``; ``library_gene`` is on the count scale.
+
+        ``sample_background=False`` uses the mean ``α`` of ``log β`` instead of a sample (for
+        deterministic getters); ``compute_dropout=False`` skips the zero-inflation head.
+        """
+        h = self.px_decoder(z, *cat_list)
+        hz = torch.cat([h, z], dim=-1)
+        logits = self.px_scale_decoder(hz)
+        if self.scale_activation == "softmax":
+            scale = torch.softmax(logits, dim=-1)
+        else:
+            scale = F.softplus(logits)
+        px = {
+            "scale": scale,
+            "rate": library_gene * scale,
+            "dropout": self.px_dropout_decoder(hz) if compute_dropout else None,
+        }
+
+        hz = torch.cat([self.py_back_decoder(z, *cat_list), z], dim=-1)
+        back_alpha = self.py_back_alpha(hz)
+        back_beta = torch.exp(self.py_back_log_beta(hz)) + 1e-8
+        if sample_background:
+            log_pro_back_mean = back_alpha + back_beta * torch.randn_like(back_alpha)
+        else:
+            log_pro_back_mean = back_alpha
+        rate_back = torch.exp(log_pro_back_mean)
+
+        hz = torch.cat([self.py_fore_decoder(z, *cat_list), z], dim=-1)
+        fore_scale = F.relu(self.py_fore_scale(hz)) + 1.0 + 1e-8
+        hz = torch.cat([self.py_mixing_decoder(z, *cat_list), z], dim=-1)
+        py = {
+            "back_alpha": back_alpha,
+            "back_beta": back_beta,
+            "fore_scale": fore_scale,
+            "mixing": self.py_mixing(hz),
+            "rate_back": rate_back,
+            "rate_fore": rate_back * fore_scale,
+        }
+        return px, py, log_pro_back_mean

@@ -1,0 +1,417 @@
+"""The totalVI variational autoencoder for RNA + protein (Gayoso et al., Nature Methods 2021).
+
+Pure torch. Read top to bottom: ``inference`` encodes ``[log1p(x), log1p(y)]`` into q(z) and the
+gene library q(ℓ); ``generative`` decodes z into the gene likelihood and the protein
+background / foreground mixture; ``loss`` adds the reconstruction and KL terms. Proteins that a
+batch did not measure are masked out of the protein terms with ``protein_batch_mask[batch]``:
+one gather and one multiply per step, no Python loop over batches.
+
+An optional adversarial batch classifier on z works with the single optimiser of
+:mod:`cellvae.train`; see :class:`TOTALVAE`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..distributions import NegativeBinomial, NegativeBinomialMixture, ZeroInflatedNegativeBinomial
+from ..nn import DecoderTOTALVI, EncoderTOTALVI
+from ._base import LossOutput, kl_normal
+
+GeneDispersion = Literal["gene", "gene-batch", "gene-label"]
+ProteinDispersion = Literal["protein", "protein-batch", "protein-label"]
+
+__all__ = ["TOTALVAE"]
+
+
+class TOTALVAE(nn.Module):
+    """Joint RNA and protein variational autoencoder with a protein background model.
+
+    Generative model per cell ``n`` (batch ``b``): ``z ~ N(0, I)`` (or logistic normal),
+    gene library ``ℓ ~ LogNormal(m_b, v_b)``; genes ``x_g ~ NB(ℓ ρ_g(z, b), θ_g)`` (or ZINB);
+    protein background ``log β_t ~ N(α_t(z, b), σ_t(z, b))`` with prior
+    ``N(prior_mean[t, b], exp(prior_log_scale[t, b]))``; protein counts
+    ``y_t ~ π_t NB(β_t, φ_t) + (1 − π_t) NB(β_t · s_t(z, b), φ_t)`` with ``s_t ≥ 1``.
+
+    Loss per cell (mean over the minibatch)::
+
+        rec_genes + rec_proteins + kl_weight · (kl_z + kl_background) + kl_library
+
+    The protein reconstruction is not scaled by the KL warm-up, as in the published loss.
+    Proteins that a cell's batch did not measure (``protein_batch_mask[b, t] == False``) are
+    dropped from ``rec_proteins`` and ``kl_background``.
+
+    Adversarial batch classifier (``adversarial_classifier=True``): a small classifier
+    predicts the batch from z. With one optimiser, two terms are added to the loss:
+    ``CE(classifier(z.detach()), batch)`` trains the classifier only, and
+    ``adversarial_weight · CE(classifier_frozen(z), uniform)`` trains the encoder only (the
+    classifier's parameters are detached there) to make z uninformative about the batch, i.e.
+    to push the classifier's prediction towards the uniform distribution over batches. Unlike
+    a gradient-reversal layer this objective is bounded below, so it cannot diverge.
+
+    Parameters
+    ----------
+    n_input_genes, n_input_proteins
+        Number of genes and proteins.
+    n_batch, n_labels
+        Number of batches and labels (1 when not registered).
+    n_hidden, n_latent
+        Width of the hidden layers and size of the latent space.
+    n_layers_encoder, n_layers_decoder
+        Depth of the encoder and of each decoder stack.
+    n_continuous_cov
+        Number of continuous covariates (concatenated to the encoder and decoder inputs).
+    n_cats_per_cov
+        Categories of each extra categorical covariate (injected like the batch).
+    dropout_rate_encoder, dropout_rate_decoder
+        Dropout in the encoder and the decoder.
+    gene_dispersion
+        ``"gene"``, ``"gene-batch"`` or ``"gene-label"``.
+    protein_dispersion
+        ``"protein"``, ``"protein-batch"`` or ``"protein-label"``.
+    gene_likelihood
+        ``"nb"`` or ``"zinb"``.
+    latent_distribution
+        ``"normal"`` or ``"ln"`` (logistic normal).
+    use_observed_lib_size
+        Use the observed gene library instead of the latent one (default: latent, as totalVI).
+    use_size_factor_key
+        Use the ``"size_factor"`` tensor as the gene library (softplus gene scale).
+    library_log_means, library_log_vars
+        Per-batch mean and variance of the log gene library (prior of the latent library).
+    protein_background_prior_mean, protein_background_prior_scale
+        Initial prior of ``log β``, arrays of shape ``(n_proteins, n_batch)``; default 0 and 1.
+    protein_batch_mask
+        ``(n_batch, n_proteins)`` booleans, True where the batch measured the protein; default
+        all True.
+    use_batch_norm, use_layer_norm
+        Normalisation in the encoder and decoder stacks.
+    adversarial_classifier
+        Add the adversarial batch classifier on z (only with more than one batch).
+    adversarial_weight
+        Weight of the encoder's fooling term.
+
+    Examples
+    --------
+    >>> import torch
+    >>> module = TOTALVAE(30, 5, n_batch=2, n_latent=4)
+    >>> x = torch.poisson(torch.full((16, 30), 2.0))
+    >>> y = torch.poisson(torch.full((16, 5), 20.0))
+    >>> out = module({"x": x, "protein": y, "batch": torch.randint(2, (16,))})
+    >>> out.reconstruction.shape, out.extra["reconstruction_protein"].shape
+    (torch.Size([16]), torch.Size([16]))
+    """
+
+    def __init__(
+        self,
+        n_input_genes: int,
+        n_input_proteins: int,
+        n_batch: int = 1,
+        n_labels: int = 1,
+        n_hidden: int = 256,
+        n_latent: int = 20,
+        n_layers_encoder: int = 2,
+        n_layers_decoder: int = 1,
+        n_continuous_cov: int = 0,
+        n_cats_per_cov: Sequence[int] | None = None,
+        dropout_rate_encoder: float = 0.2,
+        dropout_rate_decoder: float = 0.0,
+        gene_dispersion: GeneDispersion = "gene",
+        protein_dispersion: ProteinDispersion = "protein",
+        gene_likelihood: Literal["nb", "zinb"] = "nb",
+        latent_distribution: Literal["normal", "ln"] = "normal",
+        use_observed_lib_size: bool = False,
+        use_size_factor_key: bool = False,
+        library_log_means: Sequence[float] | None = None,
+        library_log_vars: Sequence[float] | None = None,
+        protein_background_prior_mean=None,
+        protein_background_prior_scale=None,
+        protein_batch_mask=None,
+        use_batch_norm: bool = True,
+        use_layer_norm: bool = False,
+        adversarial_classifier: bool = False,
+        adversarial_weight: float = 1.0,
+    ):
+        super().__init__()
+        self.check_options(
+            gene_dispersion, protein_dispersion, gene_likelihood, latent_distribution
+        )
+        self.n_input_genes, self.n_input_proteins = n_input_genes, n_input_proteins
+        self.n_batch, self.n_labels, self.n_latent = n_batch, n_labels, n_latent
+        self.gene_dispersion = gene_dispersion
+        self.protein_dispersion = protein_dispersion
+        self.gene_likelihood = gene_likelihood
+        self.latent_distribution = latent_distribution
+        self.use_size_factor_key = use_size_factor_key
+        self.use_observed_lib_size = use_size_factor_key or use_observed_lib_size
+        self.n_continuous_cov = n_continuous_cov
+        self.adversarial_weight = adversarial_weight
+
+        # gene and protein inverse dispersions (log scale)
+        rows = {"gene": (), "gene-batch": (n_batch,), "gene-label": (n_labels,)}
+        self.px_r = nn.Parameter(torch.randn(*rows[gene_dispersion], n_input_genes))
+        rows = {"protein": (), "protein-batch": (n_batch,), "protein-label": (n_labels,)}
+        self.py_r = nn.Parameter(2 * torch.rand(*rows[protein_dispersion], n_input_proteins))
+
+        # priors: latent gene library per batch, protein background per protein and batch
+        if not self.use_observed_lib_size:
+            if library_log_means is None or library_log_vars is None:
+                raise ValueError("A latent library needs library_log_means and library_log_vars.")
+            self.register_buffer(
+                "library_log_means", torch.as_tensor(library_log_means, dtype=torch.float32)
+            )
+            self.register_buffer(
+                "library_log_vars", torch.as_tensor(library_log_vars, dtype=torch.float32)
+            )
+        shape = (n_input_proteins, n_batch)
+        mean = torch.zeros(shape)
+        if protein_background_prior_mean is not None:
+            mean = torch.as_tensor(protein_background_prior_mean, dtype=torch.float32).reshape(
+                shape
+            )
+        scale = torch.ones(shape)
+        if protein_background_prior_scale is not None:
+            scale = torch.as_tensor(protein_background_prior_scale, dtype=torch.float32)
+            scale = scale.reshape(shape).clamp_min(1e-3)
+        self.prior_mean = nn.Parameter(mean.clone())
+        self.prior_log_scale = nn.Parameter(torch.log(scale))
+        mask = torch.ones(n_batch, n_input_proteins, dtype=torch.bool)
+        if protein_batch_mask is not None and len(protein_batch_mask):
+            mask = torch.as_tensor(protein_batch_mask, dtype=torch.bool).reshape(mask.shape)
+        self.register_buffer("protein_batch_mask", mask)
+
+        cat_list = [n_batch, *(n_cats_per_cov or [])]
+        self.encoder = EncoderTOTALVI(
+            n_input_genes + n_input_proteins + n_continuous_cov,
+            n_latent,
+            n_cat_list=cat_list,
+            n_layers=n_layers_encoder,
+            n_hidden=n_hidden,
+            dropout_rate=dropout_rate_encoder,
+            distribution=latent_distribution,
+            use_batch_norm=use_batch_norm,
+            use_layer_norm=use_layer_norm,
+        )
+        self.decoder = DecoderTOTALVI(
+            n_latent + n_continuous_cov,
+            n_input_genes,
+            n_input_proteins,
+            n_cat_list=cat_list,
+            n_layers=n_layers_decoder,
+            n_hidden=n_hidden,
+            dropout_rate=dropout_rate_decoder,
+            use_batch_norm=use_batch_norm,
+            use_layer_norm=use_layer_norm,
+            scale_activation="softplus" if use_size_factor_key else "softmax",
+        )
+        self.classifier = None
+        if adversarial_classifier and n_batch > 1:
+            self.classifier = nn.Sequential(
+                nn.Linear(n_latent, 32),
+                nn.ReLU(),
+                nn.Linear(32, 32),
+                nn.ReLU(),
+                nn.Linear(32, n_batch),
+            )
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def check_options(
+        gene_dispersion: str,
+        protein_dispersion: str,
+        gene_likelihood: str,
+        latent_distribution: str,
+    ) -> None:
+        """Raise a ValueError naming the allowed values of a bad option."""
+        for name, value, options in (
+            ("gene_dispersion", gene_dispersion, ("gene", "gene-batch", "gene-label")),
+            (
+                "protein_dispersion",
+                protein_dispersion,
+                ("protein", "protein-batch", "protein-label"),
+            ),
+            ("gene_likelihood", gene_likelihood, ("nb", "zinb")),
+            ("latent_distribution", latent_distribution, ("normal", "ln")),
+        ):
+            if value not in options:
+                raise ValueError(f"{name} must be one of {list(options)}, got {value!r}.")
+
+    @staticmethod
+    def _cats(tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        cats = [tensors["batch"]]
+        if "cat_covs" in tensors:
+            cats += list(tensors["cat_covs"].unbind(-1))
+        return cats
+
+    @staticmethod
+    def _by_code(param: torch.Tensor, codes: torch.Tensor | None) -> torch.Tensor:
+        """A per-feature parameter, or its row per cell when it has one row per category."""
+        return param if param.dim() == 1 else param[codes]
+
+    # ------------------------------------------------------------------ the model
+    def inference(self, tensors: dict[str, torch.Tensor], n_samples: int = 1) -> dict:
+        """Encode a minibatch: q(z | x, y) and the gene library (latent, observed or given).
+
+        Returns a dict with ``z`` (transformed sample), ``untran_z``, ``qz_m``, ``qz_v``,
+        ``ql_m`` / ``ql_v`` (None without a latent library) and ``library`` (count scale,
+        ``(..., cells, 1)``). With ``n_samples > 1`` the samples get a leading axis.
+        """
+        x, y = tensors["x"], tensors["protein"]
+        data = torch.cat([torch.log1p(x), torch.log1p(y)], dim=-1)
+        if "cont_covs" in tensors:
+            data = torch.cat([data, tensors["cont_covs"]], dim=-1)
+        qz_m, qz_v, ql_m, ql_v, latent, untran = self.encoder(data, *self._cats(tensors))
+        z, untran_z, library = latent["z"], untran["z"], latent["l"]
+        if self.use_size_factor_key:
+            library = tensors["size_factor"].unsqueeze(-1)
+        elif self.use_observed_lib_size:
+            library = x.sum(-1, keepdim=True)
+        if self.use_observed_lib_size:
+            ql_m = ql_v = None
+        if n_samples > 1:
+            untran_z = qz_m + qz_v.sqrt() * torch.randn((n_samples, *qz_m.shape), device=x.device)
+            z = self.encoder.z_transformation(untran_z)
+            if ql_m is not None:
+                log_l = ql_m + ql_v.sqrt() * torch.randn((n_samples, *ql_m.shape), device=x.device)
+                library = torch.exp(log_l.clamp(max=15.0))
+            else:
+                library = library.expand(n_samples, *library.shape)
+        return {
+            "z": z,
+            "untran_z": untran_z,
+            "qz_m": qz_m,
+            "qz_v": qz_v,
+            "ql_m": ql_m,
+            "ql_v": ql_v,
+            "library": library,
+        }
+
+    def generative(
+        self,
+        z: torch.Tensor,
+        library: torch.Tensor,
+        tensors: dict[str, torch.Tensor],
+        *,
+        batch: torch.Tensor | None = None,
+        sample_background: bool = True,
+    ) -> dict:
+        """Decode z into ``px`` (genes) and ``py`` (protein mixture) distributions.
+
+        ``batch`` overrides the cells' batch (decode as if from that batch);
+        ``sample_background=False`` uses the mean of the background instead of a sample.
+        Returns ``px``, ``py`` (distributions), ``px_`` and ``py_`` (the decoder outputs) and
+        ``log_pro_back_mean``.
+        """
+        cats = self._cats(tensors)
+        if batch is not None:
+            cats[0] = batch
+        dec_in = z
+        if "cont_covs" in tensors:
+            cont = tensors["cont_covs"]
+            dec_in = torch.cat([z, cont.expand(*z.shape[:-1], cont.shape[-1])], dim=-1)
+        lead = z.shape[:-1]
+        if z.dim() == 3:  # (samples, cells, latent): flatten for the batch-norm layers
+            s = z.shape[0]
+            dec_in, library = dec_in.reshape(-1, dec_in.shape[-1]), library.reshape(-1, 1)
+            cats = [c.repeat(s) for c in cats]
+        px_, py_, log_back = self.decoder(
+            dec_in,
+            library,
+            *cats,
+            sample_background=sample_background,
+            compute_dropout=self.gene_likelihood == "zinb",
+        )
+        if z.dim() == 3:
+            unflat = lambda t: None if t is None else t.reshape(*lead, -1)
+            px_ = {k: unflat(v) for k, v in px_.items()}
+            py_ = {k: unflat(v) for k, v in py_.items()}
+            log_back = unflat(log_back)
+        labels = tensors.get("labels")
+        if z.dim() == 3 and labels is not None:
+            labels = labels.repeat(z.shape[0])
+        codes = {"gene-batch": cats[0], "protein-batch": cats[0]}
+        codes["gene-label"] = codes["protein-label"] = labels
+        px_r = self._by_code(self.px_r, codes.get(self.gene_dispersion))
+        py_r = self._by_code(self.py_r, codes.get(self.protein_dispersion))
+        if z.dim() == 3:
+            px_r = px_r.reshape(*lead, -1) if px_r.dim() == 2 else px_r
+            py_r = py_r.reshape(*lead, -1) if py_r.dim() == 2 else py_r
+        theta_x, theta_y = torch.exp(px_r), torch.exp(py_r)
+        if self.gene_likelihood == "zinb":
+            px = ZeroInflatedNegativeBinomial(
+                mu=px_["rate"], theta=theta_x, zi_logits=px_["dropout"]
+            )
+        else:
+            px = NegativeBinomial(mu=px_["rate"], theta=theta_x)
+        py = NegativeBinomialMixture(
+            mu1=py_["rate_back"], mu2=py_["rate_fore"], theta1=theta_y, mixture_logits=py_["mixing"]
+        )
+        return {"px": px, "py": py, "px_": px_, "py_": py_, "log_pro_back_mean": log_back}
+
+    def loss(
+        self, tensors: dict[str, torch.Tensor], inf: dict, gen: dict, kl_weight: float = 1.0
+    ) -> LossOutput:
+        """Negative ELBO of the minibatch; KL of z and of the background weighted by kl_weight."""
+        x, y, b = tensors["x"], tensors["protein"], tensors["batch"]
+        nz = (tensors["nz_row"], tensors["nz_col"]) if "nz_row" in tensors else None
+        rec_genes = -gen["px"].log_prob_sum(x, nz)
+        mask = self.protein_batch_mask[b].to(y.dtype)  # (cells, proteins), 1 = measured
+        rec_proteins = -(gen["py"].log_prob(y) * mask).sum(-1)
+
+        kl_z = kl_normal(inf["qz_m"], inf["qz_v"])
+        py_ = gen["py_"]
+        prior_m = self.prior_mean.T[b]
+        prior_v = torch.exp(2 * self.prior_log_scale.T[b])
+        kl_back = _kl_normal_elementwise(py_["back_alpha"], py_["back_beta"] ** 2, prior_m, prior_v)
+        kl_back = (kl_back * mask).sum(-1)
+        kl_l = torch.zeros_like(kl_z)
+        if inf["ql_m"] is not None:
+            kl_l = kl_normal(
+                inf["ql_m"],
+                inf["ql_v"],
+                self.library_log_means[b].unsqueeze(-1),
+                self.library_log_vars[b].unsqueeze(-1),
+            )
+        loss = torch.mean(rec_genes + rec_proteins + kl_weight * (kl_z + kl_back) + kl_l)
+        extra = {"reconstruction_protein": rec_proteins, "kl_background": kl_back}
+        if self.classifier is not None:
+            adv_clf, adv_fool = self._adversarial(inf["z"], b)
+            loss = loss + adv_clf.mean() + self.adversarial_weight * adv_fool.mean()
+            extra["adversarial_ce"] = adv_clf
+        return LossOutput(
+            loss=loss,
+            reconstruction=rec_genes + rec_proteins,
+            kl_local=kl_z + kl_back + kl_l,
+            extra=extra,
+        )
+
+    def _adversarial(
+        self, z: torch.Tensor, batch: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-cell classifier cross-entropy (trains the classifier) and fooling loss (encoder).
+
+        The first term sees ``z.detach()``; the second runs the classifier with detached
+        parameters and measures the cross-entropy of its prediction against the uniform
+        distribution over batches, so its gradient reaches the encoder only.
+        """
+        ce = F.cross_entropy(self.classifier(z.detach()), batch, reduction="none")
+        params = {k: v.detach() for k, v in self.classifier.named_parameters()}
+        logits = torch.func.functional_call(self.classifier, params, (z,))
+        fool = -F.log_softmax(logits, dim=-1).mean(-1)
+        return ce, fool
+
+    def forward(self, tensors: dict[str, torch.Tensor], kl_weight: float = 1.0) -> LossOutput:
+        """Inference, generative and loss for one minibatch."""
+        inf = self.inference(tensors)
+        gen = self.generative(inf["z"], inf["library"], tensors)
+        return self.loss(tensors, inf, gen, kl_weight)
+
+
+def _kl_normal_elementwise(q_m, q_v, p_m, p_v) -> torch.Tensor:
+    """Elementwise KL(N(q_m, q_v) ‖ N(p_m, p_v)) (variances, not scales)."""
+    return 0.5 * (torch.log(p_v) - torch.log(q_v) + (q_v + (q_m - p_m) ** 2) / p_v - 1.0)
