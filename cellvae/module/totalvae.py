@@ -99,7 +99,9 @@ class TOTALVAE(nn.Module):
     Examples
     --------
     >>> import torch
-    >>> module = TOTALVAE(30, 5, n_batch=2, n_latent=4)
+    >>> module = TOTALVAE(
+    ...     30, 5, n_batch=2, n_latent=4, library_log_means=[4.0, 4.0], library_log_vars=[0.5, 0.5]
+    ... )
     >>> x = torch.poisson(torch.full((16, 30), 2.0))
     >>> y = torch.poisson(torch.full((16, 5), 20.0))
     >>> out = module({"x": x, "protein": y, "batch": torch.randint(2, (16,))})
