@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import datasets, pp, tl
+from . import datasets, pl, pp, tl
 from .model import SCVI
 
 try:
@@ -10,4 +10,4 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-__all__ = ["SCVI", "datasets", "pp", "tl"]
+__all__ = ["SCVI", "datasets", "pl", "pp", "tl"]

@@ -1,0 +1,140 @@
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+
+import cellvae
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+@pytest.fixture(scope="module")
+def scvi_trained():
+    adata = cellvae.datasets.synthetic(120, 25, n_batches=2)
+    cellvae.SCVI.setup_anndata(adata, batch_key="batch")
+    model = cellvae.SCVI(adata, n_latent=4, n_hidden=16).train(max_epochs=2, progress_bar=False)
+    adata.obsm["X_scVI"] = model.get_latent_representation()
+    return adata, model
+
+
+# ---------------------------------------------------------------- history
+def test_history_one_panel_per_key_train_and_validation(scvi_trained):
+    _, model = scvi_trained
+    axes = cellvae.pl.history(model, show=False)
+    assert len(axes) == 3
+    assert axes[0].get_title() == "negative ELBO per cell"
+    for ax, key in zip(axes, ("elbo", "reconstruction", "kl_local")):
+        assert [line.get_label() for line in ax.lines] == ["train", "validation"]
+        assert ax.get_xlabel() == "epoch"
+        train, val = ax.lines
+        np.testing.assert_array_equal(train.get_xdata(), [0, 1])
+        np.testing.assert_allclose(train.get_ydata(), model.history[f"train_{key}"])
+        np.testing.assert_allclose(val.get_ydata(), model.history[f"validation_{key}"])
+
+
+def test_history_single_key_plain_column_and_given_axes(scvi_trained):
+    _, model = scvi_trained
+    ax = cellvae.pl.history(model, keys="kl_weight", show=False)
+    assert len(ax.lines) == 1 and ax.lines[0].get_label() == "kl_weight"
+    fig, given = plt.subplots(1, 2)
+    out = cellvae.pl.history(model, keys=("elbo", "lr"), ax=given, show=False)
+    assert out == list(given)
+    assert len(given[0].lines) == 2 and len(given[1].lines) == 1
+    with pytest.raises(ValueError, match="axes for"):
+        cellvae.pl.history(model, keys=("elbo", "lr"), ax=given[0], show=False)
+
+
+def test_history_sources_and_errors(scvi_trained):
+    adata, model = scvi_trained
+    ax = cellvae.pl.history(model.history, keys="elbo", show=False)
+    assert len(ax.lines) == 2
+    with pytest.raises(KeyError, match="available"):
+        cellvae.pl.history(model, keys="nope", show=False)
+    untrained = cellvae.SCVI(adata)
+    with pytest.raises(ValueError, match="train"):
+        cellvae.pl.history(untrained, show=False)
+    # no validation set: train curve only
+    no_val = cellvae.SCVI(adata, n_hidden=8).train(
+        max_epochs=1, validation_size=0.0, progress_bar=False
+    )
+    ax = cellvae.pl.history(no_val, keys="elbo", show=False)
+    assert [line.get_label() for line in ax.lines] == ["train"]
+
+
+def test_history_from_tl_record():
+    adata = cellvae.datasets.synthetic(100, 20)
+    cellvae.tl.scvi(adata, batch_key="batch", max_epochs=2, progress_bar=False, n_hidden=16)
+    axes = cellvae.pl.history(adata, keys=["elbo"], show=False)
+    assert len(axes) == 1 and len(axes[0].lines) == 2
+    assert list(axes[0].lines[0].get_xdata()) == [0, 1]
+
+
+def test_history_save(scvi_trained, tmp_path):
+    _, model = scvi_trained
+    old = sc.settings.figdir
+    sc.settings.figdir = tmp_path
+    try:
+        cellvae.pl.history(model, show=False, save="_scvi.png")
+        cellvae.pl.history(model, keys="elbo", show=False, save=True)
+    finally:
+        sc.settings.figdir = old
+    assert (tmp_path / "history_scvi.png").stat().st_size > 0
+    assert (tmp_path / f"history.{sc.settings.file_format_figs}").stat().st_size > 0
+
+
+# ---------------------------------------------------------------- latent
+def test_latent_writes_own_keys_and_draws_all_cells(scvi_trained, caplog):
+    adata, _ = scvi_trained
+    adata = adata.copy()
+    adata.obsm["X_umap"] = np.zeros((adata.n_obs, 2))
+    with caplog.at_level("INFO", logger="cellvae.pl"):
+        axes = cellvae.pl.latent(adata, color=["batch", "cell_type"], show=False)
+    assert len(axes) == 2
+    assert [ax.get_title() for ax in axes] == ["batch", "cell_type"]
+    for ax in axes:
+        offsets = [c.get_offsets() for c in ax.collections if len(c.get_offsets())]
+        assert sum(len(o) for o in offsets) == adata.n_obs
+        assert ax.get_xlabel() == "UMAP1 (scVI)"
+    assert adata.obsm["X_umap_scVI"].shape == (adata.n_obs, 2)
+    assert adata.uns["neighbors_scVI"]["params"]["use_rep"] == "X_scVI"
+    assert "neighbors_scVI_connectivities" in adata.obsp
+    assert "X_umap_scVI" in adata.uns
+    # the user's own UMAP and neighbours are untouched
+    assert not adata.obsm["X_umap"].any() and "neighbors" not in adata.uns
+    assert "obsm['X_umap_scVI']" in caplog.text
+    # scanpy can reuse the embedding
+    ax = sc.pl.embedding(adata, basis="X_umap_scVI", color="batch", show=False)
+    np.testing.assert_allclose(ax.collections[0].get_offsets(), adata.obsm["X_umap_scVI"])
+
+
+def test_latent_custom_key_given_axes_and_errors(scvi_trained):
+    adata, _ = scvi_trained
+    adata = adata.copy()
+    adata.obsm["latent"] = adata.obsm["X_scVI"][:, :2] + 1.0
+    fig, ax = plt.subplots()
+    out = cellvae.pl.latent(adata, key="latent", color="batch", ax=ax, show=False, n_neighbors=5)
+    assert out is ax
+    assert "X_umap_latent" in adata.obsm and "neighbors_latent" in adata.uns
+    with pytest.raises(KeyError, match="cellvae.tl.scvi"):
+        cellvae.pl.latent(adata, key="X_missing", show=False)
+    with pytest.raises(ValueError, match="copy"):
+        cellvae.pl.latent(adata[:50], show=False)
+
+
+def test_latent_keys_survive_write_h5ad(scvi_trained, tmp_path):
+    adata, _ = scvi_trained
+    adata = adata.copy()
+    cellvae.pl.latent(adata, color="batch", show=False)
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    back = sc.read_h5ad(tmp_path / "a.h5ad")
+    np.testing.assert_array_equal(back.obsm["X_umap_scVI"], adata.obsm["X_umap_scVI"])
+    assert isinstance(back.obs, pd.DataFrame)
