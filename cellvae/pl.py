@@ -1,4 +1,4 @@
-"""Plotting in the style of ``scanpy.pl``: training curves and latent-space UMAPs.
+"""Plotting in the style of ``scanpy.pl``: training curves, latent spaces and TOTALVI proteins.
 
 Every function draws on new axes (or on ``ax``), shows the figure when ``show`` is true (default:
 :attr:`scanpy.settings.autoshow`), saves it when ``save`` is given, and returns the axes only with
@@ -22,7 +22,7 @@ from matplotlib.axes import Axes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["history", "latent"]
+__all__ = ["foreground_probability", "history", "latent", "protein_denoised"]
 
 _FIG_EXTENSIONS = (".pdf", ".png", ".svg", ".jpg", ".jpeg")
 
@@ -288,3 +288,370 @@ def latent(
         a.set_xlabel(f"UMAP1 ({name})")
         a.set_ylabel(f"UMAP2 ({name})")
     return _finish("latent", axes, axs[0].figure, show=show, save=save)
+
+
+# ---------------------------------------------------------------------- TOTALVI
+def _setup_record(adata, model) -> dict[str, Any]:
+    """The cellvae setup of the model, else the one stored in ``adata.uns["cellvae"]``."""
+    if model is not None and getattr(model, "registry_", None) is not None:
+        return model.registry_.setup_kwargs() | {"protein_names": model.registry_.protein_names}
+    return dict(adata.uns.get("cellvae", {}))
+
+
+def _as_list(names: str | Sequence[str], what: str) -> list[str]:
+    names = [names] if isinstance(names, str) else list(names)
+    if not names:
+        raise ValueError(f"Name at least one {what}.")
+    return names
+
+
+def _protein_frame(adata, key: str, proteins: list[str], model, what: str) -> pd.DataFrame:
+    """``obsm[key]`` as cells × ``proteins`` (array columns named by the cellvae setup)."""
+    if key not in adata.obsm:
+        raise KeyError(
+            f"adata.obsm has no {key!r}: pass model= (a trained cellvae.TOTALVI), or store the "
+            f"{what} there first (cellvae.tl.totalvi writes obsm['protein_denoised'])."
+        )
+    values = adata.obsm[key]
+    if isinstance(values, pd.DataFrame):
+        frame = values
+    else:
+        names = list(_setup_record(adata, model).get("protein_names", []))
+        values = np.asarray(values.toarray() if hasattr(values, "toarray") else values)
+        if len(names) != values.shape[1]:
+            raise ValueError(
+                f"obsm[{key!r}] is an array with {values.shape[1]} columns and the cellvae setup "
+                f"names {len(names)} proteins: store a DataFrame with the protein names as columns."
+            )
+        frame = pd.DataFrame(values, index=adata.obs_names, columns=names)
+    missing = [p for p in proteins if p not in frame.columns]
+    if missing:
+        raise KeyError(
+            f"Proteins {missing} are not in obsm[{key!r}] (proteins: {list(frame.columns)[:10]}…)."
+        )
+    return frame[proteins].astype(float)
+
+
+def _model_adata(model, adata):
+    """``None`` when ``adata`` is the model's own AnnData (uses the cached tensors)."""
+    if not hasattr(model, "get_protein_foreground_probability"):
+        raise TypeError(f"model must be a trained cellvae.TOTALVI, got {type(model).__name__}.")
+    return None if adata is model.adata else adata
+
+
+def _raw_proteins(adata, model, protein_key: str | None, proteins: list[str]) -> pd.DataFrame:
+    key = protein_key or _setup_record(adata, model).get("protein_expression_obsm_key")
+    if key is None:
+        raise ValueError(
+            "No raw protein key: pass protein_key= (the obsm key with the raw ADT counts), or "
+            "register the proteins with cellvae.TOTALVI.setup_anndata(adata, "
+            "protein_expression_obsm_key=...)."
+        )
+    return _protein_frame(adata, key, proteins, model, "raw protein counts")
+
+
+def _point_size(n: int) -> float:
+    return float(np.clip(12_000 / max(n, 1), 1.0, 30.0))
+
+
+def _grid(n: int, ncols: int, ax, panel=(3.4, 3.2)) -> tuple[list[Axes], Any]:
+    if ax is not None:
+        return _axes_list(ax, n, panel)
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    fig, grid = plt.subplots(
+        nrows,
+        ncols,
+        figsize=(panel[0] * ncols, panel[1] * nrows),
+        squeeze=False,
+        layout="constrained",
+    )
+    axs = list(grid.ravel())
+    for extra in axs[n:]:
+        extra.set_visible(False)
+    return axs[:n], fig
+
+
+def _obs_colors(adata, color: str | None):
+    """Per-cell colours and legend entries for an ``obs`` column (scanpy's palette if stored)."""
+    if color is None:
+        return "0.2", None
+    if color not in adata.obs:
+        raise KeyError(f"color {color!r} is not a column of adata.obs.")
+    col = adata.obs[color]
+    if not isinstance(col.dtype, pd.CategoricalDtype) and pd.api.types.is_numeric_dtype(col):
+        return np.asarray(col, dtype=float), None
+    cats = col.astype("category").cat
+    stored = adata.uns.get(f"{color}_colors")
+    if stored is not None and len(stored) == len(cats.categories):
+        palette = list(stored)
+    else:
+        cmap = plt.get_cmap("tab20" if len(cats.categories) > 10 else "tab10")
+        palette = [cmap(i % cmap.N) for i in range(len(cats.categories))]
+    codes = cats.codes.to_numpy()
+    colors = np.array([palette[c] if c >= 0 else "lightgray" for c in codes], dtype=object)
+    return list(colors), dict(zip(cats.categories, palette))
+
+
+def protein_denoised(
+    adata,
+    *,
+    proteins: str | Sequence[str],
+    model=None,
+    denoised_key: str = "protein_denoised",
+    protein_key: str | None = None,
+    transform_batch: str | Sequence[str] | None = None,
+    color: str | None = None,
+    log: bool = True,
+    ncols: int = 4,
+    ax: Axes | Sequence[Axes] | None = None,
+    show: bool | None = None,
+    save: bool | str | None = None,
+    **kwargs: Any,
+) -> Axes | list[Axes] | None:
+    """Scatter denoised against raw protein counts, one panel per protein (TOTALVI).
+
+    totalVI splits each protein count into a background (ambient antibody) and a foreground
+    component; the denoised value is the expected foreground, so cells whose raw counts are only
+    background fall towards 0 on the y axis while truly positive cells stay near the diagonal
+    (dashed). Each panel has one point per cell.
+
+    Parameters
+    ----------
+    adata
+        AnnData with the raw protein counts in ``obsm`` (the key registered with
+        :meth:`cellvae.TOTALVI.setup_anndata`, or ``protein_key``).
+    proteins
+        Protein name(s), as in the columns of the protein ``obsm`` DataFrame.
+    model
+        A trained :class:`cellvae.TOTALVI`: the denoised values are computed with its
+        :meth:`~cellvae.TOTALVI.get_normalized_expression` on ``adata``. Without a model they
+        are read from ``adata.obsm[denoised_key]`` (written by :func:`cellvae.tl.totalvi`).
+    denoised_key
+        ``obsm`` key of the denoised proteins (a DataFrame, or an array in the order of the
+        registered proteins), used when ``model`` is None.
+    protein_key
+        ``obsm`` key of the raw protein counts (default: the registered one).
+    transform_batch
+        With ``model``: decode as this batch (or the average over a list); None for each cell's
+        own batch.
+    color
+        ``obs`` column to colour the cells by (categorical: scanpy's stored palette and a legend;
+        numeric: a colour map). Default: one colour.
+    log
+        Plot ``log1p`` of both axes.
+    ncols
+        Panels per row.
+    ax
+        Axes to draw on, one per protein. Default: a new figure.
+    show
+        Show the figure; default :attr:`scanpy.settings.autoshow`.
+    save
+        Save the figure to :attr:`scanpy.settings.figdir` as ``protein_denoised{save}``.
+    **kwargs
+        Passed to :meth:`matplotlib.axes.Axes.scatter` (``s``, ``alpha``, ``rasterized``, ...).
+
+    Returns
+    -------
+    With ``show=False``, the Axes (a list, one per protein; a single Axes when ``proteins`` is a
+    string); otherwise None.
+
+    Examples
+    --------
+    >>> import cellvae
+    >>> adata = cellvae.datasets.synthetic(200, 30, n_proteins=4)
+    >>> cellvae.tl.totalvi(adata, max_epochs=2, progress_bar=False)
+    >>> axes = cellvae.pl.protein_denoised(
+    ...     adata, proteins=["prot0", "prot1"], color="cell_type", show=False
+    ... )
+    >>> len(axes[0].collections[0].get_offsets())
+    200
+
+    With the model, for any AnnData with the same genes and proteins:
+
+    >>> model = cellvae.TOTALVI(adata, n_latent=5).train(max_epochs=2, progress_bar=False)
+    >>> ax = cellvae.pl.protein_denoised(adata, proteins="prot0", model=model, show=False)
+    """
+    single = isinstance(proteins, str)
+    names = _as_list(proteins, "protein")
+    raw = _raw_proteins(adata, model, protein_key, names)
+    if model is not None:
+        reg = model.registry_
+        _, denoised = model.get_normalized_expression(
+            _model_adata(model, adata),
+            transform_batch=transform_batch,
+            gene_list=list(reg.var_names[:1]),  # the RNA is not needed: decode one gene only
+            protein_list=names,
+        )
+        denoised = denoised.astype(float)
+    else:
+        denoised = _protein_frame(adata, denoised_key, names, None, "denoised proteins")
+    colors, legend = _obs_colors(adata, color)
+    axs, fig = _grid(len(names), ncols, ax)
+    kwargs.setdefault("s", _point_size(adata.n_obs))
+    kwargs.setdefault("linewidths", 0)
+    transform = np.log1p if log else np.asarray
+    label = "log1p({})" if log else "{}"
+    for a, name in zip(axs, names):
+        x = transform(raw[name].to_numpy())
+        y = transform(denoised[name].to_numpy())
+        sc_kw = dict(kwargs)
+        if isinstance(colors, np.ndarray):
+            sc_kw.setdefault("cmap", "viridis")
+        points = a.scatter(x, y, c=colors, **sc_kw)
+        lim = max(float(np.max(x, initial=0)), float(np.max(y, initial=0))) * 1.05 or 1.0
+        a.plot([0, lim], [0, lim], ls="--", lw=0.8, color="0.5", zorder=0)
+        a.set_title(name)
+        a.set_xlabel(label.format("raw counts"))
+        a.set_ylabel(label.format("denoised"))
+    if isinstance(colors, np.ndarray):
+        fig.colorbar(points, ax=axs, label=color, shrink=0.8)
+    elif legend:
+        handles = [
+            plt.Line2D([], [], ls="", marker="o", color=c, label=str(cat))
+            for cat, c in legend.items()
+        ]
+        axs[-1].legend(
+            handles=handles,
+            title=color,
+            frameon=False,
+            loc="center left",
+            bbox_to_anchor=(1.0, 0.5),
+        )
+    return _finish("protein_denoised", axs[0] if single else axs, fig, show=show, save=save)
+
+
+def foreground_probability(
+    adata,
+    *,
+    proteins: str | Sequence[str],
+    model=None,
+    key: str = "protein_foreground_probability",
+    groupby: str | None = None,
+    basis: str = "X_umap_totalVI",
+    transform_batch: str | Sequence[str] | None = None,
+    ncols: int = 4,
+    cmap: str = "viridis",
+    ax: Axes | Sequence[Axes] | None = None,
+    show: bool | None = None,
+    save: bool | str | None = None,
+    **kwargs: Any,
+) -> Axes | list[Axes] | None:
+    """Plot the probability that each protein's counts are foreground (TOTALVI), per protein.
+
+    The foreground probability ``1 − π`` (from
+    :meth:`cellvae.TOTALVI.get_protein_foreground_probability`) says how likely a cell's count is
+    real signal rather than ambient background: it should be near 1 in the cell types that carry
+    the protein (CD19 on B cells) and near 0 elsewhere. With ``groupby``, one violin per group;
+    otherwise the cells on an embedding coloured from 0 to 1 (high probabilities on top).
+
+    Parameters
+    ----------
+    adata
+        AnnData with the cells to plot.
+    proteins
+        Protein name(s).
+    model
+        A trained :class:`cellvae.TOTALVI`: the probabilities are computed on ``adata``. Without
+        a model they are read from ``adata.obsm[key]`` (store them there with
+        ``adata.obsm[key] = model.get_protein_foreground_probability()``).
+    key
+        ``obsm`` key of stored probabilities (a DataFrame, or an array in the order of the
+        registered proteins), used when ``model`` is None.
+    groupby
+        ``obs`` column: draw violins of the probability per category instead of an embedding.
+    basis
+        ``obsm`` key of the 2-D embedding (``"X_"`` is prepended if needed, so ``"umap"`` works).
+        The default is the UMAP that ``cellvae.pl.latent(adata, key="X_totalVI")`` writes.
+    transform_batch
+        With ``model``: batch (or list of batches) to decode as; None for each cell's own batch.
+    ncols
+        Panels per row.
+    cmap
+        Colour map of the embedding.
+    ax
+        Axes to draw on, one per protein. Default: a new figure.
+    show
+        Show the figure; default :attr:`scanpy.settings.autoshow`.
+    save
+        Save the figure to :attr:`scanpy.settings.figdir` as ``foreground_probability{save}``.
+    **kwargs
+        Passed to :meth:`matplotlib.axes.Axes.scatter` (embedding) or
+        :meth:`matplotlib.axes.Axes.violinplot` (``groupby``).
+
+    Returns
+    -------
+    With ``show=False``, the Axes (a list, one per protein; a single Axes when ``proteins`` is a
+    string); otherwise None.
+
+    Examples
+    --------
+    >>> import cellvae
+    >>> adata = cellvae.datasets.synthetic(200, 30, n_proteins=4)
+    >>> cellvae.TOTALVI.setup_anndata(adata, protein_expression_obsm_key="protein_expression")
+    >>> model = cellvae.TOTALVI(adata, n_latent=5).train(max_epochs=2, progress_bar=False)
+    >>> ax = cellvae.pl.foreground_probability(
+    ...     adata, proteins="prot0", model=model, groupby="cell_type", show=False
+    ... )
+    >>> [t.get_text() for t in ax.get_xticklabels()]
+    ['type0', 'type1', 'type2']
+    >>> adata.obsm["X_totalVI"] = model.get_latent_representation()
+    >>> axes = cellvae.pl.latent(adata, key="X_totalVI", show=False)
+    >>> axes = cellvae.pl.foreground_probability(
+    ...     adata, proteins=["prot0", "prot1"], model=model, show=False
+    ... )
+    """
+    single = isinstance(proteins, str)
+    names = _as_list(proteins, "protein")
+    if model is not None:
+        prob = model.get_protein_foreground_probability(
+            _model_adata(model, adata), transform_batch=transform_batch, protein_list=names
+        ).astype(float)
+    else:
+        prob = _protein_frame(adata, key, names, None, "foreground probabilities")
+    if groupby is None:
+        emb = basis if basis in adata.obsm else f"X_{basis}"
+        if emb not in adata.obsm:
+            raise KeyError(
+                f"adata.obsm has no {basis!r}: draw the UMAP of the latent space first with "
+                "cellvae.pl.latent(adata, key='X_totalVI'), or pass basis= an obsm key, or "
+                "groupby= an obs column for violins."
+            )
+        coords = np.asarray(adata.obsm[emb])[:, :2]
+    elif groupby not in adata.obs:
+        raise KeyError(f"groupby {groupby!r} is not a column of adata.obs.")
+    axs, fig = _grid(len(names), ncols, ax, panel=(3.4, 3.2) if groupby is None else (4.2, 3.2))
+    for a, name in zip(axs, names):
+        values = prob[name].to_numpy()
+        if groupby is None:
+            order = np.argsort(values, kind="stable")
+            scatter_kw = {"s": _point_size(adata.n_obs), "linewidths": 0} | kwargs
+            points = a.scatter(
+                coords[order, 0],
+                coords[order, 1],
+                c=values[order],
+                cmap=cmap,
+                vmin=0.0,
+                vmax=1.0,
+                **scatter_kw,
+            )
+            a.set_xticks([])
+            a.set_yticks([])
+            axis = "UMAP" if "umap" in emb.lower() else emb
+            a.set_xlabel(f"{axis}1")
+            a.set_ylabel(f"{axis}2")
+        else:
+            groups = adata.obs[groupby].astype("category")
+            cats = [c for c in groups.cat.categories if (groups == c).any()]
+            data = [values[(groups == c).to_numpy()] for c in cats]
+            violin_kw = {"showmedians": True, "widths": 0.8} | kwargs
+            a.violinplot(data, positions=np.arange(len(cats)), **violin_kw)
+            a.set_xticks(np.arange(len(cats)), [str(c) for c in cats], rotation=90)
+            a.set_ylim(-0.03, 1.03)
+            a.set_xlabel(groupby)
+            a.set_ylabel("foreground probability")
+        a.set_title(f"{name}")
+    if groupby is None:
+        fig.colorbar(points, ax=axs, label="foreground probability", shrink=0.8)
+    out = axs[0] if single else axs
+    return _finish("foreground_probability", out, fig, show=show, save=save)

@@ -138,3 +138,78 @@ def test_latent_keys_survive_write_h5ad(scvi_trained, tmp_path):
     back = sc.read_h5ad(tmp_path / "a.h5ad")
     np.testing.assert_array_equal(back.obsm["X_umap_scVI"], adata.obsm["X_umap_scVI"])
     assert isinstance(back.obs, pd.DataFrame)
+
+
+# ---------------------------------------------------------------- TOTALVI
+@pytest.fixture(scope="module")
+def totalvi_trained():
+    if not hasattr(cellvae, "TOTALVI"):
+        pytest.skip("cellvae.TOTALVI is not available")
+    adata = cellvae.datasets.synthetic(120, 25, n_proteins=4, n_batches=2)
+    cellvae.TOTALVI.setup_anndata(
+        adata, batch_key="batch", protein_expression_obsm_key="protein_expression"
+    )
+    model = cellvae.TOTALVI(adata, n_latent=4, n_hidden=16).train(max_epochs=2, progress_bar=False)
+    return adata, model
+
+
+def test_protein_denoised_from_model_and_obsm(totalvi_trained):
+    adata, model = totalvi_trained
+    axes = cellvae.pl.protein_denoised(
+        adata, proteins=["prot0", "prot2"], model=model, color="cell_type", show=False
+    )
+    assert [ax.get_title() for ax in axes] == ["prot0", "prot2"]
+    _, denoised = model.get_normalized_expression(protein_list=["prot0", "prot2"])
+    raw = adata.obsm["protein_expression"]
+    for ax, name in zip(axes, ["prot0", "prot2"]):
+        (points,) = ax.collections
+        offsets = points.get_offsets()
+        assert len(offsets) == adata.n_obs
+        np.testing.assert_allclose(offsets[:, 0], np.log1p(raw[name]), rtol=1e-6)
+        np.testing.assert_allclose(offsets[:, 1], np.log1p(denoised[name]), rtol=1e-5)
+        assert ax.get_xlabel() == "log1p(raw counts)"
+    legend = axes[-1].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["type0", "type1", "type2"]
+    # from obsm (as cellvae.tl.totalvi writes it), a plain array named by the setup, no log
+    adata = adata.copy()
+    adata.obsm["protein_denoised"] = model.get_normalized_expression(return_numpy=True)[1]
+    ax = cellvae.pl.protein_denoised(adata, proteins="prot1", log=False, show=False)
+    offsets = ax.collections[0].get_offsets()
+    np.testing.assert_allclose(offsets[:, 0], raw["prot1"])
+    np.testing.assert_allclose(offsets[:, 1], adata.obsm["protein_denoised"][:, 1], rtol=1e-6)
+
+
+def test_protein_denoised_errors(totalvi_trained):
+    adata, model = totalvi_trained
+    with pytest.raises(KeyError, match="protein_denoised"):
+        cellvae.pl.protein_denoised(adata, proteins="prot0", show=False)
+    with pytest.raises(KeyError, match="nope"):
+        cellvae.pl.protein_denoised(adata, proteins="nope", model=model, show=False)
+    with pytest.raises(ValueError, match="at least one"):
+        cellvae.pl.protein_denoised(adata, proteins=[], model=model, show=False)
+
+
+def test_foreground_probability_violin_and_embedding(totalvi_trained):
+    adata, model = totalvi_trained
+    adata = adata.copy()
+    prob = model.get_protein_foreground_probability(adata)
+    ax = cellvae.pl.foreground_probability(
+        adata, proteins="prot0", model=model, groupby="cell_type", show=False
+    )
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["type0", "type1", "type2"]
+    assert ax.get_ylabel() == "foreground probability"
+    with pytest.raises(KeyError, match="cellvae.pl.latent"):
+        cellvae.pl.foreground_probability(adata, proteins="prot0", model=model, show=False)
+    adata.obsm["X_totalVI"] = model.get_latent_representation()
+    cellvae.pl.latent(adata, key="X_totalVI", show=False)
+    adata.obsm["protein_foreground_probability"] = prob
+    axes = cellvae.pl.foreground_probability(adata, proteins=["prot0", "prot3"], show=False)
+    assert len(axes) == 2
+    for ax, name in zip(axes, ["prot0", "prot3"]):
+        (points,) = ax.collections
+        assert len(points.get_offsets()) == adata.n_obs
+        np.testing.assert_allclose(np.sort(points.get_array()), np.sort(prob[name]), rtol=1e-6)
+        assert points.get_clim() == (0.0, 1.0)
+        assert ax.get_title() == name
+    # drawn in increasing probability, so positive cells are on top
+    assert np.all(np.diff(axes[0].collections[0].get_array()) >= 0)
