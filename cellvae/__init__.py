@@ -3,11 +3,11 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from . import datasets, pl, pp, tl
-from .model import SCVI
+from .model import SCVI, TOTALVI
 
 try:
     __version__ = version("cellvae")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-__all__ = ["SCVI", "datasets", "pl", "pp", "tl"]
+__all__ = ["SCVI", "TOTALVI", "datasets", "pl", "pp", "tl"]

@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 
 from . import pp
-from .model import SCVI
+from .model import SCVI, TOTALVI
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["scvi"]
+__all__ = ["scvi", "totalvi"]
 
 
 def _h5ad_safe(params: dict[str, Any]) -> dict[str, Any]:
@@ -32,6 +32,34 @@ def _h5ad_safe(params: dict[str, Any]) -> dict[str, Any]:
 
 def _history_record(model) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, dtype=float) for k, v in model.history_.items()}
+
+
+def _target(adata, copy: bool):
+    """The AnnData to write into: ``adata`` itself, or a copy with ``copy=True``."""
+    if getattr(adata, "is_view", False) and not copy:
+        raise ValueError("Received a view of an AnnData: pass adata.copy() (or copy=True).")
+    return adata.copy() if copy else adata
+
+
+def _fit(model, max_epochs, random_state, progress_bar, device, train_kwargs):
+    return model.train(
+        max_epochs,
+        seed=random_state,
+        progress_bar=progress_bar,
+        device=device,
+        **(train_kwargs or {}),
+    )
+
+
+def _record(adata, uns_key: str, model, params: dict[str, Any]) -> str:
+    """Write the parameters and the training history to ``adata.uns[uns_key]``."""
+    adata.uns[uns_key] = {
+        "params": _h5ad_safe(
+            {**params, "max_epochs": len(model.history_.get("epoch", [])), **model.hparams}
+        ),
+        "history": _history_record(model),
+    }
+    return f"uns[{uns_key!r}]"
 
 
 def scvi(
@@ -105,9 +133,7 @@ def scvi(
     (300, 10)
     >>> sc.pp.neighbors(adata, use_rep="X_scVI")
     """
-    if getattr(adata, "is_view", False) and not copy:
-        raise ValueError("Received a view of an AnnData: pass adata.copy() (or copy=True).")
-    adata = adata.copy() if copy else adata
+    adata = _target(adata, copy)
     pp.setup_anndata(
         adata,
         layer=layer,
@@ -117,13 +143,7 @@ def scvi(
         continuous_covariate_keys=continuous_covariate_keys,
     )
     model = SCVI(adata, n_latent=n_latent, **model_kwargs)
-    model.train(
-        max_epochs,
-        seed=random_state,
-        progress_bar=progress_bar,
-        device=device,
-        **(train_kwargs or {}),
-    )
+    _fit(model, max_epochs, random_state, progress_bar, device, train_kwargs)
     adata.obsm[key_added] = model.get_latent_representation()
     added = [f"obsm[{key_added!r}]"]
     if layer_added is not None:
@@ -133,22 +153,116 @@ def scvi(
             return_numpy=True,
         )
         added.append(f"layers[{layer_added!r}]")
-    uns_key = "scvi" if key_added == "X_scVI" else key_added
-    adata.uns[uns_key] = {
-        "params": _h5ad_safe(
-            {
-                "batch_key": batch_key,
-                "layer": layer,
-                "n_latent": n_latent,
-                "max_epochs": len(model.history_.get("epoch", [])),
-                "random_state": random_state,
-                "key_added": key_added,
-                "layer_added": layer_added,
-                **model.hparams,
-            }
-        ),
-        "history": _history_record(model),
+    params = {
+        "batch_key": batch_key,
+        "layer": layer,
+        "n_latent": n_latent,
+        "random_state": random_state,
+        "key_added": key_added,
+        "layer_added": layer_added,
     }
-    added.append(f"uns[{uns_key!r}]")
+    added.append(_record(adata, "scvi" if key_added == "X_scVI" else key_added, model, params))
     logger.info("cellvae.tl.scvi added %s.", ", ".join(added))
+    return adata if copy else None
+
+
+def totalvi(
+    adata,
+    *,
+    batch_key: str | None = None,
+    layer: str | None = None,
+    protein_expression_obsm_key: str = "protein_expression",
+    n_latent: int = 20,
+    max_epochs: int | None = None,
+    key_added: str = "X_totalVI",
+    protein_key_added: str = "protein_denoised",
+    random_state: int | None = 0,
+    progress_bar: bool = True,
+    device: str = "auto",
+    train_kwargs: dict[str, Any] | None = None,
+    copy: bool = False,
+    **model_kwargs: Any,
+):
+    """Jointly model RNA and proteins with totalVI; write the latent space and denoised proteins.
+
+    Registers the counts and proteins (:meth:`cellvae.TOTALVI.setup_anndata`), fits
+    :class:`cellvae.TOTALVI`, writes the posterior mean of z to ``adata.obsm[key_added]``, the
+    denoised protein expression (foreground, averaged over the batches that measured each
+    protein) to ``adata.obsm[protein_key_added]`` as a DataFrame with the protein names as
+    columns, and the parameters and training history to ``adata.uns["totalvi"]``
+    (``uns[key_added]`` when ``key_added`` is not the default).
+
+    Parameters
+    ----------
+    adata
+        AnnData with raw RNA counts in ``X`` or ``layer`` and raw protein counts in ``obsm``.
+    batch_key
+        ``obs`` column with the batch to correct for.
+    layer
+        Layer with raw RNA counts (default ``X``).
+    protein_expression_obsm_key
+        ``obsm`` key with the raw protein counts.
+    n_latent
+        Size of the latent space.
+    max_epochs
+        Training epochs (default from the number of cells, as in scvi-tools).
+    key_added
+        ``obsm`` key for the latent representation.
+    protein_key_added
+        ``obsm`` key for the denoised proteins; None to skip.
+    random_state
+        Seed: the same seed gives the same embedding on CPU.
+    progress_bar
+        Show a progress bar while training.
+    device
+        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    train_kwargs
+        Further options of :meth:`cellvae.TOTALVI.train` (e.g. ``{"batch_size": 128}``).
+    copy
+        Return a modified copy instead of writing into ``adata``.
+    **model_kwargs
+        Options of :class:`cellvae.TOTALVI` (``n_hidden``, ``gene_likelihood``, …).
+
+    Returns
+    -------
+    None, or the modified copy with ``copy=True``.
+
+    Examples
+    --------
+    >>> import cellvae, scanpy as sc
+    >>> adata = cellvae.datasets.synthetic(300, 50, n_batches=2, n_proteins=6)
+    >>> cellvae.tl.totalvi(adata, batch_key="batch", max_epochs=2, progress_bar=False)
+    >>> adata.obsm["X_totalVI"].shape, adata.obsm["protein_denoised"].shape
+    ((300, 20), (300, 6))
+    >>> sc.pp.neighbors(adata, use_rep="X_totalVI")
+    """
+    adata = _target(adata, copy)
+    TOTALVI.setup_anndata(
+        adata,
+        layer=layer,
+        batch_key=batch_key,
+        protein_expression_obsm_key=protein_expression_obsm_key,
+    )
+    model = TOTALVI(adata, n_latent=n_latent, **model_kwargs)
+    _fit(model, max_epochs, random_state, progress_bar, device, train_kwargs)
+    adata.obsm[key_added] = model.get_latent_representation()
+    added = [f"obsm[{key_added!r}]"]
+    if protein_key_added is not None:
+        _, proteins = model.get_normalized_expression(
+            transform_batch=list(model.registry_.batch_categories)
+        )
+        adata.obsm[protein_key_added] = proteins
+        added.append(f"obsm[{protein_key_added!r}]")
+    params = {
+        "batch_key": batch_key,
+        "layer": layer,
+        "protein_expression_obsm_key": protein_expression_obsm_key,
+        "n_latent": n_latent,
+        "random_state": random_state,
+        "key_added": key_added,
+        "protein_key_added": protein_key_added,
+    }
+    uns_key = "totalvi" if key_added == "X_totalVI" else key_added
+    added.append(_record(adata, uns_key, model, params))
+    logger.info("cellvae.tl.totalvi added %s.", ", ".join(added))
     return adata if copy else None

@@ -2,5 +2,6 @@
 
 from ._base import BaseModel
 from .scvi import SCVI
+from .totalvi import TOTALVI
 
-__all__ = ["SCVI", "BaseModel"]
+__all__ = ["SCVI", "TOTALVI", "BaseModel"]

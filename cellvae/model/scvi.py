@@ -137,76 +137,6 @@ class SCVI(BaseModel):
 
     # ------------------------------------------------------------------ getters
     @torch.no_grad()
-    def get_latent_representation(
-        self,
-        adata=None,
-        *,
-        indices: Sequence[int] | None = None,
-        give_mean: bool = True,
-        batch_size: int | None = None,
-    ) -> np.ndarray:
-        """Return the latent representation of each cell (cells × n_latent).
-
-        Parameters
-        ----------
-        adata
-            Data to embed (default: the training data); new data must have the same genes.
-        indices
-            Cells to embed (default: all).
-        give_mean
-            Return the posterior mean (for ``"ln"``, the Monte Carlo mean of the softmax);
-            otherwise one sample.
-        batch_size
-            Cells per forward pass.
-
-        Examples
-        --------
-        >>> import cellvae
-        >>> adata = cellvae.datasets.synthetic(200, 30)
-        >>> cellvae.SCVI.setup_anndata(adata, batch_key="batch")
-        >>> model = cellvae.SCVI(adata).train(max_epochs=1, progress_bar=False)
-        >>> model.get_latent_representation(indices=[0, 1, 2]).shape
-        (3, 10)
-        """
-        self._check_trained()
-        td, _ = self._data(adata)
-        out = []
-        for batch in self._batches(td, indices, batch_size):
-            inf = self.module.inference(batch)
-            if not give_mean:
-                z = inf["z"]
-            elif self.module.latent_distribution == "ln":
-                noise = torch.randn((100, *inf["qz_m"].shape), device=inf["qz_m"].device)
-                z = torch.softmax(inf["qz_m"] + inf["qz_v"].sqrt() * noise, -1).mean(0)
-            else:
-                z = inf["qz_m"]
-            out.append(z.cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.module.n_latent), np.float32)
-
-    def _batch_codes(self, transform_batch, reg: Registry) -> list[int | None]:
-        if transform_batch is None:
-            return [None]
-        items = [transform_batch] if isinstance(transform_batch, str | int) else transform_batch
-        codes = []
-        for b in items:
-            if str(b) not in reg.batch_categories:
-                raise ValueError(
-                    f"transform_batch {b!r} is not a batch of the model "
-                    f"(batches: {list(reg.batch_categories)})."
-                )
-            codes.append(reg.batch_categories.index(str(b)))
-        return codes
-
-    def _gene_idx(self, gene_list, reg: Registry) -> tuple[torch.Tensor | None, list[str]]:
-        if gene_list is None:
-            return None, list(reg.var_names)
-        lookup = {g: i for i, g in enumerate(reg.var_names)}
-        missing = [g for g in gene_list if g not in lookup]
-        if missing:
-            raise KeyError(f"Genes not in the model: {missing[:10]}.")
-        return torch.tensor([lookup[g] for g in gene_list]), list(gene_list)
-
-    @torch.no_grad()
     def get_normalized_expression(
         self,
         adata=None,
@@ -286,52 +216,6 @@ class SCVI(BaseModel):
             return out
         names = self._obs_names(adata, idx)
         return pd.DataFrame(out, index=names, columns=genes)
-
-    def _obs_names(self, adata, idx: torch.Tensor) -> pd.Index:
-        adata = self.adata if adata is None else adata
-        return adata.obs_names[idx.numpy()]
-
-    @torch.no_grad()
-    def _per_cell(self, adata, indices, batch_size, fn) -> np.ndarray:
-        self._check_trained()
-        td, _ = self._data(adata)
-        was = self.module.training
-        self.module.eval()
-        out = [fn(b).cpu().numpy() for b in self._batches(td, indices, batch_size)]
-        self.module.train(was)
-        return np.concatenate(out)
-
-    def get_elbo(self, adata=None, *, indices=None, batch_size: int | None = None) -> float:
-        """Return the ELBO per cell (a lower bound on log p(x); higher is better).
-
-        Examples
-        --------
-        >>> import cellvae
-        >>> adata = cellvae.datasets.synthetic(200, 30)
-        >>> cellvae.SCVI.setup_anndata(adata)
-        >>> model = cellvae.SCVI(adata).train(max_epochs=1, progress_bar=False)
-        >>> model.get_elbo() < 0
-        True
-        """
-        values = self._per_cell(adata, indices, batch_size, lambda b: -self.module(b).elbo)
-        return float(values.mean())
-
-    def get_reconstruction_error(
-        self, adata=None, *, indices=None, batch_size: int | None = None
-    ) -> float:
-        """Return the mean per-cell reconstruction error −log p(x | z) (lower is better).
-
-        Examples
-        --------
-        >>> import cellvae
-        >>> adata = cellvae.datasets.synthetic(200, 30)
-        >>> cellvae.SCVI.setup_anndata(adata)
-        >>> model = cellvae.SCVI(adata).train(max_epochs=1, progress_bar=False)
-        >>> model.get_reconstruction_error() > 0
-        True
-        """
-        fn = lambda b: self.module(b).reconstruction
-        return float(self._per_cell(adata, indices, batch_size, fn).mean())
 
     def get_marginal_ll(
         self,

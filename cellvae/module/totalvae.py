@@ -211,6 +211,15 @@ class TOTALVAE(nn.Module):
             use_layer_norm=use_layer_norm,
             scale_activation="softplus" if use_size_factor_key else "softmax",
         )
+        if protein_background_prior_mean is not None:
+            # start the background near its prior: early steps then fit the foreground and the
+            # mixing instead of first pulling every background rate towards the prior
+            with torch.no_grad():
+                present = mask.T.float()
+                n_present = present.sum(1).clamp_min(1)
+                self.decoder.py_back_alpha.bias.copy_((mean * present).sum(1) / n_present)
+                log_scale = (torch.log(scale) * present).sum(1) / n_present
+                self.decoder.py_back_log_beta.bias.copy_(log_scale)
         self.classifier = None
         if adversarial_classifier and n_batch > 1:
             self.classifier = nn.Sequential(
