@@ -1,0 +1,402 @@
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import cellvae
+from cellvae._data import TensorData
+from cellvae.distributions import NegativeBinomialMixture
+from cellvae.model.totalvi import protein_background_prior
+from cellvae.module import TOTALVAE
+from cellvae.nn import DecoderTOTALVI, EncoderTOTALVI
+
+SMALL = {"n_hidden": 32, "n_latent": 4}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The test machine is shared: with two intra-op threads every small op waits for a
+    # descheduled OpenMP worker (10+ ms per op under load); one thread is ~10x faster here.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _eccite(n_genes=400):
+    adata = cellvae.datasets.eccite_pbmc()
+    totals = np.asarray(adata.X.sum(0)).ravel()
+    keep = set(np.argsort(-totals)[:n_genes].tolist())
+    keep |= {adata.var_names.get_loc("MS4A1"), adata.var_names.get_loc("CD79A")}
+    adata = adata[:, sorted(keep)].copy()
+    cellvae.TOTALVI.setup_anndata(adata, protein_expression_obsm_key="protein_expression")
+    return adata
+
+
+@pytest.fixture(scope="module")
+def eccite():
+    adata = _eccite()
+    model = cellvae.TOTALVI(adata, n_hidden=64, n_latent=10)
+    model.train(max_epochs=80, batch_size=128, early_stopping=False, progress_bar=False)
+    return adata, model
+
+
+def _synthetic_missing(n_obs=300):
+    adata = cellvae.datasets.synthetic(n_obs, 40, n_batches=2, n_proteins=6, random_state=1)
+    prot = adata.obsm["protein_expression"]
+    in_b1 = (adata.obs["batch"] == "batch1").to_numpy()
+    prot.loc[in_b1, ["prot1", "prot4"]] = 0.0  # batch1 did not measure prot1 and prot4
+    cellvae.TOTALVI.setup_anndata(
+        adata, batch_key="batch", protein_expression_obsm_key="protein_expression"
+    )
+    return adata
+
+
+@pytest.fixture(scope="module")
+def missing():
+    adata = _synthetic_missing()
+    model = cellvae.TOTALVI(adata, adversarial_classifier=True, **SMALL)
+    model.train(max_epochs=30, batch_size=64, early_stopping=False, progress_bar=False)
+    return adata, model
+
+
+def _tensors(adata):
+    td = TensorData.from_adata(adata)
+    return td[torch.arange(td.n_obs)]
+
+
+# ---------------------------------------------------------------- layers
+@pytest.mark.parametrize("distribution", ["ln", "normal"])
+def test_encoder_totalvi_six_tuple(distribution):
+    enc = EncoderTOTALVI(25, 6, n_cat_list=[3], n_hidden=16, distribution=distribution)
+    out = enc(torch.rand(9, 25) * 3, torch.randint(3, (9,)))
+    assert len(out) == 6
+    qz_m, qz_v, ql_m, ql_v, latent, untran = out
+    assert qz_m.shape == qz_v.shape == latent["z"].shape == untran["z"].shape == (9, 6)
+    assert ql_m.shape == ql_v.shape == latent["l"].shape == untran["l"].shape == (9, 1)
+    assert (qz_v > 0).all() and (ql_v > 0).all() and (latent["l"] > 0).all()
+    torch.testing.assert_close(latent["l"], torch.exp(untran["l"].clamp(max=15)))
+    if distribution == "ln":
+        torch.testing.assert_close(latent["z"], torch.softmax(untran["z"], -1))
+    else:
+        assert torch.equal(latent["z"], untran["z"])
+    untran_z, z = enc.reparameterize_transformation(qz_m, qz_v)
+    assert untran_z.shape == z.shape == (9, 6)
+
+
+def test_decoder_totalvi_contract():
+    dec = DecoderTOTALVI(5, 30, 4, n_cat_list=[2], n_hidden=16)
+    dec.eval()
+    z, lib, b = torch.randn(6, 5), torch.full((6, 1), 500.0), torch.tensor([0, 1] * 3)
+    px, py, log_back = dec(z, lib, b, sample_background=False)
+    torch.testing.assert_close(px["scale"].sum(-1), torch.ones(6))
+    torch.testing.assert_close(px["rate"], 500.0 * px["scale"])
+    assert px["dropout"].shape == (6, 30)
+    assert torch.equal(log_back, py["back_alpha"])
+    torch.testing.assert_close(py["rate_back"], torch.exp(py["back_alpha"]))
+    assert (py["fore_scale"] >= 1).all() and (py["back_beta"] > 0).all()
+    torch.testing.assert_close(py["rate_fore"], py["rate_back"] * py["fore_scale"])
+    assert py["mixing"].shape == (6, 4)
+    _, _, sampled = dec(z, lib, b)
+    assert not torch.equal(sampled, log_back)
+    assert dec(z, lib, b, compute_dropout=False)[0]["dropout"] is None
+
+
+# ---------------------------------------------------------------- module
+def test_protein_loss_is_masked_mixture_log_prob_and_not_warmed_up():
+    adata = _synthetic_missing(80)
+    reg = cellvae._registry.Registry.from_adata(adata)
+    mask = torch.as_tensor(reg.protein_batch_mask)
+    assert mask.shape == (2, 6)
+    torch.manual_seed(0)
+    module = TOTALVAE(
+        40,
+        6,
+        n_batch=2,
+        n_hidden=16,
+        n_latent=3,
+        library_log_means=reg.library_log_means,
+        library_log_vars=reg.library_log_vars,
+        protein_batch_mask=reg.protein_batch_mask,
+    )
+    t = _tensors(adata)
+    inf = module.inference(t)
+    gen = module.generative(inf["z"], inf["library"], t)
+    py_ = gen["py_"]
+    mixture = NegativeBinomialMixture(
+        py_["rate_back"], py_["rate_fore"], torch.exp(module.py_r), py_["mixing"]
+    )
+    expected = -(mixture.log_prob(t["protein"]) * mask[t["batch"]]).sum(-1)
+    out = module.loss(t, inf, gen, kl_weight=0.3)
+    torch.testing.assert_close(out.extra["reconstruction_protein"], expected)
+    rec_genes = out.reconstruction - expected
+    torch.testing.assert_close(rec_genes, -gen["px"].log_prob(t["x"]).sum(-1))
+    kl_l = cellvae.module.kl_normal(
+        inf["ql_m"],
+        inf["ql_v"],
+        module.library_log_means[t["batch"]].unsqueeze(-1),
+        module.library_log_vars[t["batch"]].unsqueeze(-1),
+    )
+    kl_z = cellvae.module.kl_normal(inf["qz_m"], inf["qz_v"])
+    torch.testing.assert_close(out.kl_local, kl_z + out.extra["kl_background"] + kl_l)
+    # protein reconstruction enters the loss with weight 1 whatever the warm-up
+    loss = (out.reconstruction + 0.3 * (kl_z + out.extra["kl_background"]) + kl_l).mean()
+    torch.testing.assert_close(out.loss, loss)
+    # unmeasured entries do not matter: changing them changes neither term
+    t2 = dict(t)
+    t2["protein"] = t["protein"].clone()
+    t2["protein"][:, [1, 4]] += (t["batch"] == 1).float().unsqueeze(-1) * 50
+    out2 = module.loss(t2, inf, gen, kl_weight=0.3)
+    b1 = t["batch"] == 1
+    torch.testing.assert_close(
+        out2.extra["reconstruction_protein"][b1], out.extra["reconstruction_protein"][b1]
+    )
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"gene_likelihood": "zinb", "latent_distribution": "ln", "gene_dispersion": "gene-batch"},
+        {"protein_dispersion": "protein-batch", "use_observed_lib_size": True},
+        {"protein_dispersion": "protein-label", "gene_dispersion": "gene-label"},
+        {"adversarial_classifier": True, "n_cats_per_cov": [3], "n_continuous_cov": 1},
+    ],
+)
+def test_module_options_forward_backward(options):
+    adata = _synthetic_missing(40)
+    t = _tensors(adata)
+    if "n_continuous_cov" in options:
+        t["cat_covs"] = torch.randint(3, (40, 1))
+        t["cont_covs"] = torch.rand(40, 1)
+    module = TOTALVAE(
+        40, 6, n_batch=2, n_labels=3, n_hidden=16, n_latent=3, **options,
+        library_log_means=[5.0, 5.0], library_log_vars=[0.5, 0.5],
+    )  # fmt: skip
+    out = module(t, kl_weight=0.5)
+    assert out.reconstruction.shape == out.kl_local.shape == (40,)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    inf = module.inference(t, n_samples=3)
+    gen = module.generative(inf["z"], inf["library"], t)
+    assert gen["py"].log_prob(t["protein"]).shape == (3, 40, 6)
+    assert gen["px"].log_prob(t["x"]).shape == (3, 40, 40)
+
+
+def test_adversarial_terms_train_classifier_and_encoder_separately():
+    adata = _synthetic_missing(60)
+    t = _tensors(adata)
+    torch.manual_seed(0)
+    module = TOTALVAE(
+        40, 6, n_batch=2, n_hidden=16, n_latent=3, adversarial_classifier=True,
+        library_log_means=[5.0, 5.0], library_log_vars=[0.5, 0.5],
+    )  # fmt: skip
+    z = torch.randn(60, 3, requires_grad=True)
+    ce, fool = module._adversarial(z, t["batch"])
+    clf_params = list(module.classifier.parameters())
+    grads = torch.autograd.grad(fool.mean(), [z, *clf_params], allow_unused=True)
+    assert grads[0].abs().sum() > 0 and all(g is None for g in grads[1:])
+    grads = torch.autograd.grad(ce.mean(), [z, *clf_params], allow_unused=True)
+    assert grads[0] is None and all(g.abs().sum() > 0 for g in grads[1:])
+    assert "adversarial_ce" in module(t).extra
+
+
+def test_background_prior_is_the_lower_mode_per_batch_and_fills_missing():
+    rng = np.random.default_rng(0)
+    n = 600
+    batch = np.repeat([0, 1], n // 2)
+    background = np.array([[4.0, 10.0, 2.0], [8.0, 20.0, 2.0]])[batch]
+    positive = rng.random((n, 3)) < 0.4
+    y = rng.poisson(np.where(positive, background * 30, background)).astype(np.float32)
+    y[batch == 1, 2] = 0  # protein 2 not measured in batch 1
+    mask = np.array([[True, True, True], [True, True, False]])
+    mean, scale = protein_background_prior(y, batch, mask)
+    assert mean.shape == scale.shape == (3, 2)
+    expected = np.log1p(np.array([[4.0, 8.0], [10.0, 20.0], [2.0, 2.0]]))
+    np.testing.assert_allclose(mean[:2], expected[:2], atol=0.25)
+    assert mean[2, 1] == mean[2, 0]  # filled from the batch that measured it
+    assert (scale > 0).all() and (scale < 1).all()
+
+
+# ---------------------------------------------------------------- training on real data
+def test_eccite_training_lowers_validation_elbo(eccite):
+    _, model = eccite
+    val = model.history["validation_elbo"].to_numpy()
+    assert np.isfinite(val).all()
+    assert val[-1] < val[0] - 500
+    hist = model.history
+    assert {"validation_reconstruction_protein", "validation_kl_background"} <= set(hist)
+    elbo = model.get_elbo()
+    assert np.isfinite(elbo) and elbo < 0
+    assert model.get_reconstruction_error() > 0
+
+
+def test_eccite_cd19_foreground_higher_in_b_marker_cells(eccite):
+    adata, model = eccite
+    fg = model.get_protein_foreground_probability(protein_list=["CD19"])
+    assert list(fg.columns) == ["CD19"] and list(fg.index) == list(adata.obs_names)
+    markers = np.asarray(adata[:, ["MS4A1", "CD79A"]].X.sum(1)).ravel()
+    positive, negative = markers >= 3, markers == 0  # ≥ 3 B-cell marker UMIs vs none
+    assert positive.sum() >= 15
+    fg_pos, fg_neg = fg["CD19"][positive].mean(), fg["CD19"][negative].mean()
+    assert fg_pos > fg_neg + 0.2 and fg_pos > 3 * fg_neg, (fg_pos, fg_neg)
+    # denoised CD19 follows: much higher in the marker-positive cells
+    _, prot = model.get_normalized_expression(protein_list=["CD19"], gene_list=["MS4A1"])
+    assert prot["CD19"][positive].mean() > 5 * prot["CD19"][negative].mean()
+
+
+def test_eccite_getter_options(eccite):
+    adata, model = eccite
+    rna, prot = model.get_normalized_expression()
+    assert rna.shape == (500, adata.n_vars) and prot.shape == (500, 49)
+    np.testing.assert_allclose(rna.sum(1), 1.0, rtol=1e-4)
+    _, with_bg = model.get_normalized_expression(include_protein_background=True)
+    assert (with_bg.to_numpy() >= prot.to_numpy() - 1e-4).all()
+    _, scaled = model.get_normalized_expression(scale_protein=True, return_numpy=True)
+    np.testing.assert_allclose(scaled.sum(1), 1.0, rtol=1e-4)
+    lat, _ = model.get_normalized_expression(library_size="latent", return_numpy=True)
+    with torch.no_grad():
+        ql_m = model.module.inference(_tensors(adata))["ql_m"].squeeze(-1).numpy()
+    np.testing.assert_allclose(lat.sum(1), np.exp(ql_m), rtol=1e-3)
+    lat, sampled = model.get_normalized_expression(
+        library_size="latent", n_samples=3, sample_protein_mixing=True, return_numpy=True
+    )
+    assert np.isfinite(lat).all() and np.isfinite(sampled).all()
+    sub_rna, sub_prot = model.get_normalized_expression(
+        indices=[4, 2], gene_list=["CD79A"], protein_list=["CD8", "CD4"]
+    )
+    np.testing.assert_allclose(sub_prot.to_numpy(), prot.iloc[[4, 2]][["CD8", "CD4"]], rtol=1e-5)
+    np.testing.assert_allclose(sub_rna.to_numpy(), rna.iloc[[4, 2]][["CD79A"]], rtol=1e-5)
+    with pytest.raises(KeyError, match="Proteins not in the model"):
+        model.get_protein_foreground_probability(protein_list=["CD999"])
+    assert model.get_latent_representation(give_mean=False).shape == (500, 10)
+
+
+def test_save_load_identical_latent(eccite, tmp_path):
+    adata, model = eccite
+    model.save(tmp_path / "m")
+    loaded = cellvae.TOTALVI.load(tmp_path / "m", adata)
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(), model.get_latent_representation()
+    )
+    _, p1 = model.get_normalized_expression(return_numpy=True)
+    _, p2 = loaded.get_normalized_expression(return_numpy=True)
+    np.testing.assert_array_equal(p1, p2)
+    assert loaded.hparams == model.hparams
+    bare = cellvae.TOTALVI.load(tmp_path / "m", device="cpu")
+    np.testing.assert_array_equal(
+        bare.get_latent_representation(adata), model.get_latent_representation()
+    )
+    with pytest.raises(ValueError, match="holds a 'TOTALVI' model"):
+        cellvae.SCVI.load(tmp_path / "m", adata)
+
+
+# ---------------------------------------------------------------- missing proteins
+def test_missing_proteins_masked_and_decoded_from_other_batch(missing):
+    adata, model = missing
+    mask = np.asarray(model.registry_.protein_batch_mask)
+    expected = np.ones((2, 6), bool)
+    expected[1, [1, 4]] = False
+    np.testing.assert_array_equal(mask, expected)
+    np.testing.assert_array_equal(model.module.protein_batch_mask.numpy(), expected)
+    assert np.isfinite(model.history["train_loss"]).all()
+    assert np.isfinite(model.history["validation_elbo"]).all()
+    assert "validation_adversarial_ce" in model.history
+
+    b1 = (adata.obs["batch"] == "batch1").to_numpy()
+    _, own = model.get_normalized_expression(return_numpy=True)
+    _, as0 = model.get_normalized_expression(transform_batch="batch0", return_numpy=True)
+    _, as1 = model.get_normalized_expression(transform_batch="batch1", return_numpy=True)
+    assert np.isfinite(as0).all()
+    np.testing.assert_allclose(as0[~b1], own[~b1], rtol=1e-5)  # batch0 cells: unchanged
+    assert not np.allclose(as0[b1][:, [1, 4]], own[b1][:, [1, 4]])
+    # batch1 cells decoded as batch0 show prot1 / prot4 at batch0's level, not at zero
+    _, total0 = model.get_normalized_expression(
+        transform_batch="batch0", include_protein_background=True, return_numpy=True
+    )
+    observed0 = adata.obsm["protein_expression"].to_numpy()[~b1][:, [1, 4]].mean(0)
+    ratio = total0[b1][:, [1, 4]].mean(0) / observed0
+    assert np.all((ratio > 0.5) & (ratio < 1.5)), ratio
+    # over both batches: missing proteins come only from batch0, the others are averaged
+    _, both = model.get_normalized_expression(
+        transform_batch=["batch0", "batch1"], return_numpy=True
+    )
+    np.testing.assert_allclose(both[:, [1, 4]], as0[:, [1, 4]], rtol=1e-5)
+    rest = [0, 2, 3, 5]
+    np.testing.assert_allclose(both[:, rest], (as0[:, rest] + as1[:, rest]) / 2, rtol=1e-4)
+    fg = model.get_protein_foreground_probability(
+        transform_batch=["batch0", "batch1"], return_numpy=True
+    )
+    fg0 = model.get_protein_foreground_probability(transform_batch="batch0", return_numpy=True)
+    np.testing.assert_allclose(fg[:, [1, 4]], fg0[:, [1, 4]], rtol=1e-5)
+
+
+# ---------------------------------------------------------------- misuse
+def test_bad_inputs_give_clear_errors():
+    adata = cellvae.datasets.synthetic(60, 20, n_proteins=3)
+    cellvae.SCVI.setup_anndata(adata, batch_key="batch")
+    with pytest.raises(ValueError, match="registered without them"):
+        cellvae.TOTALVI(adata)
+    with pytest.raises(ValueError, match="protein_expression_obsm_key"):
+        cellvae.TOTALVI.setup_anndata(adata, protein_expression_obsm_key=None)
+    neg = adata.copy()
+    neg.obsm["protein_expression"].iloc[3, 1] = -2.0
+    with pytest.raises(ValueError, match="negative protein counts"):
+        cellvae.TOTALVI.setup_anndata(neg, protein_expression_obsm_key="protein_expression")
+    with pytest.raises(ValueError, match="incorrect shape"):  # anndata guards the rows
+        adata.obsm["protein_expression"] = np.ones((59, 3))
+    with pytest.raises(KeyError, match="not in adata.obsm"):
+        cellvae.TOTALVI.setup_anndata(adata, protein_expression_obsm_key="adt")
+    cellvae.TOTALVI.setup_anndata(adata, protein_expression_obsm_key="protein_expression")
+    with pytest.raises(ValueError, match="protein_dispersion must be one of"):
+        cellvae.TOTALVI(adata, protein_dispersion="protein-cell")
+    with pytest.raises(TypeError, match="Unknown TOTALVI options"):
+        cellvae.TOTALVI(adata, n_hiden=3)
+    assert cellvae.TOTALVI._train_defaults == {
+        "lr": 4e-3,
+        "batch_size": 256,
+        "early_stopping": True,
+        "reduce_lr_on_plateau": True,
+    }
+
+
+def test_setup_mudata_aligns_cells_and_rejects_missing_rows():
+    mudata = pytest.importorskip("mudata")
+    adata = cellvae.datasets.synthetic(50, 20, n_proteins=3)
+    prot = adata.obsm.pop("protein_expression")
+    shuffled = prot.iloc[np.random.default_rng(0).permutation(50)]
+    mdata = mudata.MuData({"rna": adata, "adt": ad.AnnData(shuffled)})
+    rna = cellvae.TOTALVI.setup_mudata(mdata, batch_key="batch", modalities={"protein": "adt"})
+    pd.testing.assert_frame_equal(rna.obsm["protein_expression"], prot, check_dtype=False)
+    assert "protein_expression" not in mdata.mod["rna"].obsm  # the MuData is left alone
+    assert cellvae.TOTALVI(rna).registry_.n_proteins == 3
+    short = mudata.MuData({"rna": adata, "protein": ad.AnnData(prot.iloc[:45])})
+    with pytest.raises(ValueError, match="5 cells of the 'rna' modality have no row"):
+        cellvae.TOTALVI.setup_mudata(short)
+    with pytest.raises(KeyError, match="modality 'protein' is not in the MuData"):
+        cellvae.TOTALVI.setup_mudata(mdata)
+
+
+# ---------------------------------------------------------------- scanpy style
+def test_tl_totalvi_writes_results_and_survives_h5ad(tmp_path):
+    adata = _synthetic_missing(120)
+    del adata.uns["cellvae"]
+    res = cellvae.tl.totalvi(
+        adata, batch_key="batch", max_epochs=2, progress_bar=False, n_latent=5, n_hidden=32
+    )
+    assert res is None
+    assert adata.obsm["X_totalVI"].shape == (120, 5)
+    denoised = adata.obsm["protein_denoised"]
+    assert isinstance(denoised, pd.DataFrame) and denoised.shape == (120, 6)
+    assert list(denoised.columns) == [f"prot{i}" for i in range(6)]
+    assert np.isfinite(denoised.to_numpy()).all()
+    assert len(adata.uns["totalvi"]["history"]["train_loss"]) == 2
+    assert adata.uns["totalvi"]["params"]["n_latent"] == 5
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    back = ad.read_h5ad(tmp_path / "a.h5ad")
+    np.testing.assert_array_equal(back.obsm["X_totalVI"], adata.obsm["X_totalVI"])
+    np.testing.assert_array_equal(back.obsm["protein_denoised"], denoised.to_numpy())
+    out = cellvae.tl.totalvi(
+        adata, max_epochs=1, progress_bar=False, key_added="X_t", copy=True, **SMALL
+    )
+    assert "X_t" in out.obsm and "X_t" in out.uns and "X_t" not in adata.obsm
