@@ -1,0 +1,804 @@
+"""Likelihoods for count and continuous data: NB, ZINB, Poisson, Normal and the NB mixture.
+
+Pure torch. Every count distribution has an elementwise :meth:`log_prob` and a fast
+:meth:`log_prob_sum` that sums over the last (gene) dimension and evaluates the ``lgamma`` terms
+only at the nonzero entries of a sparse batch (they vanish at ``x = 0``).
+
+Numerical conventions
+---------------------
+* ``θ (log θ − log(θ + μ))`` is computed as ``−θ log1p(μ / θ)``, which keeps full precision when
+  ``θ ≫ μ`` (the naive difference of logs loses about ``log10(θ / μ)`` digits and, multiplied by
+  ``θ``, can be off by O(1) in float32); likewise ``x (log μ − log(θ + μ)) = −x log1p(θ / μ)``.
+* ``eps`` is a floor, not an offset: ``θ`` and ``μ`` (inside ``log μ``) are clamped to at least
+  ``eps``. Valid parameters above ``eps`` are therefore used exactly, while ``μ = 0`` (an
+  underflowed rate) gives a finite log-likelihood instead of ``-inf``/NaN.
+* ``log(1 − σ(π))`` is computed as ``−softplus(π)`` (equal to ``−π − softplus(−π)``, without the
+  cancellation for very negative ``π``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+from torch.distributions import Distribution, constraints
+
+__all__ = [
+    "NegativeBinomial",
+    "NegativeBinomialMixture",
+    "Normal",
+    "Poisson",
+    "ZeroInflatedNegativeBinomial",
+    "log_mixture_nb",
+    "log_nb_positive",
+    "log_zinb_positive",
+]
+
+_Nonzero = tuple[torch.Tensor, torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------------
+# elementwise log-likelihoods
+# --------------------------------------------------------------------------------------------------
+def _nb_core(
+    x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(θ log(1 + μ/θ), log NB(x) + θ log(1 + μ/θ))`` with ``θ`` already floored at ``eps``.
+
+    The second term, ``−x log(1 + θ/μ) + lgamma(x+θ) − lgamma(θ) − lgamma(x+1)``, is zero at
+    ``x = 0``.
+    """
+    theta_term = theta * torch.log1p(mu / theta)  # −log NB(0) = θ log((θ + μ) / θ)
+    rest = (
+        torch.lgamma(x + theta)
+        - torch.lgamma(theta)
+        - torch.lgamma(x + 1)
+        - x * torch.log1p(theta / mu.clamp_min(eps))  # x log(μ / (θ + μ))
+    )
+    return theta_term, rest
+
+
+def log_nb_positive(
+    x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, eps: float = 1e-8
+) -> torch.Tensor:
+    """Elementwise log-likelihood of a negative binomial with mean ``mu`` and dispersion ``theta``.
+
+    ``log NB(x) = θ (log θ − log(θ+μ)) + x (log μ − log(θ+μ))
+    + lgamma(x+θ) − lgamma(θ) − lgamma(x+1)``.
+
+    Parameters
+    ----------
+    x
+        Observed counts (float tensor, broadcastable with the parameters).
+    mu
+        Mean, ``>= 0``.
+    theta
+        Inverse dispersion, ``> 0``.
+    eps
+        Floor applied to ``theta`` and to ``mu`` inside ``log mu``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``log p(x)`` with the broadcast shape of the inputs.
+    """
+    theta = theta.clamp_min(eps)
+    theta_term, rest = _nb_core(x, mu, theta, eps)
+    return rest - theta_term
+
+
+def log_zinb_positive(
+    x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi: torch.Tensor, eps: float = 1e-8
+) -> torch.Tensor:
+    """Elementwise log-likelihood of a zero-inflated negative binomial.
+
+    With ``pi`` the logit of the dropout probability ``σ(π)``:
+    ``log p(0) = softplus(−π − θ log(1 + μ/θ)) − softplus(−π)`` and
+    ``log p(x) = −softplus(π) + log NB(x)`` for ``x > 0``.
+
+    Parameters
+    ----------
+    x
+        Observed counts.
+    mu
+        NB mean, ``>= 0``.
+    theta
+        NB inverse dispersion, ``> 0``.
+    pi
+        Logit of the dropout (extra zero) probability.
+    eps
+        Floor applied to ``theta`` and to ``mu`` inside ``log mu``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``log p(x)`` with the broadcast shape of the inputs. Both branches are finite everywhere, so
+        gradients through the unused branch of the ``torch.where`` are zero, never NaN.
+    """
+    theta = theta.clamp_min(eps)
+    theta_term, rest = _nb_core(x, mu, theta, eps)
+    log_p0 = F.softplus(-pi - theta_term) - F.softplus(-pi)
+    log_px = rest - theta_term - F.softplus(pi)
+    return torch.where(x > 0, log_px, log_p0)
+
+
+def log_mixture_nb(
+    x: torch.Tensor,
+    mu1: torch.Tensor,
+    mu2: torch.Tensor,
+    theta1: torch.Tensor,
+    theta2: torch.Tensor | None,
+    pi: torch.Tensor,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Elementwise log-likelihood of a two-component NB mixture (totalVI proteins).
+
+    ``log p(y) = logsumexp(log NB(y; μ1, θ1), log NB(y; μ2, θ2) − π) − softplus(−π)`` with ``π`` the
+    logit of the probability of component 1 (background). With ``theta2=None`` both components share
+    ``theta1`` and the ``lgamma`` terms are computed once.
+
+    Parameters
+    ----------
+    x
+        Observed counts.
+    mu1
+        Mean of component 1 (background).
+    mu2
+        Mean of component 2 (foreground).
+    theta1
+        Inverse dispersion of component 1 (of both components if ``theta2`` is None).
+    theta2
+        Inverse dispersion of component 2, or None to share ``theta1``.
+    pi
+        Logit of the probability of component 1.
+    eps
+        Floor applied to the ``theta`` and to the ``mu`` inside their logarithms.
+
+    Returns
+    -------
+    torch.Tensor
+        ``log p(x)`` with the broadcast shape of the inputs.
+    """
+    theta1 = theta1.clamp_min(eps)
+    if theta2 is None:
+        shared = torch.lgamma(x + theta1) - torch.lgamma(theta1) - torch.lgamma(x + 1)
+        a1 = -theta1 * torch.log1p(mu1 / theta1) - x * torch.log1p(theta1 / mu1.clamp_min(eps))
+        a2 = -theta1 * torch.log1p(mu2 / theta1) - x * torch.log1p(theta1 / mu2.clamp_min(eps))
+        return shared + torch.logaddexp(a1, a2 - pi) - F.softplus(-pi)
+    log_nb1 = log_nb_positive(x, mu1, theta1, eps)
+    log_nb2 = log_nb_positive(x, mu2, theta2, eps)
+    return torch.logaddexp(log_nb1, log_nb2 - pi) - F.softplus(-pi)
+
+
+# --------------------------------------------------------------------------------------------------
+# sparse row sums
+#
+# log_prob_sum evaluates the x = 0 value of every entry densely (a division, a log1p and, for the
+# ZINB, two softplus per entry) and the lgamma terms only at the nonzeros. The NB and ZINB versions
+# are autograd Functions with a hand-written backward: it reuses the forward's log1p, allocates
+# fewer (cells x genes) temporaries than autograd would, and scatters the nonzero gradients into
+# the dense ones in place.
+# --------------------------------------------------------------------------------------------------
+def _nonzeros(x: torch.Tensor, nz: _Nonzero | None):
+    """``(row, col, lin, x_nz)``: nonzero positions, flat positions ``row * G + col``, values."""
+    if x.dim() != 2:
+        raise ValueError(
+            f"log_prob_sum expects a 2-D (cells x genes) tensor, got shape {tuple(x.shape)}."
+        )
+    if nz is None:
+        row, col = torch.nonzero(x, as_tuple=True)
+    else:
+        row = nz[0].to(device=x.device, dtype=torch.long)
+        col = nz[1].to(device=x.device, dtype=torch.long)
+    lin = row * x.shape[1] + col
+    return row, col, lin, x.reshape(-1).index_select(0, lin)
+
+
+def _per_gene(p: torch.Tensor, n_genes: int) -> bool:
+    """Whether ``p`` holds one value per gene (shape ``(G,)`` or ``(1, G)``)."""
+    return p.dim() >= 1 and p.shape[-1] == n_genes and p.numel() == n_genes
+
+
+def _param_view(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``p`` as ``(G,)`` when per gene, otherwise as a contiguous tensor of the shape of ``x``.
+
+    Contiguous (a no-op for the usual ``(B, G)`` decoder outputs) so that flat positions
+    ``row * G + col`` address the same entries in every tensor of the backward pass.
+    """
+    if _per_gene(p, x.shape[-1]):
+        return p.reshape(x.shape[-1])
+    return p.expand_as(x).contiguous()
+
+
+def _at(p: torch.Tensor, col: torch.Tensor, lin: torch.Tensor) -> torch.Tensor:
+    """Values of a ``(G,)`` or ``(B, G)`` tensor at the nonzeros."""
+    return p.index_select(0, col) if p.dim() == 1 else p.reshape(-1).index_select(0, lin)
+
+
+def _special_at(fn, theta: torch.Tensor, theta_nz: torch.Tensor, col: torch.Tensor):
+    """``fn(θ)`` at the nonzeros; evaluated on the ``G`` values only when ``θ`` is per gene."""
+    return fn(theta).index_select(0, col) if theta.dim() == 1 else fn(theta_nz)
+
+
+def _nb_rest_nz(x_nz, mu_nz, theta_nz, lgamma_theta_nz, eps):
+    """``lgamma(x+θ) − lgamma(θ) − lgamma(x+1) + x log(μ/(θ+μ))`` at the nonzeros."""
+    return (
+        torch.lgamma(x_nz + theta_nz)
+        - lgamma_theta_nz
+        - torch.lgamma(x_nz + 1)
+        - x_nz * torch.log1p(theta_nz / mu_nz.clamp_min(eps))
+    )
+
+
+def _nb_grads_nz(x_nz, mu_nz, theta_nz, digamma_theta_nz, eps):
+    """Derivatives of :func:`_nb_rest_nz` with respect to ``μ`` and ``θ``."""
+    mu_c = mu_nz.clamp_min(eps)
+    x_over = x_nz / (mu_c + theta_nz)  # x / (μ + θ)
+    d_mu = torch.where(mu_nz >= eps, x_over * theta_nz / mu_c, 0.0)  # x θ / (μ (μ + θ))
+    d_theta = torch.digamma(x_nz + theta_nz) - digamma_theta_nz - x_over
+    return d_mu, d_theta
+
+
+class _NBLogProbSum(torch.autograd.Function):
+    """Row sums of log NB: ``−Σ_g θ log(1 + μ/θ)`` plus the nonzero-only terms.
+
+    ``mu`` is ``(B, G)``, ``theta`` ``(G,)`` or ``(B, G)`` (floored at ``eps``). Gradients:
+    ``∂/∂μ = −θ/(θ+μ)`` and ``∂/∂θ = −(log(1 + μ/θ) − μ/(θ+μ))`` everywhere, plus the derivatives
+    of the nonzero-only terms at the nonzeros.
+    """
+
+    @staticmethod
+    def forward(ctx, mu, theta, x_nz, row, col, lin, eps):
+        t = torch.div(mu, theta).log1p_()  # log(1 + μ/θ)
+        out = t @ theta if theta.dim() == 1 else (t * theta).sum(-1)
+        mu_nz, theta_nz = mu.reshape(-1).index_select(0, lin), _at(theta, col, lin)
+        lgamma_theta_nz = _special_at(torch.lgamma, theta, theta_nz, col)
+        rest = _nb_rest_nz(x_nz, mu_nz, theta_nz, lgamma_theta_nz, eps)
+        ctx.save_for_backward(mu, theta, t, x_nz, row, col, lin, mu_nz, theta_nz)
+        ctx.eps = eps
+        return out.neg_().index_add_(0, row, rest)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        mu, theta, t, x_nz, row, col, lin, mu_nz, theta_nz = ctx.saved_tensors
+        g_nz = grad_out.index_select(0, row)
+        digamma_theta_nz = _special_at(torch.digamma, theta, theta_nz, col)
+        d_mu, d_theta = _nb_grads_nz(x_nz, mu_nz, theta_nz, digamma_theta_nz, ctx.eps)
+        q = torch.add(mu, theta)
+        torch.div(theta, q, out=q)  # θ/(θ+μ); ∂(θt)/∂θ = t + q − 1
+        grad_theta = grad_mu = None
+        if ctx.needs_input_grad[1]:
+            if theta.dim() == 1:  # Σ_b g_b (1 − t − q) as matrix-vector products
+                grad_theta = grad_out.sum() - grad_out @ t - grad_out @ q
+                grad_theta.index_add_(0, col, d_theta.mul_(g_nz))
+            else:
+                grad_theta = torch.add(t, q).sub_(1).mul_(-grad_out[:, None])
+                grad_theta.view(-1).index_add_(0, lin, d_theta.mul_(g_nz))
+        if ctx.needs_input_grad[0]:
+            grad_mu = q.mul_(-grad_out[:, None])
+            grad_mu.view(-1).index_add_(0, lin, d_mu.mul_(g_nz))
+        return grad_mu, grad_theta, None, None, None, None, None
+
+
+class _ZINBLogProbSum(torch.autograd.Function):
+    """Row sums of log ZINB: the zero branch densely, overwritten by the positive branch at x > 0.
+
+    ``mu`` and ``pi`` are ``(B, G)``, ``theta`` ``(G,)`` or ``(B, G)`` (floored at ``eps``). Zero
+    branch ``softplus(−π − θt) − softplus(−π)`` with ``t = log(1 + μ/θ)``, ``s = σ(−π − θt)`` and
+    ``q = θ/(θ+μ)``: ``∂/∂π = σ(−π) − s``, ``∂/∂μ = −s q``, ``∂/∂θ = −s (t + q − 1)``. Positive
+    branch ``−softplus(π) − θt + rest``: ``∂/∂π = −σ(π)``, ``∂/∂μ = −q + ∂rest/∂μ``,
+    ``∂/∂θ = −(t + q − 1) + ∂rest/∂θ``.
+    """
+
+    @staticmethod
+    def forward(ctx, mu, theta, pi, x_nz, row, col, lin, eps):
+        t = torch.div(mu, theta).log1p_()
+        a = torch.addcmul(pi, theta, t)  # π + θt
+        z = F.logsigmoid(pi).sub_(F.logsigmoid(a))  # log p(0), written with logsigmoid
+        mu_nz, theta_nz = mu.reshape(-1).index_select(0, lin), _at(theta, col, lin)
+        pi_nz, t_nz = pi.reshape(-1).index_select(0, lin), t.reshape(-1).index_select(0, lin)
+        lgamma_theta_nz = _special_at(torch.lgamma, theta, theta_nz, col)
+        rest = _nb_rest_nz(x_nz, mu_nz, theta_nz, lgamma_theta_nz, eps)
+        log_px = rest.sub_(theta_nz * t_nz).sub_(F.softplus(pi_nz))
+        z = z.view(-1)
+        # explicit zeros stored in `nz` keep the zero branch
+        positive = x_nz > 0
+        z.index_copy_(0, lin, torch.where(positive, log_px, z.index_select(0, lin)))
+        ctx.save_for_backward(mu, theta, pi, t, a, x_nz, row, col, lin, positive)
+        ctx.eps = eps
+        return z.view_as(t).sum(-1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        mu, theta, pi, t, a, x_nz, row, col, lin, positive = ctx.saved_tensors
+        g, g_nz = grad_out[:, None], grad_out.index_select(0, row)
+        mu_nz, theta_nz = mu.reshape(-1).index_select(0, lin), _at(theta, col, lin)
+        t_nz = t.reshape(-1).index_select(0, lin)
+        digamma_theta_nz = _special_at(torch.digamma, theta, theta_nz, col)
+        d_mu, d_theta = _nb_grads_nz(x_nz, mu_nz, theta_nz, digamma_theta_nz, ctx.eps)
+        q_nz = theta_nz / (theta_nz + mu_nz)
+
+        def overwrite(dense: torch.Tensor, positive_grad: torch.Tensor) -> torch.Tensor:
+            flat = dense.view(-1)
+            value = torch.where(positive, positive_grad.mul_(g_nz), flat.index_select(0, lin))
+            return flat.index_copy_(0, lin, value).view_as(dense)
+
+        s = torch.neg(a).sigmoid_()  # σ(−π − θt)
+        grad_mu = grad_theta = grad_pi = None
+        if ctx.needs_input_grad[2]:
+            grad_pi = torch.neg(pi).sigmoid_().sub_(s).mul_(g)
+            grad_pi = overwrite(grad_pi, -torch.sigmoid(pi.reshape(-1).index_select(0, lin)))
+        q = torch.add(mu, theta)
+        torch.div(theta, q, out=q)  # θ/(θ+μ)
+        if ctx.needs_input_grad[1]:
+            grad_theta = torch.add(t, q).sub_(1).mul_(s).mul_(-g)
+            grad_theta = overwrite(grad_theta, d_theta.add_(1).sub_(t_nz).sub_(q_nz))
+            if theta.dim() == 1:
+                grad_theta = grad_theta.sum(0)
+        if ctx.needs_input_grad[0]:
+            grad_mu = overwrite(q.mul_(s).mul_(-g), d_mu.sub_(q_nz))
+        return grad_mu, grad_theta, grad_pi, None, None, None, None, None
+
+
+def _nb_log_prob_sum(x, mu, theta, eps, nz):
+    row, col, lin, x_nz = _nonzeros(x, nz)
+    mu = mu.expand_as(x).contiguous()
+    theta = _param_view(theta.clamp_min(eps), x)
+    return _NBLogProbSum.apply(mu, theta, x_nz.to(mu.dtype), row, col, lin, eps)
+
+
+def _zinb_log_prob_sum(x, mu, theta, pi, eps, nz):
+    row, col, lin, x_nz = _nonzeros(x, nz)
+    mu, pi = mu.expand_as(x).contiguous(), pi.expand_as(x).contiguous()
+    theta = _param_view(theta.clamp_min(eps), x)
+    return _ZINBLogProbSum.apply(mu, theta, pi, x_nz.to(mu.dtype), row, col, lin, eps)
+
+
+def _poisson_log_prob_sum(x, rate, eps, nz):
+    row, col, lin, x_nz = _nonzeros(x, nz)
+    rate_nz = _at(_param_view(rate, x), col, lin)
+    rest = x_nz * torch.log(rate_nz.clamp_min(eps)) - torch.lgamma(x_nz + 1)
+    return (-rate.expand_as(x).sum(-1)).index_add(0, row, rest.to(rate.dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# distributions
+# --------------------------------------------------------------------------------------------------
+def _nb_sample(
+    mu: torch.Tensor, theta: torch.Tensor, shape: torch.Size, eps: float
+) -> torch.Tensor:
+    """Gamma-Poisson draw: λ ~ Gamma(θ, scale=μ/θ), x ~ Poisson(λ)."""
+    theta = theta.clamp_min(eps).expand(shape)
+    gamma = torch._standard_gamma(theta.contiguous())
+    rate = gamma * (mu.expand(shape) / theta)
+    return torch.poisson(rate)
+
+
+class NegativeBinomial(Distribution):
+    """Negative binomial parametrised by its mean and inverse dispersion.
+
+    ``Var = μ + μ² / θ``. ``θ → ∞`` recovers the Poisson distribution.
+
+    Parameters
+    ----------
+    mu
+        Mean, ``>= 0``.
+    theta
+        Inverse dispersion, ``> 0`` (broadcastable with ``mu``, e.g. per gene ``(G,)``).
+    eps
+        Floor applied to ``theta`` and to ``mu`` inside ``log mu``.
+    validate_args
+        Passed to :class:`torch.distributions.Distribution`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from cellvae.distributions import NegativeBinomial
+    >>> nb = NegativeBinomial(mu=torch.full((2, 3), 5.0), theta=torch.ones(3))
+    >>> x = torch.tensor([[0.0, 1.0, 0.0], [3.0, 0.0, 0.0]])
+    >>> nb.log_prob(x).shape
+    torch.Size([2, 3])
+    >>> torch.allclose(nb.log_prob_sum(x), nb.log_prob(x).sum(-1))
+    True
+    """
+
+    arg_constraints = {"mu": constraints.nonnegative, "theta": constraints.positive}
+    support = constraints.nonnegative_integer
+
+    def __init__(
+        self,
+        mu: torch.Tensor,
+        theta: torch.Tensor,
+        eps: float = 1e-8,
+        validate_args: bool = False,
+    ):
+        self.mu = mu
+        self.theta = theta
+        self.eps = eps
+        super().__init__(torch.broadcast_shapes(mu.shape, theta.shape), validate_args=validate_args)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Mean ``μ`` (broadcast to the batch shape)."""
+        return self.mu.expand(self.batch_shape)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Variance ``μ + μ² / θ``."""
+        return (self.mu + self.mu**2 / self.theta).expand(self.batch_shape)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """Elementwise log-likelihood, see :func:`log_nb_positive`."""
+        if self._validate_args:
+            self._validate_sample(value)
+        return log_nb_positive(value, self.mu, self.theta, self.eps)
+
+    def log_prob_sum(self, x: torch.Tensor, nz: _Nonzero | None = None) -> torch.Tensor:
+        """Log-likelihood summed over the last dimension, fast for sparse ``x``.
+
+        The ``lgamma`` terms and ``x log(μ/(θ+μ))`` vanish at ``x = 0``; they are evaluated only at
+        the nonzero entries and added to the row sums of the dense part ``−Σ θ log(1 + μ/θ)``.
+
+        Parameters
+        ----------
+        x
+            Counts, shape ``(cells, genes)``.
+        nz
+            ``(row, col)`` int64 tensors with the positions of all nonzero entries of ``x`` (e.g.
+            from the CSR batch). Extra positions holding zeros are harmless. Computed with
+            :func:`torch.nonzero` when None.
+
+        Returns
+        -------
+        torch.Tensor
+            Shape ``(cells,)``, equal to ``log_prob(x).sum(-1)``.
+        """
+        return _nb_log_prob_sum(x, self.mu, self.theta, self.eps, nz)
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:  # noqa: B008
+        """Draw counts by the Gamma-Poisson construction; shape ``sample_shape + batch_shape``."""
+        with torch.no_grad():
+            return _nb_sample(self.mu, self.theta, self._extended_shape(sample_shape), self.eps)
+
+
+class ZeroInflatedNegativeBinomial(Distribution):
+    """Zero-inflated negative binomial: a dropout zero with probability ``σ(π)``, else NB(μ, θ).
+
+    Parameters
+    ----------
+    mu
+        NB mean, ``>= 0``.
+    theta
+        NB inverse dispersion, ``> 0``.
+    zi_logits
+        Logit ``π`` of the dropout probability.
+    eps
+        Floor applied to ``theta`` and to ``mu`` inside ``log mu``.
+    validate_args
+        Passed to :class:`torch.distributions.Distribution`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from cellvae.distributions import ZeroInflatedNegativeBinomial
+    >>> zinb = ZeroInflatedNegativeBinomial(
+    ...     mu=torch.full((2, 3), 5.0), theta=torch.ones(3), zi_logits=torch.zeros(2, 3)
+    ... )
+    >>> x = torch.tensor([[0.0, 1.0, 0.0], [3.0, 0.0, 0.0]])
+    >>> torch.allclose(zinb.log_prob_sum(x), zinb.log_prob(x).sum(-1))
+    True
+    >>> zinb.mean[0, 0].item()
+    2.5
+    """
+
+    arg_constraints = {
+        "mu": constraints.nonnegative,
+        "theta": constraints.positive,
+        "zi_logits": constraints.real,
+    }
+    support = constraints.nonnegative_integer
+
+    def __init__(
+        self,
+        mu: torch.Tensor,
+        theta: torch.Tensor,
+        zi_logits: torch.Tensor,
+        eps: float = 1e-8,
+        validate_args: bool = False,
+    ):
+        self.mu = mu
+        self.theta = theta
+        self.zi_logits = zi_logits
+        self.eps = eps
+        batch_shape = torch.broadcast_shapes(mu.shape, theta.shape, zi_logits.shape)
+        super().__init__(batch_shape, validate_args=validate_args)
+
+    @property
+    def zi_probs(self) -> torch.Tensor:
+        """Dropout probability ``σ(π)``."""
+        return torch.sigmoid(self.zi_logits)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Mean ``(1 − σ(π)) μ``."""
+        return ((1 - self.zi_probs) * self.mu).expand(self.batch_shape)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Variance ``(1 − p)(μ + μ²/θ) + p (1 − p) μ²`` with ``p = σ(π)``."""
+        p = self.zi_probs
+        var_nb = self.mu + self.mu**2 / self.theta
+        return ((1 - p) * var_nb + p * (1 - p) * self.mu**2).expand(self.batch_shape)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """Elementwise log-likelihood, see :func:`log_zinb_positive`."""
+        if self._validate_args:
+            self._validate_sample(value)
+        return log_zinb_positive(value, self.mu, self.theta, self.zi_logits, self.eps)
+
+    def log_prob_sum(self, x: torch.Tensor, nz: _Nonzero | None = None) -> torch.Tensor:
+        """Log-likelihood summed over the last dimension, fast for sparse ``x``.
+
+        The zero branch is evaluated densely; at the nonzero entries it is replaced by the positive
+        branch (``lgamma`` terms included), evaluated on the gathered nonzeros only.
+
+        Parameters
+        ----------
+        x
+            Counts, shape ``(cells, genes)``.
+        nz
+            ``(row, col)`` int64 tensors with the positions of all nonzero entries of ``x``. Extra
+            positions holding zeros are harmless. Computed with :func:`torch.nonzero` when None.
+
+        Returns
+        -------
+        torch.Tensor
+            Shape ``(cells,)``, equal to ``log_prob(x).sum(-1)``.
+        """
+        return _zinb_log_prob_sum(x, self.mu, self.theta, self.zi_logits, self.eps, nz)
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:  # noqa: B008
+        """Draw an NB count, set to zero with probability ``σ(π)``."""
+        shape = self._extended_shape(sample_shape)
+        with torch.no_grad():
+            counts = _nb_sample(self.mu, self.theta, shape, self.eps)
+            dropout = torch.bernoulli(self.zi_probs.expand(shape)).bool()
+            return counts.masked_fill(dropout, 0.0)
+
+
+class Poisson(Distribution):
+    """Poisson distribution with a log-likelihood that stays finite as ``rate → 0``.
+
+    Parameters
+    ----------
+    rate
+        Rate (mean), ``>= 0``.
+    eps
+        Floor applied to ``rate`` inside ``log rate``.
+    validate_args
+        Passed to :class:`torch.distributions.Distribution`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from cellvae.distributions import Poisson
+    >>> pois = Poisson(torch.tensor([[0.0, 2.0]]))
+    >>> bool(torch.isfinite(pois.log_prob(torch.tensor([[1.0, 2.0]]))).all())
+    True
+    >>> pois.log_prob_sum(torch.tensor([[0.0, 2.0]])).shape
+    torch.Size([1])
+    """
+
+    arg_constraints = {"rate": constraints.nonnegative}
+    support = constraints.nonnegative_integer
+
+    def __init__(self, rate: torch.Tensor, eps: float = 1e-8, validate_args: bool = False):
+        self.rate = rate
+        self.eps = eps
+        super().__init__(rate.shape, validate_args=validate_args)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Mean, the rate."""
+        return self.rate
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Variance, the rate."""
+        return self.rate
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """Elementwise ``x log(rate) − rate − lgamma(x + 1)``."""
+        if self._validate_args:
+            self._validate_sample(value)
+        return (
+            value * torch.log(self.rate.clamp_min(self.eps)) - self.rate - torch.lgamma(value + 1)
+        )
+
+    def log_prob_sum(self, x: torch.Tensor, nz: _Nonzero | None = None) -> torch.Tensor:
+        """Log-likelihood summed over the last dimension; ``log`` and ``lgamma`` only at nonzeros.
+
+        Parameters
+        ----------
+        x
+            Counts, shape ``(cells, genes)``.
+        nz
+            ``(row, col)`` positions of all nonzero entries of ``x``, or None to compute them.
+
+        Returns
+        -------
+        torch.Tensor
+            Shape ``(cells,)``, equal to ``log_prob(x).sum(-1)``.
+        """
+        return _poisson_log_prob_sum(x, self.rate, self.eps, nz)
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:  # noqa: B008
+        """Draw counts; shape ``sample_shape + batch_shape``."""
+        with torch.no_grad():
+            return torch.poisson(self.rate.expand(self._extended_shape(sample_shape)))
+
+
+class Normal(torch.distributions.Normal):
+    """Normal distribution with the :meth:`log_prob_sum` interface of the count distributions.
+
+    Parameters
+    ----------
+    loc
+        Mean.
+    scale
+        Standard deviation, ``> 0``.
+    validate_args
+        Passed to :class:`torch.distributions.Distribution`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from cellvae.distributions import Normal
+    >>> d = Normal(torch.zeros(2, 3), torch.ones(3))
+    >>> d.log_prob_sum(torch.zeros(2, 3)).shape
+    torch.Size([2])
+    """
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, validate_args: bool = False):
+        super().__init__(loc, scale, validate_args=validate_args)
+
+    def log_prob_sum(self, x: torch.Tensor, nz: _Nonzero | None = None) -> torch.Tensor:
+        """Log-likelihood summed over the last dimension (``nz`` is accepted and ignored).
+
+        Parameters
+        ----------
+        x
+            Values, shape ``(cells, features)``.
+        nz
+            Ignored; accepted for a uniform interface with the count distributions.
+
+        Returns
+        -------
+        torch.Tensor
+            Shape ``x.shape[:-1]``.
+        """
+        return self.log_prob(x).sum(-1)
+
+
+class NegativeBinomialMixture(Distribution):
+    """Two-component NB mixture for totalVI protein counts (background and foreground).
+
+    Parameters
+    ----------
+    mu1
+        Mean of component 1 (background).
+    mu2
+        Mean of component 2 (foreground).
+    theta1
+        Inverse dispersion of component 1, shared by both components when ``theta2`` is None.
+    mixture_logits
+        Logit ``π`` of the probability of component 1 (background).
+    theta2
+        Inverse dispersion of component 2, or None.
+    eps
+        Floor applied to the ``theta`` and to the ``mu`` inside their logarithms.
+    validate_args
+        Passed to :class:`torch.distributions.Distribution`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from cellvae.distributions import NegativeBinomialMixture
+    >>> d = NegativeBinomialMixture(
+    ...     mu1=torch.tensor([2.0]),
+    ...     mu2=torch.tensor([50.0]),
+    ...     theta1=torch.tensor([10.0]),
+    ...     mixture_logits=torch.tensor([0.0]),
+    ... )
+    >>> d.mean.item()
+    26.0
+    >>> d.log_prob(torch.tensor([3.0])).shape
+    torch.Size([1])
+    """
+
+    arg_constraints = {
+        "mu1": constraints.nonnegative,
+        "mu2": constraints.nonnegative,
+        "theta1": constraints.positive,
+        "mixture_logits": constraints.real,
+    }
+    support = constraints.nonnegative_integer
+
+    def __init__(
+        self,
+        mu1: torch.Tensor,
+        mu2: torch.Tensor,
+        theta1: torch.Tensor,
+        mixture_logits: torch.Tensor,
+        theta2: torch.Tensor | None = None,
+        eps: float = 1e-8,
+        validate_args: bool = False,
+    ):
+        self.mu1 = mu1
+        self.mu2 = mu2
+        self.theta1 = theta1
+        self.theta2 = theta2
+        self.mixture_logits = mixture_logits
+        self.eps = eps
+        shapes = [mu1.shape, mu2.shape, theta1.shape, mixture_logits.shape]
+        if theta2 is not None:
+            shapes.append(theta2.shape)
+        super().__init__(torch.broadcast_shapes(*shapes), validate_args=validate_args)
+
+    @property
+    def mixture_probs(self) -> torch.Tensor:
+        """Probability ``σ(π)`` of component 1 (background)."""
+        return torch.sigmoid(self.mixture_logits)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Mean ``σ(π) μ1 + (1 − σ(π)) μ2``."""
+        p = self.mixture_probs
+        return (p * self.mu1 + (1 - p) * self.mu2).expand(self.batch_shape)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Variance of the mixture, ``Σ_k w_k (Var_k + μ_k²) − mean²``."""
+        p = self.mixture_probs
+        theta2 = self.theta1 if self.theta2 is None else self.theta2
+        second1 = self.mu1 + self.mu1**2 / self.theta1 + self.mu1**2
+        second2 = self.mu2 + self.mu2**2 / theta2 + self.mu2**2
+        mean = p * self.mu1 + (1 - p) * self.mu2
+        return (p * second1 + (1 - p) * second2 - mean**2).expand(self.batch_shape)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """Elementwise log-likelihood, see :func:`log_mixture_nb`."""
+        if self._validate_args:
+            self._validate_sample(value)
+        return log_mixture_nb(
+            value, self.mu1, self.mu2, self.theta1, self.theta2, self.mixture_logits, self.eps
+        )
+
+    def log_prob_sum(self, x: torch.Tensor, nz: _Nonzero | None = None) -> torch.Tensor:
+        """Log-likelihood summed over the last dimension (dense; ``nz`` is accepted and ignored).
+
+        Parameters
+        ----------
+        x
+            Counts, shape ``(cells, proteins)``.
+        nz
+            Ignored; protein counts are dense.
+
+        Returns
+        -------
+        torch.Tensor
+            Shape ``x.shape[:-1]``.
+        """
+        return self.log_prob(x).sum(-1)
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:  # noqa: B008
+        """Draw the component (1 with probability ``σ(π)``), then an NB count from it."""
+        shape = self._extended_shape(sample_shape)
+        with torch.no_grad():
+            background = torch.bernoulli(self.mixture_probs.expand(shape)).bool()
+            mu = torch.where(background, self.mu1.expand(shape), self.mu2.expand(shape))
+            theta2 = self.theta1 if self.theta2 is None else self.theta2
+            theta = torch.where(background, self.theta1.expand(shape), theta2.expand(shape))
+            return _nb_sample(mu, theta, shape, self.eps)
