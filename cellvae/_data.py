@@ -1,8 +1,10 @@
 """Registered fields → tensors, once; then minibatches by pure tensor indexing.
 
 The count matrix stays sparse: it is held as CSR arrays (``indptr`` int64, ``indices`` int32,
-``data`` float32) and a minibatch is gathered with a handful of torch ops. No pandas or scipy
-call happens per batch. The only anndata access is in :meth:`TensorData.from_adata`.
+``values`` float32; on CPU the last two are interleaved in one buffer) and a minibatch is gathered
+with a handful of vectorised numpy ops on CPU (zero-copy views of the tensors) or torch ops on
+other devices. No pandas or scipy call happens per batch. The only anndata access is in
+:meth:`TensorData.from_adata`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class TensorData:
     """All registered fields of one AnnData as tensors (cells along the first axis).
 
     Exactly one of ``dense`` or the CSR triple (``indptr``, ``indices``, ``values``) is set.
+    Codes (``batch``, ``labels``, ``cat_covs``) are int64; ``cont_covs``, ``size_factor`` and
+    ``protein`` float32. Index it with a 1-D tensor (or array) of cell positions: ``td[idx]``.
     """
 
     n_obs: int
@@ -88,7 +92,8 @@ class TensorData:
             if counts.format != "csr":
                 logger.info("Converting the %s count matrix to CSR once.", counts.format.upper())
             csr = sp.csr_matrix(counts)
-            self._set_csr(csr.indptr, csr.indices, csr.data)
+            # a CSR input shares its arrays with `csr`: fix a copy, never the user's matrix
+            self._set_csr(*_canonical(csr, copy=counts.format == "csr"))
             return
         # Backed (on disk) or another array type: read in row chunks, keep CSR.
         logger.info("Reading the count matrix in row chunks into CSR tensors.")
@@ -96,22 +101,50 @@ class TensorData:
         indices, data, offset = [], [], 0
         for _, _, block in iter_row_chunks(counts, self.n_obs):
             block = block if sp.issparse(block) else sp.csr_matrix(block)
-            indptr.append(block.indptr[1:].astype(np.int64) + offset)
-            indices.append(block.indices)
-            data.append(block.data)
-            offset += block.nnz
+            block_indptr, block_indices, block_data = _canonical(block, copy=False)
+            indptr.append(block_indptr[1:].astype(np.int64) + offset)
+            indices.append(block_indices.astype(np.int32, copy=False))
+            data.append(block_data.astype(np.float32, copy=False))
+            offset += int(block_indptr[-1])
         self._set_csr(np.concatenate(indptr), np.concatenate(indices), np.concatenate(data))
 
     def _set_csr(self, indptr, indices, data) -> None:
         # int64 row pointers so more than 2^31 nonzeros index correctly; int32 columns.
-        self.indptr = torch.from_numpy(np.asarray(indptr, dtype=np.int64))
-        self.indices = torch.from_numpy(np.asarray(indices, dtype=np.int32))
-        self.values = torch.from_numpy(np.asarray(data, dtype=np.float32))
+        # Columns and values are interleaved in one (nnz, 2) int32 buffer and exposed as two
+        # strided views: a minibatch then gathers each nonzero with one 8-byte read instead of
+        # two reads from two far-apart arrays (the gather is memory-bound; ~1.5x faster).
+        self.indptr = torch.from_numpy(np.ascontiguousarray(indptr, dtype=np.int64))
+        pairs = np.empty((len(data), 2), dtype=np.int32)
+        pairs[:, 0] = np.asarray(indices)
+        pairs[:, 1] = np.asarray(data, dtype=np.float32).view(np.int32)
+        pairs_t = torch.from_numpy(pairs)
+        self.indices = pairs_t[:, 0]
+        self.values = pairs_t[:, 1].view(torch.float32)
+
+    def _pairs(self) -> np.ndarray | None:
+        """The interleaved (column, value) buffer as int64 per entry, if the layout is intact."""
+        ind, val = self.indices, self.values
+        if (
+            ind.device.type != "cpu"
+            or ind.dtype != torch.int32
+            or val.dtype != torch.float32
+            or ind.stride() != (2,)
+            or val.stride() != (2,)
+            or val.data_ptr() != ind.data_ptr() + 4
+        ):
+            return None
+        n = ind.shape[0]
+        return torch.as_strided(ind, (n, 2), (2, 1)).numpy().view(np.int64).reshape(n)
 
     @property
     def is_sparse(self) -> bool:
         """Whether the counts are held as CSR."""
         return self.dense is None
+
+    @property
+    def device(self) -> torch.device:
+        """The device the tensors live on."""
+        return self.batch.device
 
     def to(self, device: torch.device | str) -> TensorData:
         """Return a copy with every tensor on ``device``."""
@@ -130,41 +163,123 @@ class TensorData:
         )
 
     def rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """CSR entries of rows ``idx``: (row position in the batch, column, value)."""
-        starts = self.indptr[idx]
-        lengths = self.indptr[idx + 1] - starts
-        row = torch.repeat_interleave(torch.arange(len(idx), device=idx.device), lengths)
-        # position of each entry = its row's start + its rank within the row
-        offsets = torch.cumsum(lengths, 0) - lengths
-        pos = torch.arange(int(lengths.sum()), device=idx.device) - offsets[row] + starts[row]
-        return row, self.indices[pos].long(), self.values[pos]
+        """CSR entries of rows ``idx``: (row position in the batch, column, value).
+
+        Positions and columns are int64, values float32; entries come row by row in the order
+        of ``idx``. On CPU the gather runs in single-threaded numpy: the same chain of small
+        torch ops waits on torch's thread pool for every op, which made it 20x slower on a busy
+        machine. Elsewhere it runs in torch, with one host sync for the number of entries.
+        """
+        idx = self._index(idx)
+        if self.indptr.device.type == "cpu":
+            row, col, val = self._rows_cpu(idx.numpy())
+            return torch.from_numpy(row), torch.from_numpy(col), torch.from_numpy(val)
+        return _rows_torch(self.indptr, self.indices, self.values, idx)
+
+    def _rows_cpu(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        row, pos = _positions(self.indptr.numpy(), idx)
+        pairs = self._pairs()
+        if pairs is None:  # indices / values were replaced by plain tensors
+            col = self.indices.numpy().take(pos).astype(np.int64)
+            return row, col, self.values.numpy().take(pos)
+        got = pairs.take(pos).view(np.int32).reshape(-1, 2)
+        # contiguous values: numpy's fancy assignment into x is ~30% faster than from a view
+        return row, got[:, 0].astype(np.int64), np.ascontiguousarray(got[:, 1]).view(np.float32)
 
     def counts(self, idx: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Dense counts of rows ``idx`` and the (row, col) positions of their nonzeros."""
+        idx = self._index(idx)
+        n = idx.shape[0]
         if self.dense is not None:
-            x = self.dense[idx]
+            x = self.dense.index_select(0, idx)
             nz = torch.nonzero(x, as_tuple=True)
             return x, nz
-        row, col, val = self.rows(idx)
-        x = torch.zeros(len(idx), self.n_vars, dtype=torch.float32, device=idx.device)
-        x[row, col] = val
-        return x, (row, col)
+        if self.indptr.device.type == "cpu":
+            row, col, val = self._rows_cpu(idx.numpy())
+            flat = row * self.n_vars
+            flat += col
+            x = np.zeros(n * self.n_vars, dtype=np.float32)
+            x[flat] = val
+            return torch.from_numpy(x).view(n, self.n_vars), (
+                torch.from_numpy(row),
+                torch.from_numpy(col),
+            )
+        row, col, val = _rows_torch(self.indptr, self.indices, self.values, idx)
+        x = torch.zeros(n * self.n_vars, dtype=torch.float32, device=idx.device)
+        x.index_put_((row * self.n_vars + col,), val)
+        return x.view(n, self.n_vars), (row, col)
+
+    def _index(self, idx) -> torch.Tensor:
+        """``idx`` as a 1-D int64 tensor on this data's device."""
+        if not isinstance(idx, torch.Tensor):
+            idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+        if idx.dtype != torch.int64:
+            idx = idx.long()
+        device = self.batch.device
+        if idx.device != device:
+            idx = idx.to(device)
+        return idx.reshape(-1)
 
     def __getitem__(self, idx: torch.Tensor) -> Batch:
-        """The minibatch of cells ``idx`` as a dict of tensors."""
+        """The minibatch of cells ``idx`` as a dict of tensors.
+
+        Keys: ``"x"`` (dense float32 counts, cells × genes), ``"nz_row"`` / ``"nz_col"`` (int64
+        positions of the nonzero counts in ``x``, row-major), ``"batch"`` and ``"labels"``
+        (int64 codes) and, when registered, ``"cat_covs"`` (int64, cells × covariates),
+        ``"cont_covs"`` (float32), ``"size_factor"`` (float32) and ``"protein"`` (float32).
+        """
+        idx = self._index(idx)
         x, (nz_row, nz_col) = self.counts(idx)
         out: Batch = {
             "x": x,
             "nz_row": nz_row,
             "nz_col": nz_col,
-            "batch": self.batch[idx],
-            "labels": self.labels[idx],
+            "batch": self.batch.index_select(0, idx),
+            "labels": self.labels.index_select(0, idx),
         }
         for name in ("cat_covs", "cont_covs", "size_factor", "protein"):
             v = getattr(self, name)
             if v is not None:
-                out[name] = v[idx]
+                out[name] = v.index_select(0, idx)
         return out
+
+
+def _canonical(csr: sp.csr_matrix, *, copy: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR arrays with duplicates summed and explicit zeros dropped (copying if ``copy``)."""
+    explicit_zeros = csr.nnz and not np.all(csr.data)
+    if not csr.has_canonical_format or explicit_zeros:
+        csr = csr.copy() if copy else csr
+        csr.sum_duplicates()
+        csr.eliminate_zeros()
+    return csr.indptr, csr.indices, csr.data
+
+
+def _positions(indptr: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Batch row and CSR position of every stored entry of rows ``idx``, row by row."""
+    # ndarray methods and C-level numpy functions only: no Python-level numpy wrapper per batch
+    starts = indptr.take(idx)
+    lengths = indptr.take(idx + 1) - starts
+    ends = lengths.cumsum()
+    total = int(ends[-1]) if len(ends) else 0
+    # entry j of the batch, the k-th of batch row r, sits at starts[r] + k = (starts[r] -
+    # first_j[r]) + j, where first_j[r] = ends[r] - lengths[r] is where row r begins in the batch
+    pos = (starts - ends + lengths).repeat(lengths)
+    pos += np.arange(total, dtype=np.int64)
+    row = np.arange(len(idx), dtype=np.int64).repeat(lengths)
+    return row, pos
+
+
+def _rows_torch(indptr, indices, values, idx):
+    starts = indptr.index_select(0, idx)
+    lengths = indptr.index_select(0, idx + 1) - starts
+    ends = torch.cumsum(lengths, 0)
+    total = int(ends[-1]) if len(idx) else 0  # the one host sync per batch
+    pos = torch.repeat_interleave(starts - ends + lengths, lengths, output_size=total)
+    pos += torch.arange(total, device=idx.device)
+    row = torch.repeat_interleave(
+        torch.arange(len(idx), device=idx.device), lengths, output_size=total
+    )
+    return row, indices.index_select(0, pos).long(), values.index_select(0, pos)
 
 
 def split_indices(
@@ -178,7 +293,8 @@ def split_indices(
     n_val = int(round(n_obs * validation_size))
     if n_obs - n_val < 2:
         raise ValueError(
-            f"Too few cells ({n_obs}) to train with validation_size={validation_size}."
+            f"Too few cells ({n_obs}) to train with validation_size={validation_size}: at least "
+            "2 training cells are needed. Lower validation_size (0 for none) or add cells."
         )
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
@@ -187,7 +303,9 @@ class BatchSampler:
     """Iterate minibatches of index tensors over a subset of cells.
 
     With ``shuffle=True`` (training) the order is drawn from ``generator`` and a trailing batch
-    of one cell is merged into the previous batch, so batch norm never sees a batch of one.
+    of one cell is merged into the previous batch, so batch norm never sees a batch of one
+    (unless ``indices`` holds a single cell or ``batch_size`` is 1). Without shuffling the order
+    is kept and the last batch may be any size (inference).
     """
 
     def __init__(
@@ -218,5 +336,6 @@ class BatchSampler:
             idx = idx[torch.randperm(len(idx), generator=self.generator)]
         chunks = list(torch.split(idx, self.batch_size))
         if self.shuffle and len(chunks) > 1 and len(chunks[-1]) == 1:
-            chunks[-2] = torch.cat([chunks[-2], chunks.pop()])
+            last = chunks.pop()
+            chunks[-1] = torch.cat([chunks[-1], last])
         yield from chunks

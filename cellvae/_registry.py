@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 logger = logging.getLogger(__name__)
 
 UNS_KEY = "cellvae"
 _CHUNK = 10_000  # rows read at a time from a backed or large matrix
-_INT_CHECK_SAMPLE = 100_000  # values sampled to warn about non-integer counts
 
 
 @dataclass(frozen=True)
@@ -92,8 +92,10 @@ class Registry:
             value = getattr(self, f.name)
             if value is None:
                 continue
-            if f.name in ("categorical_covariate_categories",):
-                value = {k: list(v) for k, v in zip(self.categorical_covariate_keys, value)}
+            if f.name == "categorical_covariate_categories":
+                # keyed by position: an obs column name may contain "/", which h5py would
+                # turn into nested groups
+                value = {str(i): list(v) for i, v in enumerate(value)}
             elif f.name == "protein_batch_mask":
                 value = np.asarray(value, dtype=bool).reshape(self.n_batch, self.n_proteins)
             elif isinstance(value, tuple):
@@ -142,7 +144,8 @@ class Registry:
                 kw[name] = scalar(v)
         cats = kw.pop("categorical_covariate_categories", {}) or {}
         kw["categorical_covariate_categories"] = tuple(
-            strings(cats[k]) for k in kw.get("categorical_covariate_keys", ())
+            strings(cats[str(i)] if str(i) in cats else cats[k])  # by position, or by name
+            for i, k in enumerate(kw.get("categorical_covariate_keys", ()))
         )
         if kw.get("protein_batch_mask") and not kw.get("protein_names"):
             kw["protein_batch_mask"] = ()
@@ -176,11 +179,17 @@ class Registry:
         """Integer codes of ``adata.obs[key]`` against ``categories`` (zeros if ``key`` is None)."""
         if key is None:
             return np.zeros(adata.n_obs, dtype=np.int64)
-        values = adata.obs[key].astype(str).to_numpy()
-        lookup = {c: i for i, c in enumerate(categories)}
-        codes = np.fromiter((lookup.get(v, -1) for v in values), dtype=np.int64, count=len(values))
+        if key not in adata.obs.columns:
+            raise KeyError(
+                f"{key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)}). "
+                "Register this AnnData again with cellvae.pp.setup_anndata or transfer_setup."
+            )
+        col = adata.obs[key]
+        values = col.astype(str).to_numpy(dtype=object, copy=True)
+        values[col.isna().to_numpy()] = "\0"  # a missing value is never a known category
+        codes = pd.Categorical(values, categories=list(categories)).codes.astype(np.int64)
         if (codes < 0).any():
-            unseen = sorted(set(values[codes < 0]))
+            unseen = sorted({str(v) for v in col[codes < 0].astype(str)})
             raise ValueError(
                 f"obs[{key!r}] has categories {unseen[:10]} that the model was not trained on "
                 f"(known: {list(categories)[:10]}). Pass extend_categories=True to "
@@ -199,13 +208,44 @@ def get_counts(adata, layer: str | None):
     if layer not in adata.layers:
         raise KeyError(
             f"Layer {layer!r} not found in adata.layers (available: {list(adata.layers.keys())}). "
-            "Pass layer=None to use adata.X."
+            "Pass the name of the layer with raw counts, or layer=None to use adata.X."
         )
     return adata.layers[layer]
 
 
-def iter_row_chunks(matrix, n_obs: int, chunk: int = _CHUNK):
-    """Yield ``(start, stop, block)`` row blocks as CSR or dense numpy, for in-memory or backed."""
+def _is_sparse_array(m) -> bool:
+    return hasattr(sp, "sparray") and isinstance(m, sp.sparray)
+
+
+def _rows_per_chunk(n_vars: int) -> int:
+    # At most _CHUNK rows and about 2^24 entries, so a dense chunk stays near 64 MiB in float32.
+    return max(1, min(_CHUNK, (1 << 24) // max(n_vars, 1)))
+
+
+def row_readable(matrix):
+    """Return ``matrix`` in a form whose row slices are cheap.
+
+    A backed (on-disk) CSC matrix is read into memory once and converted to CSR: slicing rows of
+    a CSC file would read the whole file for every chunk. Everything else is returned as is.
+    """
+    if not sp.issparse(matrix) and getattr(matrix, "format", None) == "csc":
+        logger.info("Reading the backed CSC count matrix into memory and converting it to CSR.")
+        return sp.csr_matrix(matrix.to_memory())
+    return matrix
+
+
+def iter_row_chunks(matrix, n_obs: int, chunk: int | None = None):
+    """Yield ``(start, stop, block)`` row blocks as CSR or dense numpy, for in-memory or backed.
+
+    ``matrix`` may be a numpy array, any scipy sparse matrix or array, an h5py dataset (backed
+    dense) or an anndata backed sparse dataset. ``chunk`` defaults to at most 10,000 rows and
+    about 16 million entries.
+    """
+    matrix = row_readable(matrix)
+    if sp.issparse(matrix) and matrix.format not in ("csr", "csc"):
+        matrix = sp.csr_matrix(matrix)
+    if chunk is None:
+        chunk = _rows_per_chunk(matrix.shape[1])
     for start in range(0, n_obs, chunk):
         stop = min(start + chunk, n_obs)
         block = matrix[start:stop]
@@ -216,55 +256,69 @@ def iter_row_chunks(matrix, n_obs: int, chunk: int = _CHUNK):
         yield start, stop, block
 
 
-def _is_sparse_array(m) -> bool:
-    return hasattr(sp, "sparray") and isinstance(m, sp.sparray)
-
-
-def _values(block) -> np.ndarray:
-    return block.data if sp.issparse(block) else np.asarray(block).ravel()
-
-
-def _row_sums(block) -> np.ndarray:
-    return np.asarray(block.sum(axis=1), dtype=np.float64).ravel()
+def _check_values(values: np.ndarray, where: str) -> bool:
+    """Raise on non-numeric, non-finite or negative values; return whether all are integers."""
+    if not (np.issubdtype(values.dtype, np.number) and not np.iscomplexobj(values)):
+        raise ValueError(
+            f"The count matrix has non-numeric dtype {values.dtype}. Register a layer holding "
+            "raw counts as numbers (e.g. adata.layers['counts'] = adata.X.astype(np.float32))."
+        )
+    if np.issubdtype(values.dtype, np.integer):
+        n_neg = int(np.count_nonzero(values < 0))
+        n_bad, integer = 0, True
+    else:
+        n_bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+        n_neg = int(np.count_nonzero(values < 0))
+        integer = n_bad == 0 and bool(np.all(np.floor(values) == values))
+    if n_bad:
+        raise ValueError(
+            f"The count matrix contains {n_bad} NaN or infinite values{where}. Raw counts must "
+            "be finite: check the layer you registered (layer='counts') or fix those entries."
+        )
+    if n_neg:
+        raise ValueError(
+            f"The count matrix contains {n_neg} negative values{where}. cellvae models need "
+            "raw, non-negative counts: pass layer='counts' (or wherever the raw counts are), "
+            "not scaled or log data."
+        )
+    return integer
 
 
 def scan_counts(matrix, n_obs: int, n_vars: int) -> dict[str, Any]:
-    """One pass over the counts: validity, library sizes, per-gene totals, nonzeros."""
-    library = np.empty(n_obs, dtype=np.float64)
-    gene_totals = np.zeros(n_vars, dtype=np.float64)
-    nnz = 0
-    sample: list[np.ndarray] = []
-    sampled = 0
-    for start, stop, block in iter_row_chunks(matrix, n_obs):
-        values = _values(block)
-        if not np.issubdtype(values.dtype, np.number):
-            raise ValueError(f"The count matrix has non-numeric dtype {values.dtype}.")
-        bad = ~np.isfinite(values)
-        if bad.any():
-            raise ValueError(
-                f"The count matrix contains {int(bad.sum())} NaN or infinite values (first in "
-                f"rows {start}–{stop}). Raw counts must be finite; check the layer you registered."
-            )
-        if (values < 0).any():
-            raise ValueError(
-                f"The count matrix contains {int((values < 0).sum())} negative values (first in "
-                f"rows {start}–{stop}). cellvae models need raw, non-negative counts: pass "
-                "layer='counts' (or wherever the raw counts are), not scaled or log data."
-            )
-        if sampled < _INT_CHECK_SAMPLE:
-            take = values[: _INT_CHECK_SAMPLE - sampled]
-            sample.append(take)
-            sampled += take.size
-        library[start:stop] = _row_sums(block)
-        gene_totals += np.asarray(block.sum(axis=0), dtype=np.float64).ravel()
-        nnz += block.nnz if sp.issparse(block) else int(np.count_nonzero(block))
-    vals = np.concatenate(sample) if sample else np.zeros(0)
-    if vals.size and not np.allclose(vals, np.round(vals)):
+    """One pass over the counts: validity, library sizes, per-gene totals, nonzeros.
+
+    Raises ``ValueError`` on non-numeric, NaN, infinite or negative values and warns when the
+    values are not integers. In-memory sparse matrices are checked on their stored values
+    directly; dense and backed matrices are read in row chunks.
+
+    Returns
+    -------
+    ``{"library": per-cell totals, "gene_totals": per-gene totals, "nnz": nonzero count}``.
+    """
+    integer = True
+    if sp.issparse(matrix):
+        if matrix.format not in ("csr", "csc", "coo"):
+            matrix = sp.csr_matrix(matrix)
+        integer = _check_values(matrix.data, "")
+        library = np.asarray(matrix.sum(axis=1, dtype=np.float64)).ravel()
+        gene_totals = np.asarray(matrix.sum(axis=0, dtype=np.float64)).ravel()
+        nnz = int(np.count_nonzero(matrix.data))
+    else:
+        library = np.empty(n_obs, dtype=np.float64)
+        gene_totals = np.zeros(n_vars, dtype=np.float64)
+        nnz = 0
+        for start, stop, block in iter_row_chunks(matrix, n_obs):
+            values = block.data if sp.issparse(block) else block
+            integer &= _check_values(values, f" (first in rows {start}-{stop})")
+            library[start:stop] = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()
+            gene_totals += np.asarray(block.sum(axis=0, dtype=np.float64)).ravel()
+            nnz += int(np.count_nonzero(values))
+    if not integer:
         warnings.warn(
             "The count matrix contains non-integer values; cellvae's count likelihoods expect "
             "raw counts. If you normalised or log-transformed the data, register the raw-count "
             "layer instead (layer='counts').",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     return {"library": library, "gene_totals": gene_totals, "nnz": nnz}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Sequence
@@ -28,7 +29,8 @@ def _check_not_view(adata) -> None:
 def _obs_column(adata, key: str, what: str) -> pd.Series:
     if key not in adata.obs.columns:
         raise KeyError(
-            f"{what} {key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)})."
+            f"{what} {key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)}). "
+            "Pass an existing column name, or add the column to adata.obs first."
         )
     return adata.obs[key]
 
@@ -39,8 +41,9 @@ def _categories(adata, key: str | None, what: str) -> tuple[str, ...]:
     col = _obs_column(adata, key, what)
     if col.isna().any():
         raise ValueError(
-            f"obs[{key!r}] ({what}) has {int(col.isna().sum())} missing values. Fill them "
-            f"(e.g. adata.obs[{key!r}] = adata.obs[{key!r}].astype(str)) or drop those cells."
+            f"obs[{key!r}] ({what}) has {int(col.isna().sum())} missing (NaN) values. Fill "
+            f"them (e.g. adata.obs[{key!r}] = adata.obs[{key!r}].astype(str) to make 'nan' a "
+            f"category) or drop those cells: adata = adata[adata.obs[{key!r}].notna()].copy()."
         )
     if isinstance(col.dtype, pd.CategoricalDtype):
         used = set(col.astype(str))
@@ -56,11 +59,12 @@ def _continuous(adata, keys: Sequence[str]) -> None:
                 f"Continuous covariate obs[{key!r}] has dtype {col.dtype}; it must be numeric. "
                 "Register it with categorical_covariate_keys instead if it is a category."
             )
-        values = col.to_numpy(dtype=float)
+        values = col.to_numpy(dtype=float, na_value=np.nan)
         if not np.isfinite(values).all():
             raise ValueError(
                 f"Continuous covariate obs[{key!r}] has {int((~np.isfinite(values)).sum())} NaN "
-                "or infinite values. Fill or drop them before setup."
+                f"or infinite values. Fill them (e.g. adata.obs[{key!r}].fillna(0)) or drop "
+                f"those cells: adata = adata[np.isfinite(adata.obs[{key!r}])].copy()."
             )
 
 
@@ -68,7 +72,8 @@ def protein_matrix(adata, obsm_key: str) -> np.ndarray:
     """Return ``adata.obsm[obsm_key]`` as a validated float32 array (cells × proteins)."""
     if obsm_key not in adata.obsm:
         raise KeyError(
-            f"Protein key {obsm_key!r} is not in adata.obsm (keys: {list(adata.obsm.keys())})."
+            f"Protein key {obsm_key!r} is not in adata.obsm (keys: {list(adata.obsm.keys())}). "
+            "Pass protein_expression_obsm_key= the obsm key holding the raw ADT counts."
         )
     raw = adata.obsm[obsm_key]
     if isinstance(raw, pd.DataFrame):
@@ -76,7 +81,8 @@ def protein_matrix(adata, obsm_key: str) -> np.ndarray:
         if non_numeric:
             raise ValueError(
                 f"obsm[{obsm_key!r}] has non-numeric protein columns {non_numeric[:5]}; "
-                "protein counts must be numbers."
+                "protein counts must be numbers. Drop those columns or convert them, e.g. "
+                f"adata.obsm[{obsm_key!r}] = adata.obsm[{obsm_key!r}].astype(float)."
             )
         values = raw.to_numpy(dtype=np.float32)
     else:
@@ -85,7 +91,9 @@ def protein_matrix(adata, obsm_key: str) -> np.ndarray:
         values = np.asarray(raw)
         if not np.issubdtype(values.dtype, np.number):
             raise ValueError(
-                f"obsm[{obsm_key!r}] has dtype {values.dtype}; protein counts must be numeric."
+                f"obsm[{obsm_key!r}] has dtype {values.dtype}; protein counts must be numeric. "
+                f"Convert them, e.g. adata.obsm[{obsm_key!r}] = "
+                f"adata.obsm[{obsm_key!r}].astype(np.float32)."
             )
         values = values.astype(np.float32, copy=False)
     if values.ndim != 2 or values.shape[0] != adata.n_obs:
@@ -94,7 +102,11 @@ def protein_matrix(adata, obsm_key: str) -> np.ndarray:
             "one row per cell, in the order of adata.obs_names."
         )
     if not np.isfinite(values).all():
-        raise ValueError(f"obsm[{obsm_key!r}] contains NaN or infinite protein counts.")
+        raise ValueError(
+            f"obsm[{obsm_key!r}] contains {int((~np.isfinite(values)).sum())} NaN or infinite "
+            "protein counts. Set proteins that were not measured to 0 (a batch whose counts of "
+            "a protein are all 0 is treated as not measuring it), or drop those cells."
+        )
     if (values < 0).any():
         raise ValueError(
             f"obsm[{obsm_key!r}] contains {int((values < 0).sum())} negative protein counts; "
@@ -106,14 +118,21 @@ def protein_matrix(adata, obsm_key: str) -> np.ndarray:
 def _protein_names(adata, obsm_key: str, uns_key: str | None, n: int) -> tuple[str, ...]:
     if uns_key is not None:
         if uns_key not in adata.uns:
-            raise KeyError(f"protein_names_uns_key {uns_key!r} is not in adata.uns.")
+            raise KeyError(
+                f"protein_names_uns_key {uns_key!r} is not in adata.uns (keys: "
+                f"{list(adata.uns.keys())}). Store the names there first, or pass a DataFrame "
+                "with the protein names as columns in obsm."
+            )
         names = tuple(str(s) for s in np.asarray(adata.uns[uns_key]).ravel())
     elif isinstance(adata.obsm[obsm_key], pd.DataFrame):
         names = tuple(str(c) for c in adata.obsm[obsm_key].columns)
     else:
         names = tuple(f"protein_{i}" for i in range(n))
     if len(names) != n:
-        raise ValueError(f"Got {len(names)} protein names for {n} protein columns.")
+        raise ValueError(
+            f"Got {len(names)} protein names for {n} protein columns. Give exactly one name per "
+            "column of the protein matrix."
+        )
     return names
 
 
@@ -146,7 +165,10 @@ def _build_registry(
     cont_keys = tuple(continuous_covariate_keys or ())
     counts = get_counts(adata, layer)
     if adata.n_obs == 0 or adata.n_vars == 0:
-        raise ValueError(f"The AnnData is empty ({adata.n_obs} cells × {adata.n_vars} genes).")
+        raise ValueError(
+            f"The AnnData is empty ({adata.n_obs} cells × {adata.n_vars} genes). Register an "
+            "AnnData with at least one cell and one gene."
+        )
 
     categories = categories or {}
     batch_cats = categories.get("batch") or _categories(adata, batch_key, "batch_key")
@@ -158,8 +180,12 @@ def _build_registry(
     _continuous(adata, cont_keys)
     if size_factor_key is not None:
         _continuous(adata, [size_factor_key])
-        if (adata.obs[size_factor_key].to_numpy(dtype=float) <= 0).any():
-            raise ValueError(f"Size factors obs[{size_factor_key!r}] must be strictly positive.")
+        if (adata.obs[size_factor_key].to_numpy(dtype=float, na_value=np.nan) <= 0).any():
+            raise ValueError(
+                f"Size factors obs[{size_factor_key!r}] must be strictly positive; found values "
+                "<= 0. Fix or drop those cells, or leave size_factor_key=None to use the "
+                "observed library size."
+            )
 
     protein_names: tuple[str, ...] = ()
     mask: tuple[tuple[bool, ...], ...] = ()
@@ -373,14 +399,23 @@ def registry_like(adata, source, *, extend_categories: bool = False) -> Registry
         new = _categories(adata, key, "categorical covariate")
         cats[f"cat:{key}"] = _extend(known, new, key, extend_categories)
     reg = _build_registry(adata, **kwargs, categories=cats)
+    if reg.protein_names != ref.protein_names:
+        missing = [p for p in ref.protein_names if p not in set(reg.protein_names)]
+        extra = [p for p in reg.protein_names if p not in set(ref.protein_names)]
+        raise ValueError(
+            f"The proteins in obsm[{ref.protein_expression_obsm_key!r}] differ from the "
+            f"reference's: {len(missing)} missing (e.g. {missing[:5]}), {len(extra)} extra "
+            f"(e.g. {extra[:5]})"
+            + ("" if missing or extra else ", same names in a different order")
+            + ". Reorder the columns to the reference's protein names (adding absent proteins "
+            "as zero columns)."
+        )
     if kwargs["labels_key"] is None and ref.labels_key is not None:
         reg = _replace(reg, label_categories=ref.label_categories)
     return reg
 
 
 def _replace(reg: Registry, **changes: Any) -> Registry:
-    import dataclasses
-
     return dataclasses.replace(reg, **changes)
 
 

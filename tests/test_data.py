@@ -1,0 +1,314 @@
+"""The tensor data path: minibatches equal the AnnData's own values for every storage."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+import cellvae
+from cellvae import pp
+from cellvae._data import BatchSampler, TensorData, _rows_torch, split_indices
+from cellvae._registry import Registry
+
+STORAGES = ["dense", "csr", "csc", "csr_array", "csr_int64", "backed_csr", "backed_dense"]
+
+
+def make(n_obs=150, n_vars=30, seed=0):
+    adata = cellvae.datasets.synthetic(n_obs, n_vars, n_batches=3, n_proteins=4, random_state=seed)
+    rng = np.random.default_rng(seed)
+    adata.obs["age"] = rng.normal(50, 10, n_obs)
+    adata.obs["pct"] = rng.random(n_obs)
+    adata.obs["donor"] = pd.Categorical(rng.choice(["d1", "d2"], n_obs))
+    adata.obs["sf"] = rng.uniform(0.5, 2.0, n_obs)
+    return adata
+
+
+SETUP = dict(
+    batch_key="batch",
+    labels_key="cell_type",
+    size_factor_key="sf",
+    categorical_covariate_keys=["donor"],
+    continuous_covariate_keys=["age", "pct"],
+    protein_expression_obsm_key="protein_expression",
+)
+
+
+def store(adata, storage, tmp_path):
+    """Return ``adata`` with its counts held as ``storage`` (writing/reading h5ad for backed)."""
+    x = adata.X.toarray()
+    if storage == "dense":
+        adata.X = x
+    elif storage == "csr":
+        adata.X = sp.csr_matrix(x)
+    elif storage == "csc":
+        adata.X = sp.csc_matrix(x)
+    elif storage == "csr_array":
+        adata.X = sp.csr_array(x)
+    elif storage == "csr_int64":
+        m = sp.csr_matrix(x)
+        m.indices, m.indptr = m.indices.astype(np.int64), m.indptr.astype(np.int64)
+        assert m.indices.dtype == m.indptr.dtype == np.int64
+        adata.X = m
+    elif storage.startswith("backed"):
+        adata.X = x if storage == "backed_dense" else sp.csr_matrix(x)
+        path = tmp_path / f"{storage}.h5ad"
+        adata.write_h5ad(path)
+        adata = ad.read_h5ad(path, backed="r")
+        assert adata.isbacked
+    return adata
+
+
+def expected(adata, reg: Registry, idx: np.ndarray, x_full: np.ndarray) -> dict[str, np.ndarray]:
+    """What a minibatch must hold, computed straight from the AnnData with pandas/numpy."""
+    obs = adata.obs.iloc[idx]
+
+    def codes(key, cats):
+        return np.array([cats.index(str(v)) for v in obs[key]], dtype=np.int64)
+
+    x = x_full[idx]
+    nz_row, nz_col = np.nonzero(x)
+    return {
+        "x": x.astype(np.float32),
+        "nz_row": nz_row,
+        "nz_col": nz_col,
+        "batch": codes("batch", list(reg.batch_categories)),
+        "labels": codes("cell_type", list(reg.label_categories)),
+        "cat_covs": codes("donor", list(reg.categorical_covariate_categories[0]))[:, None],
+        "cont_covs": obs[["age", "pct"]].to_numpy(dtype=np.float32),
+        "size_factor": obs["sf"].to_numpy(dtype=np.float32),
+        "protein": adata.obsm["protein_expression"].to_numpy()[idx].astype(np.float32),
+    }
+
+
+DTYPES = {
+    "x": torch.float32,
+    "nz_row": torch.int64,
+    "nz_col": torch.int64,
+    "batch": torch.int64,
+    "labels": torch.int64,
+    "cat_covs": torch.int64,
+    "cont_covs": torch.float32,
+    "size_factor": torch.float32,
+    "protein": torch.float32,
+}
+
+
+def check_batch(batch, exp):
+    assert set(batch) == set(exp)
+    for key, value in exp.items():
+        got = batch[key]
+        assert isinstance(got, torch.Tensor) and got.dtype == DTYPES[key], key
+        if key in ("nz_row", "nz_col"):
+            continue
+        np.testing.assert_array_equal(got.numpy(), value, err_msg=key)
+    # nonzero positions: exactly the nonzero entries of x (as a set of (row, col) pairs)
+    got_nz = sorted(zip(batch["nz_row"].tolist(), batch["nz_col"].tolist()))
+    assert got_nz == sorted(zip(exp["nz_row"].tolist(), exp["nz_col"].tolist()))
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_minibatches_equal_anndata_values(storage, tmp_path):
+    src = make()
+    x_full = src.X.toarray()
+    adata = store(src, storage, tmp_path)
+    pp.setup_anndata(adata, **SETUP)
+    reg = Registry.from_adata(adata)
+    td = TensorData.from_adata(adata)
+    assert td.is_sparse == (storage != "dense")
+    if td.is_sparse:
+        assert td.indptr.dtype == torch.int64 and td.indptr[-1] == np.count_nonzero(x_full)
+        assert td.indices.dtype == torch.int32 and td.values.dtype == torch.float32
+    gen = np.random.default_rng(42)
+    sizes = [1, 2, 7, 64, 150]
+    for size in sizes:
+        idx = gen.choice(adata.n_obs, size=size, replace=False)
+        check_batch(td[torch.from_numpy(idx)], expected(adata, reg, idx, x_full))
+    # repeated indices, numpy / list indices, the full set in order
+    idx = np.array([5, 5, 0, 149, 5])
+    check_batch(td[torch.from_numpy(idx)], expected(adata, reg, idx, x_full))
+    check_batch(td[idx], expected(adata, reg, idx, x_full))
+    check_batch(td[idx.tolist()], expected(adata, reg, idx, x_full))
+    everything = np.arange(adata.n_obs)
+    check_batch(td[torch.from_numpy(everything)], expected(adata, reg, everything, x_full))
+
+
+@pytest.mark.parametrize("storage", ["csr", "dense"])
+def test_layer_counts_on_every_path(storage, tmp_path):
+    adata = make()
+    counts = adata.X.toarray()
+    adata.layers["counts"] = counts if storage == "dense" else sp.csr_matrix(counts)
+    adata.X = np.log1p(counts)
+    pp.setup_anndata(adata, layer="counts")
+    td = TensorData.from_adata(adata)
+    idx = torch.tensor([3, 1, 4, 1, 5])
+    np.testing.assert_array_equal(td[idx]["x"].numpy(), counts[idx.numpy()])
+
+
+def test_empty_index_gives_empty_batch():
+    adata = make()
+    pp.setup_anndata(adata, **SETUP)
+    batch = TensorData.from_adata(adata)[torch.zeros(0, dtype=torch.int64)]
+    assert batch["x"].shape == (0, adata.n_vars)
+    assert batch["nz_row"].numel() == 0 and batch["protein"].shape == (0, 4)
+
+
+def test_torch_gather_path_matches_numpy_path():
+    # the path used on GPU (pure torch ops), checked on CPU against the numpy path
+    adata = make()
+    pp.setup_anndata(adata)
+    td = TensorData.from_adata(adata)
+    for seed in range(5):
+        idx = torch.randperm(adata.n_obs, generator=torch.Generator().manual_seed(seed))[:37]
+        row, col, val = td.rows(idx)
+        row_t, col_t, val_t = _rows_torch(td.indptr, td.indices, td.values, idx)
+        assert torch.equal(row, row_t) and torch.equal(col, col_t) and torch.equal(val, val_t)
+    # and the fallback when the interleaved layout is replaced by plain tensors
+    plain = TensorData.from_adata(adata)
+    plain.indices, plain.values = plain.indices.contiguous(), plain.values.contiguous()
+    assert plain._pairs() is None and td._pairs() is not None
+    for key in ("x", "nz_row", "nz_col"):
+        assert torch.equal(plain[idx][key], td[idx][key])
+
+
+def test_to_device_keeps_values():
+    adata = make()
+    pp.setup_anndata(adata, **SETUP)
+    td = TensorData.from_adata(adata)
+    moved = td.to("cpu")
+    idx = torch.tensor([9, 2, 77])
+    for key, value in td[idx].items():
+        assert torch.equal(moved[idx][key], value)
+    assert td.nbytes() > 0 and td.device.type == "cpu"
+
+
+def test_non_canonical_csr_input_is_not_modified():
+    # duplicate entries are summed (as scipy does) and explicit zeros are not reported as nonzero,
+    # without touching the user's matrix
+    data = np.array([1.0, 2.0, 0.0, 3.0, 4.0], dtype=np.float32)
+    indices = np.array([2, 2, 0, 1, 0], dtype=np.int32)
+    indptr = np.array([0, 3, 5], dtype=np.int32)
+    m = sp.csr_matrix((data, indices, indptr), shape=(2, 3))
+    adata = ad.AnnData(X=m, var=pd.DataFrame(index=["a", "b", "c"]))
+    adata.X.has_canonical_format = False  # scipy would otherwise trust a cached flag
+    pp.setup_anndata(adata)
+    td = TensorData.from_adata(adata)
+    b = td[torch.tensor([0, 1])]
+    np.testing.assert_array_equal(b["x"].numpy(), [[0.0, 0.0, 3.0], [4.0, 3.0, 0.0]])
+    assert sorted(zip(b["nz_row"].tolist(), b["nz_col"].tolist())) == [(0, 2), (1, 0), (1, 1)]
+    np.testing.assert_array_equal(adata.X.data, data)  # the user's arrays are untouched
+    np.testing.assert_array_equal(adata.X.indices, indices)
+
+
+def test_csc_conversion_is_logged(caplog):
+    adata = make()
+    adata.X = sp.csc_matrix(adata.X)
+    pp.setup_anndata(adata)
+    with caplog.at_level("INFO", logger="cellvae._data"):
+        TensorData.from_adata(adata)
+    assert "Converting the CSC count matrix to CSR once" in caplog.text
+
+
+def test_backed_csc_and_layer(tmp_path):
+    adata = make()
+    x = adata.X.toarray()
+    adata.X = sp.csc_matrix(x)
+    adata.layers["counts"] = sp.csr_matrix(x)
+    path = tmp_path / "csc.h5ad"
+    adata.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    for layer in (None, "counts"):
+        pp.setup_anndata(backed, layer=layer, batch_key="batch")
+        idx = np.array([100, 0, 42])
+        np.testing.assert_array_equal(TensorData.from_adata(backed)[idx]["x"].numpy(), x[idx])
+
+
+def test_genes_must_match_registry():
+    adata = make()
+    pp.setup_anndata(adata)
+    reg = Registry.from_adata(adata)
+    other = adata[:, ::-1].copy()
+    with pytest.raises(ValueError, match="transfer_setup"):
+        TensorData.from_adata(other, reg)
+
+
+def test_kang_ifnb_minibatches():
+    adata = cellvae.datasets.kang_ifnb()
+    pp.setup_anndata(adata, batch_key="batch", labels_key="cell_type")
+    reg = Registry.from_adata(adata)
+    assert reg.batch_categories == ("ctrl", "stim") and reg.n_vars == adata.n_vars
+    td = TensorData.from_adata(adata)
+    x = adata.X
+    gen = np.random.default_rng(0)
+    for _ in range(3):
+        idx = gen.choice(adata.n_obs, size=128, replace=False)
+        b = td[torch.from_numpy(idx)]
+        np.testing.assert_array_equal(b["x"].numpy(), x[idx].toarray())
+        np.testing.assert_array_equal(
+            np.asarray(reg.batch_categories)[b["batch"].numpy()],
+            adata.obs["batch"].astype(str).to_numpy()[idx],
+        )
+        np.testing.assert_array_equal(
+            np.asarray(reg.label_categories)[b["labels"].numpy()],
+            adata.obs["cell_type"].astype(str).to_numpy()[idx],
+        )
+        assert b["nz_row"].numel() == x[idx].nnz
+
+
+# ---------------------------------------------------------------- split and sampler
+@pytest.mark.parametrize(("n_obs", "validation_size"), [(10, 0.1), (1000, 0.1), (333, 0.25)])
+def test_split_seeded_disjoint_covering(n_obs, validation_size):
+    train, val = split_indices(n_obs, validation_size, seed=3)
+    assert train.dtype == val.dtype == torch.int64
+    assert len(val) == round(n_obs * validation_size)
+    assert set(train.tolist()).isdisjoint(val.tolist())
+    assert sorted(train.tolist() + val.tolist()) == list(range(n_obs))
+    again = split_indices(n_obs, validation_size, seed=3)
+    assert torch.equal(train, again[0]) and torch.equal(val, again[1])
+    other = split_indices(n_obs, validation_size, seed=4)
+    assert not torch.equal(val, other[1])
+
+
+def test_split_without_validation_and_bad_sizes():
+    train, val = split_indices(50, 0.0, seed=0)
+    assert len(val) == 0 and torch.equal(train, torch.arange(50))
+    with pytest.raises(ValueError, match=r"validation_size must be in \[0, 1\)"):
+        split_indices(50, 1.0, seed=0)
+    with pytest.raises(ValueError, match="Too few cells"):
+        split_indices(2, 0.5, seed=0)
+
+
+def test_sampler_shuffled_never_yields_one_and_covers_everything():
+    gen = torch.Generator().manual_seed(0)
+    for n in [2, 3, 5, 127, 128, 129, 130, 257, 300]:
+        for batch_size in (2, 4, 128):
+            indices = torch.randperm(1000, generator=gen)[:n]
+            sampler = BatchSampler(indices, batch_size, shuffle=True, generator=gen)
+            batches = list(sampler)
+            assert len(batches) == len(sampler)
+            assert all(len(b) >= 2 for b in batches), (n, batch_size, [len(b) for b in batches])
+            assert all(len(b) <= batch_size + 1 for b in batches)
+            flat = torch.cat(batches).tolist()
+            assert sorted(flat) == sorted(indices.tolist())  # each index exactly once
+
+
+def test_sampler_is_seeded_and_reshuffles_each_epoch():
+    idx = torch.arange(100)
+    a = list(BatchSampler(idx, 16, shuffle=True, generator=torch.Generator().manual_seed(1)))
+    b = list(BatchSampler(idx, 16, shuffle=True, generator=torch.Generator().manual_seed(1)))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    sampler = BatchSampler(idx, 16, shuffle=True, generator=torch.Generator().manual_seed(1))
+    first, second = torch.cat(list(sampler)), torch.cat(list(sampler))
+    assert not torch.equal(first, second)
+
+
+def test_sampler_in_order_without_shuffle():
+    idx = torch.arange(10, 139)  # 129 cells: a last batch of one is fine for inference
+    batches = list(BatchSampler(idx, 64))
+    assert [len(b) for b in batches] == [64, 64, 1] == [len(b) for b in batches[: len(batches)]]
+    assert torch.equal(torch.cat(batches), idx)
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        BatchSampler(idx, 0)
