@@ -294,8 +294,9 @@ class _ZINBLogProbSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mu, theta, pi, x_nz, row, col, lin, eps):
         t = torch.div(mu, theta).log1p_()
-        a = torch.addcmul(pi, theta, t)  # π + θt
-        z = F.logsigmoid(pi).sub_(F.logsigmoid(a))  # log p(0), written with logsigmoid
+        neg_pi = torch.neg(pi)
+        b = torch.addcmul(neg_pi, theta, t, value=-1)  # −π − θt
+        z = F.softplus(b).sub_(F.softplus(neg_pi))  # log p(0)
         mu_nz, theta_nz = mu.reshape(-1).index_select(0, lin), _at(theta, col, lin)
         pi_nz, t_nz = pi.reshape(-1).index_select(0, lin), t.reshape(-1).index_select(0, lin)
         lgamma_theta_nz = _special_at(torch.lgamma, theta, theta_nz, col)
@@ -305,14 +306,14 @@ class _ZINBLogProbSum(torch.autograd.Function):
         # explicit zeros stored in `nz` keep the zero branch
         positive = x_nz > 0
         z.index_copy_(0, lin, torch.where(positive, log_px, z.index_select(0, lin)))
-        ctx.save_for_backward(mu, theta, pi, t, a, x_nz, row, col, lin, positive)
+        ctx.save_for_backward(mu, theta, pi, t, b, neg_pi, x_nz, row, col, lin, positive)
         ctx.eps = eps
         return z.view_as(t).sum(-1)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        mu, theta, pi, t, a, x_nz, row, col, lin, positive = ctx.saved_tensors
+        mu, theta, pi, t, b, neg_pi, x_nz, row, col, lin, positive = ctx.saved_tensors
         g, g_nz = grad_out[:, None], grad_out.index_select(0, row)
         mu_nz, theta_nz = mu.reshape(-1).index_select(0, lin), _at(theta, col, lin)
         t_nz = t.reshape(-1).index_select(0, lin)
@@ -325,20 +326,20 @@ class _ZINBLogProbSum(torch.autograd.Function):
             value = torch.where(positive, positive_grad.mul_(g_nz), flat.index_select(0, lin))
             return flat.index_copy_(0, lin, value).view_as(dense)
 
-        s = torch.neg(a).sigmoid_()  # σ(−π − θt)
+        s = torch.sigmoid(b).mul_(-g)  # −g σ(−π − θt)
         grad_mu = grad_theta = grad_pi = None
         if ctx.needs_input_grad[2]:
-            grad_pi = torch.neg(pi).sigmoid_().sub_(s).mul_(g)
+            grad_pi = torch.sigmoid(neg_pi).mul_(g).add_(s)  # g (σ(−π) − σ(−π − θt))
             grad_pi = overwrite(grad_pi, -torch.sigmoid(pi.reshape(-1).index_select(0, lin)))
         q = torch.add(mu, theta)
         torch.div(theta, q, out=q)  # θ/(θ+μ)
         if ctx.needs_input_grad[1]:
-            grad_theta = torch.add(t, q).sub_(1).mul_(s).mul_(-g)
+            grad_theta = torch.add(t, q).sub_(1).mul_(s)
             grad_theta = overwrite(grad_theta, d_theta.add_(1).sub_(t_nz).sub_(q_nz))
             if theta.dim() == 1:
                 grad_theta = grad_theta.sum(0)
         if ctx.needs_input_grad[0]:
-            grad_mu = overwrite(q.mul_(s).mul_(-g), d_mu.sub_(q_nz))
+            grad_mu = overwrite(q.mul_(s), d_mu.sub_(q_nz))
         return grad_mu, grad_theta, grad_pi, None, None, None, None, None
 
 
