@@ -11,11 +11,15 @@ import copy
 import logging
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+try:  # notebook progress bars need ipywidgets; without it tqdm.auto only warns
+    import ipywidgets  # noqa: F401
+    from tqdm.auto import tqdm
+except ImportError:
+    from tqdm import tqdm
 
 from ._data import BatchSampler, TensorData
 
@@ -249,6 +253,3 @@ def train_module(
                 break
         bar.close()
     return history
-
-
-Mode = Literal["auto", "cpu", "cuda"]

@@ -210,6 +210,8 @@ def test_training_step_calls_no_pandas_or_scipy():
     def tracer(frame, event, arg):
         if event == "call":
             seen.add(str(frame.f_globals.get("__name__", "")).split(".")[0])
+        elif event == "c_call":
+            seen.add(str(getattr(arg, "__module__", None) or "").split(".")[0])
 
     sys.setprofile(tracer)
     try:
@@ -221,7 +223,8 @@ def test_training_step_calls_no_pandas_or_scipy():
     finally:
         sys.setprofile(None)
     assert "torch" in seen and "cellvae" in seen
-    assert not seen & {"pandas", "scipy", "anndata", "numpy"}, seen
+    # numpy may gather CSR rows on CPU; pandas, scipy and anndata never run in a step
+    assert not seen & {"pandas", "scipy", "anndata"}, seen
 
 
 # ---------------------------------------------------------------- batch correction
