@@ -1,0 +1,374 @@
+"""Run every benchmark, then print one cellvae / scvi-tools table and draw the plots.
+
+    make bench                                        # full suite (.venv/bin/python run_all.py)
+    .venv/bin/python benchmarks/run_all.py --quick    # smoke run on tiny data, minutes
+    .venv/bin/python benchmarks/run_all.py --with-1m [--scvi-1m]
+    .venv/bin/python benchmarks/run_all.py --report-only   # table + plots from existing CSVs
+
+Each benchmark script runs as its own process and writes its CSV; this script then reads the
+CSVs, prints the summary (ratios are cellvae / scvi-tools; the "better" column says which
+direction is good) and writes ``summary.csv``, ``run_info.json``, ``throughput.png``,
+``memory.png`` and ``scib.png`` next to them (``benchmarks/results/``, or
+``benchmarks/results/quick/`` with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import (
+    BENCH_DIR,
+    THREADS,
+    fmt,
+    machine_info,
+    print_table,
+    ratio,
+    read_csv,
+    results_dir,
+    thread_env,
+    tool_versions,
+    write_csv,
+)
+
+TOOLS = ("cellvae", "scvi-tools")
+COLORS = {"cellvae": "#1f77b4", "scvi-tools": "#ff7f0e"}
+
+
+def run(script: str, args: list[str], threads: int) -> int:
+    cmd = [sys.executable, str(BENCH_DIR / script), *args]
+    print(f"\n$ {' '.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    rc = subprocess.call(cmd, env=thread_env(threads), cwd=BENCH_DIR.parent)
+    print(f"({script} finished with code {rc} in {time.perf_counter() - t0:.0f} s)", flush=True)
+    return rc
+
+
+# --------------------------------------------------------------------------- summary rows
+def _pair(rows, key, **match):
+    """{tool: value} of ``key`` for the rows matching ``match`` (status ok only)."""
+    out = {}
+    for r in rows:
+        if all(str(r.get(k)) == str(v) for k, v in match.items()) and r.get("status") == "ok":
+            out[r["tool"]] = r.get(key)
+    return out
+
+
+def _row(metric, dataset, values, better, unit=""):
+    cv, st = values.get("cellvae", math.nan), values.get("scvi-tools", math.nan)
+    return {
+        "metric": metric,
+        "dataset": dataset,
+        "cellvae": cv,
+        "scvi-tools": st,
+        "cellvae / scvi-tools": ratio(cv, st),
+        "better": better,
+        "unit": unit,
+    }
+
+
+def _datasets(rows):
+    seen = []
+    for r in rows:
+        if r.get("dataset") not in seen and isinstance(r.get("dataset"), str):
+            seen.append(r["dataset"])
+    return seen
+
+
+def summarise(out_dir: Path) -> list[dict]:
+    rows: list[dict] = []
+    train = read_csv(out_dir / "scvi_train.csv")
+    for d in _datasets(train):
+        sub = [r for r in train if r["dataset"] == d]
+        n = next((r.get("n_obs") for r in sub if r.get("status") == "ok"), "")
+        label = f"{d} ({fmt(n)} cells)" if n != "" else d
+        rows.append(
+            _row(
+                "SCVI train throughput",
+                label,
+                _pair(sub, "cells_per_s_steady"),
+                "higher",
+                "cells/s",
+            )
+        )
+        rows.append(
+            _row(
+                "SCVI train peak RSS above data", label, _pair(sub, "peak_delta_mb"), "lower", "MB"
+            )
+        )
+        skipped = [r for r in sub if r.get("status") != "ok"]
+        for r in skipped:
+            rows[-1]["note"] = f"{r['tool']}: {r.get('status')} {r.get('error', '')}"[:120]
+    infer = read_csv(out_dir / "scvi_inference.csv")
+    for d in _datasets(infer):
+        for task, name in (("latent", "latent"), ("normalized", "normalized expression")):
+            sub = [r for r in infer if r["dataset"] == d and r["task"] == task]
+            if not sub:
+                continue
+            rows.append(
+                _row(f"SCVI {name} throughput", d, _pair(sub, "cells_per_s"), "higher", "cells/s")
+            )
+            rows.append(
+                _row(
+                    f"SCVI {name} peak RSS above data",
+                    d,
+                    _pair(sub, "peak_delta_mb"),
+                    "lower",
+                    "MB",
+                )
+            )
+    quality = read_csv(out_dir / "scvi_quality.csv")
+    for d in _datasets(quality):
+        for warm in ("matched", "default"):
+            sub = [r for r in quality if r["dataset"] == d and r.get("kl_warmup") == warm]
+            if not sub:
+                continue
+            ep = sub[0].get("epochs")
+            tag = f"{d}, {fmt(ep)} ep, {warm} warm-up"
+            rows.append(
+                _row("SCVI held-out -ELBO / cell", tag, _pair(sub, "heldout_neg_elbo"), "lower")
+            )
+            rows.append(
+                _row(
+                    "SCVI held-out reconstruction / cell",
+                    tag,
+                    _pair(sub, "heldout_reconstruction"),
+                    "lower",
+                )
+            )
+    scib = read_csv(out_dir / "scvi_scib.csv")
+    for metric in ("Total", "Batch correction", "Bio conservation"):
+        for warm in ("matched", "default"):
+            vals = {}
+            for r in scib:
+                emb = str(r.get("embedding", ""))
+                if r.get("metric") == metric and f"({warm} warm-up)" in emb:
+                    vals[emb.split(" (")[0]] = r.get("value")
+            if vals:
+                d = scib[0].get("dataset", "")
+                rows.append(_row(f"scib {metric}", f"{d}, {warm} warm-up", vals, "higher"))
+    loader = read_csv(out_dir / "dataloader.csv")
+    if loader:
+        vals = {}
+        key = next(
+            (
+                k
+                for k in ("median_ms_per_batch", "ms_per_batch", "best_ms_per_batch")
+                if k in loader[0]
+            ),
+            None,
+        )
+        for r in loader:
+            tool = "cellvae" if str(r["loader"]).startswith("cellvae") else "scvi-tools"
+            vals[tool] = r.get(key, math.nan) if key else math.nan
+        rows.append(
+            _row(
+                "minibatch fetch time",
+                f"{fmt(loader[0].get('n_obs'))} cells",
+                vals,
+                "lower",
+                "ms/batch",
+            )
+        )
+    tv = read_csv(out_dir / "totalvi.csv")
+    for d in _datasets(tv):
+        sub = [r for r in tv if r["dataset"] == d]
+        rows.append(
+            _row(
+                "TOTALVI train throughput", d, _pair(sub, "cells_per_s_steady"), "higher", "cells/s"
+            )
+        )
+        rows.append(
+            _row("TOTALVI train peak RSS above data", d, _pair(sub, "peak_delta_mb"), "lower", "MB")
+        )
+        for warm in ("matched", "default"):
+            s2 = [r for r in sub if r.get("kl_warmup") == warm]
+            if s2:
+                tag = f"{d}, {fmt(s2[0].get('epochs'))} ep, {warm} warm-up"
+                rows.append(
+                    _row(
+                        "TOTALVI held-out -ELBO / cell", tag, _pair(s2, "heldout_neg_elbo"), "lower"
+                    )
+                )
+    if any(r.get("status") == "skipped" for r in tv):
+        rows.append(
+            {"metric": "TOTALVI", "dataset": "-", "note": "skipped: " + str(tv[0].get("error"))}
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------- plots
+def _bars(ax, groups, values, log=False, ylabel=""):
+    import numpy as np
+
+    x = np.arange(len(groups))
+    width = 0.38
+    for i, tool in enumerate(TOOLS):
+        vals = [values[g].get(tool, math.nan) for g in groups]
+        bars = ax.bar(x + (i - 0.5) * width, vals, width, label=tool, color=COLORS[tool])
+        for b, v in zip(bars, vals):
+            if isinstance(v, float) and math.isnan(v):
+                ax.annotate("n/a", (b.get_x() + width / 2, 0), ha="center", va="bottom", fontsize=7)
+    for j, g in enumerate(groups):
+        r = ratio(values[g].get("cellvae"), values[g].get("scvi-tools"))
+        if not math.isnan(r):
+            top = max(
+                v for v in values[g].values() if isinstance(v, int | float) and not math.isnan(v)
+            )
+            ax.annotate(
+                f"{r:.2g}x",
+                (x[j], top),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                xytext=(0, 3),
+                textcoords="offset points",
+            )
+    ax.set_xticks(x)
+    ax.set_xticklabels(groups, rotation=20, ha="right", fontsize=8)
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    ax.margins(y=0.15)
+
+
+def _groups(out_dir: Path, key_train: str, key_infer: str):
+    groups: dict[str, dict] = {}
+    for r in read_csv(out_dir / "scvi_train.csv"):
+        if r.get("status") == "ok":
+            groups.setdefault(f"SCVI train\n{r['dataset']}", {})[r["tool"]] = r.get(key_train)
+    for r in read_csv(out_dir / "scvi_inference.csv"):
+        if r.get("status") == "ok":
+            groups.setdefault(f"SCVI {r['task']}\n{r['dataset']}", {})[r["tool"]] = r.get(key_infer)
+    for r in read_csv(out_dir / "totalvi.csv"):
+        if r.get("status") == "ok" and r.get("kl_warmup") == "matched":
+            groups.setdefault(f"TOTALVI train\n{r['dataset']}", {})[r["tool"]] = r.get(key_train)
+    return groups
+
+
+def plot(out_dir: Path, title_note: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name, ktrain, kinfer, ylabel, log in (
+        ("throughput", "cells_per_s_steady", "cells_per_s", "cells per second (log)", True),
+        ("memory", "peak_delta_mb", "peak_delta_mb", "peak RSS above loaded data (MB)", False),
+    ):
+        groups = _groups(out_dir, ktrain, kinfer)
+        if not groups:
+            continue
+        fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(groups) + 2), 4.5))
+        _bars(ax, list(groups), groups, log=log, ylabel=ylabel)
+        what = "higher is better" if name == "throughput" else "lower is better"
+        ax.set_title(
+            f"cellvae vs scvi-tools: {name} ({what}; label = cellvae / scvi-tools)\n{title_note}",
+            fontsize=9,
+        )
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    scib = [
+        r for r in read_csv(out_dir / "scvi_scib.csv") if isinstance(r.get("value"), float | int)
+    ]
+    if scib:
+        import numpy as np
+
+        metrics = list(dict.fromkeys(r["metric"] for r in scib))
+        embs = list(dict.fromkeys(r["embedding"] for r in scib))
+        fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(metrics) + 3), 4.8))
+        width = 0.8 / len(embs)
+        x = np.arange(len(metrics))
+        cmap = plt.get_cmap("tab10")
+        for i, emb in enumerate(embs):
+            vals = [
+                next(
+                    (r["value"] for r in scib if r["embedding"] == emb and r["metric"] == m), np.nan
+                )
+                for m in metrics
+            ]
+            color = "#7f7f7f" if emb.startswith("PCA") else cmap(i)
+            if emb.startswith("cellvae"):
+                color = COLORS["cellvae"] if "matched" in emb else "#aec7e8"
+            elif emb.startswith("scvi-tools"):
+                color = COLORS["scvi-tools"] if "matched" in emb else "#ffbb78"
+            ax.bar(x + (i - (len(embs) - 1) / 2) * width, vals, width, label=emb, color=color)
+        ax.set_xticks(x)
+        ax.set_xticklabels(metrics, rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("score (higher is better)")
+        method = scib[0].get("method", "")
+        ax.set_title(
+            f"scib-metrics on {scib[0].get('dataset', '')} ({method})\n{title_note}", fontsize=9
+        )
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = out_dir / "scib.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    for p in written:
+        print(f"wrote {p}")
+    return written
+
+
+# --------------------------------------------------------------------------- main
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run on tiny data")
+    parser.add_argument("--with-1m", action="store_true", help="add cellvae on 1M x 2,000 (18%%)")
+    parser.add_argument("--scvi-1m", action="store_true", help="also try scvi-tools on 1M")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["dataloader", "scvi", "totalvi"])
+    parser.add_argument("--threads", type=int, default=THREADS)
+    parser.add_argument("--report-only", action="store_true", help="only table + plots from CSVs")
+    a = parser.parse_args()
+    out_dir = results_dir(a.quick)
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    info = {"started": started, "quick": a.quick, **machine_info(), "versions": tool_versions()}
+    codes = {}
+    if not a.report_only:
+        common = ["--threads", str(a.threads)] + (["--quick"] if a.quick else [])
+        if "dataloader" not in a.skip:
+            dl = ["--threads", str(a.threads), "--out", str(out_dir / "dataloader.csv")]
+            if a.quick:
+                dl += ["--n-obs", "5000", "--epochs", "1"]
+            codes["dataloader"] = run("bench_dataloader.py", dl, a.threads)
+        if "scvi" not in a.skip:
+            extra = (["--with-1m"] if a.with_1m else []) + (["--scvi-1m"] if a.scvi_1m else [])
+            codes["scvi"] = run("bench_scvi.py", common + extra, a.threads)
+        if "totalvi" not in a.skip:
+            codes["totalvi"] = run("bench_totalvi.py", common, a.threads)
+        info["exit_codes"] = codes
+        info["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        info["load_avg_1min_end"] = machine_info().get("load_avg_1min")
+        (out_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    rows = summarise(out_dir)
+    print(f"\n{'=' * 30} cellvae vs scvi-tools ({'quick' if a.quick else 'full'} run) {'=' * 30}")
+    print(f"torch threads {a.threads}; {info['processor']}, {info['cpu_count']} CPUs")
+    print(f"versions: {info['versions']}")
+    print_table(
+        rows,
+        [
+            ("metric", "metric"), ("dataset", "data"), ("cellvae", "cellvae"),
+            ("scvi-tools", "scvi-tools"), ("cellvae / scvi-tools", "ratio"),
+            ("better", "better"), ("unit", "unit"), ("note", "note"),
+        ],
+    )  # fmt: skip
+    write_csv(out_dir / "summary.csv", rows)
+    note = f"{'quick smoke run' if a.quick else 'full run'}, torch threads {a.threads}, {started}"
+    plot(out_dir, note)
+    return 0 if all(c == 0 for c in codes.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
