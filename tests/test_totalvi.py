@@ -37,7 +37,8 @@ def _eccite(n_genes=400):
 @pytest.fixture(scope="module")
 def eccite():
     adata = _eccite()
-    model = cellvae.TOTALVI(adata, n_hidden=64, n_latent=10)
+    # the latent library (not the default) so its getters are exercised too
+    model = cellvae.TOTALVI(adata, n_hidden=64, n_latent=10, use_observed_lib_size=False)
     model.train(max_epochs=80, batch_size=128, early_stopping=False, progress_bar=False)
     return adata, model
 

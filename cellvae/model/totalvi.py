@@ -93,9 +93,9 @@ class TOTALVI(BaseModel):
         n_layers_encoder: int = 2,
         n_layers_decoder: int = 1,
         dropout_rate_encoder: float = 0.2,
-        dropout_rate_decoder: float = 0.0,
+        dropout_rate_decoder: float = 0.2,
         adversarial_classifier: bool = False,
-        use_observed_lib_size: bool = False,
+        use_observed_lib_size: bool = True,
         **module_kwargs: Any,
     ):
         allowed = {"use_batch_norm", "use_layer_norm", "adversarial_weight"}
