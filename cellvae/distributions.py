@@ -81,6 +81,13 @@ def log_nb_positive(
     -------
     torch.Tensor
         ``log p(x)`` with the broadcast shape of the inputs.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.tensor([0.0, 3.0])
+    >>> log_nb_positive(x, mu=torch.tensor([2.0, 2.0]), theta=torch.tensor([1.0, 1.0])).shape
+    torch.Size([2])
     """
     theta = theta.clamp_min(eps)
     theta_term, rest = _nb_core(x, mu, theta, eps)
@@ -114,6 +121,14 @@ def log_zinb_positive(
     torch.Tensor
         ``log p(x)`` with the broadcast shape of the inputs. Both branches are finite everywhere, so
         gradients through the unused branch of the ``torch.where`` are zero, never NaN.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x, mu, theta = torch.zeros(3), torch.full((3,), 2.0), torch.ones(3)
+    >>> zinb, nb = log_zinb_positive(x, mu, theta, torch.zeros(3)), log_nb_positive(x, mu, theta)
+    >>> bool((zinb > nb).all())
+    True
     """
     theta = theta.clamp_min(eps)
     theta_term, rest = _nb_core(x, mu, theta, eps)
@@ -158,6 +173,14 @@ def log_mixture_nb(
     -------
     torch.Tensor
         ``log p(x)`` with the broadcast shape of the inputs.
+
+    Examples
+    --------
+    >>> import torch
+    >>> y = torch.tensor([[5.0, 80.0]])
+    >>> log_mixture_nb(y, torch.full((1, 2), 5.0), torch.full((1, 2), 80.0), torch.ones(2), None,
+    ...                torch.zeros(1, 2)).shape
+    torch.Size([1, 2])
     """
     theta1 = theta1.clamp_min(eps)
     if theta2 is None:

@@ -283,6 +283,15 @@ class BaseModel:
             ``kl_warmup_fraction``, ``n_epochs_kl_warmup``, ``early_stopping_patience``,
             ``early_stopping_min_delta``, ``reduce_lr_on_plateau``, ``lr_factor``,
             ``lr_patience``, ``gradient_clip_val``.
+
+        Examples
+        --------
+        >>> import cellvae
+        >>> adata = cellvae.datasets.synthetic(200, 30)
+        >>> cellvae.SCVI.setup_anndata(adata, batch_key="batch")
+        >>> model = cellvae.SCVI(adata).train(max_epochs=3, progress_bar=False)
+        >>> len(model.history)
+        3
         """
         td, reg = self._data()
         unknown = set(train_options) - set(TrainConfig.__dataclass_fields__)
@@ -347,6 +356,15 @@ class BaseModel:
             Folder to write (created if missing).
         overwrite
             Replace a model already saved there.
+
+        Examples
+        --------
+        >>> import tempfile, cellvae
+        >>> adata = cellvae.datasets.synthetic(200, 30)
+        >>> cellvae.SCVI.setup_anndata(adata)
+        >>> model = cellvae.SCVI(adata).train(max_epochs=1, progress_bar=False)
+        >>> folder = tempfile.mkdtemp()
+        >>> model.save(folder, overwrite=True)
         """
         self._check_trained()
         path = Path(dir_path)
@@ -388,6 +406,18 @@ class BaseModel:
             the saved model's setup; the genes must be the same, in the same order.
         device
             Where to put the weights (a model saved on GPU loads on CPU and vice versa).
+
+        Examples
+        --------
+        >>> import tempfile, numpy as np, cellvae
+        >>> adata = cellvae.datasets.synthetic(200, 30)
+        >>> cellvae.SCVI.setup_anndata(adata)
+        >>> model = cellvae.SCVI(adata).train(max_epochs=1, progress_bar=False)
+        >>> folder = tempfile.mkdtemp()
+        >>> model.save(folder, overwrite=True)
+        >>> loaded = cellvae.SCVI.load(folder, adata, device="cpu")
+        >>> np.array_equal(loaded.get_latent_representation(), model.get_latent_representation())
+        True
         """
         path = Path(dir_path)
         config_file = path / "model.json"
