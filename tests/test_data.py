@@ -166,12 +166,20 @@ def test_torch_gather_path_matches_numpy_path():
         row, col, val = td.rows(idx)
         row_t, col_t, val_t = _rows_torch(td.indptr, td.indices, td.values, idx)
         assert torch.equal(row, row_t) and torch.equal(col, col_t) and torch.equal(val, val_t)
-    # and the fallback when the interleaved layout is replaced by plain tensors
-    plain = TensorData.from_adata(adata)
-    plain.indices, plain.values = plain.indices.contiguous(), plain.values.contiguous()
-    assert plain._pairs() is None and td._pairs() is not None
-    for key in ("x", "nz_row", "nz_col"):
-        assert torch.equal(plain[idx][key], td[idx][key])
+
+
+def test_csr_shares_the_anndata_arrays():
+    # a canonical float32 / int32 CSR is used in place: no copy of the count matrix
+    adata = make()
+    pp.setup_anndata(adata)
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    adata.X.indices = adata.X.indices.astype(np.int32)
+    td = TensorData.from_adata(adata)
+    assert np.shares_memory(td.values.numpy(), adata.X.data)
+    assert np.shares_memory(td.indices.numpy(), adata.X.indices)
+    before = adata.X.copy()
+    _ = td[torch.arange(adata.n_obs)]
+    assert (adata.X != before).nnz == 0
 
 
 def test_to_device_keeps_values():
