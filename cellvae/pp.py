@@ -6,7 +6,6 @@ import dataclasses
 import logging
 import warnings
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -411,12 +410,8 @@ def registry_like(adata, source, *, extend_categories: bool = False) -> Registry
             "as zero columns)."
         )
     if kwargs["labels_key"] is None and ref.labels_key is not None:
-        reg = _replace(reg, label_categories=ref.label_categories)
+        reg = dataclasses.replace(reg, label_categories=ref.label_categories)
     return reg
-
-
-def _replace(reg: Registry, **changes: Any) -> Registry:
-    return dataclasses.replace(reg, **changes)
 
 
 def view_setup(adata) -> None:

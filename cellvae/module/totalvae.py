@@ -21,7 +21,7 @@ from torch import nn
 
 from ..distributions import NegativeBinomial, NegativeBinomialMixture, ZeroInflatedNegativeBinomial
 from ..nn import DecoderTOTALVI, EncoderTOTALVI
-from ._base import LossOutput, kl_normal
+from ._base import LossOutput, check_choice, covariate_codes, kl_normal, kl_normal_elementwise
 
 GeneDispersion = Literal["gene", "gene-batch", "gene-label"]
 ProteinDispersion = Literal["protein", "protein-batch", "protein-label"]
@@ -249,15 +249,7 @@ class TOTALVAE(nn.Module):
             ("gene_likelihood", gene_likelihood, ("nb", "zinb")),
             ("latent_distribution", latent_distribution, ("normal", "ln")),
         ):
-            if value not in options:
-                raise ValueError(f"{name} must be one of {list(options)}, got {value!r}.")
-
-    @staticmethod
-    def _cats(tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        cats = [tensors["batch"]]
-        if "cat_covs" in tensors:
-            cats += list(tensors["cat_covs"].unbind(-1))
-        return cats
+            check_choice(name, value, options)
 
     @staticmethod
     def _by_code(param: torch.Tensor, codes: torch.Tensor | None) -> torch.Tensor:
@@ -276,7 +268,7 @@ class TOTALVAE(nn.Module):
         data = torch.cat([torch.log1p(x), torch.log1p(y)], dim=-1)
         if "cont_covs" in tensors:
             data = torch.cat([data, tensors["cont_covs"]], dim=-1)
-        qz_m, qz_v, ql_m, ql_v, latent, untran = self.encoder(data, *self._cats(tensors))
+        qz_m, qz_v, ql_m, ql_v, latent, untran = self.encoder(data, *covariate_codes(tensors))
         z, untran_z, library = latent["z"], untran["z"], latent["l"]
         if self.use_size_factor_key:
             library = tensors["size_factor"].unsqueeze(-1)
@@ -318,7 +310,7 @@ class TOTALVAE(nn.Module):
         Returns ``px``, ``py`` (distributions), ``px_`` and ``py_`` (the decoder outputs) and
         ``log_pro_back_mean``.
         """
-        cats = self._cats(tensors)
+        cats = covariate_codes(tensors)
         if batch is not None:
             cats[0] = batch
         dec_in = z
@@ -378,7 +370,7 @@ class TOTALVAE(nn.Module):
         py_ = gen["py_"]
         prior_m = self.prior_mean.T[b]
         prior_v = torch.exp(2 * self.prior_log_scale.T[b])
-        kl_back = _kl_normal_elementwise(py_["back_alpha"], py_["back_beta"] ** 2, prior_m, prior_v)
+        kl_back = kl_normal_elementwise(py_["back_alpha"], py_["back_beta"] ** 2, prior_m, prior_v)
         kl_back = (kl_back * mask).sum(-1)
         kl_l = torch.zeros_like(kl_z)
         if inf["ql_m"] is not None:
@@ -421,8 +413,3 @@ class TOTALVAE(nn.Module):
         inf = self.inference(tensors)
         gen = self.generative(inf["z"], inf["library"], tensors)
         return self.loss(tensors, inf, gen, kl_weight)
-
-
-def _kl_normal_elementwise(q_m, q_v, p_m, p_v) -> torch.Tensor:
-    """Elementwise KL(N(q_m, q_v) ‖ N(p_m, p_v)) (variances, not scales)."""
-    return 0.5 * (torch.log(p_v) - torch.log(q_v) + (q_v + (q_m - p_m) ** 2) / p_v - 1.0)

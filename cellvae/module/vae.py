@@ -17,7 +17,7 @@ from torch import nn
 
 from ..distributions import NegativeBinomial, Normal, Poisson, ZeroInflatedNegativeBinomial
 from ..nn import DecoderSCVI, Encoder
-from ._base import LossOutput, kl_normal
+from ._base import LossOutput, check_choice, covariate_codes, kl_normal
 
 Dispersion = Literal["gene", "gene-batch", "gene-label", "gene-cell"]
 Likelihood = Literal["zinb", "nb", "poisson", "normal"]
@@ -90,7 +90,7 @@ class VAE(nn.Module):
         super().__init__()
         self._check_options(dispersion, gene_likelihood, latent_distribution)
         for name, value in (("use_batch_norm", use_batch_norm), ("use_layer_norm", use_layer_norm)):
-            _check_choice(name, value, ("encoder", "decoder", "none", "both"))
+            check_choice(name, value, ("encoder", "decoder", "none", "both"))
         self.n_input, self.n_batch, self.n_labels = n_input, n_batch, n_labels
         self.n_latent = n_latent
         self.dispersion = dispersion
@@ -169,22 +169,15 @@ class VAE(nn.Module):
     @staticmethod
     def _check_options(dispersion: str, gene_likelihood: str, latent_distribution: str) -> None:
         """Raise a ValueError naming the allowed values of a bad option."""
-        _check_choice("dispersion", dispersion, ("gene", "gene-batch", "gene-label", "gene-cell"))
-        _check_choice("gene_likelihood", gene_likelihood, ("zinb", "nb", "poisson", "normal"))
-        _check_choice("latent_distribution", latent_distribution, ("normal", "ln"))
-
-    @staticmethod
-    def _cats(tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        cats = [tensors["batch"]]
-        if "cat_covs" in tensors:
-            cats += list(tensors["cat_covs"].unbind(-1))
-        return cats
+        check_choice("dispersion", dispersion, ("gene", "gene-batch", "gene-label", "gene-cell"))
+        check_choice("gene_likelihood", gene_likelihood, ("zinb", "nb", "poisson", "normal"))
+        check_choice("latent_distribution", latent_distribution, ("normal", "ln"))
 
     # ------------------------------------------------------------------ the model
     def inference(self, tensors: dict[str, torch.Tensor], n_samples: int = 1) -> dict:
         """Encode a minibatch: q(z | x) and the library (observed, size factor or latent)."""
         x = tensors["x"]
-        cats = self._cats(tensors)
+        cats = covariate_codes(tensors)
         x_in = torch.log1p(x) if self.log_variational else x
         if self.encode_covariates and "cont_covs" in tensors:
             x_in = torch.cat([x_in, tensors["cont_covs"]], dim=-1)
@@ -218,7 +211,7 @@ class VAE(nn.Module):
         gene_idx: torch.Tensor | None = None,
     ) -> dict:
         """Decode z into the count distribution ``px`` (``batch`` overrides the cells' batch)."""
-        cats = self._cats(tensors)
+        cats = covariate_codes(tensors)
         if batch is not None:
             cats[0] = batch
         dec_in = z
@@ -305,11 +298,6 @@ class VAE(nn.Module):
             log_w += prior.log_prob(lib).sum(-1)
             log_w -= Normal(inf["ql_m"], inf["ql_v"].sqrt()).log_prob(lib).sum(-1)
         return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
-
-
-def _check_choice(name: str, value, options) -> None:
-    if value not in options:
-        raise ValueError(f"{name} must be one of {list(options)}, got {value!r}.")
 
 
 __all__ = ["VAE"]
