@@ -118,12 +118,11 @@ class BaseModel:
         return idx
 
     def _batches(self, td: TensorData, indices, batch_size: int | None):
-        """Yield minibatch dicts on the module's device, in order."""
+        """Yield minibatch dicts on the module's device, in order (only each batch is moved)."""
         idx = self._indices(td, indices)
         dev = self.device
-        td = td.to(dev) if dev.type != "cpu" else td
         for chunk in BatchSampler(idx, batch_size or 1024):
-            yield td[chunk.to(dev)]
+            yield {k: v.to(dev) for k, v in td[chunk].items()}
 
     # ------------------------------------------------------------------ shared getters
     @torch.no_grad()
