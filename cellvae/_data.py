@@ -18,6 +18,7 @@ import scipy.sparse as sp
 import torch
 
 from ._registry import Registry, get_counts, iter_row_chunks
+from ._sparse import CSRBatch
 
 logger = logging.getLogger(__name__)
 
@@ -143,47 +144,30 @@ class TensorData:
             if isinstance(v := getattr(self, f.name), torch.Tensor)
         )
 
-    def rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """CSR entries of rows ``idx``: (row position in the batch, column, value).
+    def counts(self, idx: torch.Tensor) -> torch.Tensor | CSRBatch:
+        """Counts of rows ``idx``: a :class:`~cellvae._sparse.CSRBatch`, or dense rows.
 
-        Positions and columns are int64, values float32; entries come row by row in the order
-        of ``idx``. On CPU the gather runs in single-threaded numpy: the same chain of small
-        torch ops waits on torch's thread pool for every op, which made it 20x slower on a busy
-        machine. Elsewhere it runs in torch, with one host sync for the number of entries.
+        CSR entries come row by row in the order of ``idx``; columns are int64, values float32.
+        On CPU the gather runs in single-threaded numpy: the same chain of small torch ops waits
+        on torch's thread pool for every op, which made it 20x slower on a busy machine.
+        Elsewhere it runs in torch, with one host sync for the number of entries. No dense
+        ``cells × genes`` array is built: the models read the entries directly.
         """
         idx = self._index(idx)
-        if self.indptr.device.type == "cpu":
-            row, col, val = self._rows_cpu(idx.numpy())
-            return torch.from_numpy(row), torch.from_numpy(col), torch.from_numpy(val)
-        return _rows_torch(self.indptr, self.indices, self.values, idx)
-
-    def _rows_cpu(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        row, pos = _positions(self.indptr.numpy(), idx)
-        col = self.indices.numpy().take(pos).astype(np.int64)
-        return row, col, self.values.numpy().take(pos)
-
-    def counts(self, idx: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Dense counts of rows ``idx`` and the (row, col) positions of their nonzeros."""
-        idx = self._index(idx)
-        n = idx.shape[0]
         if self.dense is not None:
-            x = self.dense.index_select(0, idx)
-            nz = torch.nonzero(x, as_tuple=True)
-            return x, nz
+            return self.dense.index_select(0, idx)
         if self.indptr.device.type == "cpu":
-            row, col, val = self._rows_cpu(idx.numpy())
-            flat = row * self.n_vars
-            flat += col
-            x = np.zeros(n * self.n_vars, dtype=np.float32)
-            x[flat] = val
-            return torch.from_numpy(x).view(n, self.n_vars), (
-                torch.from_numpy(row),
-                torch.from_numpy(col),
-            )
-        row, col, val = _rows_torch(self.indptr, self.indices, self.values, idx)
-        x = torch.zeros(n * self.n_vars, dtype=torch.float32, device=idx.device)
-        x.index_put_((row * self.n_vars + col,), val)
-        return x.view(n, self.n_vars), (row, col)
+            idx_np = idx.numpy()
+            starts = self.indptr.numpy().take(idx_np)
+            lengths = self.indptr.numpy().take(idx_np + 1) - starts
+            row, pos, offsets = _positions(starts, lengths)
+            col = self.indices.numpy().take(pos).astype(np.int64)
+            val = self.values.numpy().take(pos)
+            parts = (row, col, val, offsets)
+            row, col, val, offsets = (torch.from_numpy(a) for a in parts)
+        else:
+            row, col, val, offsets = _rows_torch(self.indptr, self.indices, self.values, idx)
+        return CSRBatch(row, col, val, offsets, (len(idx), self.n_vars))
 
     def _index(self, idx) -> torch.Tensor:
         """``idx`` as a 1-D int64 tensor on this data's device."""
@@ -199,17 +183,14 @@ class TensorData:
     def __getitem__(self, idx: torch.Tensor) -> Batch:
         """The minibatch of cells ``idx`` as a dict of tensors.
 
-        Keys: ``"x"`` (dense float32 counts, cells × genes), ``"nz_row"`` / ``"nz_col"`` (int64
-        positions of the nonzero counts in ``x``, row-major), ``"batch"`` and ``"labels"``
+        Keys: ``"x"`` (the counts: a :class:`~cellvae._sparse.CSRBatch` for sparse data, else a
+        dense float32 tensor, cells × genes), ``"batch"`` and ``"labels"``
         (int64 codes) and, when registered, ``"cat_covs"`` (int64, cells × covariates),
         ``"cont_covs"`` (float32), ``"size_factor"`` (float32) and ``"protein"`` (float32).
         """
         idx = self._index(idx)
-        x, (nz_row, nz_col) = self.counts(idx)
         out: Batch = {
-            "x": x,
-            "nz_row": nz_row,
-            "nz_col": nz_col,
+            "x": self.counts(idx),
             "batch": self.batch.index_select(0, idx),
             "labels": self.labels.index_select(0, idx),
         }
@@ -236,32 +217,35 @@ def _canonical(csr: sp.csr_matrix, *, copy: bool) -> tuple[np.ndarray, np.ndarra
     return csr.indptr, csr.indices, csr.data
 
 
-def _positions(indptr: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Batch row and CSR position of every stored entry of rows ``idx``, row by row."""
+def _positions(
+    starts: np.ndarray, lengths: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Batch row and CSR position of every stored entry of the rows, and where each row starts."""
     # ndarray methods and C-level numpy functions only: no Python-level numpy wrapper per batch
-    starts = indptr.take(idx)
-    lengths = indptr.take(idx + 1) - starts
     ends = lengths.cumsum()
+    offsets = ends - lengths  # where row r begins in the batch
     total = int(ends[-1]) if len(ends) else 0
     # entry j of the batch, the k-th of batch row r, sits at starts[r] + k = (starts[r] -
-    # first_j[r]) + j, where first_j[r] = ends[r] - lengths[r] is where row r begins in the batch
-    pos = (starts - ends + lengths).repeat(lengths)
+    # offsets[r]) + j
+    pos = (starts - offsets).repeat(lengths)
     pos += np.arange(total, dtype=np.int64)
-    row = np.arange(len(idx), dtype=np.int64).repeat(lengths)
-    return row, pos
+    row = np.arange(len(starts), dtype=np.int64).repeat(lengths)
+    return row, pos, offsets
 
 
 def _rows_torch(indptr, indices, values, idx):
+    """``(row, col, val, offsets)`` of rows ``idx`` with torch ops (any device)."""
     starts = indptr.index_select(0, idx)
     lengths = indptr.index_select(0, idx + 1) - starts
     ends = torch.cumsum(lengths, 0)
+    offsets = ends - lengths
     total = int(ends[-1]) if len(idx) else 0  # the one host sync per batch
-    pos = torch.repeat_interleave(starts - ends + lengths, lengths, output_size=total)
+    pos = torch.repeat_interleave(starts - offsets, lengths, output_size=total)
     pos += torch.arange(total, device=idx.device)
     row = torch.repeat_interleave(
         torch.arange(len(idx), device=idx.device), lengths, output_size=total
     )
-    return row, indices.index_select(0, pos).long(), values.index_select(0, pos)
+    return row, indices.index_select(0, pos).long(), values.index_select(0, pos), offsets
 
 
 def split_indices(

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.distributions import Distribution, constraints
 
+from ._sparse import CSRBatch, as_dense
+
 __all__ = [
     "NegativeBinomial",
     "NegativeBinomialMixture",
@@ -35,6 +37,7 @@ __all__ = [
 ]
 
 _Nonzero = tuple[torch.Tensor, torch.Tensor]
+_TINY = 1e-30  # below this p(0), the ZINB zero branch switches to its softplus form
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,8 +205,15 @@ def log_mixture_nb(
 # fewer (cells x genes) temporaries than autograd would, and scatters the nonzero gradients into
 # the dense ones in place.
 # --------------------------------------------------------------------------------------------------
-def _nonzeros(x: torch.Tensor, nz: _Nonzero | None):
-    """``(row, col, lin, x_nz)``: nonzero positions, flat positions ``row * G + col``, values."""
+def _nonzeros(x, nz: _Nonzero | None):
+    """Nonzero entries of ``x`` (a dense tensor or a CSR batch).
+
+    Returns ``(row, col, lin, x_nz, shape)``: positions, flat positions ``row * G + col``, values
+    and the ``(cells, genes)`` shape of ``x``.
+    """
+    if isinstance(x, CSRBatch):
+        row, col = x.row, x.col
+        return row, col, row * x.shape[1] + col, x.val, x.shape
     if x.dim() != 2:
         raise ValueError(
             f"log_prob_sum expects a 2-D (cells x genes) tensor, got shape {tuple(x.shape)}."
@@ -214,7 +224,7 @@ def _nonzeros(x: torch.Tensor, nz: _Nonzero | None):
         row = nz[0].to(device=x.device, dtype=torch.long)
         col = nz[1].to(device=x.device, dtype=torch.long)
     lin = row * x.shape[1] + col
-    return row, col, lin, x.reshape(-1).index_select(0, lin)
+    return row, col, lin, x.reshape(-1).index_select(0, lin), tuple(x.shape)
 
 
 def _per_gene(p: torch.Tensor, n_genes: int) -> bool:
@@ -222,15 +232,15 @@ def _per_gene(p: torch.Tensor, n_genes: int) -> bool:
     return p.dim() >= 1 and p.shape[-1] == n_genes and p.numel() == n_genes
 
 
-def _param_view(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``p`` as ``(G,)`` when per gene, otherwise as a contiguous tensor of the shape of ``x``.
+def _param_view(p: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """``p`` as ``(G,)`` when per gene, otherwise as a contiguous tensor of ``shape``.
 
     Contiguous (a no-op for the usual ``(B, G)`` decoder outputs) so that flat positions
     ``row * G + col`` address the same entries in every tensor of the backward pass.
     """
-    if _per_gene(p, x.shape[-1]):
-        return p.reshape(x.shape[-1])
-    return p.expand_as(x).contiguous()
+    if _per_gene(p, shape[-1]):
+        return p.reshape(shape[-1])
+    return p.expand(shape).contiguous()
 
 
 def _at(p: torch.Tensor, col: torch.Tensor, lin: torch.Tensor) -> torch.Tensor:
@@ -305,41 +315,56 @@ class _NBLogProbSum(torch.autograd.Function):
 
 
 class _ZINBLogProbSum(torch.autograd.Function):
-    """Row sums of log ZINB: the zero branch densely, overwritten by the positive branch at x > 0.
+    """Row sums of log ZINB: the zero branch densely, replaced by the positive branch at x > 0.
 
-    ``mu`` and ``pi`` are ``(B, G)``, ``theta`` ``(G,)`` or ``(B, G)`` (floored at ``eps``). Zero
-    branch ``softplus(−π − θt) − softplus(−π)`` with ``t = log(1 + μ/θ)``, ``s = σ(−π − θt)`` and
-    ``q = θ/(θ+μ)``: ``∂/∂π = σ(−π) − s``, ``∂/∂μ = −s q``, ``∂/∂θ = −s (t + q − 1)``. Positive
-    branch ``−softplus(π) − θt + rest``: ``∂/∂π = −σ(π)``, ``∂/∂μ = −q + ∂rest/∂μ``,
-    ``∂/∂θ = −(t + q − 1) + ∂rest/∂θ``.
+    ``mu`` and ``pi`` are ``(B, G)``, ``theta`` ``(G,)`` or ``(B, G)`` (floored at ``eps``). With
+    ``t = log(1 + μ/θ)``, ``r = exp(−θt) = NB(0)``, ``w = σ(π)`` and ``q = θ/(θ+μ)`` the zero
+    branch is ``log p0 = log(w + (1 − w) r)``: one exp, one sigmoid and one log per entry, where
+    the textbook ``softplus(−π − θt) − softplus(−π)`` needs four transcendental passes. Where both
+    probabilities underflow (``p0 < 1e-30``, i.e. ``π < −69`` and ``θt > 69``) the softplus form is
+    used for those entries. With ``s = (1 − w) r / p0 = σ(−π − θt)``: ``∂/∂π = (1 − w) − s``,
+    ``∂/∂μ = −s q``, ``∂/∂θ = −s (t + q − 1)``. Positive branch ``−softplus(π) − θt + rest``:
+    ``∂/∂π = −w``, ``∂/∂μ = −q + ∂rest/∂μ``, ``∂/∂θ = −(t + q − 1) + ∂rest/∂θ``.
     """
 
     @staticmethod
     def forward(ctx, mu, theta, pi, x_nz, row, col, lin, eps):
-        t = torch.div(mu, theta).log1p_()
-        neg_pi = torch.neg(pi)
-        b = torch.addcmul(neg_pi, theta, t, value=-1)  # −π − θt
-        z = F.softplus(b).sub_(F.softplus(neg_pi))  # log p(0)
-        mu_nz, theta_nz = mu.reshape(-1).index_select(0, lin), _at(theta, col, lin)
-        pi_nz, t_nz = pi.reshape(-1).index_select(0, lin), t.reshape(-1).index_select(0, lin)
+        t = torch.div(mu, theta).log1p_()  # log(1 + μ/θ)
+        r = torch.mul(t, theta).neg_().exp_()  # NB(0) = exp(−θt)
+        w = torch.sigmoid(pi)
+        omw = torch.rsub(w, 1.0)
+        p0 = torch.addcmul(w, omw, r)
+        log_p0 = torch.log(p0)
+        small = None
+        if p0.numel() and float(p0.amin()) < _TINY:
+            # both probabilities underflow: the stable form for those entries
+            small = p0 < _TINY
+            b = torch.addcmul(-pi, theta, t, value=-1)
+            log_p0 = torch.where(small, F.softplus(b) - F.softplus(-pi), log_p0)
+        out = log_p0.sum(-1)
+        theta_nz = _at(theta, col, lin)
+        mu_nz, t_nz = mu.reshape(-1).index_select(0, lin), t.reshape(-1).index_select(0, lin)
         lgamma_theta_nz = _special_at(torch.lgamma, theta, theta_nz, col)
         rest = _nb_rest_nz(x_nz, mu_nz, theta_nz, lgamma_theta_nz, eps)
-        log_px = rest.sub_(theta_nz * t_nz).sub_(F.softplus(pi_nz))
-        z = z.view(-1)
-        # explicit zeros stored in `nz` keep the zero branch
+        log_px = rest.sub_(theta_nz * t_nz).sub_(F.softplus(pi.reshape(-1).index_select(0, lin)))
+        # explicit zeros stored in the CSR keep the zero branch
         positive = x_nz > 0
-        z.index_copy_(0, lin, torch.where(positive, log_px, z.index_select(0, lin)))
-        ctx.save_for_backward(mu, theta, pi, t, b, neg_pi, x_nz, row, col, lin, positive)
-        ctx.eps = eps
-        return z.view_as(t).sum(-1)
+        delta = torch.where(positive, log_px - log_p0.reshape(-1).index_select(0, lin), 0.0)
+        ctx.save_for_backward(mu, theta, pi, t, r, omw, p0, x_nz, row, col, lin, positive)
+        ctx.small, ctx.eps = small, eps
+        return out.index_add_(0, row, delta)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        mu, theta, pi, t, b, neg_pi, x_nz, row, col, lin, positive = ctx.saved_tensors
+        mu, theta, pi, t, r, omw, p0, x_nz, row, col, lin, positive = ctx.saved_tensors
         g, g_nz = grad_out[:, None], grad_out.index_select(0, row)
-        mu_nz, theta_nz = mu.reshape(-1).index_select(0, lin), _at(theta, col, lin)
-        t_nz = t.reshape(-1).index_select(0, lin)
+        s = torch.mul(omw, r).div_(p0)  # σ(−π − θt)
+        if ctx.small is not None:
+            b = torch.addcmul(-pi, theta, t, value=-1)
+            s = torch.where(ctx.small, torch.sigmoid(b), s)
+        theta_nz = _at(theta, col, lin)
+        mu_nz, t_nz = mu.reshape(-1).index_select(0, lin), t.reshape(-1).index_select(0, lin)
         digamma_theta_nz = _special_at(torch.digamma, theta, theta_nz, col)
         d_mu, d_theta = _nb_grads_nz(x_nz, mu_nz, theta_nz, digamma_theta_nz, ctx.eps)
         q_nz = theta_nz / (theta_nz + mu_nz)
@@ -349,42 +374,47 @@ class _ZINBLogProbSum(torch.autograd.Function):
             value = torch.where(positive, positive_grad.mul_(g_nz), flat.index_select(0, lin))
             return flat.index_copy_(0, lin, value).view_as(dense)
 
-        s = torch.sigmoid(b).mul_(-g)  # −g σ(−π − θt)
         grad_mu = grad_theta = grad_pi = None
         if ctx.needs_input_grad[2]:
-            grad_pi = torch.sigmoid(neg_pi).mul_(g).add_(s)  # g (σ(−π) − σ(−π − θt))
-            grad_pi = overwrite(grad_pi, -torch.sigmoid(pi.reshape(-1).index_select(0, lin)))
+            grad_pi = torch.sub(omw, s).mul_(g)
+            w_nz = torch.sigmoid(pi.reshape(-1).index_select(0, lin))
+            grad_pi = overwrite(grad_pi, w_nz.neg_())
         q = torch.add(mu, theta)
         torch.div(theta, q, out=q)  # θ/(θ+μ)
         if ctx.needs_input_grad[1]:
-            grad_theta = torch.add(t, q).sub_(1).mul_(s)
-            grad_theta = overwrite(grad_theta, d_theta.add_(1).sub_(t_nz).sub_(q_nz))
-            if theta.dim() == 1:
-                grad_theta = grad_theta.sum(0)
+            m = torch.add(t, q).sub_(1.0).mul_(s)  # s (t + q − 1)
+            positive_grad = d_theta.add_(1.0).sub_(t_nz).sub_(q_nz)
+            if theta.dim() == 1:  # Σ_b of the dense part as a matrix-vector product
+                old = m.view(-1).index_select(0, lin).neg_().mul_(g_nz)
+                grad_theta = torch.mv(m.t(), grad_out).neg_()
+                fix = torch.where(positive, positive_grad.mul_(g_nz) - old, 0.0)
+                grad_theta.index_add_(0, col, fix)
+            else:
+                grad_theta = overwrite(m.mul_(g).neg_(), positive_grad)
         if ctx.needs_input_grad[0]:
-            grad_mu = overwrite(q.mul_(s), d_mu.sub_(q_nz))
+            grad_mu = overwrite(q.mul_(s).mul_(g).neg_(), d_mu.sub_(q_nz))
         return grad_mu, grad_theta, grad_pi, None, None, None, None, None
 
 
 def _nb_log_prob_sum(x, mu, theta, eps, nz):
-    row, col, lin, x_nz = _nonzeros(x, nz)
-    mu = mu.expand_as(x).contiguous()
-    theta = _param_view(theta.clamp_min(eps), x)
+    row, col, lin, x_nz, shape = _nonzeros(x, nz)
+    mu = mu.expand(shape).contiguous()
+    theta = _param_view(theta.clamp_min(eps), shape)
     return _NBLogProbSum.apply(mu, theta, x_nz.to(mu.dtype), row, col, lin, eps)
 
 
 def _zinb_log_prob_sum(x, mu, theta, pi, eps, nz):
-    row, col, lin, x_nz = _nonzeros(x, nz)
-    mu, pi = mu.expand_as(x).contiguous(), pi.expand_as(x).contiguous()
-    theta = _param_view(theta.clamp_min(eps), x)
+    row, col, lin, x_nz, shape = _nonzeros(x, nz)
+    mu, pi = mu.expand(shape).contiguous(), pi.expand(shape).contiguous()
+    theta = _param_view(theta.clamp_min(eps), shape)
     return _ZINBLogProbSum.apply(mu, theta, pi, x_nz.to(mu.dtype), row, col, lin, eps)
 
 
 def _poisson_log_prob_sum(x, rate, eps, nz):
-    row, col, lin, x_nz = _nonzeros(x, nz)
-    rate_nz = _at(_param_view(rate, x), col, lin)
-    rest = x_nz * torch.log(rate_nz.clamp_min(eps)) - torch.lgamma(x_nz + 1)
-    return (-rate.expand_as(x).sum(-1)).index_add(0, row, rest.to(rate.dtype))
+    row, col, lin, x_nz, shape = _nonzeros(x, nz)
+    rate_nz = _at(_param_view(rate, shape), col, lin)
+    rest = x_nz.to(rate.dtype) * torch.log(rate_nz.clamp_min(eps)) - torch.lgamma(x_nz + 1)
+    return (-rate.expand(shape).sum(-1)).index_add(0, row, rest.to(rate.dtype))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -468,7 +498,8 @@ class NegativeBinomial(Distribution):
         Parameters
         ----------
         x
-            Counts, shape ``(cells, genes)``.
+            Counts, shape ``(cells, genes)``: a dense tensor or a
+            :class:`~cellvae._sparse.CSRBatch`.
         nz
             ``(row, col)`` int64 tensors with the positions of all nonzero entries of ``x`` (e.g.
             from the CSR batch). Extra positions holding zeros are harmless. Computed with
@@ -571,7 +602,8 @@ class ZeroInflatedNegativeBinomial(Distribution):
         Parameters
         ----------
         x
-            Counts, shape ``(cells, genes)``.
+            Counts, shape ``(cells, genes)``: a dense tensor or a
+            :class:`~cellvae._sparse.CSRBatch`.
         nz
             ``(row, col)`` int64 tensors with the positions of all nonzero entries of ``x``. Extra
             positions holding zeros are harmless. Computed with :func:`torch.nonzero` when None.
@@ -647,7 +679,8 @@ class Poisson(Distribution):
         Parameters
         ----------
         x
-            Counts, shape ``(cells, genes)``.
+            Counts, shape ``(cells, genes)``: a dense tensor or a
+            :class:`~cellvae._sparse.CSRBatch`.
         nz
             ``(row, col)`` positions of all nonzero entries of ``x``, or None to compute them.
 
@@ -703,7 +736,7 @@ class Normal(torch.distributions.Normal):
         torch.Tensor
             Shape ``x.shape[:-1]``.
         """
-        return self.log_prob(x).sum(-1)
+        return self.log_prob(as_dense(x)).sum(-1)
 
 
 class NegativeBinomialMixture(Distribution):

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._sparse import CSRBatch, sparse_linear
+
 __all__ = [
     "DecoderSCVI",
     "DecoderTOTALVI",
@@ -38,20 +40,36 @@ def reparameterize(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
 
 
 class _CovariateLinear(nn.Module):
-    """A Linear layer plus one learned vector per category of each covariate."""
+    """A linear layer plus one learned vector per category of each covariate.
+
+    The weight is stored input-major, ``(n_in, n_out)``, so that a sparse input (a
+    :class:`~cellvae._sparse.CSRBatch` of counts) multiplies it by gathering rows
+    (:func:`~cellvae._sparse.sparse_linear`); a dense input uses one ``addmm``. Initialised like
+    :class:`torch.nn.Linear` on ``[h; one-hot]``.
+    """
 
     def __init__(self, n_in: int, n_out: int, n_cat_list: Sequence[int], bias: bool = True):
         super().__init__()
-        self.linear = nn.Linear(n_in, n_out, bias=bias)
         bound = 1.0 / math.sqrt(n_in + sum(n_cat_list))  # like nn.Linear on [h; one-hot]
+        self.weight = nn.Parameter(torch.empty(n_in, n_out).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n_out).uniform_(-bound, bound)) if bias else None
         self.embeddings = nn.ModuleList()
         for n_cat in n_cat_list:
             emb = nn.Embedding(n_cat, n_out)
             nn.init.uniform_(emb.weight, -bound, bound)
             self.embeddings.append(emb)
 
-    def forward(self, x: torch.Tensor, cats: Sequence[torch.Tensor]) -> torch.Tensor:
-        out = self.linear(x)
+    def forward(self, x: torch.Tensor | CSRBatch, cats: Sequence[torch.Tensor]) -> torch.Tensor:
+        if isinstance(x, CSRBatch):
+            out = sparse_linear(x, self.weight, self.bias)
+        elif self.bias is not None:
+            out = (
+                torch.addmm(self.bias, x, self.weight)
+                if x.dim() == 2
+                else x @ self.weight + self.bias
+            )
+        else:
+            out = x @ self.weight
         for emb, c in zip(self.embeddings, cats):
             out = out + emb(c.view(-1))
         return out
@@ -125,8 +143,12 @@ class FCLayers(nn.Module):
                 post.append(nn.Dropout(p=dropout_rate))
             self.post.append(nn.Sequential(*post))
 
-    def forward(self, x: torch.Tensor, *cat_list: torch.Tensor) -> torch.Tensor:
-        """Apply the layers to ``x`` with one code tensor per covariate in ``cat_list``."""
+    def forward(self, x: torch.Tensor | CSRBatch, *cat_list: torch.Tensor) -> torch.Tensor:
+        """Apply the layers to ``x`` with one code tensor per covariate in ``cat_list``.
+
+        ``x`` may be a :class:`~cellvae._sparse.CSRBatch`: the first layer reads its entries
+        without building the dense matrix.
+        """
         cats = [cat_list[i] for i in self.cat_keep if i < len(cat_list)]
         for linear, post in zip(self.linears, self.post):
             x = post(linear(x, cats[: len(linear.embeddings)]))

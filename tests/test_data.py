@@ -13,6 +13,7 @@ import cellvae
 from cellvae import pp
 from cellvae._data import BatchSampler, TensorData, _rows_torch, split_indices
 from cellvae._registry import Registry
+from cellvae._sparse import CSRBatch, as_dense
 
 STORAGES = ["dense", "csr", "csc", "csr_array", "csr_int64", "backed_csr", "backed_dense"]
 
@@ -69,12 +70,8 @@ def expected(adata, reg: Registry, idx: np.ndarray, x_full: np.ndarray) -> dict[
     def codes(key, cats):
         return np.array([cats.index(str(v)) for v in obs[key]], dtype=np.int64)
 
-    x = x_full[idx]
-    nz_row, nz_col = np.nonzero(x)
     return {
-        "x": x.astype(np.float32),
-        "nz_row": nz_row,
-        "nz_col": nz_col,
+        "x": x_full[idx].astype(np.float32),
         "batch": codes("batch", list(reg.batch_categories)),
         "labels": codes("cell_type", list(reg.label_categories)),
         "cat_covs": codes("donor", list(reg.categorical_covariate_categories[0]))[:, None],
@@ -86,8 +83,6 @@ def expected(adata, reg: Registry, idx: np.ndarray, x_full: np.ndarray) -> dict[
 
 DTYPES = {
     "x": torch.float32,
-    "nz_row": torch.int64,
-    "nz_col": torch.int64,
     "batch": torch.int64,
     "labels": torch.int64,
     "cat_covs": torch.int64,
@@ -97,17 +92,29 @@ DTYPES = {
 }
 
 
+def check_csr(x: CSRBatch, dense: np.ndarray):
+    """A CSR batch holds exactly the nonzero entries of ``dense``, row by row, in row order."""
+    assert x.shape == dense.shape
+    assert x.row.dtype == x.col.dtype == x.offsets.dtype == torch.int64
+    assert x.val.dtype == torch.float32
+    row, col = np.nonzero(dense)  # row-major, like CSR with sorted columns
+    np.testing.assert_array_equal(x.row.numpy(), row)
+    np.testing.assert_array_equal(x.col.numpy(), col)
+    np.testing.assert_array_equal(x.val.numpy(), dense[row, col])
+    starts = np.searchsorted(row, np.arange(dense.shape[0]))
+    np.testing.assert_array_equal(x.offsets.numpy(), starts)
+    np.testing.assert_array_equal(as_dense(x).numpy(), dense)
+
+
 def check_batch(batch, exp):
     assert set(batch) == set(exp)
     for key, value in exp.items():
         got = batch[key]
-        assert isinstance(got, torch.Tensor) and got.dtype == DTYPES[key], key
-        if key in ("nz_row", "nz_col"):
+        if key == "x" and isinstance(got, CSRBatch):
+            check_csr(got, value)
             continue
+        assert isinstance(got, torch.Tensor) and got.dtype == DTYPES[key], key
         np.testing.assert_array_equal(got.numpy(), value, err_msg=key)
-    # nonzero positions: exactly the nonzero entries of x (as a set of (row, col) pairs)
-    got_nz = sorted(zip(batch["nz_row"].tolist(), batch["nz_col"].tolist()))
-    assert got_nz == sorted(zip(exp["nz_row"].tolist(), exp["nz_col"].tolist()))
 
 
 @pytest.mark.parametrize("storage", STORAGES)
@@ -145,7 +152,7 @@ def test_layer_counts_on_every_path(storage, tmp_path):
     pp.setup_anndata(adata, layer="counts")
     td = TensorData.from_adata(adata)
     idx = torch.tensor([3, 1, 4, 1, 5])
-    np.testing.assert_array_equal(td[idx]["x"].numpy(), counts[idx.numpy()])
+    np.testing.assert_array_equal(as_dense(td[idx]["x"]).numpy(), counts[idx.numpy()])
 
 
 def test_empty_index_gives_empty_batch():
@@ -153,7 +160,7 @@ def test_empty_index_gives_empty_batch():
     pp.setup_anndata(adata, **SETUP)
     batch = TensorData.from_adata(adata)[torch.zeros(0, dtype=torch.int64)]
     assert batch["x"].shape == (0, adata.n_vars)
-    assert batch["nz_row"].numel() == 0 and batch["protein"].shape == (0, 4)
+    assert batch["x"].val.numel() == 0 and batch["protein"].shape == (0, 4)
 
 
 def test_torch_gather_path_matches_numpy_path():
@@ -163,9 +170,10 @@ def test_torch_gather_path_matches_numpy_path():
     td = TensorData.from_adata(adata)
     for seed in range(5):
         idx = torch.randperm(adata.n_obs, generator=torch.Generator().manual_seed(seed))[:37]
-        row, col, val = td.rows(idx)
-        row_t, col_t, val_t = _rows_torch(td.indptr, td.indices, td.values, idx)
-        assert torch.equal(row, row_t) and torch.equal(col, col_t) and torch.equal(val, val_t)
+        x = td.counts(idx)
+        row, col, val, offsets = _rows_torch(td.indptr, td.indices, td.values, idx)
+        for a, b in zip((x.row, x.col, x.val, x.offsets), (row, col, val, offsets)):
+            assert torch.equal(a, b)
 
 
 def test_csr_shares_the_anndata_arrays():
@@ -189,7 +197,7 @@ def test_to_device_keeps_values():
     moved = td.to("cpu")
     idx = torch.tensor([9, 2, 77])
     for key, value in td[idx].items():
-        assert torch.equal(moved[idx][key], value)
+        assert torch.equal(as_dense(moved[idx][key]), as_dense(value))
     assert td.nbytes() > 0 and td.device.type == "cpu"
 
 
@@ -205,8 +213,7 @@ def test_non_canonical_csr_input_is_not_modified():
     pp.setup_anndata(adata)
     td = TensorData.from_adata(adata)
     b = td[torch.tensor([0, 1])]
-    np.testing.assert_array_equal(b["x"].numpy(), [[0.0, 0.0, 3.0], [4.0, 3.0, 0.0]])
-    assert sorted(zip(b["nz_row"].tolist(), b["nz_col"].tolist())) == [(0, 2), (1, 0), (1, 1)]
+    check_csr(b["x"], np.array([[0.0, 0.0, 3.0], [4.0, 3.0, 0.0]], dtype=np.float32))
     np.testing.assert_array_equal(adata.X.data, data)  # the user's arrays are untouched
     np.testing.assert_array_equal(adata.X.indices, indices)
 
@@ -231,7 +238,7 @@ def test_backed_csc_and_layer(tmp_path):
     for layer in (None, "counts"):
         pp.setup_anndata(backed, layer=layer, batch_key="batch")
         idx = np.array([100, 0, 42])
-        np.testing.assert_array_equal(TensorData.from_adata(backed)[idx]["x"].numpy(), x[idx])
+        check_csr(TensorData.from_adata(backed)[idx]["x"], x[idx].astype(np.float32))
 
 
 def test_genes_must_match_registry():
@@ -254,7 +261,7 @@ def test_kang_ifnb_minibatches():
     for _ in range(3):
         idx = gen.choice(adata.n_obs, size=128, replace=False)
         b = td[torch.from_numpy(idx)]
-        np.testing.assert_array_equal(b["x"].numpy(), x[idx].toarray())
+        check_csr(b["x"], x[idx].toarray())
         np.testing.assert_array_equal(
             np.asarray(reg.batch_categories)[b["batch"].numpy()],
             adata.obs["batch"].astype(str).to_numpy()[idx],
@@ -263,7 +270,6 @@ def test_kang_ifnb_minibatches():
             np.asarray(reg.label_categories)[b["labels"].numpy()],
             adata.obs["cell_type"].astype(str).to_numpy()[idx],
         )
-        assert b["nz_row"].numel() == x[idx].nnz
 
 
 # ---------------------------------------------------------------- split and sampler

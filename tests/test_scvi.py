@@ -8,6 +8,7 @@ from sklearn.neighbors import NearestNeighbors
 
 import cellvae
 from cellvae._data import TensorData
+from cellvae._sparse import CSRBatch, sparse_linear
 from cellvae.module import VAE
 from cellvae.nn import DecoderSCVI, Encoder, FCLayers
 from cellvae.train import TrainConfig, TrainingError, train_module
@@ -47,9 +48,43 @@ def test_embedding_injection_equals_one_hot_concat():
     layer = fc.linears[0]
     x, c = torch.randn(7, 6), torch.randint(3, (7,))
     onehot = torch.nn.functional.one_hot(c, 3).float()
-    weight = torch.cat([layer.linear.weight, layer.embeddings[0].weight.T], dim=1)
-    expected = torch.relu(torch.cat([x, onehot], 1) @ weight.T + layer.linear.bias)
+    weight = torch.cat([layer.weight, layer.embeddings[0].weight], dim=0)
+    expected = torch.relu(torch.cat([x, onehot], 1) @ weight + layer.bias)
     torch.testing.assert_close(fc(x, c), expected)
+
+
+def test_sparse_first_layer_equals_dense():
+    """A CSR batch through the first layer gives the dense result and the dense weight gradient."""
+    g = torch.Generator().manual_seed(3)
+    dense = torch.poisson(torch.rand(9, 40, generator=g)) * (torch.rand(9, 40, generator=g) < 0.3)
+    dense[4] = 0  # a cell without counts
+    fc = FCLayers(40, 6, n_cat_list=[3], n_layers=2, n_hidden=8, dropout_rate=0.0)
+    fc.eval()  # batch norm with running statistics: the two calls see the same normalisation
+    c = torch.randint(3, (9,), generator=g)
+    out_sparse = fc(CSRBatch.from_dense(torch.log1p(dense)), c)
+    grad_sparse = torch.autograd.grad(out_sparse.square().sum(), fc.linears[0].weight)[0]
+    out_dense = fc(torch.log1p(dense), c)
+    grad_dense = torch.autograd.grad(out_dense.square().sum(), fc.linears[0].weight)[0]
+    torch.testing.assert_close(out_sparse, out_dense)
+    torch.testing.assert_close(grad_sparse, grad_dense)
+
+
+def test_sparse_linear_gradcheck_and_empty_batches():
+    g = torch.Generator().manual_seed(4)
+    dense = torch.rand(6, 30, generator=g, dtype=torch.float64)
+    dense[dense > 0.25] = 0
+    dense[2] = 0
+    w = torch.randn(30, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    x = CSRBatch.from_dense(dense)
+    assert torch.autograd.gradcheck(lambda w: sparse_linear(x, w), (w,))
+    # reordered / repeated rows select the same entries as the dense rows
+    rows = torch.tensor([5, 2, 0, 0])
+    torch.testing.assert_close(sparse_linear(x.index_select(rows), w), dense[rows] @ w)
+    for empty in (torch.zeros(3, 30, dtype=torch.float64), torch.zeros(0, 30, dtype=torch.float64)):
+        out = sparse_linear(CSRBatch.from_dense(empty), w)
+        assert out.shape == (empty.shape[0], 5) and not out.any()
+        (grad,) = torch.autograd.grad(out.sum(), w, allow_unused=True)
+        assert grad is None or not grad.any()
 
 
 @pytest.mark.parametrize("dispersion", ["gene", "gene-batch", "gene-label", "gene-cell"])

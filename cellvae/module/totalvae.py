@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._sparse import as_dense, row_sums
 from ..distributions import NegativeBinomial, NegativeBinomialMixture, ZeroInflatedNegativeBinomial
 from ..nn import DecoderTOTALVI, EncoderTOTALVI
 from ._base import LossOutput, check_choice, covariate_codes, kl_normal, kl_normal_elementwise
@@ -265,7 +266,7 @@ class TOTALVAE(nn.Module):
         ``(..., cells, 1)``). With ``n_samples > 1`` the samples get a leading axis.
         """
         x, y = tensors["x"], tensors["protein"]
-        data = torch.cat([torch.log1p(x), torch.log1p(y)], dim=-1)
+        data = torch.cat([torch.log1p(as_dense(x)), torch.log1p(y)], dim=-1)
         if "cont_covs" in tensors:
             data = torch.cat([data, tensors["cont_covs"]], dim=-1)
         qz_m, qz_v, ql_m, ql_v, latent, untran = self.encoder(data, *covariate_codes(tensors))
@@ -273,14 +274,18 @@ class TOTALVAE(nn.Module):
         if self.use_size_factor_key:
             library = tensors["size_factor"].unsqueeze(-1)
         elif self.use_observed_lib_size:
-            library = x.sum(-1, keepdim=True)
+            library = row_sums(x)
         if self.use_observed_lib_size:
             ql_m = ql_v = None
         if n_samples > 1:
-            untran_z = qz_m + qz_v.sqrt() * torch.randn((n_samples, *qz_m.shape), device=x.device)
+            untran_z = qz_m + qz_v.sqrt() * torch.randn(
+                (n_samples, *qz_m.shape), device=qz_m.device
+            )
             z = self.encoder.z_transformation(untran_z)
             if ql_m is not None:
-                log_l = ql_m + ql_v.sqrt() * torch.randn((n_samples, *ql_m.shape), device=x.device)
+                log_l = ql_m + ql_v.sqrt() * torch.randn(
+                    (n_samples, *ql_m.shape), device=qz_m.device
+                )
                 library = torch.exp(log_l.clamp(max=15.0))
             else:
                 library = library.expand(n_samples, *library.shape)
@@ -361,8 +366,7 @@ class TOTALVAE(nn.Module):
     ) -> LossOutput:
         """Negative ELBO of the minibatch; KL of z and of the background weighted by kl_weight."""
         x, y, b = tensors["x"], tensors["protein"], tensors["batch"]
-        nz = (tensors["nz_row"], tensors["nz_col"]) if "nz_row" in tensors else None
-        rec_genes = -gen["px"].log_prob_sum(x, nz)
+        rec_genes = -gen["px"].log_prob_sum(x)
         mask = self.protein_batch_mask[b].to(y.dtype)  # (cells, proteins), 1 = measured
         rec_proteins = -(gen["py"].log_prob(y) * mask).sum(-1)
 

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .._sparse import as_dense, log1p, row_sums
 from ..distributions import NegativeBinomial, Normal, Poisson, ZeroInflatedNegativeBinomial
 from ..nn import DecoderSCVI, Encoder
 from ._base import LossOutput, check_choice, covariate_codes, kl_normal
@@ -176,26 +177,26 @@ class VAE(nn.Module):
     # ------------------------------------------------------------------ the model
     def inference(self, tensors: dict[str, torch.Tensor], n_samples: int = 1) -> dict:
         """Encode a minibatch: q(z | x) and the library (observed, size factor or latent)."""
-        x = tensors["x"]
+        x = tensors["x"]  # dense, or a CSRBatch that the first encoder layer reads sparsely
         cats = covariate_codes(tensors)
-        x_in = torch.log1p(x) if self.log_variational else x
+        x_in = log1p(x) if self.log_variational else x
         if self.encode_covariates and "cont_covs" in tensors:
-            x_in = torch.cat([x_in, tensors["cont_covs"]], dim=-1)
+            x_in = torch.cat([as_dense(x_in), tensors["cont_covs"]], dim=-1)
         enc_cats = cats if self.encode_covariates else []
         qz_m, qz_v, z = self.z_encoder(x_in, *enc_cats)
         ql_m = ql_v = None
         if self.use_size_factor_key:
             library = torch.log(tensors["size_factor"]).unsqueeze(-1)
         elif self.use_observed_lib_size:
-            library = torch.log(x.sum(-1, keepdim=True))
+            library = torch.log(row_sums(x))
         else:
             ql_m, ql_v, library = self.l_encoder(x_in, *enc_cats)
         if n_samples > 1:
-            untran = qz_m + qz_v.sqrt() * torch.randn((n_samples, *qz_m.shape), device=x.device)
+            untran = qz_m + qz_v.sqrt() * torch.randn((n_samples, *qz_m.shape), device=qz_m.device)
             z = self.z_encoder.z_transformation(untran)
             if ql_m is not None:
                 library = ql_m + ql_v.sqrt() * torch.randn(
-                    (n_samples, *ql_m.shape), device=x.device
+                    (n_samples, *ql_m.shape), device=qz_m.device
                 )
             else:
                 library = library.expand(n_samples, *library.shape)
@@ -256,9 +257,7 @@ class VAE(nn.Module):
         self, tensors: dict[str, torch.Tensor], inf: dict, gen: dict, kl_weight: float = 1.0
     ) -> LossOutput:
         """Negative ELBO of the minibatch with the KL of z weighted by ``kl_weight``."""
-        x = tensors["x"]
-        nz = (tensors["nz_row"], tensors["nz_col"]) if "nz_row" in tensors else None
-        reconstruction = -gen["px"].log_prob_sum(x, nz)
+        reconstruction = -gen["px"].log_prob_sum(tensors["x"])
         kl_z = kl_normal(inf["qz_m"], inf["qz_v"])
         kl_l = torch.zeros_like(kl_z)
         if inf["ql_m"] is not None:
@@ -288,7 +287,7 @@ class VAE(nn.Module):
         if n_mc_samples == 1:
             z, lib = z.unsqueeze(0), lib.unsqueeze(0)
         gen = self.generative(z, lib, tensors)
-        log_w = gen["px"].log_prob(tensors["x"]).sum(-1)  # (samples, cells)
+        log_w = gen["px"].log_prob(as_dense(tensors["x"])).sum(-1)  # (samples, cells)
         log_w += Normal(torch.zeros_like(z), torch.ones_like(z)).log_prob(z).sum(-1)
         log_w -= Normal(inf["qz_m"], inf["qz_v"].sqrt()).log_prob(z).sum(-1)
         if inf["ql_m"] is not None:

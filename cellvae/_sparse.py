@@ -1,0 +1,207 @@
+"""Sparse minibatches of counts, and the linear layer that reads them without densifying.
+
+A minibatch of a sparse count matrix is a :class:`CSRBatch`: the stored entries of its rows
+(row position, column, value) plus where each row starts. Pure torch. The functions
+:func:`as_dense`, :func:`row_sums` and :func:`log1p` take either a dense tensor or a
+:class:`CSRBatch`, so module code has one path for both.
+
+:func:`sparse_linear` computes ``X @ W + b`` for a CSR ``X`` (cells × genes) with
+:func:`torch.nn.functional.embedding_bag` (each row is a weighted bag of rows of ``W``): it reads
+only the stored entries, about 12× less work than the dense product at 8% nonzero. Its weight
+gradient ``Xᵀ dY`` is the same kind of product with the roles swapped (each gene a bag of rows of
+``dY``), computed after sorting the entries by column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+__all__ = ["CSRBatch", "as_dense", "log1p", "row_sums", "sparse_linear"]
+
+
+@dataclass
+class CSRBatch:
+    """The stored entries of a minibatch of count rows.
+
+    Attributes
+    ----------
+    row
+        Row (cell) position in the batch of each entry, int64, non-decreasing.
+    col
+        Column (gene) of each entry, int64.
+    val
+        Value of each entry, float32.
+    offsets
+        Position of the first entry of each row, int64, length ``n_rows``.
+    shape
+        ``(n_rows, n_cols)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = CSRBatch.from_dense(torch.tensor([[0.0, 2.0, 0.0], [1.0, 0.0, 3.0]]))
+    >>> x.val.tolist(), x.offsets.tolist(), x.shape
+    ([2.0, 1.0, 3.0], [0, 1], (2, 3))
+    >>> bool(torch.equal(x.dense(), torch.tensor([[0.0, 2.0, 0.0], [1.0, 0.0, 3.0]])))
+    True
+    """
+
+    row: torch.Tensor
+    col: torch.Tensor
+    val: torch.Tensor
+    offsets: torch.Tensor
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_dense(cls, x: torch.Tensor) -> CSRBatch:
+        """The nonzero entries of a dense 2-D tensor, row by row."""
+        row, col = torch.nonzero(x, as_tuple=True)
+        counts = torch.bincount(row, minlength=x.shape[0])
+        offsets = torch.cumsum(counts, 0) - counts
+        return cls(row, col, x[row, col], offsets, (x.shape[0], x.shape[1]))
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the tensors."""
+        return self.val.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Data type of the values."""
+        return self.val.dtype
+
+    def to(self, device: torch.device | str) -> CSRBatch:
+        """The batch on ``device``."""
+        return CSRBatch(
+            self.row.to(device),
+            self.col.to(device),
+            self.val.to(device),
+            self.offsets.to(device),
+            self.shape,
+        )
+
+    def with_values(self, val: torch.Tensor) -> CSRBatch:
+        """The same positions holding ``val``."""
+        return CSRBatch(self.row, self.col, val, self.offsets, self.shape)
+
+    def dense(self) -> torch.Tensor:
+        """The batch as a dense ``(n_rows, n_cols)`` tensor."""
+        n, g = self.shape
+        out = torch.zeros(n * g, dtype=self.val.dtype, device=self.val.device)
+        out.index_put_((self.row * g + self.col,), self.val)
+        return out.view(n, g)
+
+    def index_select(self, rows: torch.Tensor) -> CSRBatch:
+        """The batch restricted to ``rows`` (positions in this batch), in that order."""
+        starts = self.offsets.index_select(0, rows)
+        ends = torch.cat([self.offsets[1:], self.offsets.new_tensor([len(self.val)])])
+        lengths = ends.index_select(0, rows) - starts
+        new_offsets = torch.cumsum(lengths, 0) - lengths
+        total = int(lengths.sum())
+        pos = torch.repeat_interleave(starts - new_offsets, lengths, output_size=total)
+        pos += torch.arange(total, device=pos.device)
+        row = torch.repeat_interleave(
+            torch.arange(len(rows), device=pos.device), lengths, output_size=total
+        )
+        return CSRBatch(row, self.col[pos], self.val[pos], new_offsets, (len(rows), self.shape[1]))
+
+
+def as_dense(x: torch.Tensor | CSRBatch) -> torch.Tensor:
+    """``x`` as a dense tensor (a no-op for tensors)."""
+    return x.dense() if isinstance(x, CSRBatch) else x
+
+
+def row_sums(x: torch.Tensor | CSRBatch) -> torch.Tensor:
+    """Sum of each row, shape ``(n_rows, 1)``."""
+    if isinstance(x, CSRBatch):
+        out = torch.zeros(x.shape[0], dtype=x.val.dtype, device=x.val.device)
+        return out.index_add_(0, x.row, x.val).unsqueeze(-1)
+    return x.sum(-1, keepdim=True)
+
+
+def log1p(x: torch.Tensor | CSRBatch) -> torch.Tensor | CSRBatch:
+    """``log(1 + x)``; a CSR batch stays sparse (``log1p(0) = 0``)."""
+    if isinstance(x, CSRBatch):
+        return x.with_values(torch.log1p(x.val))
+    return torch.log1p(x)
+
+
+def _column_order(col: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """A stable permutation sorting ``col``: numpy's radix sort on CPU for < 32,768 columns."""
+    if col.device.type == "cpu":
+        small = np.int16 if n_cols < 2**15 else np.int32
+        order = np.argsort(col.numpy().astype(small), kind="stable")
+        return torch.from_numpy(order)
+    return torch.argsort(col, stable=True)
+
+
+def _weight_grad(grad_out, row, col, val, n_cols):
+    """``Xᵀ dY``: each column of ``X`` is a bag of rows of ``dY`` weighted by the values."""
+    order = _column_order(col, n_cols).to(col.device)
+    counts = torch.bincount(col, minlength=n_cols)
+    offsets = torch.cumsum(counts, 0) - counts
+    return F.embedding_bag(
+        row.index_select(0, order),
+        grad_out,
+        offsets,
+        mode="sum",
+        per_sample_weights=val.index_select(0, order),
+    )
+
+
+def sparse_linear(
+    x: CSRBatch, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ weight + bias`` for a CSR batch ``x`` and a ``(n_cols, n_out)`` weight.
+
+    Parameters
+    ----------
+    x
+        The batch, ``(n_rows, n_cols)``.
+    weight
+        ``(n_cols, n_out)``; receives a gradient (``x`` does not).
+    bias
+        ``(n_out,)`` or None.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(n_rows, n_out)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> dense = torch.tensor([[0.0, 2.0, 0.0], [1.0, 0.0, 3.0]])
+    >>> w = torch.randn(3, 4)
+    >>> bool(torch.allclose(sparse_linear(CSRBatch.from_dense(dense), w), dense @ w))
+    True
+    """
+    val = x.val.to(weight.dtype)
+    out = _SparseLinearFn.apply(weight, x.row, x.col, val, x.offsets, x.shape)
+    return out if bias is None else out + bias
+
+
+class _SparseLinearFn(torch.autograd.Function):
+    """``X @ W`` for a CSR batch ``X``; the gradient flows to ``W`` only (counts are data)."""
+
+    @staticmethod
+    def forward(ctx, weight, row, col, val, offsets, shape):
+        ctx.save_for_backward(row, col, val)
+        ctx.n_cols = shape[1]
+        if shape[0] == 0:
+            return weight.new_zeros(0, weight.shape[1])
+        if len(col) == 0:
+            return weight.new_zeros(shape[0], weight.shape[1])
+        return F.embedding_bag(col, weight, offsets, mode="sum", per_sample_weights=val)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        row, col, val = ctx.saved_tensors
+        grad_w = _weight_grad(grad_out.contiguous(), row, col, val, ctx.n_cols)
+        return grad_w, None, None, None, None, None
