@@ -163,18 +163,22 @@ def summarise(out_dir: Path) -> list[dict]:
             ),
             None,
         )
-        for r in loader:
-            tool = "cellvae" if str(r["loader"]).startswith("cellvae") else "scvi-tools"
-            vals[tool] = r.get(key, math.nan) if key else math.nan
-        rows.append(
-            _row(
-                "minibatch fetch time",
-                f"{fmt(loader[0].get('n_obs'))} cells",
-                vals,
-                "lower",
-                "ms/batch",
+        ours = [r for r in loader if str(r["loader"]).startswith("cellvae")]
+        theirs = [r for r in loader if not str(r["loader"]).startswith("cellvae")]
+        for r in ours:
+            vals = {"cellvae": r.get(key, math.nan) if key else math.nan}
+            if theirs:
+                vals["scvi-tools"] = theirs[0].get(key, math.nan) if key else math.nan
+            kind = str(r["loader"]).partition(" ")[2] or "cellvae"
+            rows.append(
+                _row(
+                    f"minibatch fetch time, {kind}",
+                    f"{fmt(loader[0].get('n_obs'))} cells",
+                    vals,
+                    "lower",
+                    "ms/batch",
+                )
             )
-        )
     tv = read_csv(out_dir / "totalvi.csv")
     for d in _datasets(tv):
         sub = [r for r in tv if r["dataset"] == d]

@@ -18,6 +18,7 @@ Numerical conventions
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -420,6 +421,11 @@ def _poisson_log_prob_sum(x, rate, eps, nz):
 # --------------------------------------------------------------------------------------------------
 # distributions
 # --------------------------------------------------------------------------------------------------
+def _broadcast_shapes(*shapes: torch.Size) -> torch.Size:
+    """``torch.broadcast_shapes`` without its import of torch.fx and sympy (about 100 MB)."""
+    return torch.Size(np.broadcast_shapes(*(tuple(s) for s in shapes)))
+
+
 def _nb_sample(
     mu: torch.Tensor, theta: torch.Tensor, shape: torch.Size, eps: float
 ) -> torch.Tensor:
@@ -471,7 +477,7 @@ class NegativeBinomial(Distribution):
         self.mu = mu
         self.theta = theta
         self.eps = eps
-        super().__init__(torch.broadcast_shapes(mu.shape, theta.shape), validate_args=validate_args)
+        super().__init__(_broadcast_shapes(mu.shape, theta.shape), validate_args=validate_args)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -567,7 +573,7 @@ class ZeroInflatedNegativeBinomial(Distribution):
         self.theta = theta
         self.zi_logits = zi_logits
         self.eps = eps
-        batch_shape = torch.broadcast_shapes(mu.shape, theta.shape, zi_logits.shape)
+        batch_shape = _broadcast_shapes(mu.shape, theta.shape, zi_logits.shape)
         super().__init__(batch_shape, validate_args=validate_args)
 
     @property
@@ -802,7 +808,7 @@ class NegativeBinomialMixture(Distribution):
         shapes = [mu1.shape, mu2.shape, theta1.shape, mixture_logits.shape]
         if theta2 is not None:
             shapes.append(theta2.shape)
-        super().__init__(torch.broadcast_shapes(*shapes), validate_args=validate_args)
+        super().__init__(_broadcast_shapes(*shapes), validate_args=validate_args)
 
     @property
     def mixture_probs(self) -> torch.Tensor:
