@@ -301,6 +301,21 @@ class DecoderSCVI(nn.Module):
             return layer(h)
         return F.linear(h, layer.weight[gene_idx], layer.bias[gene_idx])
 
+    def _scale(self, h: torch.Tensor, gene_idx: torch.Tensor | None) -> torch.Tensor:
+        if self.scale_activation == "softplus":
+            return F.softplus(self._head(self.px_scale_decoder, h, gene_idx))
+        logits = self.px_scale_decoder(h)
+        if gene_idx is None:
+            return torch.softmax(logits, dim=-1)
+        log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+        return torch.exp(logits[:, gene_idx] - log_norm)
+
+    def scale(
+        self, z: torch.Tensor, *cat_list: torch.Tensor, gene_idx: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Only ``px_scale`` (normalised expression): the other output layers are skipped."""
+        return self._scale(self.px_decoder(z, *cat_list), gene_idx)
+
     def forward(
         self,
         dispersion: str,
@@ -316,15 +331,7 @@ class DecoderSCVI(nn.Module):
         normaliser still needs every gene's logit).
         """
         h = self.px_decoder(z, *cat_list)
-        if self.scale_activation == "softmax":
-            logits = self.px_scale_decoder(h)
-            if gene_idx is None:
-                px_scale = torch.softmax(logits, dim=-1)
-            else:
-                log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-                px_scale = torch.exp(logits[:, gene_idx] - log_norm)
-        else:
-            px_scale = F.softplus(self._head(self.px_scale_decoder, h, gene_idx))
+        px_scale = self._scale(h, gene_idx)
         px_dropout = self._head(self.px_dropout_decoder, h, gene_idx)
         px_rate = torch.exp(library) * px_scale
         px_r = self._head(self.px_r_decoder, h, gene_idx) if dispersion == "gene-cell" else None

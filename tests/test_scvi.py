@@ -98,6 +98,28 @@ def test_decoder_contract(dispersion):
     assert (px_r is None) == (dispersion != "gene-cell")
 
 
+@pytest.mark.parametrize("dispersion", ["gene", "gene-batch"])
+@pytest.mark.parametrize("size_factor", [False, True])
+def test_expression_scale_equals_generative_px_scale(dispersion, size_factor):
+    """The getters' shortcut (scale head only) equals the full decoder's px_scale."""
+    torch.manual_seed(0)
+    module = VAE(25, n_batch=3, dispersion=dispersion, use_size_factor_key=size_factor).eval()
+    tensors = {
+        "x": torch.poisson(torch.full((6, 25), 2.0)),
+        "batch": torch.tensor([0, 1, 2, 0, 1, 2]),
+        "size_factor": torch.full((6,), 2.0),
+    }
+    inf = module.inference(tensors, n_samples=3)  # (samples, cells, latent)
+    other = torch.full((6,), 2)
+    for z in (inf["qz_m"], inf["z"]):
+        for batch in (None, other):
+            for gene_idx in (None, torch.tensor([4, 0, 19])):
+                lib = inf["library"] if z.dim() == 3 else inf["library"][0]
+                gen = module.generative(z, lib, tensors, batch=batch, gene_idx=gene_idx)
+                got = module.expression_scale(z, tensors, batch=batch, gene_idx=gene_idx)
+                torch.testing.assert_close(got, gen["px_scale"])
+
+
 def test_decoder_gene_subset_matches_full_output():
     dec = DecoderSCVI(4, 30)
     z, lib = torch.randn(5, 4), torch.zeros(5, 1)

@@ -196,7 +196,6 @@ class SCVI(BaseModel):
         g_idx = None if gene_idx is None else gene_idx.to(dev)
         out = np.empty((len(idx), len(genes)), dtype=np.float32)
         start = 0
-        key = "px_rate" if library_size == "latent" else "px_scale"
         scale = 1.0 if library_size == "latent" else float(library_size)
         for batch in self._batches(td, idx, batch_size):
             inf = self.module.inference(batch, n_samples=n_samples)
@@ -206,11 +205,18 @@ class SCVI(BaseModel):
             acc = None
             for code in codes:
                 b = None if code is None else torch.full_like(batch["batch"], code)
-                gen = self.module.generative(z, inf["library"], batch, batch=b, gene_idx=g_idx)
-                value = gen[key] if n_samples == 1 else gen[key].mean(0)
-                acc = value if acc is None else acc + value
+                value = self.module.expression_scale(z, batch, batch=b, gene_idx=g_idx)
+                if library_size == "latent":
+                    value = value * torch.exp(inf["library"])
+                value = value if n_samples == 1 else value.mean(0)
+                acc = value if acc is None else acc.add_(value)
             n = len(batch["batch"])
-            out[start : start + n] = (acc * (scale / len(codes))).cpu().numpy()
+            # scaled straight into the output rows: no extra copy of the chunk
+            target = torch.from_numpy(out[start : start + n])
+            if acc.device.type == "cpu":
+                torch.mul(acc, scale / len(codes), out=target)
+            else:
+                target.copy_(acc.mul_(scale / len(codes)))
             start += n
         if return_numpy:
             return out

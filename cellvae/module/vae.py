@@ -212,32 +212,14 @@ class VAE(nn.Module):
         gene_idx: torch.Tensor | None = None,
     ) -> dict:
         """Decode z into the count distribution ``px`` (``batch`` overrides the cells' batch)."""
-        cats = covariate_codes(tensors)
-        if batch is not None:
-            cats[0] = batch
-        dec_in = z
-        if "cont_covs" in tensors:
-            cont = tensors["cont_covs"]
-            dec_in = torch.cat([z, cont.expand(*z.shape[:-1], cont.shape[-1])], dim=-1)
-        if z.dim() == 3:  # (samples, cells, latent): flatten for the batch-norm layers
-            s, n = z.shape[:2]
-            px_scale, px_r, px_rate, px_dropout = self.decoder(
-                self.dispersion,
-                dec_in.reshape(s * n, -1),
-                library.reshape(s * n, 1),
-                *[c.repeat(s) for c in cats],
-                gene_idx=gene_idx,
-            )
-            unflat = lambda t: None if t is None else t.reshape(s, n, -1)
-            px_scale, px_r, px_rate, px_dropout = map(unflat, (px_scale, px_r, px_rate, px_dropout))
-        else:
-            px_scale, px_r, px_rate, px_dropout = self.decoder(
-                self.dispersion, dec_in, library, *cats, gene_idx=gene_idx
-            )
+        dec_in, cats, unflat = self._decoder_input(z, tensors, batch)
+        lib = library if z.dim() == 2 else library.reshape(-1, 1)
+        outputs = self.decoder(self.dispersion, dec_in, lib, *cats, gene_idx=gene_idx)
+        px_scale, px_r, px_rate, px_dropout = map(unflat, outputs)
         if self.dispersion == "gene":
             px_r = self.px_r
         elif self.dispersion == "gene-batch":
-            px_r = self.px_r[cats[0]]
+            px_r = self.px_r[tensors["batch"] if batch is None else batch]
         elif self.dispersion == "gene-label":
             px_r = self.px_r[tensors["labels"]]
         if gene_idx is not None and self.dispersion != "gene-cell":
@@ -252,6 +234,38 @@ class VAE(nn.Module):
         else:
             px = Normal(loc=px_rate, scale=theta.sqrt())
         return {"px": px, "px_scale": px_scale, "px_rate": px_rate}
+
+    def _decoder_input(self, z, tensors, batch):
+        """Decoder input, covariate codes and a function restoring a leading samples axis.
+
+        ``batch`` overrides the cells' batch; ``z`` of shape (samples, cells, latent) is flattened
+        for the batch-norm layers.
+        """
+        cats = covariate_codes(tensors)
+        if batch is not None:
+            cats[0] = batch
+        dec_in = z
+        if "cont_covs" in tensors:
+            cont = tensors["cont_covs"]
+            dec_in = torch.cat([z, cont.expand(*z.shape[:-1], cont.shape[-1])], dim=-1)
+        if z.dim() == 2:
+            return dec_in, cats, lambda t: t
+        s, n = z.shape[:2]
+        unflat = lambda t: None if t is None else t.reshape(s, n, -1)
+        return dec_in.reshape(s * n, -1), [c.repeat(s) for c in cats], unflat
+
+    @torch.no_grad()
+    def expression_scale(
+        self,
+        z: torch.Tensor,
+        tensors: dict[str, torch.Tensor],
+        *,
+        batch: torch.Tensor | None = None,
+        gene_idx: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``px_scale`` alone (normalised expression), without the likelihood's other heads."""
+        dec_in, cats, unflat = self._decoder_input(z, tensors, batch)
+        return unflat(self.decoder.scale(dec_in, *cats, gene_idx=gene_idx))
 
     def loss(
         self, tensors: dict[str, torch.Tensor], inf: dict, gen: dict, kl_weight: float = 1.0
