@@ -58,6 +58,28 @@ def covariate_codes(tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     return cats
 
 
+def decoder_input(z: torch.Tensor, tensors: dict[str, torch.Tensor], batch=None):
+    """Decoder input, covariate codes and a function restoring a leading samples axis.
+
+    The input is ``z`` with any continuous covariates appended; ``batch`` overrides the cells'
+    batch code. ``z`` of shape (samples, cells, latent) is flattened to (samples · cells, ·) for
+    the batch-norm layers, with the codes repeated to match; the returned function reshapes a
+    flat output back (and is the identity for 2-D ``z``).
+    """
+    cats = covariate_codes(tensors)
+    if batch is not None:
+        cats[0] = batch
+    dec_in = z
+    if "cont_covs" in tensors:
+        cont = tensors["cont_covs"]
+        dec_in = torch.cat([z, cont.expand(*z.shape[:-1], cont.shape[-1])], dim=-1)
+    if z.dim() == 2:
+        return dec_in, cats, lambda t: t
+    s, n = z.shape[:2]
+    unflat = lambda t: None if t is None else t.reshape(s, n, -1)
+    return dec_in.reshape(s * n, -1), [c.repeat(s) for c in cats], unflat
+
+
 def check_choice(name: str, value, options) -> None:
     """Raise a ValueError naming the allowed values when ``value`` is not one of ``options``."""
     if value not in options:

@@ -22,7 +22,14 @@ from torch import nn
 from .._sparse import as_dense, row_sums
 from ..distributions import NegativeBinomial, NegativeBinomialMixture, ZeroInflatedNegativeBinomial
 from ..nn import DecoderTOTALVI, EncoderTOTALVI
-from ._base import LossOutput, check_choice, covariate_codes, kl_normal, kl_normal_elementwise
+from ._base import (
+    LossOutput,
+    check_choice,
+    covariate_codes,
+    decoder_input,
+    kl_normal,
+    kl_normal_elementwise,
+)
 
 GeneDispersion = Literal["gene", "gene-batch", "gene-label"]
 ProteinDispersion = Literal["protein", "protein-batch", "protein-label"]
@@ -315,18 +322,9 @@ class TOTALVAE(nn.Module):
         Returns ``px``, ``py`` (distributions), ``px_`` and ``py_`` (the decoder outputs) and
         ``log_pro_back_mean``.
         """
-        cats = covariate_codes(tensors)
-        if batch is not None:
-            cats[0] = batch
-        dec_in = z
-        if "cont_covs" in tensors:
-            cont = tensors["cont_covs"]
-            dec_in = torch.cat([z, cont.expand(*z.shape[:-1], cont.shape[-1])], dim=-1)
-        lead = z.shape[:-1]
-        if z.dim() == 3:  # (samples, cells, latent): flatten for the batch-norm layers
-            s = z.shape[0]
-            dec_in, library = dec_in.reshape(-1, dec_in.shape[-1]), library.reshape(-1, 1)
-            cats = [c.repeat(s) for c in cats]
+        dec_in, cats, unflat = decoder_input(z, tensors, batch)
+        if z.dim() == 3:
+            library = library.reshape(-1, 1)
         px_, py_, log_back = self.decoder(
             dec_in,
             library,
@@ -334,11 +332,9 @@ class TOTALVAE(nn.Module):
             sample_background=sample_background,
             compute_dropout=self.gene_likelihood == "zinb",
         )
-        if z.dim() == 3:
-            unflat = lambda t: None if t is None else t.reshape(*lead, -1)
-            px_ = {k: unflat(v) for k, v in px_.items()}
-            py_ = {k: unflat(v) for k, v in py_.items()}
-            log_back = unflat(log_back)
+        px_ = {k: unflat(v) for k, v in px_.items()}
+        py_ = {k: unflat(v) for k, v in py_.items()}
+        log_back = unflat(log_back)
         labels = tensors.get("labels")
         if z.dim() == 3 and labels is not None:
             labels = labels.repeat(z.shape[0])
@@ -346,9 +342,9 @@ class TOTALVAE(nn.Module):
         codes["gene-label"] = codes["protein-label"] = labels
         px_r = self._by_code(self.px_r, codes.get(self.gene_dispersion))
         py_r = self._by_code(self.py_r, codes.get(self.protein_dispersion))
-        if z.dim() == 3:
-            px_r = px_r.reshape(*lead, -1) if px_r.dim() == 2 else px_r
-            py_r = py_r.reshape(*lead, -1) if py_r.dim() == 2 else py_r
+        if z.dim() == 3:  # per-cell rows (codes were repeated per sample): restore the axis
+            px_r = unflat(px_r) if px_r.dim() == 2 else px_r
+            py_r = unflat(py_r) if py_r.dim() == 2 else py_r
         theta_x, theta_y = torch.exp(px_r), torch.exp(py_r)
         if self.gene_likelihood == "zinb":
             px = ZeroInflatedNegativeBinomial(

@@ -18,7 +18,7 @@ from torch import nn
 from .._sparse import as_dense, log1p, row_sums
 from ..distributions import NegativeBinomial, Normal, Poisson, ZeroInflatedNegativeBinomial
 from ..nn import DecoderSCVI, Encoder
-from ._base import LossOutput, check_choice, covariate_codes, kl_normal
+from ._base import LossOutput, check_choice, covariate_codes, decoder_input, kl_normal
 
 Dispersion = Literal["gene", "gene-batch", "gene-label", "gene-cell"]
 Likelihood = Literal["zinb", "nb", "poisson", "normal"]
@@ -212,7 +212,7 @@ class VAE(nn.Module):
         gene_idx: torch.Tensor | None = None,
     ) -> dict:
         """Decode z into the count distribution ``px`` (``batch`` overrides the cells' batch)."""
-        dec_in, cats, unflat = self._decoder_input(z, tensors, batch)
+        dec_in, cats, unflat = decoder_input(z, tensors, batch)
         lib = library if z.dim() == 2 else library.reshape(-1, 1)
         outputs = self.decoder(self.dispersion, dec_in, lib, *cats, gene_idx=gene_idx)
         px_scale, px_r, px_rate, px_dropout = map(unflat, outputs)
@@ -235,25 +235,6 @@ class VAE(nn.Module):
             px = Normal(loc=px_rate, scale=theta.sqrt())
         return {"px": px, "px_scale": px_scale, "px_rate": px_rate}
 
-    def _decoder_input(self, z, tensors, batch):
-        """Decoder input, covariate codes and a function restoring a leading samples axis.
-
-        ``batch`` overrides the cells' batch; ``z`` of shape (samples, cells, latent) is flattened
-        for the batch-norm layers.
-        """
-        cats = covariate_codes(tensors)
-        if batch is not None:
-            cats[0] = batch
-        dec_in = z
-        if "cont_covs" in tensors:
-            cont = tensors["cont_covs"]
-            dec_in = torch.cat([z, cont.expand(*z.shape[:-1], cont.shape[-1])], dim=-1)
-        if z.dim() == 2:
-            return dec_in, cats, lambda t: t
-        s, n = z.shape[:2]
-        unflat = lambda t: None if t is None else t.reshape(s, n, -1)
-        return dec_in.reshape(s * n, -1), [c.repeat(s) for c in cats], unflat
-
     @torch.no_grad()
     def expression_scale(
         self,
@@ -264,7 +245,7 @@ class VAE(nn.Module):
         gene_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``px_scale`` alone (normalised expression), without the likelihood's other heads."""
-        dec_in, cats, unflat = self._decoder_input(z, tensors, batch)
+        dec_in, cats, unflat = decoder_input(z, tensors, batch)
         return unflat(self.decoder.scale(dec_in, *cats, gene_idx=gene_idx))
 
     def loss(
