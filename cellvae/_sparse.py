@@ -92,6 +92,12 @@ class CSRBatch:
     def dense(self) -> torch.Tensor:
         """The batch as a dense ``(n_rows, n_cols)`` tensor."""
         n, g = self.shape
+        if self.val.device.type == "cpu":  # numpy's scatter: no wait on torch's thread pool
+            flat = self.row.numpy() * g
+            flat += self.col.numpy()
+            out = np.zeros(n * g, dtype=self.val.numpy().dtype)
+            out[flat] = self.val.numpy()
+            return torch.from_numpy(out).view(n, g)
         out = torch.zeros(n * g, dtype=self.val.dtype, device=self.val.device)
         out.index_put_((self.row * g + self.col,), self.val)
         return out.view(n, g)
