@@ -2,7 +2,8 @@
 
 Any module whose ``forward(tensors, kl_weight)`` returns a
 :class:`~cellvae.module.LossOutput` trains here. The loop never touches AnnData, pandas or scipy:
-minibatches come from :class:`~cellvae._data.TensorData` by tensor indexing.
+minibatches come from :meth:`~cellvae._data.TensorData.batches` (tensor indexing; counts on disk
+are read a window of cells at a time).
 """
 
 from __future__ import annotations
@@ -97,8 +98,8 @@ def evaluate(
     was_training = module.training
     module.eval()
     totals: dict[str, float] = {}
-    for idx in BatchSampler(indices, batch_size):
-        out = module(data[idx], kl_weight=1.0)
+    for batch in data.batches(indices, batch_size):
+        out = module(batch, kl_weight=1.0)
         terms = {
             "elbo": out.elbo.sum(),
             "reconstruction": out.reconstruction.sum(),
@@ -238,11 +239,11 @@ def train_module(
     history = history if history is not None else {}
     module.to(device)
     data = data.to(device)
-    train_idx, val_idx = train_idx.to(device), val_idx.to(device)
+    train_idx, val_idx = train_idx.cpu(), val_idx.to(device)
     gen = torch.Generator(device="cpu")
     gen.manual_seed(0 if config.seed is None else int(config.seed))
-    sampler = BatchSampler(train_idx.cpu(), config.batch_size, shuffle=True, generator=gen)
-    steps_per_epoch = len(sampler)
+    # data.batches yields this many minibatches per epoch, counts in memory or on disk
+    steps_per_epoch = len(BatchSampler(train_idx, config.batch_size, shuffle=True))
     if config.n_epochs_kl_warmup is not None:
         warmup_steps = config.n_epochs_kl_warmup * steps_per_epoch
     elif config.kl_warmup_fraction:
@@ -278,9 +279,8 @@ def train_module(
             sums = torch.zeros(5, dtype=torch.float64, device=device)
             n_cells = 0
             kl_weight = _kl_weight(step, warmup_steps)
-            for idx in sampler:
+            for batch in data.batches(train_idx, config.batch_size, shuffle=True, generator=gen):
                 kl_weight = _kl_weight(step, warmup_steps)
-                batch = data[idx.to(device)]
                 out = module(batch, kl_weight=kl_weight)
                 for p in params:
                     p.grad = None
@@ -289,7 +289,7 @@ def train_module(
                     nn.utils.clip_grad_norm_(params, config.gradient_clip_val)
                 optimizer.step()
                 step += 1
-                n = len(idx)
+                n = len(batch["batch"])
                 n_cells += n
                 sums += torch.stack(
                     [

@@ -126,7 +126,10 @@ def test_minibatches_equal_anndata_values(storage, tmp_path):
     reg = Registry.from_adata(adata)
     td = TensorData.from_adata(adata)
     assert td.is_sparse == (storage != "dense")
-    if td.is_sparse:
+    assert (td.backed is not None) == (storage == "backed_csr")  # stays on disk
+    if td.backed is not None:
+        assert td.indices is None and td.backed.indptr[-1] == np.count_nonzero(x_full)
+    elif td.is_sparse:
         assert td.indptr.dtype == torch.int64 and td.indptr[-1] == np.count_nonzero(x_full)
         assert td.indices.dtype == torch.int32 and td.values.dtype == torch.float32
     gen = np.random.default_rng(42)

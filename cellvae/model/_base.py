@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from .. import pp
-from .._data import BatchSampler, TensorData, split_indices
+from .._data import TensorData, split_indices
 from .._registry import Registry
 from ..train import TrainConfig, default_max_epochs, resolve_device, train_module
 
@@ -121,8 +121,8 @@ class BaseModel:
         """Yield minibatch dicts on the module's device, in order (only each batch is moved)."""
         idx = self._indices(td, indices)
         dev = self.device
-        for chunk in BatchSampler(idx, batch_size or 1024):
-            yield {k: v.to(dev) for k, v in td[chunk].items()}
+        for batch in td.batches(idx, batch_size or 1024):
+            yield {k: v.to(dev) for k, v in batch.items()}
 
     # ------------------------------------------------------------------ shared getters
     @torch.no_grad()
