@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["CSRBatch", "as_dense", "log1p", "row_sums", "sparse_linear"]
+__all__ = ["CSRBatch", "HStack", "as_dense", "hstack", "log1p", "row_sums", "sparse_linear"]
 
 
 @dataclass
@@ -117,8 +117,42 @@ class CSRBatch:
         return CSRBatch(row, self.col[pos], self.val[pos], new_offsets, (len(rows), self.shape[1]))
 
 
-def as_dense(x: torch.Tensor | CSRBatch) -> torch.Tensor:
+@dataclass
+class HStack:
+    """Sparse columns followed by dense ones, ``[sparse | dense]``, kept apart.
+
+    An encoder input made of counts and a few dense columns (proteins, continuous covariates):
+    a linear layer multiplies each part with its rows of the weight, so the counts are never
+    densified.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = hstack(CSRBatch.from_dense(torch.tensor([[0.0, 2.0], [1.0, 0.0]])), torch.ones(2, 1))
+    >>> x.shape, as_dense(x).tolist()
+    ((2, 3), [[0.0, 2.0, 1.0], [1.0, 0.0, 1.0]])
+    """
+
+    sparse: CSRBatch
+    dense: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n_rows, sparse columns + dense columns)``."""
+        return (self.sparse.shape[0], self.sparse.shape[1] + self.dense.shape[-1])
+
+
+def hstack(x: torch.Tensor | CSRBatch, dense: torch.Tensor) -> torch.Tensor | HStack:
+    """Columns of ``x`` then those of ``dense``: an :class:`HStack` for a CSR ``x``."""
+    if isinstance(x, CSRBatch):
+        return HStack(x, dense)
+    return torch.cat([x, dense], dim=-1)
+
+
+def as_dense(x: torch.Tensor | CSRBatch | HStack) -> torch.Tensor:
     """``x`` as a dense tensor (a no-op for tensors)."""
+    if isinstance(x, HStack):
+        return torch.cat([x.sparse.dense(), x.dense], dim=-1)
     return x.dense() if isinstance(x, CSRBatch) else x
 
 

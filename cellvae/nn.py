@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._sparse import CSRBatch, sparse_linear
+from ._sparse import CSRBatch, HStack, sparse_linear
 
 __all__ = [
     "DecoderSCVI",
@@ -59,9 +59,15 @@ class _CovariateLinear(nn.Module):
             nn.init.uniform_(emb.weight, -bound, bound)
             self.embeddings.append(emb)
 
-    def forward(self, x: torch.Tensor | CSRBatch, cats: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor | CSRBatch | HStack, cats: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
         if isinstance(x, CSRBatch):
             out = sparse_linear(x, self.weight, self.bias)
+        elif isinstance(x, HStack):  # [counts | dense columns]: each part with its weight rows
+            n_sparse = x.sparse.shape[1]
+            out = sparse_linear(x.sparse, self.weight[:n_sparse], self.bias)
+            out = torch.addmm(out, x.dense, self.weight[n_sparse:])
         elif self.bias is not None:
             out = (
                 torch.addmm(self.bias, x, self.weight)
@@ -143,11 +149,12 @@ class FCLayers(nn.Module):
                 post.append(nn.Dropout(p=dropout_rate))
             self.post.append(nn.Sequential(*post))
 
-    def forward(self, x: torch.Tensor | CSRBatch, *cat_list: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | CSRBatch | HStack, *cat_list: torch.Tensor) -> torch.Tensor:
         """Apply the layers to ``x`` with one code tensor per covariate in ``cat_list``.
 
-        ``x`` may be a :class:`~cellvae._sparse.CSRBatch`: the first layer reads its entries
-        without building the dense matrix.
+        ``x`` may be a :class:`~cellvae._sparse.CSRBatch` or an :class:`~cellvae._sparse.HStack`
+        of one and dense columns: the first layer reads the stored entries without building the
+        dense matrix.
         """
         cats = [cat_list[i] for i in self.cat_keep if i < len(cat_list)]
         for linear, post in zip(self.linears, self.post):
@@ -346,8 +353,9 @@ class EncoderTOTALVI(nn.Module):
     """Encode RNA and protein counts into q(z | x, y) and the gene library q(ℓ | x, y).
 
     The input is the concatenation ``[log1p(x), log1p(y)]`` (plus continuous covariates, if
-    any). A stack of :class:`FCLayers` gives the mean and variance of ``z``; a one-layer stack
-    gives those of the log library size ``ℓ``. The library is ``exp`` of its normal sample, with
+    any), dense or as an :class:`~cellvae._sparse.HStack` that keeps the counts sparse. A
+    stack of :class:`FCLayers` gives the mean and variance of ``z``; a one-layer stack gives
+    those of the log library size ``ℓ``. The library is ``exp`` of its normal sample, with
     the log clamped at 15 so a wild sample early in training cannot overflow.
 
     Parameters
@@ -435,8 +443,12 @@ class EncoderTOTALVI(nn.Module):
         untran_z = reparameterize(mu, var)
         return untran_z, self.z_transformation(untran_z)
 
-    def forward(self, data: torch.Tensor, *cat_list: torch.Tensor):
-        """Return ``(qz_m, qz_v, ql_m, ql_v, latent, untran_latent)`` for ``data``."""
+    def forward(self, data: torch.Tensor | HStack, *cat_list: torch.Tensor):
+        """Return ``(qz_m, qz_v, ql_m, ql_v, latent, untran_latent)`` for ``data``.
+
+        ``data`` is dense, or an :class:`~cellvae._sparse.HStack` of the CSR ``log1p`` counts
+        and the dense protein (and covariate) columns, which the first layers read sparsely.
+        """
         q = self.encoder(data, *cat_list)
         qz_m = self.z_mean_encoder(q)
         qz_v = torch.exp(self.z_var_encoder(q)) + 1e-4

@@ -8,7 +8,7 @@ from sklearn.neighbors import NearestNeighbors
 
 import cellvae
 from cellvae._data import TensorData
-from cellvae._sparse import CSRBatch, sparse_linear
+from cellvae._sparse import CSRBatch, hstack, sparse_linear
 from cellvae.module import VAE
 from cellvae.nn import DecoderSCVI, Encoder, FCLayers
 from cellvae.train import TrainConfig, TrainingError, train_module
@@ -67,6 +67,23 @@ def test_sparse_first_layer_equals_dense():
     grad_dense = torch.autograd.grad(out_dense.square().sum(), fc.linears[0].weight)[0]
     torch.testing.assert_close(out_sparse, out_dense)
     torch.testing.assert_close(grad_sparse, grad_dense)
+
+
+def test_hstack_first_layer_equals_dense():
+    """[CSR counts | dense columns] through a layer = the dense concatenation, with gradients."""
+    g = torch.Generator().manual_seed(5)
+    counts = torch.poisson(torch.rand(7, 20, generator=g)) * (torch.rand(7, 20, generator=g) < 0.3)
+    extra = torch.randn(7, 3, generator=g)
+    layer = FCLayers(23, 4, n_cat_list=[2], n_layers=1, dropout_rate=0.0, use_batch_norm=False)
+    c = torch.randint(2, (7,), generator=g)
+    weight = layer.linears[0].weight
+    outs, grads = [], []
+    for x in (hstack(CSRBatch.from_dense(counts), extra), torch.cat([counts, extra], 1)):
+        outs.append(layer(x, c))
+        grads.append(torch.autograd.grad(outs[-1].square().sum(), weight)[0])
+    torch.testing.assert_close(outs[0], outs[1])
+    torch.testing.assert_close(grads[0], grads[1])
+    assert grads[0][20:].abs().sum() > 0  # the dense rows of the weight get their gradient
 
 
 def test_sparse_linear_gradcheck_and_empty_batches():

@@ -6,7 +6,7 @@ import torch
 
 import cellvae
 from cellvae._data import TensorData
-from cellvae._sparse import as_dense
+from cellvae._sparse import CSRBatch, as_dense
 from cellvae.distributions import NegativeBinomialMixture
 from cellvae.model.totalvi import protein_background_prior
 from cellvae.module import TOTALVAE
@@ -183,6 +183,29 @@ def test_module_options_forward_backward(options):
     gen = module.generative(inf["z"], inf["library"], t)
     assert gen["py"].log_prob(t["protein"]).shape == (3, 40, 6)
     assert gen["px"].log_prob(as_dense(t["x"])).shape == (3, 40, 40)
+
+
+def test_sparse_counts_give_the_dense_encoding_and_gradients():
+    """A CSR batch (counts kept sparse next to the dense proteins) = the densified batch."""
+    adata = _synthetic_missing(50)
+    t_sparse = _tensors(adata)
+    t_sparse["cont_covs"] = torch.rand(50, 2)
+    assert isinstance(t_sparse["x"], CSRBatch)
+    t_dense = {**t_sparse, "x": as_dense(t_sparse["x"])}
+    torch.manual_seed(0)
+    module = TOTALVAE(
+        40, 6, n_batch=2, n_hidden=16, n_latent=3, n_continuous_cov=2,
+        library_log_means=[5.0, 5.0], library_log_vars=[0.5, 0.5],
+    )  # fmt: skip
+    module.eval()  # no dropout; batch norm with running statistics
+    first = module.encoder.encoder.linears[0].weight
+    results = []
+    for t in (t_sparse, t_dense):
+        torch.manual_seed(1)  # the same latent samples
+        out = module(t, kl_weight=1.0)
+        results.append((out.loss, torch.autograd.grad(out.loss, first)[0]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
 
 
 def test_adversarial_terms_train_classifier_and_encoder_separately():

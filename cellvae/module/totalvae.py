@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._sparse import as_dense, row_sums
+from .._sparse import hstack, log1p, row_sums
 from ..distributions import NegativeBinomial, NegativeBinomialMixture, ZeroInflatedNegativeBinomial
 from ..nn import DecoderTOTALVI, EncoderTOTALVI
 from ._base import (
@@ -273,9 +273,10 @@ class TOTALVAE(nn.Module):
         ``(..., cells, 1)``). With ``n_samples > 1`` the samples get a leading axis.
         """
         x, y = tensors["x"], tensors["protein"]
-        data = torch.cat([torch.log1p(as_dense(x)), torch.log1p(y)], dim=-1)
+        dense = torch.log1p(y)
         if "cont_covs" in tensors:
-            data = torch.cat([data, tensors["cont_covs"]], dim=-1)
+            dense = torch.cat([dense, tensors["cont_covs"]], dim=-1)
+        data = hstack(log1p(x), dense)  # a CSR x stays sparse: the first layers read its entries
         qz_m, qz_v, ql_m, ql_v, latent, untran = self.encoder(data, *covariate_codes(tensors))
         z, untran_z, library = latent["z"], untran["z"], latent["l"]
         if self.use_size_factor_key:

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .._sparse import as_dense, log1p, row_sums
+from .._sparse import as_dense, hstack, log1p, row_sums
 from ..distributions import NegativeBinomial, Normal, Poisson, ZeroInflatedNegativeBinomial
 from ..nn import DecoderSCVI, Encoder
 from ._base import LossOutput, check_choice, covariate_codes, decoder_input, kl_normal
@@ -181,7 +181,7 @@ class VAE(nn.Module):
         cats = covariate_codes(tensors)
         x_in = log1p(x) if self.log_variational else x
         if self.encode_covariates and "cont_covs" in tensors:
-            x_in = torch.cat([as_dense(x_in), tensors["cont_covs"]], dim=-1)
+            x_in = hstack(x_in, tensors["cont_covs"])
         enc_cats = cats if self.encode_covariates else []
         qz_m, qz_v, z = self.z_encoder(x_in, *enc_cats)
         ql_m = ql_v = None
