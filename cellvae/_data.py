@@ -23,7 +23,7 @@ import torch
 
 from ._backed import BackedCSR
 from ._registry import Registry, get_counts, iter_row_chunks
-from ._sparse import CSRBatch
+from ._sparse import CSRBatch, gather_rows
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class TensorData:
             parts = (row, col, val, offsets)
             row, col, val, offsets = (torch.from_numpy(a) for a in parts)
         else:
-            row, col, val, offsets = _rows_torch(self.indptr, self.indices, self.values, idx)
+            row, col, val, offsets = gather_rows(self.indptr, self.indices, self.values, idx)
         return CSRBatch(row, col, val, offsets, (len(idx), self.n_vars))
 
     def _index(self, idx) -> torch.Tensor:
@@ -320,21 +320,6 @@ def _positions(
     pos += np.arange(total, dtype=np.int64)
     row = np.arange(len(starts), dtype=np.int64).repeat(lengths)
     return row, pos, offsets
-
-
-def _rows_torch(indptr, indices, values, idx):
-    """``(row, col, val, offsets)`` of rows ``idx`` with torch ops (any device)."""
-    starts = indptr.index_select(0, idx)
-    lengths = indptr.index_select(0, idx + 1) - starts
-    ends = torch.cumsum(lengths, 0)
-    offsets = ends - lengths
-    total = int(ends[-1]) if len(idx) else 0  # the one host sync per batch
-    pos = torch.repeat_interleave(starts - offsets, lengths, output_size=total)
-    pos += torch.arange(total, device=idx.device)
-    row = torch.repeat_interleave(
-        torch.arange(len(idx), device=idx.device), lengths, output_size=total
-    )
-    return row, indices.index_select(0, pos).long(), values.index_select(0, pos), offsets
 
 
 def split_indices(

@@ -21,7 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["CSRBatch", "HStack", "as_dense", "hstack", "log1p", "row_sums", "sparse_linear"]
+__all__ = [
+    "CSRBatch",
+    "HStack",
+    "as_dense",
+    "gather_rows",
+    "hstack",
+    "log1p",
+    "row_sums",
+    "sparse_linear",
+]
 
 
 @dataclass
@@ -104,17 +113,29 @@ class CSRBatch:
 
     def index_select(self, rows: torch.Tensor) -> CSRBatch:
         """The batch restricted to ``rows`` (positions in this batch), in that order."""
-        starts = self.offsets.index_select(0, rows)
-        ends = torch.cat([self.offsets[1:], self.offsets.new_tensor([len(self.val)])])
-        lengths = ends.index_select(0, rows) - starts
-        new_offsets = torch.cumsum(lengths, 0) - lengths
-        total = int(lengths.sum())
-        pos = torch.repeat_interleave(starts - new_offsets, lengths, output_size=total)
-        pos += torch.arange(total, device=pos.device)
-        row = torch.repeat_interleave(
-            torch.arange(len(rows), device=pos.device), lengths, output_size=total
-        )
-        return CSRBatch(row, self.col[pos], self.val[pos], new_offsets, (len(rows), self.shape[1]))
+        indptr = torch.cat([self.offsets, self.offsets.new_tensor([len(self.val)])])
+        row, col, val, offsets = gather_rows(indptr, self.col, self.val, rows)
+        return CSRBatch(row, col, val, offsets, (len(rows), self.shape[1]))
+
+
+def gather_rows(indptr, indices, values, idx):
+    """``(row, col, val, offsets)`` of the CSR rows ``idx``, with torch ops (any device).
+
+    ``row`` is each entry's position in ``idx``, ``col`` the int64 columns, ``val`` the values,
+    ``offsets`` where each selected row starts; one host sync (the number of entries).
+    """
+    starts = indptr.index_select(0, idx)
+    lengths = indptr.index_select(0, idx + 1) - starts
+    ends = torch.cumsum(lengths, 0)
+    offsets = ends - lengths
+    total = int(ends[-1]) if len(idx) else 0
+    # entry j, the k-th of selected row r, sits at starts[r] + k = (starts[r] - offsets[r]) + j
+    pos = torch.repeat_interleave(starts - offsets, lengths, output_size=total)
+    pos += torch.arange(total, device=idx.device)
+    row = torch.repeat_interleave(
+        torch.arange(len(idx), device=idx.device), lengths, output_size=total
+    )
+    return row, indices.index_select(0, pos).long(), values.index_select(0, pos), offsets
 
 
 @dataclass

@@ -11,9 +11,9 @@ import torch
 
 import cellvae
 from cellvae import pp
-from cellvae._data import BatchSampler, TensorData, _rows_torch, split_indices
+from cellvae._data import BatchSampler, TensorData, split_indices
 from cellvae._registry import Registry
-from cellvae._sparse import CSRBatch, as_dense
+from cellvae._sparse import CSRBatch, as_dense, gather_rows
 
 STORAGES = ["dense", "csr", "csc", "csr_array", "csr_int64", "backed_csr", "backed_dense"]
 
@@ -174,7 +174,7 @@ def test_torch_gather_path_matches_numpy_path():
     for seed in range(5):
         idx = torch.randperm(adata.n_obs, generator=torch.Generator().manual_seed(seed))[:37]
         x = td.counts(idx)
-        row, col, val, offsets = _rows_torch(td.indptr, td.indices, td.values, idx)
+        row, col, val, offsets = gather_rows(td.indptr, td.indices, td.values, idx)
         for a, b in zip((x.row, x.col, x.val, x.offsets), (row, col, val, offsets)):
             assert torch.equal(a, b)
 
