@@ -17,7 +17,6 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import scanpy as sc
 from matplotlib.axes import Axes
 
 logger = logging.getLogger(__name__)
@@ -43,6 +42,8 @@ def _finish(writekey: str, axes: Any, fig, *, show: bool | None, save: bool | st
     ``save=True`` writes ``{figdir}/{writekey}{plot_suffix}.{file_format_figs}``; a string is
     appended to ``writekey`` (its extension, if any, picks the format), as in scanpy.
     """
+    import scanpy as sc  # here, not at import: 145 MB and 2 s that training never needs
+
     if save:
         ext = sc.settings.file_format_figs
         if isinstance(save, str):
@@ -264,6 +265,8 @@ def latent(
         )
     if ax is not None and not isinstance(color, str | None) and len(color) > 1:
         raise ValueError("Pass ax only with a single color; scanpy draws several in new axes.")
+    import scanpy as sc
+
     name = _basis_name(key)
     neighbors_key, umap_key = f"neighbors_{name}", f"X_umap_{name}"
     sc.pp.neighbors(
