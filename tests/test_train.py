@@ -62,9 +62,10 @@ def test_plateau_matches_reduce_lr_on_plateau():
     assert min(seen) == 0.2 and len(set(seen)) > 2  # reduced several times, floored
 
 
-def test_training_does_not_import_dynamo_or_scanpy():
+def test_training_does_not_import_dynamo_scanpy_or_matplotlib():
     # torch.optim's base class pulls in torch._dynamo and sympy (~100 MB); our loop must not.
-    # scanpy (~145 MB with numba and scikit-learn) is imported by the plotting functions only.
+    # scanpy (~145 MB with numba and scikit-learn) and matplotlib (~31 MB) are imported by the
+    # plotting functions only.
     import subprocess
 
     code = (
@@ -72,7 +73,8 @@ def test_training_does_not_import_dynamo_or_scanpy():
         "a = cellvae.datasets.synthetic(200, 30, n_batches=2, random_state=0)\n"
         "cellvae.SCVI.setup_anndata(a, batch_key='batch')\n"
         "cellvae.SCVI(a).train(max_epochs=2, progress_bar=False, device='cpu')\n"
-        "print('sympy' in sys.modules, 'torch._dynamo' in sys.modules, 'scanpy' in sys.modules)\n"
+        "mods = ('sympy', 'torch._dynamo', 'scanpy', 'matplotlib')\n"
+        "print(*(m in sys.modules for m in mods))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip().splitlines()[-1] == "False False False"
+    assert out.stdout.strip().splitlines()[-1] == "False False False False"
