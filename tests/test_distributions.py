@@ -326,6 +326,43 @@ def test_log_prob_sum_tolerates_explicit_zeros_in_nz(name):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_zinb_log_prob_sum_where_both_zero_probabilities_underflow(dtype):
+    # p(0) < 1e-30 (π ≪ 0 and θ log(1 + μ/θ) ≫ 0) switches those entries to the softplus form
+    g = torch.Generator().manual_seed(3)
+    x = torch.poisson(torch.full((6, 40), 0.3), generator=g).to(dtype)
+    mu = torch.exp(torch.randn(6, 40, generator=g, dtype=dtype) * 3)
+    mu[:, :10] = 1e4
+    theta = torch.exp(torch.randn(40, generator=g, dtype=dtype))
+    theta[:10] = 50.0  # θt ≈ 50 log(201) ≈ 265 at the first 10 genes
+    pi = torch.randn(6, 40, generator=g, dtype=dtype) * 3
+    pi[:, :5] = -90.0
+    wrt = [p.requires_grad_() for p in (mu, theta, pi)]
+    dist = ZeroInflatedNegativeBinomial(*wrt)
+    fast, dense = dist.log_prob_sum(x), dist.log_prob(x).sum(-1)
+    assert torch.isfinite(fast).all()
+    torch.testing.assert_close(fast, dense)
+    weights = torch.rand(6, generator=g, dtype=dtype) + 0.5
+    for a, b in zip(
+        torch.autograd.grad((fast * weights).sum(), wrt),
+        torch.autograd.grad((dense * weights).sum(), wrt),
+    ):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", ["nb", "zinb"])
+def test_log_prob_sum_without_grad_equals_with_grad(name):
+    # the forward computes the gradients only when they will be needed; the values are the same
+    x, mu, theta, pi = _batch(torch.float64, (300,))
+    with torch.no_grad():
+        plain = _make(name, mu, theta, pi)[0].log_prob_sum(x)
+    dist, _ = _make(name, *(p.requires_grad_() for p in (mu, theta, pi)))
+    with_grad = dist.log_prob_sum(x)
+    assert with_grad.requires_grad and not plain.requires_grad
+    torch.testing.assert_close(plain, with_grad.detach(), rtol=0, atol=0)
+
+
 def test_log_prob_sum_requires_2d():
     with pytest.raises(ValueError, match="2-D"):
         NegativeBinomial(torch.ones(3), torch.ones(3)).log_prob_sum(torch.ones(3))
