@@ -19,6 +19,7 @@ from ._sparse import CSRBatch, HStack, sparse_linear
 
 __all__ = [
     "DecoderSCVI",
+    "Dropout",
     "DecoderTOTALVI",
     "Encoder",
     "EncoderTOTALVI",
@@ -37,6 +38,51 @@ def reparameterize(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     torch.Size([2, 3])
     """
     return mean + var.sqrt() * torch.randn_like(mean)
+
+
+class Dropout(nn.Module):
+    """Inverted dropout whose CPU mask costs 16 random bits per entry.
+
+    Each entry is zeroed with probability ``p`` and the others are scaled by ``1 / (1 − p)``, as
+    :class:`torch.nn.Dropout`. On CPU, torch's Bernoulli sampler draws a full random number per
+    entry (about 10 ns each here, 12% of a TOTALVI training step); this module draws 64-bit
+    integers and compares each of their four 16-bit lanes with a threshold instead (about 2 ns an
+    entry), so ``p`` is rounded to a multiple of 2^-16 (at most 8·10^-6 away) and the scaling
+    uses that rounded rate. Other devices use :func:`torch.nn.functional.dropout`. The bits come
+    from torch's default generator, so ``torch.manual_seed`` fixes the masks.
+
+    Examples
+    --------
+    >>> import torch
+    >>> drop = Dropout(0.25).train()
+    >>> y = drop(torch.ones(1000, 100))
+    >>> sorted(set(y.unique().tolist()))
+    [0.0, 1.3333333730697632]
+    """
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"Dropout probability must be in [0, 1), got {p}.")
+        self.p = p
+        steps = round(p * 65536)  # the rate actually used: steps / 2^16
+        self._threshold = steps - 32768  # keep a uniform int16 at or above it
+        self._scale = 65536 / (65536 - steps)
+
+    def extra_repr(self) -> str:
+        """``p=...`` in the module's repr."""
+        return f"p={self.p}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with entries dropped and the rest scaled (``x`` itself in eval mode)."""
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        n = x.numel()
+        words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+        keep = words.view(torch.int16)[:n].view(x.shape) >= self._threshold
+        return (x * keep).mul_(self._scale)
 
 
 class _CovariateLinear(nn.Module):
@@ -146,7 +192,7 @@ class FCLayers(nn.Module):
             if use_activation:
                 post.append(nn.ReLU())
             if dropout_rate > 0:
-                post.append(nn.Dropout(p=dropout_rate))
+                post.append(Dropout(dropout_rate))
             self.post.append(nn.Sequential(*post))
 
     def forward(self, x: torch.Tensor | CSRBatch | HStack, *cat_list: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import cellvae
 from cellvae._data import TensorData
 from cellvae._sparse import CSRBatch, hstack, sparse_linear
 from cellvae.module import VAE
-from cellvae.nn import DecoderSCVI, Encoder, FCLayers
+from cellvae.nn import DecoderSCVI, Dropout, Encoder, FCLayers
 from cellvae.train import TrainConfig, TrainingError, train_module
 
 
@@ -28,6 +28,45 @@ def trained():
 
 
 # ---------------------------------------------------------------- layers
+@pytest.mark.parametrize("p", [0.1, 0.2, 0.5])
+def test_dropout_rate_scaling_and_independence(p):
+    torch.manual_seed(0)
+    drop = Dropout(p).train()
+    x = torch.rand(1000, 1001, dtype=torch.float64) + 0.5  # an odd size: partial 64-bit words
+    x.requires_grad_()
+    y = drop(x)
+    kept = y != 0
+    n = x.numel()
+    # the drop rate: within 5 binomial standard deviations of p
+    assert abs(1 - kept.double().mean().item() - p) < 5 * (p * (1 - p) / n) ** 0.5
+    # kept entries are scaled by 1 / (1 - p): the output is unbiased
+    torch.testing.assert_close(y[kept], x[kept] / (1 - p), rtol=1e-4, atol=0)
+    # the gradient is the same mask and scale
+    (y * 3).sum().backward()
+    torch.testing.assert_close(x.grad, 3 * kept.double() / (1 - p), rtol=1e-4, atol=0)
+    # neighbouring entries (lanes of one 64-bit word, and adjacent words) are independent
+    k = kept.reshape(-1).double()
+    for lag in (1, 2, 3, 4, 5):
+        corr = torch.corrcoef(torch.stack([k[:-lag], k[lag:]]))[0, 1].item()
+        assert abs(corr) < 5 / n**0.5, (lag, corr)
+    # a new mask at every call
+    assert (drop(x) != y).any()
+
+
+def test_dropout_is_identity_in_eval_mode_and_seeded():
+    x = torch.randn(64, 33)
+    drop = Dropout(0.3)
+    assert drop.eval()(x) is x
+    drop.train()
+    torch.manual_seed(5)
+    a = drop(x)
+    torch.manual_seed(5)
+    torch.testing.assert_close(drop(x), a, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="Dropout probability"):
+        Dropout(1.0)
+    assert "Dropout(p=0.3)" in repr(FCLayers(5, 4, dropout_rate=0.3))
+
+
 def test_fc_layers_inject_covariates_changes_output():
     torch.manual_seed(0)
     fc = FCLayers(6, 5, n_cat_list=[3], n_layers=2, n_hidden=8, dropout_rate=0.0)

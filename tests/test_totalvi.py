@@ -263,16 +263,16 @@ def test_eccite_cd19_foreground_higher_in_b_marker_cells(eccite):
     markers = np.asarray(adata[:, ["MS4A1", "CD79A"]].X.sum(1)).ravel()
     positive, negative = markers >= 3, markers == 0  # ≥ 3 B-cell marker UMIs vs none
     assert positive.sum() >= 15
-    # The ranking, not a mean's size: across 14 training seeds the AUC was 0.93-0.98 and the
-    # mean foreground 0.35-0.82 in marker-positive vs 0.03-0.06 in marker-negative cells (an
-    # absolute margin on the means failed for some seeds); a constant or inverted foreground
-    # gives an AUC of 0.5 or below.
+    # The ranking, not a mean's size: over 24 training runs (seeds 0-13 with torch's dropout,
+    # 0-9 with cellvae's) the AUC was 0.90-0.98 and the mean foreground 0.16-0.82 in
+    # marker-positive vs 0.02-0.06 in marker-negative cells (an absolute margin on the means
+    # failed for some seeds); a constant or inverted foreground gives an AUC of 0.5 or below.
     fg_pos, fg_neg = fg["CD19"][positive], fg["CD19"][negative]
     assert _auc(fg_pos, fg_neg) > 0.85 and fg_pos.mean() > 4 * fg_neg.mean()
-    # denoised CD19 follows (14 seeds: AUC 0.92-0.97, ratio of means 6-21)
+    # denoised CD19 follows (same runs: AUC 0.90-0.98, ratio of means 3.8-23)
     _, prot = model.get_normalized_expression(protein_list=["CD19"], gene_list=["MS4A1"])
     prot_pos, prot_neg = prot["CD19"][positive], prot["CD19"][negative]
-    assert _auc(prot_pos, prot_neg) > 0.85 and prot_pos.mean() > 3 * prot_neg.mean()
+    assert _auc(prot_pos, prot_neg) > 0.85 and prot_pos.mean() > 2.5 * prot_neg.mean()
 
 
 def _auc(pos, neg) -> float:
