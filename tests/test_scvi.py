@@ -551,3 +551,16 @@ def test_tl_scvi_copy_leaves_input_untouched():
     assert "X_mine" in out.uns
     with pytest.raises(ValueError, match="view"):
         cellvae.tl.scvi(adata[:50], batch_key="batch")
+
+
+def test_rows_into_one_equals_concatenate():
+    from cellvae.model._base import rows_into_one
+
+    rng = np.random.default_rng(0)
+    blocks = [rng.random((n, 3, 2)).astype(np.float32) for n in (4, 1, 7)]
+    out = rows_into_one(iter(blocks), 12)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, np.concatenate(blocks))
+    assert rows_into_one(iter([]), 0) is None
+    with pytest.raises(RuntimeError, match="Expected 13 rows"):
+        rows_into_one(iter(blocks), 13)

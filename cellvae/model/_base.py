@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,24 @@ from ..train import TrainConfig, default_max_epochs, resolve_device, train_modul
 logger = logging.getLogger(__name__)
 
 _FORMAT_VERSION = 1
+
+
+def rows_into_one(chunks: Iterable[np.ndarray], n_rows: int) -> np.ndarray | None:
+    """Write consecutive row blocks into one array of ``n_rows`` rows, allocated once.
+
+    The getters' outputs are built this way rather than by concatenating a list of blocks,
+    which holds every block and the result at the same time (twice the output at its peak).
+    Returns None when there are no blocks.
+    """
+    out, start = None, 0
+    for block in chunks:
+        if out is None:
+            out = np.empty((n_rows, *block.shape[1:]), dtype=block.dtype)
+        out[start : start + len(block)] = block
+        start += len(block)
+    if out is not None and start != n_rows:
+        raise RuntimeError(f"Expected {n_rows} rows, got {start}.")
+    return out
 
 
 class BaseModel:
@@ -159,18 +177,20 @@ class BaseModel:
         """
         self._check_trained()
         td, _ = self._data(adata)
-        out = []
-        for batch in self._batches(td, indices, batch_size):
+        idx = self._indices(td, indices)
+
+        def latent(batch):
             inf = self.module.inference(batch)
             if not give_mean:
-                z = inf["z"]
-            elif self.module.latent_distribution == "ln":
+                return inf["z"]
+            if self.module.latent_distribution == "ln":
                 noise = torch.randn((100, *inf["qz_m"].shape), device=inf["qz_m"].device)
-                z = torch.softmax(inf["qz_m"] + inf["qz_v"].sqrt() * noise, -1).mean(0)
-            else:
-                z = inf["qz_m"]
-            out.append(z.cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.module.n_latent), np.float32)
+                return torch.softmax(inf["qz_m"] + inf["qz_v"].sqrt() * noise, -1).mean(0)
+            return inf["qz_m"]
+
+        chunks = (latent(batch).cpu().numpy() for batch in self._batches(td, idx, batch_size))
+        out = rows_into_one(chunks, len(idx))
+        return np.zeros((0, self.module.n_latent), np.float32) if out is None else out
 
     def _batch_codes(self, transform_batch, reg: Registry) -> list[int | None]:
         if transform_batch is None:
@@ -203,11 +223,14 @@ class BaseModel:
     def _per_cell(self, adata, indices, batch_size, fn) -> np.ndarray:
         self._check_trained()
         td, _ = self._data(adata)
+        idx = self._indices(td, indices)
         was = self.module.training
         self.module.eval()
-        out = [fn(b).cpu().numpy() for b in self._batches(td, indices, batch_size)]
-        self.module.train(was)
-        return np.concatenate(out)
+        try:
+            chunks = (fn(b).cpu().numpy() for b in self._batches(td, idx, batch_size))
+            return rows_into_one(chunks, len(idx))
+        finally:
+            self.module.train(was)
 
     def get_elbo(self, adata=None, *, indices=None, batch_size: int | None = None) -> float:
         """Return the ELBO per cell (a lower bound on log p(x); higher is better).

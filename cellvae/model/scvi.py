@@ -12,7 +12,7 @@ import torch
 from .. import pp
 from .._registry import Registry
 from ..module import VAE
-from ._base import BaseModel
+from ._base import BaseModel, rows_into_one
 
 
 class SCVI(BaseModel):
@@ -272,11 +272,14 @@ class SCVI(BaseModel):
         td, reg = self._data(adata)
         gene_idx, _ = self._gene_idx(gene_list, reg)
         g_idx = None if gene_idx is None else gene_idx.to(self.device)
-        out = []
-        for batch in self._batches(td, indices, batch_size):
+        idx = self._indices(td, indices)
+
+        def sample(batch):
             inf = self.module.inference(batch, n_samples=n_samples)
             gen = self.module.generative(inf["z"], inf["library"], batch, gene_idx=g_idx)
             x = gen["px"].sample()
-            x = x.permute(1, 2, 0) if n_samples > 1 else x
-            out.append(x.cpu().numpy())
-        return np.concatenate(out)
+            return x.permute(1, 2, 0) if n_samples > 1 else x
+
+        return rows_into_one(
+            (sample(b).cpu().numpy() for b in self._batches(td, idx, batch_size)), len(idx)
+        )
