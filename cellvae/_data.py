@@ -69,11 +69,17 @@ class TensorData:
                 "cellvae.pp.transfer_setup(adata, model) to register it against the model."
             )
         counts = get_counts(adata, reg.layer)
+
+        def codes(key: str | None, categories) -> torch.Tensor:
+            if key is None:  # one code for every cell: a stride-0 view, no memory per cell
+                return torch.zeros(1, dtype=torch.int64).expand(adata.n_obs)
+            return torch.from_numpy(reg.codes(adata, key, categories))
+
         out = cls(
             n_obs=adata.n_obs,
             n_vars=adata.n_vars,
-            batch=torch.from_numpy(reg.codes(adata, reg.batch_key, reg.batch_categories)),
-            labels=torch.from_numpy(reg.codes(adata, reg.labels_key, reg.label_categories)),
+            batch=codes(reg.batch_key, reg.batch_categories),
+            labels=codes(reg.labels_key, reg.label_categories),
         )
         out._set_counts(counts)
         if reg.categorical_covariate_keys:
@@ -159,7 +165,7 @@ class TensorData:
     def nbytes(self) -> int:
         """Bytes held in memory by all tensors (and by the row pointers of counts on disk)."""
         held = sum(
-            v.numel() * v.element_size()
+            v.untyped_storage().nbytes()  # a stride-0 view (unregistered codes) holds one value
             for f in fields(self)
             if isinstance(v := getattr(self, f.name), torch.Tensor)
         )

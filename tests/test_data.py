@@ -193,6 +193,18 @@ def test_csr_shares_the_anndata_arrays():
     assert (adata.X != before).nnz == 0
 
 
+def test_unregistered_codes_take_no_memory_per_cell():
+    adata = make()
+    pp.setup_anndata(adata)  # no batch, no labels: every cell has code 0
+    td = TensorData.from_adata(adata)
+    assert td.batch.stride() == (0,) and td.labels.stride() == (0,)
+    batch = td[torch.tensor([5, 1, 99])]
+    for key in ("batch", "labels"):
+        assert batch[key].dtype == torch.int64 and batch[key].tolist() == [0, 0, 0]
+    x = adata.X
+    assert td.nbytes() == x.data.nbytes + x.indices.nbytes + (x.shape[0] + 1) * 8 + 2 * 8
+
+
 def test_to_device_keeps_values():
     adata = make()
     pp.setup_anndata(adata, **SETUP)

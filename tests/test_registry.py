@@ -804,3 +804,38 @@ def test_csr_scan_in_chunks_equals_whole_matrix():
     m.data[200] = -1
     with pytest.raises(ValueError, match="1 negative values"):
         _scan_csr(m, 300, 40, entries=50)
+
+
+@pytest.mark.parametrize("kind", ["strings", "ints"])
+def test_codes_of_categorical_and_plain_columns_agree(kind):
+    from cellvae._registry import Registry
+
+    rng = np.random.default_rng(0)
+    raw = rng.choice(["b", "a", "c"], 50) if kind == "strings" else rng.choice([3, 1, 2], 50)
+    # categories in another order than the registry's, and an unused one
+    order = list(pd.unique(raw))[::-1] + (["unused"] if kind == "strings" else [7])
+    missing = pd.Series(raw, dtype=object)
+    missing[[4, 9]] = None
+    obs = pd.DataFrame(
+        {
+            "plain": pd.Series(raw, dtype=object).to_numpy(),
+            "cat": pd.Categorical(raw, categories=order),
+            "plain_missing": missing.to_numpy(),
+            "cat_missing": pd.Categorical(missing, categories=order),
+        },
+        index=[f"c{i}" for i in range(50)],
+    )
+    adata = ad.AnnData(np.ones((50, 2), np.float32), obs=obs)
+    reg = Registry.__new__(Registry)  # codes() reads only its arguments
+    known = ["a", "b", "c"] if kind == "strings" else ["1", "2", "3"]
+    for cats in (known, known[::-1]):
+        a, b = reg.codes(adata, "plain", cats), reg.codes(adata, "cat", cats)
+        assert a.dtype == b.dtype == np.int64
+        np.testing.assert_array_equal(b, [cats.index(str(v)) for v in raw])
+        np.testing.assert_array_equal(a, b)
+        for key in ("plain_missing", "cat_missing"):  # a missing value is never known
+            with pytest.raises(ValueError, match="not trained on"):
+                reg.codes(adata, key, cats)
+        for key in ("plain", "cat"):  # neither is a category the model has not seen
+            with pytest.raises(ValueError, match="not trained on"):
+                reg.codes(adata, key, cats[:2])
