@@ -221,7 +221,7 @@ class SCVI(BaseModel):
         if return_numpy:
             return out
         names = self._obs_names(adata, idx)
-        return pd.DataFrame(out, index=names, columns=genes)
+        return pd.DataFrame(out, index=names, columns=genes, copy=False)  # pandas 3 would copy
 
     def get_marginal_ll(
         self,

@@ -457,8 +457,8 @@ class TOTALVI(BaseModel):
             return rna, protein
         names = self._obs_names(adata, idx)
         return (
-            pd.DataFrame(rna, index=names, columns=genes),
-            pd.DataFrame(protein, index=names, columns=proteins),
+            pd.DataFrame(rna, index=names, columns=genes, copy=False),
+            pd.DataFrame(protein, index=names, columns=proteins, copy=False),
         )
 
     @torch.no_grad()
