@@ -8,6 +8,7 @@ hyper-parameters for both tools; the split changes with the seed) into
 seeds and writes them to ``results/scvi_quality_seeds.csv``.
 
     .venv/bin/python benchmarks/quality_seeds.py --seeds 0 1 2      # ~12 min a seed, quiet machine
+    .venv/bin/python benchmarks/quality_seeds.py --seeds 1 2 --kl-warmup matched   # ~8 min a seed
     .venv/bin/python benchmarks/quality_seeds.py --seeds 0 1 2 --report-only
 """
 
@@ -64,12 +65,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--report-only", action="store_true", help="only summarise")
     parser.add_argument("--threads", type=int, default=THREADS)
+    parser.add_argument(
+        "--kl-warmup", nargs="+", default=None, help="passed to bench_scvi.py (matched, default)"
+    )
     a = parser.parse_args()
     out_dir = results_dir(False)
     root = out_dir / "seeds"
     if not a.report_only:
         for seed in a.seeds:
             args = ["--skip", "train", "inference", "--seed", str(seed)]
+            args += ["--kl-warmup", *a.kl_warmup] if a.kl_warmup else []
             run("bench_scvi.py", [*args, "--out-dir", str(root / str(seed))], a.threads)
     table = summarise(root, a.seeds)
     write_csv(out_dir / "scvi_quality_seeds.csv", table)
