@@ -152,6 +152,17 @@ def summarise(out_dir: Path) -> list[dict]:
             if vals:
                 d = scib[0].get("dataset", "")
                 rows.append(_row(f"scib {metric}", f"{d}, {warm} warm-up", vals, "higher"))
+    # quality_seeds.py: mean over seeds, same warm-up for both tools
+    seeds = read_csv(out_dir / "scvi_quality_seeds.csv")
+    for figure in ("scib Total", "held-out -ELBO / cell"):
+        sub = [r for r in seeds if r["figure"] == figure and "(matched warm-up)" in r["embedding"]]
+        vals = {r["embedding"].split(" (")[0]: r["mean"] for r in sub}
+        if len(vals) == 2:
+            n = min(int(r["n_seeds"]) for r in sub)
+            sds = ", ".join(f"{r['embedding'].split(' (')[0]} sd {r['sd']:.3g}" for r in sub)
+            better = "higher" if figure.startswith("scib") else "lower"
+            row = _row(f"{figure} (mean of {n} seeds)", "sim10k, matched warm-up", vals, better)
+            rows.append(row | {"note": f"quality_seeds.py; {sds}"})
     loader = read_csv(out_dir / "dataloader.csv")
     if loader:
         vals = {}
