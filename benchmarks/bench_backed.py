@@ -45,10 +45,9 @@ from _common import (
     write_child_result,
     write_csv,
 )
+from bench_scvi import BATCH_SIZE, VALIDATION_SIZE  # the settings shared by every SCVI benchmark
 
 SCRIPT = Path(__file__).resolve()
-BATCH_SIZE = 128
-VALIDATION_SIZE = 0.1
 COLUMNS = [
     "dataset", "mode", "task", "status", "n_obs", "n_vars", "density", "n_train", "epochs",
     "batch_size", "open_s", "open_rss_mb", "setup_s", "train_s", "cells_per_s", "first_epoch_s",

@@ -175,9 +175,6 @@ class BaseModel:
         >>> model.get_latent_representation(indices=[0, 1, 2]).shape
         (3, 10)
         """
-        self._check_trained()
-        td, _ = self._data(adata)
-        idx = self._indices(td, indices)
 
         def latent(batch):
             inf = self.module.inference(batch)
@@ -188,8 +185,7 @@ class BaseModel:
                 return torch.softmax(inf["qz_m"] + inf["qz_v"].sqrt() * noise, -1).mean(0)
             return inf["qz_m"]
 
-        chunks = (latent(batch).cpu().numpy() for batch in self._batches(td, idx, batch_size))
-        out = rows_into_one(chunks, len(idx))
+        out = self._per_cell(adata, indices, batch_size, latent)
         return np.zeros((0, self.module.n_latent), np.float32) if out is None else out
 
     def _batch_codes(self, transform_batch, reg: Registry) -> list[int | None]:
@@ -220,9 +216,15 @@ class BaseModel:
         return adata.obs_names[idx.numpy()]
 
     @torch.no_grad()
-    def _per_cell(self, adata, indices, batch_size, fn) -> np.ndarray:
+    def _per_cell(self, adata, indices, batch_size, fn) -> np.ndarray | None:
+        """``fn`` of every minibatch of ``adata``'s cells ``indices``, rows in one array."""
         self._check_trained()
         td, _ = self._data(adata)
+        return self._rows(td, indices, batch_size, fn)
+
+    @torch.no_grad()
+    def _rows(self, td: TensorData, indices, batch_size, fn) -> np.ndarray | None:
+        """:meth:`_per_cell` on tensors already built (None for no cells), in eval mode."""
         idx = self._indices(td, indices)
         was = self.module.training
         self.module.eval()

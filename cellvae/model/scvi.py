@@ -12,7 +12,7 @@ import torch
 from .. import pp
 from .._registry import Registry
 from ..module import VAE
-from ._base import BaseModel, rows_into_one
+from ._base import BaseModel
 
 
 class SCVI(BaseModel):
@@ -272,7 +272,6 @@ class SCVI(BaseModel):
         td, reg = self._data(adata)
         gene_idx, _ = self._gene_idx(gene_list, reg)
         g_idx = None if gene_idx is None else gene_idx.to(self.device)
-        idx = self._indices(td, indices)
 
         def sample(batch):
             inf = self.module.inference(batch, n_samples=n_samples)
@@ -280,6 +279,4 @@ class SCVI(BaseModel):
             x = gen["px"].sample()
             return x.permute(1, 2, 0) if n_samples > 1 else x
 
-        return rows_into_one(
-            (sample(b).cpu().numpy() for b in self._batches(td, idx, batch_size)), len(idx)
-        )
+        return self._rows(td, indices, batch_size, sample)
