@@ -440,6 +440,18 @@ def ratio(a: Any, b: Any) -> float:
     return a / b
 
 
+def interleaved(tools: Sequence[str], repeats: int) -> list[tuple[int, str]]:
+    """``(repeat, tool)`` runs, the tool order reversed every other repeat (A B, B A, A B, …).
+
+    This VM's speed drifts by ±20% over minutes; alternating the order gives each tool the same
+    share of fast and slow moments, and the medians over repeats are what the summary reports.
+
+    >>> interleaved(["a", "b"], 2)
+    [(0, 'a'), (0, 'b'), (1, 'b'), (1, 'a')]
+    """
+    return [(r, t) for r in range(repeats) for t in (tools if r % 2 == 0 else tools[::-1])]
+
+
 def tool_versions() -> dict[str, str]:
     """Versions of the packages involved (importlib.metadata, nothing imported)."""
     from importlib.metadata import PackageNotFoundError, version

@@ -40,6 +40,7 @@ from _common import (
     THREADS,
     EpochClock,
     Measure,
+    interleaved,
     print_table,
     results_dir,
     run_child,
@@ -478,6 +479,9 @@ def main(argv=None) -> int:
     parser.add_argument("--with-1m", action="store_true", help="add cellvae on 1M x 2,000 (18%%)")
     parser.add_argument("--big", default="sim1m_d18", help="the --with-1m data set")
     parser.add_argument("--scvi-1m", action="store_true", help="also scvi-tools on the 1M set")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="training runs per tool and data set, interleaved"
+    )
     parser.add_argument("--quality-data", default=None, help="default sim10k (quick: sim2k)")
     parser.add_argument("--quality-epochs", type=int, default=None, help="default 100 (quick 3)")
     parser.add_argument(
@@ -574,15 +578,15 @@ def parent(a) -> int:
         if "train" not in a.skip:
             print("== training throughput and memory", flush=True)
             for name in datasets:
-                for tool in a.tools:
-                    row = {"dataset": name, "tool": tool}
+                for rep, tool in interleaved(a.tools, a.repeats):
+                    row = {"dataset": name, "tool": tool, "repeat": rep}
                     if name == a.big and tool == "scvi-tools" and not a.scvi_1m:
                         row.update(status="skipped", error="scvi-tools on 1M needs --scvi-1m")
                         print(f"  [{tool} {name}] skipped (pass --scvi-1m to try it)")
                         train_rows.append(row)
                         continue
                     save = None
-                    if name == infer_data and "inference" not in a.skip:
+                    if name == infer_data and "inference" not in a.skip and rep == 0:
                         save = tmp / f"model_{tool}_{name}"
                     rec = run_child(
                         SCRIPT,
@@ -598,7 +602,7 @@ def parent(a) -> int:
                         timeout_s=timeout,
                         mem_limit_gb=a.mem_limit_gb,
                         threads=a.threads,
-                        label=f"train {tool} {name}",
+                        label=f"train {tool} {name}" + (f" #{rep + 1}" if a.repeats > 1 else ""),
                     )
                     if name == a.big and tool == "scvi-tools" and rec["status"] != "ok":
                         rec["error"] = (
@@ -717,7 +721,7 @@ def parent(a) -> int:
 
 
 TRAIN_COLUMNS = [
-    "dataset", "tool", "status", "n_obs", "n_vars", "density", "n_train", "epochs",
+    "dataset", "tool", "repeat", "status", "n_obs", "n_vars", "density", "n_train", "epochs",
     "batch_size", "cells_per_s_steady", "cells_per_s_all", "first_epoch_s", "steady_epoch_s",
     "setup_s", "train_s", "peak_delta_mb", "peak_mb", "baseline_mb", "ru_maxrss_mb",
     "mem_method", "final_train_neg_elbo", "final_val_neg_elbo", "final_kl_weight",

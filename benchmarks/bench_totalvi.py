@@ -36,6 +36,7 @@ from _common import (
     THREADS,
     EpochClock,
     Measure,
+    interleaved,
     print_table,
     results_dir,
     run_child,
@@ -161,13 +162,13 @@ def child_train(a) -> dict[str, Any]:
 
 
 COLUMNS = [
-    "dataset", "tool", "kl_warmup", "status", "n_obs", "n_vars", "n_proteins", "n_batches",
-    "n_train", "n_val", "epochs", "batch_size", "cells_per_s_steady", "cells_per_s_all",
-    "first_epoch_s", "steady_epoch_s", "setup_s", "train_s", "peak_delta_mb", "peak_mb",
-    "baseline_mb", "ru_maxrss_mb", "heldout_neg_elbo", "heldout_neg_elbo_sd",
-    "heldout_reconstruction", "heldout_kl", "get_elbo_raw", "sign_check_ok",
-    "final_val_neg_elbo", "final_train_neg_elbo", "final_kl_weight", "final_lr",
-    "split_matches", "mem_method", "child_wall_s", "error",
+    "dataset", "tool", "kl_warmup", "repeat", "status", "n_obs", "n_vars", "n_proteins",
+    "n_batches", "n_train", "n_val", "epochs", "batch_size", "cells_per_s_steady",
+    "cells_per_s_all", "first_epoch_s", "steady_epoch_s", "setup_s", "train_s", "peak_delta_mb",
+    "peak_mb", "baseline_mb", "ru_maxrss_mb", "heldout_neg_elbo", "heldout_neg_elbo_sd",
+    "heldout_reconstruction", "heldout_kl", "get_elbo_raw", "sign_check_ok", "final_val_neg_elbo",
+    "final_train_neg_elbo", "final_kl_weight", "final_lr", "split_matches", "mem_method",
+    "child_wall_s", "error",
 ]  # fmt: skip
 
 
@@ -180,6 +181,9 @@ def main(argv=None) -> int:
         "--kl-warmup", nargs="+", default=["matched"], choices=["matched", "default"]
     )
     parser.add_argument("--elbo-repeats", type=int, default=5)
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="training runs per tool and data set, interleaved"
+    )
     parser.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument("--seed", type=int, default=SEED)
@@ -226,7 +230,7 @@ def main(argv=None) -> int:
             make_split(split, n_obs_of(path), a.seed)
             epochs = a.epochs or (3 if a.quick else DEFAULT_EPOCHS.get(name, 10))
             for warm in a.kl_warmup:
-                for tool in a.tools:
+                for rep, tool in interleaved(a.tools, a.repeats):
                     rec = run_child(
                         SCRIPT,
                         child_args(
@@ -243,9 +247,11 @@ def main(argv=None) -> int:
                         timeout_s=a.timeout_min * 60,
                         mem_limit_gb=a.mem_limit_gb,
                         threads=a.threads,
-                        label=f"totalvi {tool} {name} warm-up {warm}",
+                        label=f"totalvi {tool} {name} warm-up {warm}"
+                        + (f" #{rep + 1}" if a.repeats > 1 else ""),
                     )
-                    rows.append({"dataset": name, "tool": tool, "kl_warmup": warm} | rec)
+                    row = {"dataset": name, "tool": tool, "kl_warmup": warm, "repeat": rep}
+                    rows.append(row | rec)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     write_csv(out_dir / "totalvi.csv", rows, COLUMNS)

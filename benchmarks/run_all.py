@@ -17,10 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from _common import (
     BENCH_DIR,
@@ -51,12 +53,31 @@ def run(script: str, args: list[str], threads: int) -> int:
 
 # --------------------------------------------------------------------------- summary rows
 def _pair(rows, key, **match):
-    """{tool: value} of ``key`` for the rows matching ``match`` (status ok only)."""
-    out = {}
+    """{tool: value} of ``key`` for the rows matching ``match`` (status ok only).
+
+    A tool that ran more than once (``--repeats``) gets the median of its runs.
+    """
+    runs: dict[str, list] = {}
     for r in rows:
         if all(str(r.get(k)) == str(v) for k, v in match.items()) and r.get("status") == "ok":
-            out[r["tool"]] = r.get(key)
-    return out
+            runs.setdefault(r["tool"], []).append(r.get(key))
+    return {t: v[0] if len(v) == 1 else statistics.median(map(float, v)) for t, v in runs.items()}
+
+
+def _spread(rows, key) -> str:
+    """With repeated runs: how many, and the range of the cellvae / scvi-tools ratio per run."""
+    by_rep: dict[Any, dict[str, float]] = {}
+    for r in rows:
+        if r.get("status") == "ok":
+            by_rep.setdefault(r.get("repeat"), {})[r["tool"]] = r.get(key)
+    ratios = [ratio(v.get("cellvae"), v.get("scvi-tools")) for v in by_rep.values()]
+    ratios = [x for x in ratios if not math.isnan(x)]
+    if len(ratios) < 2:
+        return ""
+    return (
+        f"median of {len(ratios)} interleaved runs per tool; "
+        f"ratio per run {min(ratios):.2f}-{max(ratios):.2f}"
+    )
 
 
 def _row(metric, dataset, values, better, unit=""):
@@ -94,6 +115,8 @@ def summarise(out_dir: Path) -> list[dict]:
         rows.append(_row("SCVI train throughput", label, speed, "higher", "cells/s"))
         if one_epoch:
             rows[-1]["note"] = "one epoch (first-epoch costs included)"
+        else:
+            rows[-1]["note"] = _spread(sub, "cells_per_s_steady")
         rows.append(
             _row(
                 "SCVI train peak RSS above data", label, _pair(sub, "peak_delta_mb"), "lower", "MB"
@@ -198,6 +221,7 @@ def summarise(out_dir: Path) -> list[dict]:
             _row(
                 "TOTALVI train throughput", d, _pair(sub, "cells_per_s_steady"), "higher", "cells/s"
             )
+            | {"note": _spread(sub, "cells_per_s_steady")}
         )
         rows.append(
             _row("TOTALVI train peak RSS above data", d, _pair(sub, "peak_delta_mb"), "lower", "MB")
