@@ -480,7 +480,7 @@ def main(argv=None) -> int:
     parser.add_argument("--big", default="sim1m_d18", help="the --with-1m data set")
     parser.add_argument("--scvi-1m", action="store_true", help="also scvi-tools on the 1M set")
     parser.add_argument(
-        "--repeats", type=int, default=1, help="training runs per tool and data set, interleaved"
+        "--repeats", type=int, default=1, help="training / inference runs per tool, interleaved"
     )
     parser.add_argument("--quality-data", default=None, help="default sim10k (quick: sim2k)")
     parser.add_argument("--quality-epochs", type=int, default=None, help="default 100 (quick 3)")
@@ -640,7 +640,7 @@ def parent(a) -> int:
                 if rec["status"] == "ok":
                     models[tool] = save
             for task in ("latent", "normalized"):
-                for tool in a.tools:
+                for rep, tool in interleaved(a.tools, a.repeats):
                     rec = run_child(
                         SCRIPT,
                         child_args(
@@ -655,9 +655,11 @@ def parent(a) -> int:
                         timeout_s=timeout,
                         mem_limit_gb=a.mem_limit_gb,
                         threads=a.threads,
-                        label=f"{task} {tool} {infer_data}",
+                        label=f"{task} {tool} {infer_data}"
+                        + (f" #{rep + 1}" if a.repeats > 1 else ""),
                     )
-                    infer_rows.append({"dataset": infer_data, "tool": tool, "task": task} | rec)
+                    row = {"dataset": infer_data, "tool": tool, "task": task, "repeat": rep}
+                    infer_rows.append(row | rec)
             write_csv(out_dir / "scvi_inference.csv", infer_rows, INFER_COLUMNS)
 
         if "quality" not in a.skip:
@@ -728,7 +730,7 @@ TRAIN_COLUMNS = [
     "split_matches", "child_wall_s", "error",
 ]  # fmt: skip
 INFER_COLUMNS = [
-    "dataset", "tool", "task", "status", "n_obs", "n_vars", "cells_per_s", "seconds",
+    "dataset", "tool", "task", "repeat", "status", "n_obs", "n_vars", "cells_per_s", "seconds",
     "peak_delta_mb", "peak_mb", "baseline_mb", "output_mb", "output_shape", "infer_batch_size",
     "model", "mem_method", "ru_maxrss_mb", "child_wall_s", "error",
 ]  # fmt: skip

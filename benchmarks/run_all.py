@@ -136,6 +136,7 @@ def summarise(out_dir: Path) -> list[dict]:
                 continue
             rows.append(
                 _row(f"SCVI {name} throughput", d, _pair(sub, "cells_per_s"), "higher", "cells/s")
+                | {"note": _spread(sub, "cells_per_s")}
             )
             rows.append(
                 _row(

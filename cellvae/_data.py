@@ -189,12 +189,20 @@ class TensorData:
             return self._read(rows).counts(local)
         if self.indptr.device.type == "cpu":
             idx_np = idx.numpy()
-            starts = self.indptr.numpy().take(idx_np)
-            lengths = self.indptr.numpy().take(idx_np + 1) - starts
-            row, pos, offsets = _positions(starts, lengths)
-            col = self.indices.numpy().take(pos).astype(np.int64)
-            val = self.values.numpy().take(pos)
-            parts = (row, col, val, offsets)
+            indptr = self.indptr.numpy()
+            if _is_range(idx_np):  # consecutive cells (getters): one slice, no gather
+                ptr = indptr[idx_np[0] : idx_np[-1] + 2]
+                lo, hi = int(ptr[0]), int(ptr[-1])
+                row = np.arange(len(idx_np), dtype=np.int64).repeat(np.diff(ptr))
+                col = self.indices.numpy()[lo:hi].astype(np.int64)
+                parts = (row, col, self.values.numpy()[lo:hi], ptr[:-1] - lo)
+            else:
+                starts = indptr.take(idx_np)
+                lengths = indptr.take(idx_np + 1) - starts
+                row, pos, offsets = _positions(starts, lengths)
+                col = self.indices.numpy().take(pos).astype(np.int64)
+                val = self.values.numpy().take(pos)
+                parts = (row, col, val, offsets)
             row, col, val, offsets = (torch.from_numpy(a) for a in parts)
         else:
             row, col, val, offsets = gather_rows(self.indptr, self.indices, self.values, idx)
@@ -310,6 +318,14 @@ def _canonical(csr: sp.csr_matrix, *, copy: bool) -> tuple[np.ndarray, np.ndarra
         csr.sum_duplicates()
         csr.eliminate_zeros()
     return csr.indptr, csr.indices, csr.data
+
+
+def _is_range(idx: np.ndarray) -> bool:
+    """Whether ``idx`` is ``first, first + 1, …, last`` (non-empty)."""
+    n = len(idx)
+    if n == 0 or int(idx[-1]) - int(idx[0]) + 1 != n:
+        return False
+    return n == 1 or bool(np.all(np.diff(idx) == 1))
 
 
 def _positions(

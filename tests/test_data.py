@@ -144,6 +144,10 @@ def test_minibatches_equal_anndata_values(storage, tmp_path):
     check_batch(td[idx.tolist()], expected(adata, reg, idx, x_full))
     everything = np.arange(adata.n_obs)
     check_batch(td[torch.from_numpy(everything)], expected(adata, reg, everything, x_full))
+    # consecutive cells (read as one slice), and orders that only look like a range at the ends
+    for idx in ([37], np.arange(37, 91), np.arange(100, 150), [3, 5, 4, 6], [6, 5, 4, 3]):
+        idx = np.asarray(idx)
+        check_batch(td[torch.from_numpy(idx)], expected(adata, reg, idx, x_full))
 
 
 @pytest.mark.parametrize("storage", ["csr", "dense"])

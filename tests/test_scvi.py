@@ -8,7 +8,7 @@ from sklearn.neighbors import NearestNeighbors
 
 import cellvae
 from cellvae._data import TensorData
-from cellvae._sparse import CSRBatch, hstack, sparse_linear
+from cellvae._sparse import CSRBatch, hstack, row_sums, sparse_linear
 from cellvae.module import VAE
 from cellvae.nn import DecoderSCVI, Dropout, Encoder, FCLayers
 from cellvae.train import TrainConfig, TrainingError, train_module
@@ -141,6 +141,20 @@ def test_sparse_linear_gradcheck_and_empty_batches():
         assert out.shape == (empty.shape[0], 5) and not out.any()
         (grad,) = torch.autograd.grad(out.sum(), w, allow_unused=True)
         assert grad is None or not grad.any()
+
+
+def test_row_sums_of_csr_equal_dense_sums():
+    # random values with empty rows (first, middle, last), float32 and float64, and empty batches
+    g = torch.Generator().manual_seed(11)
+    for dtype in (torch.float32, torch.float64):
+        dense = torch.rand(40, 300, generator=g, dtype=dtype) * 50
+        dense[torch.rand(40, 300, generator=g) > 0.1] = 0
+        dense[[0, 17, 39]] = 0
+        got = row_sums(CSRBatch.from_dense(dense))
+        assert got.shape == (40, 1) and got.dtype == dtype
+        torch.testing.assert_close(got, dense.sum(-1, keepdim=True, dtype=torch.float64).to(dtype))
+    for empty in (torch.zeros(3, 30), torch.zeros(0, 30)):
+        assert torch.equal(row_sums(CSRBatch.from_dense(empty)), torch.zeros(len(empty), 1))
 
 
 @pytest.mark.parametrize("dispersion", ["gene", "gene-batch", "gene-label", "gene-cell"])

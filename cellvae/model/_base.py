@@ -28,6 +28,24 @@ logger = logging.getLogger(__name__)
 _FORMAT_VERSION = 1
 
 
+def output_array(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """An uninitialised array for a getter's output, backed by ordinary 4 kB pages.
+
+    ``np.empty`` asks the kernel for transparent huge pages on large arrays; where the kernel
+    then compacts memory to find them (``defrag = madvise``, this project's machines), the
+    first write to a fresh 763 MB output (100k cells × 2,000 genes) took 0.7–1.3 s against
+    0.3–0.6 s in 4 kB pages (fresh processes, 4 of each). The outputs are written once, so huge
+    pages buy nothing back; torch's allocator does not ask for them.
+
+    Examples
+    --------
+    >>> a = output_array((3, 2))
+    >>> a.shape, a.dtype, a.flags.writeable
+    ((3, 2), dtype('float32'), True)
+    """
+    return torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype).numpy()
+
+
 def rows_into_one(chunks: Iterable[np.ndarray], n_rows: int) -> np.ndarray | None:
     """Write consecutive row blocks into one array of ``n_rows`` rows, allocated once.
 
@@ -38,7 +56,7 @@ def rows_into_one(chunks: Iterable[np.ndarray], n_rows: int) -> np.ndarray | Non
     out, start = None, 0
     for block in chunks:
         if out is None:
-            out = np.empty((n_rows, *block.shape[1:]), dtype=block.dtype)
+            out = output_array((n_rows, *block.shape[1:]), dtype=block.dtype)
         out[start : start + len(block)] = block
         start += len(block)
     if out is not None and start != n_rows:

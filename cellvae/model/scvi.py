@@ -12,7 +12,7 @@ import torch
 from .. import pp
 from .._registry import Registry
 from ..module import VAE
-from ._base import BaseModel
+from ._base import BaseModel, output_array
 
 
 class SCVI(BaseModel):
@@ -194,7 +194,7 @@ class SCVI(BaseModel):
         idx = self._indices(td, indices)
         dev = self.device
         g_idx = None if gene_idx is None else gene_idx.to(dev)
-        out = np.empty((len(idx), len(genes)), dtype=np.float32)
+        out = output_array((len(idx), len(genes)))
         start = 0
         scale = 1.0 if library_size == "latent" else float(library_size)
         for batch in self._batches(td, idx, batch_size):

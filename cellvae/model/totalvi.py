@@ -13,7 +13,7 @@ from .. import pp
 from .._data import TensorData
 from .._registry import Registry
 from ..module import TOTALVAE
-from ._base import BaseModel
+from ._base import BaseModel, output_array
 
 _PRIOR_MAX_CELLS = 20_000  # cells per batch used to initialise the background prior
 
@@ -321,7 +321,7 @@ class TOTALVI(BaseModel):
         module = self.module
         was = module.training
         module.eval()
-        out = {k: np.empty((len(idx), w), dtype=np.float32) for k, w in widths.items()}
+        out = {k: output_array((len(idx), w)) for k, w in widths.items()}
         mask = module.protein_batch_mask.float()
         start = 0
         for batch in self._batches(td, idx, batch_size):
