@@ -290,16 +290,22 @@ def _bars(ax, groups, values, log=False, ylabel=""):
 
 
 def _groups(out_dir: Path, key_train: str, key_infer: str):
-    groups: dict[str, dict] = {}
+    """{bar group: {tool: value}}; repeated runs give the median, as in the table."""
+    runs: dict[str, list[dict]] = {}
     for r in read_csv(out_dir / "scvi_train.csv"):
-        if r.get("status") == "ok":
-            groups.setdefault(f"SCVI train\n{r['dataset']}", {})[r["tool"]] = r.get(key_train)
+        runs.setdefault(f"SCVI train\n{r['dataset']}", []).append(r | {"_key": key_train})
     for r in read_csv(out_dir / "scvi_inference.csv"):
-        if r.get("status") == "ok":
-            groups.setdefault(f"SCVI {r['task']}\n{r['dataset']}", {})[r["tool"]] = r.get(key_infer)
+        runs.setdefault(f"SCVI {r['task']}\n{r['dataset']}", []).append(r | {"_key": key_infer})
     for r in read_csv(out_dir / "totalvi.csv"):
-        if r.get("status") == "ok" and r.get("kl_warmup") == "matched":
-            groups.setdefault(f"TOTALVI train\n{r['dataset']}", {})[r["tool"]] = r.get(key_train)
+        if r.get("kl_warmup") == "matched":
+            runs.setdefault(f"TOTALVI train\n{r['dataset']}", []).append(r | {"_key": key_train})
+    groups = {}
+    for g, rows in runs.items():
+        values = _pair(rows, rows[0]["_key"])
+        if values and all(math.isnan(v) for v in values.values()) and "steady" in rows[0]["_key"]:
+            values = _pair(rows, "cells_per_s_all")  # one epoch: no steady state (as the table)
+        if values:
+            groups[g] = values
     return groups
 
 
