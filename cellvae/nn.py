@@ -354,20 +354,33 @@ class DecoderSCVI(nn.Module):
             return layer(h)
         return F.linear(h, layer.weight[gene_idx], layer.bias[gene_idx])
 
-    def _scale(self, h: torch.Tensor, gene_idx: torch.Tensor | None) -> torch.Tensor:
+    def _scale(
+        self, h: torch.Tensor, gene_idx: torch.Tensor | None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.scale_activation == "softplus":
             return F.softplus(self._head(self.px_scale_decoder, h, gene_idx))
         logits = self.px_scale_decoder(h)
         if gene_idx is None:
-            return torch.softmax(logits, dim=-1)
+            return torch.softmax(logits, dim=-1, out=out)
         log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
         return torch.exp(logits[:, gene_idx] - log_norm)
 
     def scale(
-        self, z: torch.Tensor, *cat_list: torch.Tensor, gene_idx: torch.Tensor | None = None
+        self,
+        z: torch.Tensor,
+        *cat_list: torch.Tensor,
+        gene_idx: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Only ``px_scale`` (normalised expression): the other output layers are skipped."""
-        return self._scale(self.px_decoder(z, *cat_list), gene_idx)
+        """Only ``px_scale`` (normalised expression): the other output layers are skipped.
+
+        With ``out`` (cells × genes, or × ``gene_idx``), the result is written there and
+        returned: a getter's output rows, without a temporary and a copy.
+        """
+        value = self._scale(self.px_decoder(z, *cat_list), gene_idx, out)
+        if out is not None and value.data_ptr() != out.data_ptr():
+            value = out.copy_(value)
+        return value
 
     def forward(
         self,

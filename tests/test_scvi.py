@@ -406,6 +406,24 @@ def test_getters_shapes(trained):
     assert mll > model.get_elbo(indices=range(50)) - 1.0  # importance sampling is tighter
 
 
+def test_normalized_expression_equals_generative_px_scale(trained):
+    # the getter writes the decoder's softmax straight into its output: compare with px_scale
+    # of the module's own generative pass at the posterior mean, cell by cell
+    adata, model = trained
+    td = TensorData.from_adata(adata)
+    idx = torch.tensor([7, 0, 123, 299, 42])
+    batch = td[idx]
+    module = model.module
+    with torch.no_grad():
+        inf = module.inference(batch)
+        gen = module.generative(inf["qz_m"], inf["library"], batch)
+    want = gen["px_scale"].numpy()
+    got = model.get_normalized_expression(indices=idx.numpy(), return_numpy=True, batch_size=2)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)
+    big = model.get_normalized_expression(indices=idx.numpy(), library_size=1e4, return_numpy=True)
+    np.testing.assert_allclose(big, 1e4 * want, rtol=1e-5)
+
+
 def test_transform_batch_gives_expression_of_that_batch(trained):
     adata, model = trained
     own = model.get_normalized_expression(return_numpy=True)

@@ -197,11 +197,24 @@ class SCVI(BaseModel):
         out = output_array((len(idx), len(genes)))
         start = 0
         scale = 1.0 if library_size == "latent" else float(library_size)
+        factor = scale / len(codes)
         for batch in self._batches(td, idx, batch_size):
             inf = self.module.inference(batch, n_samples=n_samples)
             z = inf["z"] if n_samples > 1 else inf["qz_m"]
             if n_samples == 1 and self.module.latent_distribution == "ln":
                 z = torch.softmax(z, -1)
+            n = len(batch["batch"])
+            target = torch.from_numpy(out[start : start + n])
+            start += n
+            if n_samples == 1 and len(codes) == 1 and z.device.type == "cpu":
+                # the common case: the decoder writes straight into the output rows
+                b = None if codes[0] is None else torch.full_like(batch["batch"], codes[0])
+                self.module.expression_scale(z, batch, batch=b, gene_idx=g_idx, out=target)
+                if library_size == "latent":
+                    target.mul_(torch.exp(inf["library"]))
+                if factor != 1.0:
+                    target.mul_(factor)
+                continue
             acc = None
             for code in codes:
                 b = None if code is None else torch.full_like(batch["batch"], code)
@@ -210,14 +223,11 @@ class SCVI(BaseModel):
                     value = value * torch.exp(inf["library"])
                 value = value if n_samples == 1 else value.mean(0)
                 acc = value if acc is None else acc.add_(value)
-            n = len(batch["batch"])
             # scaled straight into the output rows: no extra copy of the chunk
-            target = torch.from_numpy(out[start : start + n])
             if acc.device.type == "cpu":
-                torch.mul(acc, scale / len(codes), out=target)
+                torch.mul(acc, factor, out=target)
             else:
-                target.copy_(acc.mul_(scale / len(codes)))
-            start += n
+                target.copy_(acc.mul_(factor))
         if return_numpy:
             return out
         names = self._obs_names(adata, idx)

@@ -243,10 +243,16 @@ class VAE(nn.Module):
         *,
         batch: torch.Tensor | None = None,
         gene_idx: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``px_scale`` alone (normalised expression), without the likelihood's other heads."""
+        """``px_scale`` alone (normalised expression), without the likelihood's other heads.
+
+        ``out`` (2-D ``z`` only) receives the result, as in :meth:`DecoderSCVI.scale`.
+        """
         dec_in, cats, unflat = decoder_input(z, tensors, batch)
-        return unflat(self.decoder.scale(dec_in, *cats, gene_idx=gene_idx))
+        if out is not None and z.dim() != 2:
+            raise ValueError("out needs a 2-D z (one sample per cell).")
+        return unflat(self.decoder.scale(dec_in, *cats, gene_idx=gene_idx, out=out))
 
     def loss(
         self, tensors: dict[str, torch.Tensor], inf: dict, gen: dict, kl_weight: float = 1.0
