@@ -190,12 +190,13 @@ class TensorData:
         if self.indptr.device.type == "cpu":
             idx_np = idx.numpy()
             indptr = self.indptr.numpy()
-            if _is_range(idx_np):  # consecutive cells (getters): one slice, no gather
+            if _is_range(idx_np):  # consecutive cells (getters): copy one slice, no gather
                 ptr = indptr[idx_np[0] : idx_np[-1] + 2]
                 lo, hi = int(ptr[0]), int(ptr[-1])
                 row = np.arange(len(idx_np), dtype=np.int64).repeat(np.diff(ptr))
                 col = self.indices.numpy()[lo:hi].astype(np.int64)
-                parts = (row, col, self.values.numpy()[lo:hi], ptr[:-1] - lo)
+                # a copy, not a view: a view would keep a whole window read from disk alive
+                parts = (row, col, self.values.numpy()[lo:hi].copy(), ptr[:-1] - lo)
             else:
                 starts = indptr.take(idx_np)
                 lengths = indptr.take(idx_np + 1) - starts
