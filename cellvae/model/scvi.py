@@ -206,25 +206,21 @@ class SCVI(BaseModel):
             n = len(batch["batch"])
             target = torch.from_numpy(out[start : start + n])
             start += n
-            if n_samples == 1 and len(codes) == 1 and z.device.type == "cpu":
-                # the common case: the decoder writes straight into the output rows
-                b = None if codes[0] is None else torch.full_like(batch["batch"], codes[0])
-                self.module.expression_scale(z, batch, batch=b, gene_idx=g_idx, out=target)
-                if library_size == "latent":
-                    target.mul_(torch.exp(inf["library"]))
-                if factor != 1.0:
-                    target.mul_(factor)
-                continue
+            on_cpu = z.device.type == "cpu"
             acc = None
             for code in codes:
                 b = None if code is None else torch.full_like(batch["batch"], code)
-                value = self.module.expression_scale(z, batch, batch=b, gene_idx=g_idx)
+                # on CPU the first batch code's softmax is written straight into the output rows
+                dest = target if acc is None and n_samples == 1 and on_cpu else None
+                value = self.module.expression_scale(z, batch, batch=b, gene_idx=g_idx, out=dest)
                 if library_size == "latent":
-                    value = value * torch.exp(inf["library"])
+                    value = value.mul_(torch.exp(inf["library"]))
                 value = value if n_samples == 1 else value.mean(0)
                 acc = value if acc is None else acc.add_(value)
-            # scaled straight into the output rows: no extra copy of the chunk
-            if acc.device.type == "cpu":
+            if acc.data_ptr() == target.data_ptr():
+                if factor != 1.0:
+                    target.mul_(factor)
+            elif on_cpu:  # scaled straight into the output rows: no extra copy of the chunk
                 torch.mul(acc, factor, out=target)
             else:
                 target.copy_(acc.mul_(factor))
