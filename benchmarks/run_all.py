@@ -386,6 +386,12 @@ def main() -> int:
     parser.add_argument("--with-1m", action="store_true", help="add cellvae on 1M x 2,000 (18%%)")
     parser.add_argument("--scvi-1m", action="store_true", help="also try scvi-tools on 1M")
     parser.add_argument("--skip", nargs="*", default=[], choices=["dataloader", "scvi", "totalvi"])
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="training and inference runs per tool, in alternating order (medians reported)",
+    )
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--report-only", action="store_true", help="only table + plots from CSVs")
     a = parser.parse_args()
@@ -400,11 +406,12 @@ def main() -> int:
             if a.quick:
                 dl += ["--n-obs", "5000", "--epochs", "1"]
             codes["dataloader"] = run("bench_dataloader.py", dl, a.threads)
+        repeats = ["--repeats", str(a.repeats)]
         if "scvi" not in a.skip:
             extra = (["--with-1m"] if a.with_1m else []) + (["--scvi-1m"] if a.scvi_1m else [])
-            codes["scvi"] = run("bench_scvi.py", common + extra, a.threads)
+            codes["scvi"] = run("bench_scvi.py", common + repeats + extra, a.threads)
         if "totalvi" not in a.skip:
-            codes["totalvi"] = run("bench_totalvi.py", common, a.threads)
+            codes["totalvi"] = run("bench_totalvi.py", common + repeats, a.threads)
         if a.with_1m and not a.quick:
             codes["backed"] = run("bench_backed.py", ["--in-memory"], a.threads)
         info["exit_codes"] = codes
