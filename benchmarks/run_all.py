@@ -291,18 +291,18 @@ def _bars(ax, groups, values, log=False, ylabel=""):
 
 def _groups(out_dir: Path, key_train: str, key_infer: str):
     """{bar group: {tool: value}}; repeated runs give the median, as in the table."""
-    runs: dict[str, list[dict]] = {}
+    runs: dict[str, tuple[str, list[dict]]] = {}  # group -> (key, rows)
     for r in read_csv(out_dir / "scvi_train.csv"):
-        runs.setdefault(f"SCVI train\n{r['dataset']}", []).append(r | {"_key": key_train})
+        runs.setdefault(f"SCVI train\n{r['dataset']}", (key_train, []))[1].append(r)
     for r in read_csv(out_dir / "scvi_inference.csv"):
-        runs.setdefault(f"SCVI {r['task']}\n{r['dataset']}", []).append(r | {"_key": key_infer})
+        runs.setdefault(f"SCVI {r['task']}\n{r['dataset']}", (key_infer, []))[1].append(r)
     for r in read_csv(out_dir / "totalvi.csv"):
         if r.get("kl_warmup") == "matched":
-            runs.setdefault(f"TOTALVI train\n{r['dataset']}", []).append(r | {"_key": key_train})
+            runs.setdefault(f"TOTALVI train\n{r['dataset']}", (key_train, []))[1].append(r)
     groups = {}
-    for g, rows in runs.items():
-        values = _pair(rows, rows[0]["_key"])
-        if values and all(math.isnan(v) for v in values.values()) and "steady" in rows[0]["_key"]:
+    for g, (key, rows) in runs.items():
+        values = _pair(rows, key)
+        if values and all(math.isnan(v) for v in values.values()) and "steady" in key:
             values = _pair(rows, "cells_per_s_all")  # one epoch: no steady state (as the table)
         if values:
             groups[g] = values

@@ -387,8 +387,7 @@ class _ZINBLogProbSum(torch.autograd.Function):
         d_mu, d_theta = _nb_grads_nz(x_nz, mu_nz, theta_nz, digamma_theta_nz, eps)
         q_nz = theta_nz / (theta_nz + mu_nz)
         s = r.mul_(omw).div_(p0)  # σ(−π − θt), in r's storage
-        if small is not None:
-            b = torch.addcmul(-pi, theta, t, value=-1)
+        if small is not None:  # b = −π − θt from the forward's stable branch
             s = torch.where(small, torch.sigmoid(b), s)
         q = torch.add(mu, theta, out=p0)
         torch.div(theta, q, out=q)  # θ/(θ+μ), in p0's storage
