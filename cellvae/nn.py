@@ -304,6 +304,12 @@ class DecoderSCVI(nn.Module):
     scale_activation
         ``"softmax"`` (gene proportions summing to 1) or ``"softplus"`` (unnormalised, used with
         size factors).
+    gene_cell_dispersion
+        Build the output layer of ``px_r`` (needed only with ``dispersion="gene-cell"``).
+    zero_inflation
+        Build the output layer of ``px_dropout`` (needed only by the ZINB likelihood). A
+        layer that is not built costs no parameters, optimiser state or matrix products;
+        its output is None.
 
     Examples
     --------
@@ -326,6 +332,9 @@ class DecoderSCVI(nn.Module):
         use_batch_norm: bool = False,
         use_layer_norm: bool = False,
         scale_activation: Literal["softmax", "softplus"] = "softmax",
+        *,
+        gene_cell_dispersion: bool = True,
+        zero_inflation: bool = True,
     ):
         super().__init__()
         if scale_activation not in ("softmax", "softplus"):
@@ -345,8 +354,8 @@ class DecoderSCVI(nn.Module):
             inject_covariates=inject_covariates,
         )
         self.px_scale_decoder = nn.Linear(n_hidden, n_output)
-        self.px_r_decoder = nn.Linear(n_hidden, n_output)
-        self.px_dropout_decoder = nn.Linear(n_hidden, n_output)
+        self.px_r_decoder = nn.Linear(n_hidden, n_output) if gene_cell_dispersion else None
+        self.px_dropout_decoder = nn.Linear(n_hidden, n_output) if zero_inflation else None
 
     @staticmethod
     def _head(layer: nn.Linear, h: torch.Tensor, gene_idx: torch.Tensor | None) -> torch.Tensor:
@@ -390,15 +399,24 @@ class DecoderSCVI(nn.Module):
         *cat_list: torch.Tensor,
         gene_idx: torch.Tensor | None = None,
     ):
-        """Return ``(px_scale, px_r, px_rate, px_dropout)``; ``px_r`` is None unless gene-cell.
+        """Return ``(px_scale, px_r, px_rate, px_dropout)``.
+
+        ``px_r`` is None unless ``dispersion`` is ``"gene-cell"``; ``px_dropout`` is None when
+        the decoder was built without ``zero_inflation``.
 
         ``library`` is the log library size (cells × 1). ``gene_idx`` restricts the outputs to
         those genes: only their rows of the output layers are computed (with softmax, the
         normaliser still needs every gene's logit).
         """
+        if dispersion == "gene-cell" and self.px_r_decoder is None:
+            raise ValueError(
+                "dispersion='gene-cell' needs a decoder built with gene_cell_dispersion=True."
+            )
         h = self.px_decoder(z, *cat_list)
         px_scale = self._scale(h, gene_idx)
-        px_dropout = self._head(self.px_dropout_decoder, h, gene_idx)
+        px_dropout = None
+        if self.px_dropout_decoder is not None:
+            px_dropout = self._head(self.px_dropout_decoder, h, gene_idx)
         px_rate = torch.exp(library) * px_scale
         px_r = self._head(self.px_r_decoder, h, gene_idx) if dispersion == "gene-cell" else None
         return px_scale, px_r, px_rate, px_dropout
@@ -585,6 +603,9 @@ class DecoderTOTALVI(nn.Module):
         use_batch_norm: bool = True,
         use_layer_norm: bool = False,
         scale_activation: Literal["softmax", "softplus"] = "softmax",
+        *,
+        gene_cell_dispersion: bool = True,
+        zero_inflation: bool = True,
     ):
         super().__init__()
         if scale_activation not in ("softmax", "softplus"):

@@ -252,6 +252,8 @@ def train_module(
         warmup_steps = 0
 
     params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:  # the loop frees them after each step; the first step starts clean too
+        p.grad = None
     optimizer = Adam(params, lr=config.lr, weight_decay=config.weight_decay, eps=config.eps)
     plateau = (
         Plateau(config.lr_factor, config.lr_patience, config.lr_min)
@@ -282,12 +284,12 @@ def train_module(
             for batch in data.batches(train_idx, config.batch_size, shuffle=True, generator=gen):
                 kl_weight = _kl_weight(step, warmup_steps)
                 out = module(batch, kl_weight=kl_weight)
-                for p in params:
-                    p.grad = None
                 out.loss.backward()
                 if config.gradient_clip_val:
                     nn.utils.clip_grad_norm_(params, config.gradient_clip_val)
                 optimizer.step()
+                for p in params:  # free the gradients before the next forward pass
+                    p.grad = None
                 step += 1
                 n = len(batch["batch"])
                 n_cells += n
@@ -323,7 +325,8 @@ def train_module(
             for k, v in record.items():
                 history.setdefault(k, []).append(v)
             monitored = record[monitor_key]
-            last_good = copy.deepcopy(module.state_dict())
+            for key, value in module.state_dict().items():  # in place: no second copy at peak
+                last_good[key].copy_(value)
             bar.set_postfix(
                 {
                     k.replace("validation_", "val_"): f"{record[k]:.4g}"

@@ -168,6 +168,27 @@ def test_decoder_contract(dispersion):
     assert (px_r is None) == (dispersion != "gene-cell")
 
 
+def test_decoder_builds_only_the_output_layers_in_use():
+    z, lib = torch.randn(5, 4), torch.zeros(5, 1)
+    dec = DecoderSCVI(4, 30, gene_cell_dispersion=False, zero_inflation=False)
+    px_scale, px_r, px_rate, px_dropout = dec("gene", z, lib)
+    assert px_r is None and px_dropout is None and px_rate.shape == (5, 30)
+    assert dec.px_r_decoder is None and dec.px_dropout_decoder is None
+    with pytest.raises(ValueError, match="gene_cell_dispersion=True"):
+        dec("gene-cell", z, lib)
+    n_head = 30 * 128 + 30  # one output layer's weight and bias
+    sizes = {}
+    for likelihood in ("zinb", "nb"):
+        for dispersion in ("gene", "gene-cell"):
+            module = VAE(30, gene_likelihood=likelihood, dispersion=dispersion)
+            decoder = module.decoder
+            assert (decoder.px_dropout_decoder is not None) == (likelihood == "zinb")
+            assert (decoder.px_r_decoder is not None) == (dispersion == "gene-cell")
+            sizes[likelihood, dispersion] = sum(p.numel() for p in decoder.parameters())
+    assert sizes["zinb", "gene"] - sizes["nb", "gene"] == n_head
+    assert sizes["nb", "gene-cell"] - sizes["nb", "gene"] == n_head
+
+
 @pytest.mark.parametrize("dispersion", ["gene", "gene-batch"])
 @pytest.mark.parametrize("size_factor", [False, True])
 def test_expression_scale_equals_generative_px_scale(dispersion, size_factor):
@@ -311,10 +332,14 @@ def test_nan_guard_restores_last_good_weights():
 
     def poisoned(tensors, kl_weight=1.0):
         calls["n"] += 1
+        if calls["n"] == 4:  # the weights at the end of epoch 1, the last good one
+            snapshot.update({k: v.clone() for k, v in module.state_dict().items()})
         out = original(tensors, kl_weight)
         if calls["n"] > 3:  # epoch 1 is clean, epoch 2 turns NaN
             out.loss = out.loss * float("nan")
         return out
+
+    snapshot = {}
 
     module.forward = poisoned
     idx = torch.arange(100)
@@ -323,8 +348,32 @@ def test_nan_guard_restores_last_good_weights():
     with pytest.raises(TrainingError, match="last good epoch were restored"):
         train_module(module, td, idx[:96], idx[96:], config, history)
     assert len(history["train_loss"]) == 1
-    for v in module.state_dict().values():
+    restored = module.state_dict()
+    assert restored.keys() == snapshot.keys()
+    for k, v in restored.items():
+        assert torch.equal(v, snapshot[k]), k
         assert torch.isfinite(v.float()).all()
+
+
+def test_training_ignores_and_frees_stale_gradients():
+    """Gradients left on the parameters before training do not leak into the first step, and
+    no gradient is kept after training (it would only hold memory)."""
+    adata = _setup(100, 10)
+    td = TensorData.from_adata(adata)
+    idx = torch.arange(100)
+    config = TrainConfig(max_epochs=2, batch_size=32, progress_bar=False, seed=3)
+    states = []
+    for stale in (False, True):
+        torch.manual_seed(0)
+        module = VAE(10, n_batch=2)
+        if stale:
+            for p in module.parameters():
+                p.grad = torch.full_like(p, 1e3)
+        train_module(module, td, idx[:90], idx[90:], config)
+        assert all(p.grad is None for p in module.parameters())
+        states.append(module.state_dict())
+    for k, v in states[0].items():
+        assert torch.equal(v, states[1][k]), k
 
 
 def test_training_step_calls_no_pandas_or_scipy():

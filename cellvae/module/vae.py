@@ -164,6 +164,8 @@ class VAE(nn.Module):
             use_batch_norm=bn_dec,
             use_layer_norm=ln_dec,
             scale_activation="softplus" if use_size_factor_key else "softmax",
+            gene_cell_dispersion=dispersion == "gene-cell",
+            zero_inflation=gene_likelihood == "zinb",
         )
 
     # ------------------------------------------------------------------ helpers
