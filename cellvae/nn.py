@@ -571,6 +571,9 @@ class DecoderTOTALVI(nn.Module):
         Normalisation in the stacks.
     scale_activation
         ``"softmax"`` (gene proportions) or ``"softplus"`` (unnormalised, with size factors).
+    zero_inflation
+        Build the genes' zero-inflation output layer (only the ZINB likelihood uses it; the
+        negative binomial default then has no such parameters or optimiser state).
 
     Returns
     -------
@@ -604,7 +607,6 @@ class DecoderTOTALVI(nn.Module):
         use_layer_norm: bool = False,
         scale_activation: Literal["softmax", "softplus"] = "softmax",
         *,
-        gene_cell_dispersion: bool = True,
         zero_inflation: bool = True,
     ):
         super().__init__()
@@ -629,7 +631,7 @@ class DecoderTOTALVI(nn.Module):
         n_cat = n_hidden + n_input
         self.px_decoder = stack()
         self.px_scale_decoder = nn.Linear(n_cat, n_output_genes)
-        self.px_dropout_decoder = nn.Linear(n_cat, n_output_genes)
+        self.px_dropout_decoder = nn.Linear(n_cat, n_output_genes) if zero_inflation else None
         self.py_back_decoder = stack()
         self.py_back_alpha = nn.Linear(n_cat, n_output_proteins)
         self.py_back_log_beta = nn.Linear(n_cat, n_output_proteins)
@@ -651,6 +653,8 @@ class DecoderTOTALVI(nn.Module):
         ``sample_background=False`` uses the mean ``α`` of ``log β`` instead of a sample (for
         deterministic getters); ``compute_dropout=False`` skips the zero-inflation head.
         """
+        if compute_dropout and self.px_dropout_decoder is None:
+            raise ValueError("compute_dropout needs a decoder built with zero_inflation=True.")
         h = self.px_decoder(z, *cat_list)
         hz = torch.cat([h, z], dim=-1)
         logits = self.px_scale_decoder(hz)

@@ -103,6 +103,29 @@ def test_decoder_totalvi_contract():
     _, _, sampled = dec(z, lib, b)
     assert not torch.equal(sampled, log_back)
     assert dec(z, lib, b, compute_dropout=False)[0]["dropout"] is None
+    # without zero inflation the layer is not built, and asking for its output is an error
+    nb = DecoderTOTALVI(5, 30, 4, n_cat_list=[2], n_hidden=16, zero_inflation=False)
+    assert nb.px_dropout_decoder is None
+    assert nb(z, lib, b, compute_dropout=False)[0]["dropout"] is None
+    with pytest.raises(ValueError, match="zero_inflation=True"):
+        nb(z, lib, b)
+
+
+@pytest.mark.parametrize("likelihood", ["nb", "zinb"])
+def test_totalvae_builds_the_zero_inflation_layer_only_for_zinb(likelihood):
+    module = TOTALVAE(
+        30, 4, n_batch=2, n_hidden=16, gene_likelihood=likelihood, use_observed_lib_size=True
+    )
+    assert (module.decoder.px_dropout_decoder is not None) == (likelihood == "zinb")
+    tensors = {
+        "x": torch.poisson(torch.full((6, 30), 2.0)),
+        "protein": torch.poisson(torch.full((6, 4), 20.0)),
+        "batch": torch.tensor([0, 1] * 3),
+    }
+    out = module(tensors)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None for p in module.decoder.px_decoder.parameters())
 
 
 # ---------------------------------------------------------------- module

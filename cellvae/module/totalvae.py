@@ -218,6 +218,7 @@ class TOTALVAE(nn.Module):
             use_batch_norm=use_batch_norm,
             use_layer_norm=use_layer_norm,
             scale_activation="softplus" if use_size_factor_key else "softmax",
+            zero_inflation=gene_likelihood == "zinb",
         )
         if protein_background_prior_mean is not None:
             # start the background near its prior: early steps then fit the foreground and the
