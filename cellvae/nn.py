@@ -358,7 +358,11 @@ class DecoderSCVI(nn.Module):
         self.px_dropout_decoder = nn.Linear(n_hidden, n_output) if zero_inflation else None
 
     @staticmethod
-    def _head(layer: nn.Linear, h: torch.Tensor, gene_idx: torch.Tensor | None) -> torch.Tensor:
+    def _head(
+        layer: nn.Linear | None, h: torch.Tensor, gene_idx: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        if layer is None:  # an output layer the decoder was built without
+            return None
         if gene_idx is None:
             return layer(h)
         return F.linear(h, layer.weight[gene_idx], layer.bias[gene_idx])
@@ -414,9 +418,7 @@ class DecoderSCVI(nn.Module):
             )
         h = self.px_decoder(z, *cat_list)
         px_scale = self._scale(h, gene_idx)
-        px_dropout = None
-        if self.px_dropout_decoder is not None:
-            px_dropout = self._head(self.px_dropout_decoder, h, gene_idx)
+        px_dropout = self._head(self.px_dropout_decoder, h, gene_idx)
         px_rate = torch.exp(library) * px_scale
         px_r = self._head(self.px_r_decoder, h, gene_idx) if dispersion == "gene-cell" else None
         return px_scale, px_r, px_rate, px_dropout

@@ -252,8 +252,7 @@ def train_module(
         warmup_steps = 0
 
     params = [p for p in module.parameters() if p.requires_grad]
-    for p in params:  # the loop frees them after each step; the first step starts clean too
-        p.grad = None
+    module.zero_grad()  # gradients are freed after each step; the first step starts clean too
     optimizer = Adam(params, lr=config.lr, weight_decay=config.weight_decay, eps=config.eps)
     plateau = (
         Plateau(config.lr_factor, config.lr_patience, config.lr_min)
@@ -288,8 +287,7 @@ def train_module(
                 if config.gradient_clip_val:
                     nn.utils.clip_grad_norm_(params, config.gradient_clip_val)
                 optimizer.step()
-                for p in params:  # free the gradients before the next forward pass
-                    p.grad = None
+                module.zero_grad()  # set to None: freed before the next forward pass
                 step += 1
                 n = len(batch["batch"])
                 n_cells += n
