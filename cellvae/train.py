@@ -8,7 +8,6 @@ are read a window of cells at a time).
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -83,7 +82,7 @@ class TrainConfig:
 
 
 class TrainingError(RuntimeError):
-    """Training produced a non-finite loss; the last good weights were restored."""
+    """Training diverged: a non-finite loss or gradients. The weights stay finite."""
 
 
 def _kl_weight(step: int, warmup_steps: int) -> float:
@@ -121,6 +120,10 @@ class Adam:
     runs in torch's fused Adam kernel where it exists (CPU and CUDA, torch >= 2.4) and in
     ``torch._foreach_*`` operations otherwise; both give ``torch.optim.Adam``'s result (tested).
 
+    A step whose gradients hold an inf or a NaN is skipped, as under ``torch.amp.GradScaler``:
+    parameters, moments and step counts stay as they were, so the weights never turn non-finite.
+    The check is one pass over the gradients and needs no host synchronisation on a GPU.
+
     Parameters
     ----------
     params
@@ -134,7 +137,8 @@ class Adam:
     >>> w = torch.nn.Parameter(torch.ones(3))
     >>> opt = Adam([w], lr=0.1)
     >>> w.grad = torch.ones(3)
-    >>> opt.step()
+    >>> float(opt.step())  # 1.0 when the step was skipped
+    0.0
     >>> [round(v, 4) for v in w.tolist()]
     [0.9, 0.9, 0.9]
     """
@@ -152,21 +156,24 @@ class Adam:
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
         self.steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in self.params]
-        self.n_steps = 0
 
     @torch.no_grad()
-    def step(self) -> None:
-        """Update every parameter that has a gradient."""
+    def step(self) -> torch.Tensor:
+        """Update every parameter that has a gradient, unless a gradient is not finite.
+
+        Returns a 0-d float tensor on the parameters' device: 1.0 when the step was skipped.
+        """
         live = [i for i, p in enumerate(self.params) if p.grad is not None]
         if not live:
-            return
+            return torch.zeros((), device=self.params[0].device if self.params else None)
         params = [self.params[i] for i in live]
         grads = [p.grad for p in params]
         exp_avg = [self.exp_avg[i] for i in live]
         exp_avg_sq = [self.exp_avg_sq[i] for i in live]
         steps = [self.steps[i] for i in live]
+        skip = _nonfinite(grads)
         torch._foreach_add_(steps, 1.0)
-        self.n_steps += 1
+        torch._foreach_sub_(steps, skip)  # a skipped step does not count
         beta1, beta2 = self.betas
         fused = getattr(torch, "_fused_adam_", None)
         if fused is not None and params[0].device.type in ("cpu", "cuda"):
@@ -174,12 +181,14 @@ class Adam:
                 fused(
                     params, grads, exp_avg, exp_avg_sq, [], steps,
                     lr=self.lr, beta1=beta1, beta2=beta2, weight_decay=self.weight_decay,
-                    eps=self.eps, amsgrad=False, maximize=False,
+                    eps=self.eps, amsgrad=False, maximize=False, found_inf=skip,
                 )  # fmt: skip
-                return
+                return skip
             except (RuntimeError, NotImplementedError):  # no fused kernel for this device
                 pass
-        self._foreach_step(params, grads, exp_avg, exp_avg_sq, steps)
+        if not skip:  # the fallback reads the flag on the host
+            self._foreach_step(params, grads, exp_avg, exp_avg_sq, steps)
+        return skip
 
     def _foreach_step(self, params, grads, exp_avg, exp_avg_sq, steps) -> None:
         beta1, beta2 = self.betas
@@ -193,6 +202,16 @@ class Adam:
             bias1, bias2 = 1 - beta1**step, 1 - beta2**step
             denom = (v.sqrt() / math.sqrt(bias2)).add_(self.eps)
             p.addcdiv_(m, denom, value=-self.lr / bias1)
+
+
+def _nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """0-d float tensor, 1.0 when any of ``tensors`` holds an inf or a NaN (no host sync)."""
+    found = torch.zeros((), device=tensors[0].device)
+    try:  # one fused pass (AMP's check, unscaling by 1 leaves the values unchanged)
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, torch.ones_like(found))
+    except (RuntimeError, NotImplementedError):  # no kernel for this device or dtype
+        found = (~torch.stack(torch._foreach_norm(tensors)).isfinite().all()).float()
+    return found
 
 
 class Plateau:
@@ -262,7 +281,9 @@ def train_module(
 
     monitor_key = "validation_elbo" if len(val_idx) else "train_elbo"
     best, bad_epochs = math.inf, 0
-    last_good = copy.deepcopy(module.state_dict())
+    # non-finite steps are skipped (Adam.step), so the weights need no copy; the batch-norm
+    # statistics, updated by the forward pass itself, are restored from the last good epoch
+    last_good_buffers = {k: b.detach().clone() for k, b in module.named_buffers()}
     step = 0
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -278,7 +299,7 @@ def train_module(
         for epoch in bar:
             module.train()
             sums = torch.zeros(5, dtype=torch.float64, device=device)
-            n_cells = 0
+            n_cells = n_steps = 0
             kl_weight = _kl_weight(step, warmup_steps)
             for batch in data.batches(train_idx, config.batch_size, shuffle=True, generator=gen):
                 kl_weight = _kl_weight(step, warmup_steps)
@@ -286,9 +307,10 @@ def train_module(
                 out.loss.backward()
                 if config.gradient_clip_val:
                     nn.utils.clip_grad_norm_(params, config.gradient_clip_val)
-                optimizer.step()
+                skipped = optimizer.step()  # 1.0 when a gradient was not finite
                 module.zero_grad()  # set to None: freed before the next forward pass
                 step += 1
+                n_steps += 1
                 n = len(batch["batch"])
                 n_cells += n
                 sums += torch.stack(
@@ -297,16 +319,20 @@ def train_module(
                         out.elbo.detach().sum(),
                         out.reconstruction.detach().sum(),
                         out.kl_local.detach().sum(),
-                        torch.as_tensor(float(n), device=device),
+                        skipped,
                     ]
                 ).double()
-            loss, elbo, rec, kl, _ = (sums / n_cells).tolist()
-            if not math.isfinite(loss):
-                module.load_state_dict(last_good)
+            loss, elbo, rec, kl = (sums[:4] / n_cells).tolist()
+            n_skipped = int(sums[4])
+            if n_skipped or not math.isfinite(loss):
+                for key, buf in module.named_buffers():
+                    buf.copy_(last_good_buffers[key])
                 raise TrainingError(
-                    f"The training loss became {loss} in epoch {epoch + 1}; the weights of the "
-                    "last good epoch were restored. Try a lower lr, gradient_clip_val=1.0, or "
-                    "check the data for extreme values."
+                    f"Training diverged in epoch {epoch + 1}: the loss was {loss:.4g} and "
+                    f"{n_skipped} of {n_steps} steps had non-finite gradients. Those steps were "
+                    "skipped, so the weights stay finite; the batch-norm statistics of the last "
+                    "good epoch were restored. Try a lower lr, gradient_clip_val=1.0, or check "
+                    "the data for extreme values."
                 )
             record = {
                 "epoch": epoch,
@@ -323,8 +349,8 @@ def train_module(
             for k, v in record.items():
                 history.setdefault(k, []).append(v)
             monitored = record[monitor_key]
-            for key, value in module.state_dict().items():  # in place: no second copy at peak
-                last_good[key].copy_(value)
+            for key, buf in module.named_buffers():
+                last_good_buffers[key].copy_(buf)
             bar.set_postfix(
                 {
                     k.replace("validation_", "val_"): f"{record[k]:.4g}"

@@ -322,7 +322,9 @@ def test_trailing_batch_of_one_does_not_crash():
     assert np.isfinite(model.history["train_loss"]).all()
 
 
-def test_nan_guard_restores_last_good_weights():
+def test_nan_guard_keeps_last_good_weights():
+    """A NaN loss from epoch 2 on: every step of epoch 2 is skipped, so the parameters are those
+    of the end of epoch 1, bit for bit, and so are the restored batch-norm statistics."""
     adata = _setup(100, 10)
     td = TensorData.from_adata(adata)
     torch.manual_seed(0)
@@ -345,14 +347,42 @@ def test_nan_guard_restores_last_good_weights():
     idx = torch.arange(100)
     config = TrainConfig(max_epochs=3, batch_size=32, progress_bar=False)
     history = {}
-    with pytest.raises(TrainingError, match="last good epoch were restored"):
+    with pytest.raises(TrainingError, match="epoch 2: the loss was nan and 3 of 3 steps"):
         train_module(module, td, idx[:96], idx[96:], config, history)
     assert len(history["train_loss"]) == 1
+    assert any("running_var" in k for k in snapshot)  # batch-norm statistics are compared too
     restored = module.state_dict()
     assert restored.keys() == snapshot.keys()
     for k, v in restored.items():
         assert torch.equal(v, snapshot[k]), k
         assert torch.isfinite(v.float()).all()
+
+
+def test_step_with_non_finite_gradient_is_skipped():
+    """A finite loss whose gradient overflows (step 2 of 3): that step alone is skipped, the
+    others train, the weights stay finite and training stops at the end of the epoch."""
+    adata = _setup(100, 10)
+    td = TensorData.from_adata(adata)
+    torch.manual_seed(0)
+    module = VAE(10, n_batch=2)
+    weight = module.decoder.px_scale_decoder.weight
+    seen = []
+
+    def hook(grad):
+        seen.append(weight.detach().clone())
+        return grad * float("inf") if len(seen) == 2 else grad
+
+    weight.register_hook(hook)
+    idx = torch.arange(100)
+    config = TrainConfig(max_epochs=2, batch_size=32, progress_bar=False)
+    with pytest.raises(TrainingError, match="epoch 1: the loss was [0-9].* 1 of 3 steps"):
+        train_module(module, td, idx[:96], idx[96:], config)
+    assert len(seen) == 3
+    assert not torch.equal(seen[0], seen[1])  # step 1 was applied
+    assert torch.equal(seen[1], seen[2])  # step 2 was skipped
+    assert not torch.equal(seen[2], weight)  # step 3 was applied
+    for p in module.parameters():
+        assert torch.isfinite(p).all()
 
 
 def test_training_ignores_and_frees_stale_gradients():

@@ -46,6 +46,35 @@ def test_adam_matches_torch_optim(monkeypatch, fused):
     assert not torch.equal(ours[0], _problem(0)[2])  # it moved
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_adam_skips_a_step_with_non_finite_gradients(monkeypatch, fused, bad):
+    """A poisoned step changes nothing: the run equals one where that step never happened."""
+    if not fused:
+        monkeypatch.delattr(torch, "_fused_adam_", raising=False)
+    a, b, w, bias = _problem(1)
+    runs = []
+    for poison in (True, False):
+        params = [torch.nn.Parameter(w.clone()), torch.nn.Parameter(bias.clone())]
+        opt = Adam(params, lr=0.05, eps=0.01, weight_decay=1e-2)
+        flags = []
+        for i in range(8):
+            if i == 3 and not poison:
+                continue
+            loss = ((a @ params[0] + params[1] - b) ** 2).mean()
+            for p in params:
+                p.grad = None
+            loss.backward()
+            if i == 3:
+                params[0].grad[2, 1] = bad
+            flags.append(float(opt.step()))
+        assert flags == ([0.0] * 3 + [1.0] + [0.0] * 4 if poison else [0.0] * 7)
+        runs.append([p.detach() for p in params] + opt.exp_avg + opt.exp_avg_sq + opt.steps)
+    for x, y in zip(*runs):
+        assert torch.equal(x, y)
+    assert float(runs[0][-1]) == 7.0
+
+
 def test_plateau_matches_reduce_lr_on_plateau():
     values = [5, 4, 4, 4.5, 4, 3.9, 3.9, 3.9, 3.9, 3.9, 3.8, 3.8, 3.8, 3.8, 3.8, 3.8]
     p = torch.nn.Parameter(torch.zeros(1))
