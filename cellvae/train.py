@@ -25,7 +25,15 @@ from ._data import BatchSampler, TensorData
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Adam", "Plateau", "TrainConfig", "default_max_epochs", "resolve_device", "train_module"]
+__all__ = [
+    "Adam",
+    "Plateau",
+    "TrainConfig",
+    "TrainingError",
+    "default_max_epochs",
+    "resolve_device",
+    "train_module",
+]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -326,6 +326,14 @@ class BaseModel:
             ``early_stopping_min_delta``, ``reduce_lr_on_plateau``, ``lr_factor``,
             ``lr_patience``, ``gradient_clip_val``.
 
+        Raises
+        ------
+        cellvae.train.TrainingError
+            When training diverges: at the end of an epoch whose loss was not finite or in
+            which a step had non-finite gradients. Such steps are skipped, so the model keeps
+            finite weights (with the batch-norm statistics of the last good epoch) and the
+            history of the completed epochs.
+
         Examples
         --------
         >>> import cellvae
