@@ -1,10 +1,11 @@
 """Registered fields → tensors, once; then minibatches by pure tensor indexing.
 
-The count matrix stays sparse: it is held as CSR arrays (``indptr`` int64, ``indices`` int32,
-``values`` float32, sharing the AnnData's arrays when the dtypes fit) and a minibatch is gathered
-with a handful of vectorised numpy ops on CPU (zero-copy views of the tensors) or torch ops on
-other devices. No pandas or scipy call happens per batch. The only anndata access is in
-:meth:`TensorData.from_adata`.
+The count matrix stays sparse: it is held as CSR arrays (``indptr`` int32 or int64,
+``indices`` int32, ``values`` float32, sharing the AnnData's arrays when the dtypes fit) and a
+minibatch is gathered with a handful of vectorised numpy ops on CPU (zero-copy views of the
+tensors) or torch ops on other devices. No pandas or scipy call happens per batch. The only
+anndata access is in :meth:`TensorData.from_adata`. Per-cell index arrays (codes, the split,
+the shuffled order) are int32.
 
 The CSR matrix of a backed AnnData stays on disk (:class:`~cellvae._backed.BackedCSR`):
 :meth:`TensorData.batches` then reads windows of nearby cells, a few tens of MB each, and gathers
@@ -40,9 +41,10 @@ class TensorData:
 
     Exactly one of ``dense``, the CSR triple (``indptr``, ``indices``, ``values``) or
     ``backed`` (a CSR matrix left on disk) holds the counts. Codes (``batch``, ``labels``,
-    ``cat_covs``) are int64; ``cont_covs``, ``size_factor`` and ``protein`` float32. Index it
-    with a 1-D tensor (or array) of cell positions, ``td[idx]``, or iterate minibatches with
-    :meth:`batches` (which reads counts on disk a window at a time).
+    ``cat_covs``) are held as int32 and come out of ``td[idx]`` as int64; ``cont_covs``,
+    ``size_factor`` and ``protein`` float32. Index it with a 1-D tensor (or array) of cell
+    positions, ``td[idx]``, or iterate minibatches with :meth:`batches` (which reads counts on
+    disk a window at a time).
     """
 
     n_obs: int
@@ -72,7 +74,7 @@ class TensorData:
 
         def codes(key: str | None, categories) -> torch.Tensor:
             if key is None:  # one code for every cell: a stride-0 view, no memory per cell
-                return torch.zeros(1, dtype=torch.int64).expand(adata.n_obs)
+                return torch.zeros(1, dtype=torch.int32).expand(adata.n_obs)
             return torch.from_numpy(reg.codes(adata, key, categories))
 
         out = cls(
@@ -132,11 +134,12 @@ class TensorData:
         self._set_csr(np.concatenate(indptr), np.concatenate(indices), np.concatenate(data))
 
     def _set_csr(self, indptr, indices, data) -> None:
-        # int64 row pointers so more than 2^31 nonzeros index correctly; int32 columns.
-        # Columns and values share the AnnData's own arrays when their dtypes already fit (no
-        # copy: the training data costs no memory beyond what the AnnData holds). They are
-        # only read, never written.
-        self.indptr = torch.from_numpy(np.ascontiguousarray(indptr, dtype=np.int64))
+        # Row pointers as scipy stores them: int32 while the nonzeros fit, int64 beyond 2^31.
+        # int32 columns. Row pointers, columns and values share the AnnData's own arrays when
+        # their dtypes already fit (no copy: the training data costs no memory beyond what the
+        # AnnData holds). They are only read, never written.
+        ptr_dtype = np.int32 if np.asarray(indptr).dtype == np.int32 else np.int64
+        self.indptr = torch.from_numpy(_readable(indptr, ptr_dtype))
         self.indices = torch.from_numpy(_readable(indices, np.int32))
         self.values = torch.from_numpy(_readable(data, np.float32))
 
@@ -196,9 +199,9 @@ class TensorData:
                 row = np.arange(len(idx_np), dtype=np.int64).repeat(np.diff(ptr))
                 col = self.indices.numpy()[lo:hi].astype(np.int64)
                 # a copy, not a view: a view would keep a whole window read from disk alive
-                parts = (row, col, self.values.numpy()[lo:hi].copy(), ptr[:-1] - lo)
+                parts = (row, col, self.values.numpy()[lo:hi].copy(), ptr[:-1] - np.int64(lo))
             else:
-                starts = indptr.take(idx_np)
+                starts = indptr.take(idx_np).astype(np.int64)
                 lengths = indptr.take(idx_np + 1) - starts
                 row, pos, offsets = _positions(starts, lengths)
                 col = self.indices.numpy().take(pos).astype(np.int64)
@@ -225,19 +228,21 @@ class TensorData:
 
         Keys: ``"x"`` (the counts: a :class:`~cellvae._sparse.CSRBatch` for sparse data, else a
         dense float32 tensor, cells × genes), ``"batch"`` and ``"labels"``
-        (int64 codes) and, when registered, ``"cat_covs"`` (int64, cells × covariates),
-        ``"cont_covs"`` (float32), ``"size_factor"`` (float32) and ``"protein"`` (float32).
+        (int64 codes; held as int32 per cell) and, when registered, ``"cat_covs"`` (int64,
+        cells × covariates), ``"cont_covs"`` (float32), ``"size_factor"`` (float32) and
+        ``"protein"`` (float32).
         """
         idx = self._index(idx)
         out: Batch = {
             "x": self.counts(idx),
-            "batch": self.batch.index_select(0, idx),
-            "labels": self.labels.index_select(0, idx),
+            "batch": self.batch.index_select(0, idx).long(),
+            "labels": self.labels.index_select(0, idx).long(),
         }
         for name in ("cat_covs", "cont_covs", "size_factor", "protein"):
             v = getattr(self, name)
             if v is not None:
-                out[name] = v.index_select(0, idx)
+                v = v.index_select(0, idx)
+                out[name] = v.long() if name == "cat_covs" else v
         return out
 
     def batches(
@@ -352,7 +357,8 @@ def split_indices(
     if not 0.0 <= validation_size < 1.0:
         raise ValueError(f"validation_size must be in [0, 1), got {validation_size}.")
     gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
-    perm = torch.randperm(n_obs, generator=gen)
+    # int32 per cell (half the memory of int64): the same permutation as the int64 draw
+    perm = torch.randperm(n_obs, generator=gen, dtype=torch.int32)
     n_val = int(round(n_obs * validation_size))
     if n_obs - n_val < 2:
         raise ValueError(
@@ -396,7 +402,8 @@ class BatchSampler:
     def __iter__(self) -> Iterator[torch.Tensor]:
         idx = self.indices
         if self.shuffle:
-            idx = idx[torch.randperm(len(idx), generator=self.generator)]
+            perm = torch.randperm(len(idx), generator=self.generator, dtype=torch.int32)
+            idx = idx[perm]
         yield from self._split(idx)
 
     def _split(self, idx: torch.Tensor) -> list[torch.Tensor]:

@@ -176,9 +176,9 @@ class Registry:
 
     # ------------------------------------------------------------------ encoding
     def codes(self, adata, key: str | None, categories: Sequence[str]) -> np.ndarray:
-        """Integer codes of ``adata.obs[key]`` against ``categories`` (zeros if ``key`` is None)."""
+        """int32 codes of ``adata.obs[key]`` against ``categories`` (zeros if ``key`` is None)."""
         if key is None:
-            return np.zeros(adata.n_obs, dtype=np.int64)
+            return np.zeros(adata.n_obs, dtype=np.int32)
         if key not in adata.obs.columns:
             raise KeyError(
                 f"{key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)}). "
@@ -190,11 +190,11 @@ class Registry:
             # took ~100 MB and a second)
             known = pd.Index(list(categories)).get_indexer(col.cat.categories.astype(str))
             raw = col.cat.codes.to_numpy()  # -1 where missing: never a known category
-            codes = np.where(raw >= 0, known[raw], -1).astype(np.int64)
+            codes = np.where(raw >= 0, known.astype(np.int32)[raw], np.int32(-1))
         else:
             values = col.astype(str).to_numpy(dtype=object, copy=True)
             values[col.isna().to_numpy()] = "\0"  # a missing value is never a known category
-            codes = pd.Categorical(values, categories=list(categories)).codes.astype(np.int64)
+            codes = pd.Categorical(values, categories=list(categories)).codes.astype(np.int32)
         if (codes < 0).any():
             unseen = sorted({str(v) for v in col[codes < 0].astype(str)})
             raise ValueError(

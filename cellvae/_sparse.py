@@ -124,7 +124,7 @@ def gather_rows(indptr, indices, values, idx):
     ``row`` is each entry's position in ``idx``, ``col`` the int64 columns, ``val`` the values,
     ``offsets`` where each selected row starts; one host sync (the number of entries).
     """
-    starts = indptr.index_select(0, idx)
+    starts = indptr.index_select(0, idx).long()  # int32 or int64 row pointers
     lengths = indptr.index_select(0, idx + 1) - starts
     ends = torch.cumsum(lengths, 0)
     offsets = ends - lengths

@@ -130,7 +130,10 @@ def test_minibatches_equal_anndata_values(storage, tmp_path):
     if td.backed is not None:
         assert td.indices is None and td.backed.indptr[-1] == np.count_nonzero(x_full)
     elif td.is_sparse:
-        assert td.indptr.dtype == torch.int64 and td.indptr[-1] == np.count_nonzero(x_full)
+        # scipy's int32 row pointers are kept (no copy); int64 ones too
+        wide = storage in ("csr_int64", "backed_dense")
+        assert td.indptr.dtype == (torch.int64 if wide else torch.int32)
+        assert td.indptr[-1] == np.count_nonzero(x_full)
         assert td.indices.dtype == torch.int32 and td.values.dtype == torch.float32
     gen = np.random.default_rng(42)
     sizes = [1, 2, 7, 64, 150]
@@ -170,17 +173,24 @@ def test_empty_index_gives_empty_batch():
     assert batch["x"].val.numel() == 0 and batch["protein"].shape == (0, 4)
 
 
-def test_torch_gather_path_matches_numpy_path():
+@pytest.mark.parametrize("ptr_dtype", [np.int32, np.int64])
+def test_torch_gather_path_matches_numpy_path(ptr_dtype):
     # the path used on GPU (pure torch ops), checked on CPU against the numpy path
     adata = make()
     pp.setup_anndata(adata)
+    adata.X = sp.csr_matrix(adata.X)
+    adata.X.indptr = adata.X.indptr.astype(ptr_dtype)
     td = TensorData.from_adata(adata)
+    assert td.indptr.numpy().dtype == ptr_dtype
     for seed in range(5):
         idx = torch.randperm(adata.n_obs, generator=torch.Generator().manual_seed(seed))[:37]
         x = td.counts(idx)
         row, col, val, offsets = gather_rows(td.indptr, td.indices, td.values, idx)
         for a, b in zip((x.row, x.col, x.val, x.offsets), (row, col, val, offsets)):
+            assert a.dtype == b.dtype == (torch.float32 if a is x.val else torch.int64)
             assert torch.equal(a, b)
+        rng = td.counts(torch.arange(5, 40))  # consecutive cells: the slice path
+        assert rng.offsets.dtype == rng.row.dtype == rng.col.dtype == torch.int64
 
 
 def test_csr_shares_the_anndata_arrays():
@@ -192,6 +202,7 @@ def test_csr_shares_the_anndata_arrays():
     td = TensorData.from_adata(adata)
     assert np.shares_memory(td.values.numpy(), adata.X.data)
     assert np.shares_memory(td.indices.numpy(), adata.X.indices)
+    assert np.shares_memory(td.indptr.numpy(), adata.X.indptr)
     before = adata.X.copy()
     _ = td[torch.arange(adata.n_obs)]
     assert (adata.X != before).nnz == 0
@@ -206,7 +217,8 @@ def test_unregistered_codes_take_no_memory_per_cell():
     for key in ("batch", "labels"):
         assert batch[key].dtype == torch.int64 and batch[key].tolist() == [0, 0, 0]
     x = adata.X
-    assert td.nbytes() == x.data.nbytes + x.indices.nbytes + (x.shape[0] + 1) * 8 + 2 * 8
+    assert x.indptr.dtype == np.int32  # kept as is: no int64 copy of the row pointers
+    assert td.nbytes() == x.data.nbytes + x.indices.nbytes + (x.shape[0] + 1) * 4 + 2 * 4
 
 
 def test_to_device_keeps_values():
@@ -295,7 +307,7 @@ def test_kang_ifnb_minibatches():
 @pytest.mark.parametrize(("n_obs", "validation_size"), [(10, 0.1), (1000, 0.1), (333, 0.25)])
 def test_split_seeded_disjoint_covering(n_obs, validation_size):
     train, val = split_indices(n_obs, validation_size, seed=3)
-    assert train.dtype == val.dtype == torch.int64
+    assert train.dtype == val.dtype == torch.int32  # half the memory of int64 per cell
     assert len(val) == round(n_obs * validation_size)
     assert set(train.tolist()).isdisjoint(val.tolist())
     assert sorted(train.tolist() + val.tolist()) == list(range(n_obs))
@@ -345,3 +357,13 @@ def test_sampler_in_order_without_shuffle():
     assert torch.equal(torch.cat(batches), idx)
     with pytest.raises(ValueError, match="batch_size must be positive"):
         BatchSampler(idx, 0)
+
+
+def test_int32_randperm_draws_the_int64_permutation():
+    # the split and the shuffles draw int32 permutations to halve their memory; they must be
+    # the same permutations as the int64 default, so results do not depend on the dtype
+    for n in (1, 10, 1000, 90_001):
+        for seed in range(3):
+            a = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+            b = torch.randperm(n, generator=torch.Generator().manual_seed(seed), dtype=torch.int32)
+            assert b.dtype == torch.int32 and torch.equal(a, b.long())

@@ -830,7 +830,7 @@ def test_codes_of_categorical_and_plain_columns_agree(kind):
     known = ["a", "b", "c"] if kind == "strings" else ["1", "2", "3"]
     for cats in (known, known[::-1]):
         a, b = reg.codes(adata, "plain", cats), reg.codes(adata, "cat", cats)
-        assert a.dtype == b.dtype == np.int64
+        assert a.dtype == b.dtype == np.int32
         np.testing.assert_array_equal(b, [cats.index(str(v)) for v in raw])
         np.testing.assert_array_equal(a, b)
         for key in ("plain_missing", "cat_missing"):  # a missing value is never known
