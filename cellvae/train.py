@@ -250,7 +250,7 @@ def _keep_freed_memory_in_heap() -> None:
     """Let glibc's malloc keep a training step's freed temporaries for the next step.
 
     glibc returns memory at the top of its heap to the kernel once more than its trim threshold is
-    free there: 256 kB to start, raised to twice the size of a block when a block it had given
+    free there: 128 kB to start, raised to twice the size of a block when a block it had given
     its own mapping (any above the mmap threshold) is freed (mallopt(3), "dynamic mmap
     threshold"). A training step allocates and frees dozens of ~1 MB temporaries; unless the
     process happened to free a large block before, the heap shrinks after each step and the next
