@@ -327,7 +327,7 @@ def train_module(
         for epoch in bar:
             module.train()
             sums = torch.zeros(5, dtype=torch.float64, device=device)
-            n_cells = n_steps = 0
+            n_cells = 0
             kl_weight = _kl_weight(step, warmup_steps)
             for batch in data.batches(train_idx, config.batch_size, shuffle=True, generator=gen):
                 kl_weight = _kl_weight(step, warmup_steps)
@@ -338,7 +338,6 @@ def train_module(
                 skipped = optimizer.step()  # 1.0 when a gradient was not finite
                 module.zero_grad()  # set to None: freed before the next forward pass
                 step += 1
-                n_steps += 1
                 n = len(batch["batch"])
                 n_cells += n
                 sums += torch.stack(
@@ -357,10 +356,10 @@ def train_module(
                     buf.copy_(last_good_buffers[key])
                 raise TrainingError(
                     f"Training diverged in epoch {epoch + 1}: the loss was {loss:.4g} and "
-                    f"{n_skipped} of {n_steps} steps had non-finite gradients. Those steps were "
-                    "skipped, so the weights stay finite; the batch-norm statistics of the last "
-                    "good epoch were restored. Try a lower lr, gradient_clip_val=1.0, or check "
-                    "the data for extreme values."
+                    f"{n_skipped} of {steps_per_epoch} steps had non-finite gradients. Those "
+                    "steps were skipped, so the weights stay finite; the batch-norm statistics of "
+                    "the last good epoch were restored. Try a lower lr, gradient_clip_val=1.0, or "
+                    "check the data for extreme values."
                 )
             record = {
                 "epoch": epoch,
