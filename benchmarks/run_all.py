@@ -147,6 +147,15 @@ def summarise(out_dir: Path) -> list[dict]:
                     "MB",
                 )
             )
+    floor = {r["key"]: r for r in read_csv(out_dir / "floor.csv")}
+    for what, key in (("module only, no data loading", "step"), ("ceiling", "ceiling")):
+        ms = {t: floor[f"{key}_{t}"]["ms_per_step"] for t in TOOLS if f"{key}_{t}" in floor}
+        if ms:
+            label = f"sim ({fmt(next(iter(floor.values()))['n_obs'])} cells)"
+            row = _row(f"SCVI training step, {what}", label, ms, "lower", "ms / 128 cells")
+            if key == "ceiling":
+                row["note"] = "matrix products + Adam alone (bench_floor.py)"
+            rows.append(row)
     quality = read_csv(out_dir / "scvi_quality.csv")
     for d in _datasets(quality):
         for warm in ("matched", "default"):
@@ -385,7 +394,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run on tiny data")
     parser.add_argument("--with-1m", action="store_true", help="add cellvae on 1M x 2,000 (18%%)")
     parser.add_argument("--scvi-1m", action="store_true", help="also try scvi-tools on 1M")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["dataloader", "scvi", "totalvi"])
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["dataloader", "floor", "scvi", "totalvi"]
+    )
     parser.add_argument(
         "--repeats",
         type=int,
@@ -406,6 +417,8 @@ def main() -> int:
             if a.quick:
                 dl += ["--n-obs", "5000", "--epochs", "1"]
             codes["dataloader"] = run("bench_dataloader.py", dl, a.threads)
+        if "floor" not in a.skip:
+            codes["floor"] = run("bench_floor.py", common, a.threads)
         repeats = ["--repeats", str(a.repeats)]
         if "scvi" not in a.skip:
             extra = (["--with-1m"] if a.with_1m else []) + (["--scvi-1m"] if a.scvi_1m else [])
