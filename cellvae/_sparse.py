@@ -212,11 +212,28 @@ def _column_order(col: torch.Tensor, n_cols: int) -> torch.Tensor:
     return torch.argsort(col, stable=True)
 
 
+def _column_starts(col: torch.Tensor, order: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """Where each column's entries start in the order ``order`` (which sorts ``col``).
+
+    ``bincount`` on the CPU; elsewhere a binary search of the sorted columns, because CUDA's
+    ``bincount`` reads the largest value back to the host (a synchronisation per step).
+    """
+    if col.device.type == "cpu":
+        counts = torch.bincount(col, minlength=n_cols)
+        return torch.cumsum(counts, 0) - counts
+    return _starts_in_sorted(col.index_select(0, order), n_cols)
+
+
+def _starts_in_sorted(sorted_col: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """First position of each column ``0 … n_cols − 1`` in ``sorted_col`` (no host sync)."""
+    first = torch.arange(n_cols, device=sorted_col.device, dtype=sorted_col.dtype)
+    return torch.searchsorted(sorted_col, first)
+
+
 def _weight_grad(grad_out, row, col, val, n_cols):
     """``Xᵀ dY``: each column of ``X`` is a bag of rows of ``dY`` weighted by the values."""
     order = _column_order(col, n_cols).to(col.device)
-    counts = torch.bincount(col, minlength=n_cols)
-    offsets = torch.cumsum(counts, 0) - counts
+    offsets = _column_starts(col, order, n_cols)
     return F.embedding_bag(
         row.index_select(0, order),
         grad_out,

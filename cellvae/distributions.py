@@ -364,7 +364,7 @@ class _ZINBLogProbSum(torch.autograd.Function):
         p0 = torch.addcmul(w, omw, r)
         log_p0 = torch.log(p0)
         small = None
-        if p0.numel() and float(p0.amin()) < _TINY:
+        if p0.numel() and _may_underflow(p0):
             # both probabilities underflow: the stable form for those entries
             small = p0 < _TINY
             b = torch.addcmul(-pi, theta, t, value=-1)
@@ -418,6 +418,16 @@ class _ZINBLogProbSum(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_pi = grad_pi_unit * g
         return grad_mu, grad_theta, grad_pi, None, None, None, None, None, None
+
+
+def _may_underflow(p0: torch.Tensor) -> bool:
+    """Whether the ZINB's stable zero branch is needed: some ``p0`` below ``_TINY``.
+
+    Read on the CPU, where the stable branch costs five passes over the entries. On other
+    devices it is assumed, without reading ``p0`` back: the masked branch (which changes only the
+    entries below ``_TINY``) is cheaper there than a host synchronisation per training step.
+    """
+    return p0.device.type != "cpu" or float(p0.amin()) < _TINY
 
 
 def _overwrite(dense: torch.Tensor, lin: torch.Tensor, positive: torch.Tensor, values) -> None:

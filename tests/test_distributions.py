@@ -7,6 +7,8 @@ import pytest
 import torch
 from scipy import special, stats
 
+from cellvae import distributions
+from cellvae._sparse import CSRBatch
 from cellvae.distributions import (
     NegativeBinomial,
     NegativeBinomialMixture,
@@ -349,6 +351,33 @@ def test_zinb_log_prob_sum_where_both_zero_probabilities_underflow(dtype):
     ):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("underflow", [False, True])
+def test_zinb_stable_branch_without_reading_p0_back(monkeypatch, underflow):
+    # off the CPU the stable zero branch runs without reading p(0) back to the host: with no entry
+    # below 1e-30 it must change nothing (bit for bit), and with some it matches the CPU's choice
+    g = torch.Generator().manual_seed(5)
+    x = torch.poisson(torch.full((8, 50), 0.4), generator=g)
+    mu = torch.exp(torch.randn(8, 50, generator=g) * 2)
+    theta = torch.exp(torch.randn(50, generator=g))
+    pi = torch.randn(8, 50, generator=g) * 2
+    if underflow:
+        mu[:, :6], theta[:6], pi[:, :3] = 1e4, 50.0, -90.0
+    weights = torch.rand(8, generator=g) + 0.5
+
+    def value_and_grads():
+        wrt = [p.clone().requires_grad_() for p in (mu, theta, pi)]
+        out = ZeroInflatedNegativeBinomial(*wrt).log_prob_sum(CSRBatch.from_dense(x))
+        return [out.detach(), *torch.autograd.grad((out * weights).sum(), wrt)]
+
+    assert distributions._may_underflow(torch.full((3, 4), 1e-20)) is False  # CPU: read
+    assert distributions._may_underflow(torch.full((3, 4), 1e-31)) is True
+    on_cpu = value_and_grads()
+    monkeypatch.setattr(distributions, "_may_underflow", lambda p0: True)  # as off the CPU
+    for a, b in zip(value_and_grads(), on_cpu):
+        assert torch.isfinite(a).all()
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("name", ["nb", "zinb"])

@@ -8,7 +8,14 @@ from sklearn.neighbors import NearestNeighbors
 
 import cellvae
 from cellvae._data import TensorData
-from cellvae._sparse import CSRBatch, hstack, row_sums, sparse_linear
+from cellvae._sparse import (
+    CSRBatch,
+    _column_starts,
+    _starts_in_sorted,
+    hstack,
+    row_sums,
+    sparse_linear,
+)
 from cellvae.module import VAE
 from cellvae.nn import DecoderSCVI, Dropout, Encoder, FCLayers
 from cellvae.train import TrainConfig, TrainingError, train_module
@@ -123,6 +130,20 @@ def test_hstack_first_layer_equals_dense():
     torch.testing.assert_close(outs[0], outs[1])
     torch.testing.assert_close(grads[0], grads[1])
     assert grads[0][20:].abs().sum() > 0  # the dense rows of the weight get their gradient
+
+
+def test_column_starts_by_binary_search_equal_bincount():
+    # off the CPU the weight gradient finds where each column starts by a binary search of the
+    # sorted columns (CUDA's bincount synchronises); the same offsets as bincount, empty columns
+    # (also before the first and after the last stored one) included
+    g = torch.Generator().manual_seed(6)
+    for n_cols, n in ((40, 300), (40, 0), (7, 1), (2000, 5000)):
+        col = torch.randint(3, max(n_cols - 3, 4), (n,), generator=g)
+        order = torch.argsort(col, stable=True)
+        counts = torch.bincount(col, minlength=n_cols)
+        expected = torch.cumsum(counts, 0) - counts
+        torch.testing.assert_close(_starts_in_sorted(col[order], n_cols), expected)
+        torch.testing.assert_close(_column_starts(col, order, n_cols), expected)
 
 
 def test_sparse_linear_gradcheck_and_empty_batches():
