@@ -203,25 +203,20 @@ def log1p(x: torch.Tensor | CSRBatch) -> torch.Tensor | CSRBatch:
     return torch.log1p(x)
 
 
-def _column_order(col: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """A stable permutation sorting ``col``: numpy's radix sort on CPU for < 32,768 columns."""
-    if col.device.type == "cpu":
-        small = np.int16 if n_cols < 2**15 else np.int32
-        order = np.argsort(col.numpy().astype(small), kind="stable")
-        return torch.from_numpy(order)
-    return torch.argsort(col, stable=True)
+def _column_order(col: torch.Tensor, n_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stable permutation sorting ``col``, and where each column starts in that order.
 
-
-def _column_starts(col: torch.Tensor, order: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """Where each column's entries start in the order ``order`` (which sorts ``col``).
-
-    ``bincount`` on the CPU; elsewhere a binary search of the sorted columns, because CUDA's
-    ``bincount`` reads the largest value back to the host (a synchronisation per step).
+    On the CPU numpy's radix sort (for < 32,768 columns) and ``bincount``; elsewhere torch's sort
+    and a binary search of the sorted columns, because CUDA's ``bincount`` reads its largest
+    value back to the host (a synchronisation per training step).
     """
     if col.device.type == "cpu":
+        small = np.int16 if n_cols < 2**15 else np.int32
+        order = torch.from_numpy(np.argsort(col.numpy().astype(small), kind="stable"))
         counts = torch.bincount(col, minlength=n_cols)
-        return torch.cumsum(counts, 0) - counts
-    return _starts_in_sorted(col.index_select(0, order), n_cols)
+        return order, torch.cumsum(counts, 0) - counts
+    order = torch.argsort(col, stable=True)
+    return order, _starts_in_sorted(col.index_select(0, order), n_cols)
 
 
 def _starts_in_sorted(sorted_col: torch.Tensor, n_cols: int) -> torch.Tensor:
@@ -232,8 +227,7 @@ def _starts_in_sorted(sorted_col: torch.Tensor, n_cols: int) -> torch.Tensor:
 
 def _weight_grad(grad_out, row, col, val, n_cols):
     """``Xᵀ dY``: each column of ``X`` is a bag of rows of ``dY`` weighted by the values."""
-    order = _column_order(col, n_cols).to(col.device)
-    offsets = _column_starts(col, order, n_cols)
+    order, offsets = _column_order(col, n_cols)
     return F.embedding_bag(
         row.index_select(0, order),
         grad_out,
