@@ -42,23 +42,20 @@ BATCH = 128
 N_HIDDEN, N_LATENT, N_BATCH = 128, 10, 4
 
 
-def timed(fn: Callable[[], None], n: int, repeats: int) -> float:
-    """Median over ``repeats`` blocks of the mean seconds per call of ``fn`` (after warm-up)."""
+def timed(fn: Callable[[], None], n: int) -> float:
+    """Mean seconds per call of ``fn`` over one block of ``n`` calls, after a short warm-up."""
     for _ in range(max(3, n // 10)):
         fn()
-    blocks = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        blocks.append((time.perf_counter() - t0) / n)
-    return statistics.median(blocks)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n
 
 
 def gemm_rate(repeats: int) -> float:
     """GFLOP/s of one float32 1,024 x 1,024 x 1,024 product."""
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    return 2 * 1024**3 / timed(lambda: a @ b, 10, repeats) / 1e9
+    return 2 * 1024**3 / statistics.median(timed(lambda: a @ b, 10) for _ in range(repeats)) / 1e9
 
 
 def gemm_step(n_genes: int, dense_first_layer: bool):
@@ -175,7 +172,7 @@ def main(argv=None) -> int:
 
     peak = gemm_rate(reps)
     gemm_c, flops_c = gemm_step(adata.n_vars, dense_first_layer=False)
-    gemm_s, flops_s = gemm_step(adata.n_vars, dense_first_layer=True)
+    gemm_s, _ = gemm_step(adata.n_vars, dense_first_layer=True)
     step_c, adam = cellvae_step(adata, batches)
     try:
         step_s = scvi_tools_step(adata, batches)
@@ -185,12 +182,12 @@ def main(argv=None) -> int:
     # alternate the measurements so that a slow phase of the machine hits all of them
     t = {k: [] for k in ("gemm_c", "gemm_s", "adam", "cellvae", "scvi-tools")}
     for _ in range(reps):
-        t["gemm_c"].append(timed(gemm_c, n, 1))
-        t["gemm_s"].append(timed(gemm_s, n, 1))
-        t["adam"].append(timed(adam, n, 1))
-        t["cellvae"].append(timed(step_c, n, 1))
+        t["gemm_c"].append(timed(gemm_c, n))
+        t["gemm_s"].append(timed(gemm_s, n))
+        t["adam"].append(timed(adam, n))
+        t["cellvae"].append(timed(step_c, n))
         if step_s is not None:
-            t["scvi-tools"].append(timed(step_s, n, 1))
+            t["scvi-tools"].append(timed(step_s, n))
     ms = {k: statistics.median(v) * 1e3 if v else float("nan") for k, v in t.items()}
     floor_c, floor_s = ms["gemm_c"] + ms["adam"], ms["gemm_s"] + ms["adam"]
     ref = ms["scvi-tools"]
