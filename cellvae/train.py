@@ -163,7 +163,12 @@ class Adam:
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
-        self.steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in self.params]
+        # one step count per parameter, all views of one tensor: when every parameter has a
+        # gradient (the usual case) the counts advance in one operation, where a list of 0-d
+        # tensors costs two scalar conversions per parameter and step on the CPU
+        device = self.params[0].device if self.params else None
+        self._counts = torch.zeros(len(self.params), dtype=torch.float32, device=device)
+        self.steps = list(self._counts.unbind())
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
@@ -180,8 +185,11 @@ class Adam:
         exp_avg_sq = [self.exp_avg_sq[i] for i in live]
         steps = [self.steps[i] for i in live]
         skip = _nonfinite(grads)
-        torch._foreach_add_(steps, 1.0)
-        torch._foreach_sub_(steps, skip)  # a skipped step does not count
+        if len(live) == len(self.params):
+            self._counts.add_(1.0).sub_(skip)  # a skipped step does not count
+        else:
+            torch._foreach_add_(steps, 1.0)
+            torch._foreach_sub_(steps, skip)
         beta1, beta2 = self.betas
         fused = getattr(torch, "_fused_adam_", None)
         if fused is not None and params[0].device.type in ("cpu", "cuda"):
