@@ -110,12 +110,8 @@ class _CovariateLinear(nn.Module):
     def forward(
         self, x: torch.Tensor | CSRBatch | HStack, cats: Sequence[torch.Tensor]
     ) -> torch.Tensor:
-        if isinstance(x, CSRBatch):
+        if isinstance(x, CSRBatch | HStack):  # [counts | dense]: each part meets its weight rows
             out = sparse_linear(x, self.weight, self.bias)
-        elif isinstance(x, HStack):  # [counts | dense columns]: each part with its weight rows
-            n_sparse = x.sparse.shape[1]
-            out = sparse_linear(x.sparse, self.weight[:n_sparse], self.bias)
-            out = torch.addmm(out, x.dense, self.weight[n_sparse:])
         elif self.bias is not None:
             out = (
                 torch.addmm(self.bias, x, self.weight)

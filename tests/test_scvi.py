@@ -166,6 +166,27 @@ def test_sparse_linear_gradcheck_and_empty_batches():
         assert grad is None or not grad.any()
 
 
+def test_sparse_linear_of_an_hstack_equals_the_dense_product():
+    """``[CSR | dense] @ W``: value and both gradients (weight, dense columns) by gradcheck and
+    against the dense product, including a batch with no stored entry."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(33, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    for counts in (torch.rand(6, 30, generator=g, dtype=torch.float64), torch.zeros(6, 30)):
+        counts = counts.to(torch.float64)
+        counts[counts > 0.3] = 0
+        extra = torch.randn(6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+        x = hstack(CSRBatch.from_dense(counts), extra)
+        ref = torch.cat([counts, extra], 1) @ w
+        torch.testing.assert_close(sparse_linear(x, w), ref)
+        gw, ge = torch.autograd.grad((sparse_linear(x, w) * ref.detach()).sum(), (w, extra))
+        rw, re = torch.autograd.grad((ref * ref.detach()).sum(), (w, extra))
+        torch.testing.assert_close(gw, rw)
+        torch.testing.assert_close(ge, re)
+        assert torch.autograd.gradcheck(
+            lambda w, e, c=counts: sparse_linear(hstack(CSRBatch.from_dense(c), e), w), (w, extra)
+        )
+
+
 def test_row_sums_of_csr_equal_dense_sums():
     # random values with empty rows (first, middle, last), float32 and float64, and empty batches
     g = torch.Generator().manual_seed(11)
