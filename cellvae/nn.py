@@ -433,7 +433,8 @@ class EncoderTOTALVI(nn.Module):
     any), dense or as an :class:`~cellvae._sparse.HStack` that keeps the counts sparse. A
     stack of :class:`FCLayers` gives the mean and variance of ``z``; a one-layer stack gives
     those of the log library size ``ℓ``. The library is ``exp`` of its normal sample, with
-    the log clamped at 15 so a wild sample early in training cannot overflow.
+    the log clamped at 15 so a wild sample early in training cannot overflow. A model that uses
+    the observed library builds no library stack (``latent_library=False``).
 
     Parameters
     ----------
@@ -451,6 +452,10 @@ class EncoderTOTALVI(nn.Module):
         ``"ln"`` (logistic normal: ``z`` is the softmax of the normal sample) or ``"normal"``.
     use_batch_norm, use_layer_norm
         Normalisation in the hidden layers.
+    latent_library
+        Build and run the library stack. Without it (the observed library is used instead)
+        ``ql_m``, ``ql_v`` and the ``"l"`` entries are None: that stack is as wide as the
+        first layer of the ``z`` stack.
 
     Returns
     -------
@@ -481,6 +486,7 @@ class EncoderTOTALVI(nn.Module):
         distribution: Literal["ln", "normal"] = "ln",
         use_batch_norm: bool = True,
         use_layer_norm: bool = False,
+        latent_library: bool = True,
     ):
         super().__init__()
         if distribution not in ("ln", "normal"):
@@ -496,9 +502,13 @@ class EncoderTOTALVI(nn.Module):
         self.encoder = FCLayers(n_input, n_hidden, n_layers=n_layers, **common)
         self.z_mean_encoder = nn.Linear(n_hidden, n_output)
         self.z_var_encoder = nn.Linear(n_hidden, n_output)
-        self.l_encoder = FCLayers(n_input, n_hidden, n_layers=1, **common)
-        self.l_mean_encoder = nn.Linear(n_hidden, 1)
-        self.l_var_encoder = nn.Linear(n_hidden, 1)
+        self.latent_library = latent_library
+        if latent_library:
+            self.l_encoder = FCLayers(n_input, n_hidden, n_layers=1, **common)
+            self.l_mean_encoder = nn.Linear(n_hidden, 1)
+            self.l_var_encoder = nn.Linear(n_hidden, 1)
+        else:  # weights saved by versions that built the stack regardless still load
+            self._register_load_state_dict_pre_hook(_drop_library_stack)
 
     def z_transformation(self, untran_z: torch.Tensor) -> torch.Tensor:
         """Map a normal sample to the latent space (softmax for ``"ln"``)."""
@@ -531,12 +541,20 @@ class EncoderTOTALVI(nn.Module):
         qz_v = torch.exp(self.z_var_encoder(q)) + 1e-4
         untran_z, z = self.reparameterize_transformation(qz_m, qz_v)
 
+        if not self.latent_library:
+            return qz_m, qz_v, None, None, {"z": z, "l": None}, {"z": untran_z, "l": None}
         ql = self.l_encoder(data, *cat_list)
         ql_m = self.l_mean_encoder(ql)
         ql_v = torch.exp(self.l_var_encoder(ql)) + 1e-4
         untran_l = reparameterize(ql_m, ql_v)
         library = torch.exp(untran_l.clamp(max=_LOG_LIBRARY_MAX))
         return qz_m, qz_v, ql_m, ql_v, {"z": z, "l": library}, {"z": untran_z, "l": untran_l}
+
+
+def _drop_library_stack(state_dict, prefix, *args) -> None:
+    """Drop the library stack's weights from ``state_dict`` (an encoder built without one)."""
+    for key in [k for k in state_dict if k.startswith(prefix + "l_")]:
+        del state_dict[key]
 
 
 class DecoderTOTALVI(nn.Module):

@@ -87,6 +87,35 @@ def test_encoder_totalvi_six_tuple(distribution):
     assert untran_z.shape == z.shape == (9, 6)
 
 
+def test_encoder_without_a_latent_library_skips_that_stack_and_loads_old_weights():
+    """With the observed library (the model's default) the library stack is neither built nor
+    run; the z outputs equal those of an encoder that has one, given the same weights and noise,
+    and weights saved with the stack (as before it could be left out) load."""
+    torch.manual_seed(0)
+    full = EncoderTOTALVI(25, 6, n_cat_list=[3], n_hidden=16, dropout_rate=0.0)
+    lean = EncoderTOTALVI(
+        25, 6, n_cat_list=[3], n_hidden=16, dropout_rate=0.0, latent_library=False
+    )
+    assert not any(k.startswith("l_") for k in lean.state_dict())
+    lean.load_state_dict(full.state_dict())  # the stack's weights are dropped
+    x, b = torch.rand(9, 25) * 3, torch.randint(3, (9,))
+    torch.manual_seed(1)
+    qz_m, qz_v, ql_m, ql_v, latent, untran = lean(x, b)
+    torch.manual_seed(1)
+    ref = full(x, b)
+    assert ql_m is None and ql_v is None and latent["l"] is None and untran["l"] is None
+    for ours, theirs in ((qz_m, ref[0]), (qz_v, ref[1]), (latent["z"], ref[4]["z"])):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="Missing key"):  # the reverse is still an error
+        full.load_state_dict(lean.state_dict())
+    module = cellvae.TOTALVI(_synthetic_missing(), use_observed_lib_size=True)._build_module()
+    state = module.state_dict()
+    assert not any(".l_encoder." in k for k in state)
+    old = EncoderTOTALVI(40 + 6, 20, n_cat_list=[2], n_hidden=256).state_dict()
+    state.update({f"encoder.{k}": v for k, v in old.items() if k.startswith("l_")})
+    module.load_state_dict(state)  # a whole model saved with the stack
+
+
 def test_decoder_totalvi_contract():
     dec = DecoderTOTALVI(5, 30, 4, n_cat_list=[2], n_hidden=16)
     dec.eval()

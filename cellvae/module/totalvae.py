@@ -206,6 +206,7 @@ class TOTALVAE(nn.Module):
             distribution=latent_distribution,
             use_batch_norm=use_batch_norm,
             use_layer_norm=use_layer_norm,
+            latent_library=not self.use_observed_lib_size,
         )
         self.decoder = DecoderTOTALVI(
             n_latent + n_continuous_cov,
