@@ -289,7 +289,8 @@ class _SparseLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, row, col, val, offsets, shape, dense):
         n_rows, n_cols = shape
-        ctx.save_for_backward(row, col, val, weight if dense is not None else None, dense)
+        grad_dense = dense is not None and dense.requires_grad  # only then is the weight needed
+        ctx.save_for_backward(row, col, val, weight if grad_dense else None, dense)
         ctx.n_cols = n_cols
         if n_rows == 0 or len(col) == 0:
             out = weight.new_zeros(n_rows, weight.shape[1])
@@ -308,6 +309,6 @@ class _SparseLinearFn(torch.autograd.Function):
         grad_dense = None
         if dense is not None:
             grad_w = torch.cat([grad_w, dense.t() @ grad_out])
-            if ctx.needs_input_grad[6]:
+            if weight is not None and ctx.needs_input_grad[6]:
                 grad_dense = grad_out @ weight[ctx.n_cols :].t()
         return grad_w, None, None, None, None, None, grad_dense
