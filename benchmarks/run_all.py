@@ -148,13 +148,17 @@ def summarise(out_dir: Path) -> list[dict]:
                 )
             )
     floor = {r["key"]: r for r in read_csv(out_dir / "floor.csv")}
-    for what, key in (("module only, no data loading", "step"), ("ceiling", "ceiling")):
+    steps = (
+        ("module only, no data loading", "step", None),
+        ("ceiling", "ceiling", "matrix products + Adam alone (bench_floor.py)"),
+    )
+    label = f"sim ({fmt(next(iter(floor.values()))['n_obs'])} cells)" if floor else ""
+    for what, key, note in steps:
         ms = {t: floor[f"{key}_{t}"]["ms_per_step"] for t in TOOLS if f"{key}_{t}" in floor}
         if ms:
-            label = f"sim ({fmt(next(iter(floor.values()))['n_obs'])} cells)"
             row = _row(f"SCVI training step, {what}", label, ms, "lower", "ms / 128 cells")
-            if key == "ceiling":
-                row["note"] = "matrix products + Adam alone (bench_floor.py)"
+            if note:
+                row["note"] = note
             rows.append(row)
     quality = read_csv(out_dir / "scvi_quality.csv")
     for d in _datasets(quality):

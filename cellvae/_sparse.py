@@ -289,8 +289,8 @@ class _SparseLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, row, col, val, offsets, shape, dense):
         n_rows, n_cols = shape
-        grad_dense = dense is not None and dense.requires_grad  # only then is the weight needed
-        ctx.save_for_backward(row, col, val, weight if grad_dense else None, dense)
+        # the weight is needed only for a gradient of the dense columns
+        ctx.save_for_backward(row, col, val, weight if ctx.needs_input_grad[6] else None, dense)
         ctx.n_cols = n_cols
         if n_rows == 0 or len(col) == 0:
             out = weight.new_zeros(n_rows, weight.shape[1])
@@ -309,6 +309,6 @@ class _SparseLinearFn(torch.autograd.Function):
         grad_dense = None
         if dense is not None:
             grad_w = torch.cat([grad_w, dense.t() @ grad_out])
-            if weight is not None and ctx.needs_input_grad[6]:
+            if weight is not None:
                 grad_dense = grad_out @ weight[ctx.n_cols :].t()
         return grad_w, None, None, None, None, None, grad_dense

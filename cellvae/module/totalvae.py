@@ -283,10 +283,8 @@ class TOTALVAE(nn.Module):
         z, untran_z, library = latent["z"], untran["z"], latent["l"]
         if self.use_size_factor_key:
             library = tensors["size_factor"].unsqueeze(-1)
-        elif self.use_observed_lib_size:
+        elif self.use_observed_lib_size:  # the encoder has no library stack: ql_m, ql_v are None
             library = row_sums(x)
-        if self.use_observed_lib_size:
-            ql_m = ql_v = None
         if n_samples > 1:
             untran_z = qz_m + qz_v.sqrt() * torch.randn(
                 (n_samples, *qz_m.shape), device=qz_m.device
