@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # Before: PCA of log-normalised HVG counts, uncorrected.
     norm = norm[:, adata.var_names].copy()
+    if hasattr(norm.X, "toarray"):  # centring densifies it anyway (and scanpy warns that it does)
+        norm.X = norm.X.toarray()
     sc.pp.scale(norm, max_value=10)
     sc.tl.pca(norm, n_comps=30, random_state=0)
     adata.obsm["X_pca"] = norm.obsm["X_pca"]
