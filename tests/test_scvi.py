@@ -60,6 +60,20 @@ def test_dropout_rate_scaling_and_independence(p):
     assert (drop(x) != y).any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dropout_mask_in_low_precision_inputs(dtype):
+    # the random lanes reach ±2^15, which float16 / bfloat16 cannot hold exactly
+    torch.manual_seed(1)
+    p = 0.2
+    drop = Dropout(p).train()
+    y = drop(torch.ones(400, 500, dtype=dtype))
+    assert y.dtype == dtype
+    values = set(y.unique().float().tolist())
+    assert values == {0.0, torch.tensor(drop._scale, dtype=dtype).item()}  # ~1 / (1 - p)
+    n = y.numel()
+    assert abs((y == 0).double().mean().item() - p) < 5 * (p * (1 - p) / n) ** 0.5
+
+
 def test_dropout_is_identity_in_eval_mode_and_seeded():
     x = torch.randn(64, 33)
     drop = Dropout(0.3)
