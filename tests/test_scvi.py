@@ -543,6 +543,51 @@ def test_getters_shapes(trained):
     assert mll > model.get_elbo(indices=range(50)) - 1.0  # importance sampling is tighter
 
 
+def test_getters_follow_in_place_changes_of_the_models_anndata():
+    # the tensors of the model's own AnnData are cached; scanpy's in-place filters replace the
+    # AnnData's matrices and names, and the getters must read the data as it is now
+    import scanpy as sc
+
+    adata = _setup(160, 20, n_batches=2)
+    model = cellvae.SCVI(adata, n_latent=3).train(max_epochs=1, progress_bar=False)
+    assert model.get_latent_representation().shape == (160, 3)  # fills the cache
+    totals = np.asarray(adata.X.sum(1)).ravel()
+    sc.pp.filter_cells(adata, min_counts=int(np.median(totals)))
+    assert 0 < adata.n_obs < 160
+    fresh = adata.copy()  # same cells, never cached
+    np.testing.assert_array_equal(
+        model.get_latent_representation(), model.get_latent_representation(fresh)
+    )
+    expr = model.get_normalized_expression(indices=[0, 1])
+    assert list(expr.index) == list(adata.obs_names[:2])
+    np.testing.assert_array_equal(
+        expr.to_numpy(), model.get_normalized_expression(fresh, indices=[0, 1]).to_numpy()
+    )
+    # a replaced count matrix is read again
+    adata.X = adata.X * 2
+    doubled = model.get_normalized_expression(library_size="latent", return_numpy=True)
+    np.testing.assert_allclose(doubled.sum(1), np.asarray(adata.X.sum(1)).ravel(), rtol=1e-4)
+    # genes filtered in place: a clear error, not the old genes
+    sc.pp.filter_genes(adata, min_counts=int(np.asarray(adata.X.sum(0)).min()) + 1)
+    assert adata.n_vars < 20
+    with pytest.raises(ValueError, match="genes differ"):
+        model.get_latent_representation()
+
+
+def test_indices_as_boolean_mask(trained):
+    adata, model = trained
+    mask = (adata.obs["batch"] == "batch1").to_numpy()
+    want = model.get_latent_representation(indices=np.flatnonzero(mask))
+    np.testing.assert_array_equal(model.get_latent_representation(indices=mask), want)
+    expr = model.get_normalized_expression(indices=mask)
+    assert list(expr.index) == list(adata.obs_names[mask])
+    with pytest.raises(IndexError, match="one entry per cell"):
+        model.get_latent_representation(indices=mask[:-1])
+    with pytest.raises(TypeError, match="get_indexer"):
+        model.get_latent_representation(indices=adata.obs_names[:3])
+    assert model.get_latent_representation(indices=[]).shape == (0, 4)
+
+
 def test_normalized_expression_equals_generative_px_scale(trained):
     # the getter writes the decoder's softmax straight into its output: compare with px_scale
     # of the module's own generative pass at the posterior mean, cell by cell

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import tempfile
+import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 
 from .. import pp
 from .._data import TensorData, split_indices
-from .._registry import Registry
+from .._registry import Registry, get_counts
 from ..train import TrainConfig, default_max_epochs, resolve_device, train_module
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class BaseModel:
         self.module_: torch.nn.Module | None = None
         self.history_: dict[str, list] = {}
         self.is_trained_ = False
-        self._data_cache: tuple[int, TensorData] | None = None
+        self._data_cache: tuple[list, TensorData] | None = None
         self.train_indices_: np.ndarray | None = None
         self.validation_indices_: np.ndarray | None = None
         if self.registry_ is not None:
@@ -135,9 +136,11 @@ class BaseModel:
                 raise ValueError("This model has no AnnData attached: pass adata=...")
             adata = self.adata
         if adata is self.adata and self.registry_ is not None:
-            key = id(adata)
-            if self._data_cache is None or self._data_cache[0] != key:
-                self._data_cache = (key, TensorData.from_adata(adata, self.registry_))
+            sources = _sources(adata, self.registry_)
+            if self._data_cache is None or not _same_sources(self._data_cache[0], sources):
+                self._data_cache = None  # free the old tensors before building the new ones
+                td = TensorData.from_adata(adata, self.registry_)
+                self._data_cache = ([_ref(s) for s in sources], td)
             return self._data_cache[1], self.registry_
         if getattr(adata, "is_view", False):
             raise ValueError("Received a view of an AnnData; pass adata.copy() instead.")
@@ -146,9 +149,24 @@ class BaseModel:
 
     @staticmethod
     def _indices(td: TensorData, indices) -> torch.Tensor:
+        """Cell positions from integer positions or a boolean mask of the cells."""
         if indices is None:
             return torch.arange(td.n_obs)
-        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long).reshape(-1)
+        arr = np.asarray(indices).reshape(-1)
+        if arr.dtype == bool:
+            if len(arr) != td.n_obs:
+                raise IndexError(
+                    f"A boolean mask as indices needs one entry per cell ({td.n_obs}), "
+                    f"got {len(arr)}."
+                )
+            arr = np.flatnonzero(arr)
+        elif len(arr) and not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(
+                f"indices must be integer positions or a boolean mask of the cells, got "
+                f"values of dtype {arr.dtype}. For cell names use "
+                "adata.obs_names.get_indexer(names)."
+            )
+        idx = torch.as_tensor(arr.astype(np.int64, copy=False))
         if len(idx) and (idx.min() < 0 or idx.max() >= td.n_obs):
             raise IndexError(f"indices must be in [0, {td.n_obs}).")
         return idx
@@ -527,6 +545,40 @@ class BaseModel:
         )
         params = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
         return f"{type(self).__name__}({params}) — {shape}, {status}"
+
+
+def _sources(adata, reg: Registry) -> list:
+    """The objects the tensors of a model's own AnnData are built from.
+
+    scanpy's in-place functions (``sc.pp.filter_cells(adata)``, ``filter_genes``) and
+    assignments such as ``adata.X = ...`` or ``adata.obs_names = ...`` replace them, so
+    comparing them by identity tells when cached tensors are stale. Values changed inside the
+    same objects (an obs column reassigned, ``adata.X.data[:] = ...``) are not detected.
+    """
+    counts = ("backed", str(adata.filename), reg.layer) if adata.isbacked else None
+    if counts is None:
+        counts = get_counts(adata, reg.layer)
+    key = reg.protein_expression_obsm_key
+    protein = adata.obsm[key] if key is not None and key in adata.obsm else None
+    return [adata.obs_names, adata.var_names, counts, protein]
+
+
+def _ref(obj):
+    """A weak reference where the object allows one (the cache must not keep old data alive)."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return obj
+
+
+def _same_sources(refs: list, sources: list) -> bool:
+    for ref, obj in zip(refs, sources, strict=True):
+        if isinstance(ref, weakref.ref):
+            if ref() is not obj:
+                return False
+        elif ref is not obj and not (isinstance(ref, tuple) and ref == obj):
+            return False  # objects without weak references: compared by identity, tuples by value
+    return True
 
 
 def _sha256(path) -> str:
