@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -78,7 +79,11 @@ class TrainConfig:
     eval_batch_size: int = 128  # validation: larger batches raise peak memory, not speed
 
     def validate(self) -> None:
-        """Raise a ValueError for options out of range."""
+        """Raise a ValueError for options out of range (a TypeError for non-integer counts)."""
+        for name in ("max_epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an integer, got {value!r}.")
         if self.max_epochs < 1:
             raise ValueError(f"max_epochs must be at least 1, got {self.max_epochs}.")
         if self.batch_size < 2:

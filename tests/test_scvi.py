@@ -588,6 +588,30 @@ def test_indices_as_boolean_mask(trained):
     assert model.get_latent_representation(indices=[]).shape == (0, 4)
 
 
+def test_single_names_and_numpy_scalars_as_getter_options(trained):
+    adata, model = trained
+    expr = model.get_normalized_expression(return_numpy=False)
+    one = model.get_normalized_expression(gene_list="gene3")  # one name, not its letters
+    assert list(one.columns) == ["gene3"]
+    np.testing.assert_allclose(one.to_numpy(), expr[["gene3"]], rtol=1e-5)
+    as1 = model.get_normalized_expression(transform_batch="batch1", return_numpy=True)
+    np.testing.assert_array_equal(
+        model.get_normalized_expression(transform_batch=np.str_("batch1"), return_numpy=True), as1
+    )
+    # numeric batch labels, passed as the numpy scalars obs holds
+    num = _setup(120, 20, n_batches=2)
+    num.obs["plate"] = np.where(num.obs["batch"] == "batch0", 7, 12)
+    cellvae.SCVI.setup_anndata(num, batch_key="plate")
+    m = cellvae.SCVI(num, n_latent=2).train(max_epochs=1, progress_bar=False)
+    value = num.obs["plate"].iloc[0]  # a numpy.int64
+    got = m.get_normalized_expression(transform_batch=value, return_numpy=True)
+    want = m.get_normalized_expression(transform_batch=str(value), return_numpy=True)
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(got, m.get_normalized_expression(transform_batch=[7, 12]).to_numpy())
+    with pytest.raises(ValueError, match="not a batch of the model"):
+        m.get_normalized_expression(transform_batch=np.int64(3))
+
+
 def test_normalized_expression_equals_generative_px_scale(trained):
     # the getter writes the decoder's softmax straight into its output: compare with px_scale
     # of the module's own generative pass at the posterior mean, cell by cell
@@ -676,6 +700,34 @@ def test_nan_in_data_rejected():
 
 
 # ---------------------------------------------------------------- save / load
+def test_save_load_with_numpy_settings_and_unsaveable_settings(tmp_path):
+    adata = _setup(80, 15)
+    model = cellvae.SCVI(adata, n_latent=np.int64(3), dropout_rate=np.float32(0.2))
+    model.train(max_epochs=1, progress_bar=False)
+    model.save(tmp_path / "m")
+    loaded = cellvae.SCVI.load(tmp_path / "m", adata)
+    assert loaded.hparams["n_latent"] == 3 and type(loaded.hparams["n_latent"]) is int
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(), model.get_latent_representation()
+    )
+    model.hparams["note"] = object()  # not JSON: a clear error, and nothing written
+    with pytest.raises(TypeError, match="Cannot save this SCVI"):
+        model.save(tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_max_epochs_zero_or_fractional_is_rejected():
+    adata = _setup(60, 10)
+    model = cellvae.SCVI(adata)
+    with pytest.raises(ValueError, match="max_epochs must be at least 1"):
+        model.train(max_epochs=0, progress_bar=False)
+    with pytest.raises(TypeError, match="max_epochs must be an integer"):
+        model.train(max_epochs=2.5, progress_bar=False)
+    with pytest.raises(TypeError, match="batch_size must be an integer"):
+        model.train(max_epochs=1, batch_size=64.0, progress_bar=False)
+    assert len(model.train(max_epochs=np.int64(1), progress_bar=False).history) == 1
+
+
 def test_save_load_identical_latent(trained, tmp_path):
     adata, model = trained
     model.save(tmp_path / "m")

@@ -356,6 +356,9 @@ def test_eccite_getter_options(eccite):
     )
     np.testing.assert_allclose(sub_prot.to_numpy(), prot.iloc[[4, 2]][["CD8", "CD4"]], rtol=1e-5)
     np.testing.assert_allclose(sub_rna.to_numpy(), rna.iloc[[4, 2]][["CD79A"]], rtol=1e-5)
+    one_rna, one_prot = model.get_normalized_expression(gene_list="CD79A", protein_list="CD8")
+    assert list(one_rna.columns) == ["CD79A"] and list(one_prot.columns) == ["CD8"]
+    np.testing.assert_allclose(one_prot.to_numpy(), prot[["CD8"]], rtol=1e-5)
     with pytest.raises(KeyError, match="Proteins not in the model"):
         model.get_protein_foreground_probability(protein_list=["CD999"])
     assert model.get_latent_representation(give_mean=False).shape == (500, 10)

@@ -47,6 +47,17 @@ def output_array(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
     return torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype).numpy()
 
 
+def as_list(values) -> list:
+    """``values`` as a list; one name or number (a string or a 0-d value) becomes a list of one.
+
+    Examples
+    --------
+    >>> as_list("CD3E"), as_list(np.int64(2)), as_list(("a", "b"))
+    (['CD3E'], [np.int64(2)], ['a', 'b'])
+    """
+    return [values] if isinstance(values, str) or np.ndim(values) == 0 else list(values)
+
+
 def rows_into_one(chunks: Iterable[np.ndarray], n_rows: int) -> np.ndarray | None:
     """Write consecutive row blocks into one array of ``n_rows`` rows, allocated once.
 
@@ -227,9 +238,8 @@ class BaseModel:
     def _batch_codes(self, transform_batch, reg: Registry) -> list[int | None]:
         if transform_batch is None:
             return [None]
-        items = [transform_batch] if isinstance(transform_batch, str | int) else transform_batch
         codes = []
-        for b in items:
+        for b in as_list(transform_batch):
             if str(b) not in reg.batch_categories:
                 raise ValueError(
                     f"transform_batch {b!r} is not a batch of the model "
@@ -241,6 +251,7 @@ class BaseModel:
     def _gene_idx(self, gene_list, reg: Registry) -> tuple[torch.Tensor | None, list[str]]:
         if gene_list is None:
             return None, list(reg.var_names)
+        gene_list = as_list(gene_list)
         lookup = {g: i for i, g in enumerate(reg.var_names)}
         missing = [g for g in gene_list if g not in lookup]
         if missing:
@@ -374,7 +385,7 @@ class BaseModel:
             if value is not None:
                 options[name] = value
         config = TrainConfig(
-            max_epochs=max_epochs or default_max_epochs(td.n_obs),
+            max_epochs=default_max_epochs(td.n_obs) if max_epochs is None else max_epochs,
             validation_size=validation_size,
             seed=seed,
             device=device,
@@ -405,7 +416,7 @@ class BaseModel:
             "format_version": _FORMAT_VERSION,
             "model": type(self).__name__,
             "cellvae_version": __version__,
-            "hparams": self.hparams,
+            "hparams": _jsonable(self.hparams),
             "registry": _jsonable(self.registry_.to_dict()),
             "history": self.history_,
             "is_trained": self.is_trained_,
@@ -439,6 +450,13 @@ class BaseModel:
         config_file = path / "model.json"
         if config_file.exists() and not overwrite:
             raise FileExistsError(f"{config_file} exists; pass overwrite=True to replace it.")
+        try:  # before anything is written: a setting JSON cannot hold leaves no partial save
+            json.dumps(self._config())
+        except TypeError as err:
+            raise TypeError(
+                f"Cannot save this {type(self).__name__}: its settings must be numbers, strings, "
+                f"lists or dicts ({err})."
+            ) from err
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
         fd, tmp = tempfile.mkstemp(dir=path, prefix=".weights-", suffix=".tmp")

@@ -13,7 +13,7 @@ from .. import pp
 from .._data import TensorData
 from .._registry import Registry
 from ..module import TOTALVAE
-from ._base import BaseModel, output_array
+from ._base import BaseModel, as_list, output_array
 
 _PRIOR_MAX_CELLS = 20_000  # cells per batch used to initialise the background prior
 
@@ -290,6 +290,7 @@ class TOTALVI(BaseModel):
     def _protein_idx(self, protein_list, reg: Registry) -> tuple[np.ndarray, list[str]]:
         if protein_list is None:
             return np.arange(reg.n_proteins), list(reg.protein_names)
+        protein_list = as_list(protein_list)
         lookup = {p: i for i, p in enumerate(reg.protein_names)}
         missing = [p for p in protein_list if p not in lookup]
         if missing:
