@@ -327,6 +327,27 @@ def test_latent_library_and_covariates():
     assert model.module.l_encoder is not None
     assert model.get_latent_representation().shape == (60, 3)
     assert np.isfinite(model.get_elbo())
+    # with n_samples=1 the latent library is its posterior mean, as z is: the same at every call
+    got = model.get_normalized_expression(library_size="latent", return_numpy=True)
+    np.testing.assert_array_equal(
+        got, model.get_normalized_expression(library_size="latent", return_numpy=True)
+    )
+    with torch.no_grad():
+        inf = model.module.inference(TensorData.from_adata(adata)[torch.arange(60)])
+    scale = model.get_normalized_expression(return_numpy=True)
+    want = scale * np.exp(inf["ql_m"].numpy())
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_logistic_normal_latent_mean_does_not_depend_on_the_global_rng():
+    adata = _setup(60, 12)
+    model = cellvae.SCVI(adata, latent_distribution="ln", n_latent=3)
+    model.train(max_epochs=1, progress_bar=False)
+    torch.manual_seed(1)
+    first = model.get_latent_representation()
+    torch.manual_seed(2)
+    np.testing.assert_array_equal(first, model.get_latent_representation())
+    np.testing.assert_allclose(first.sum(1), 1.0, rtol=1e-5)
 
 
 def test_bad_options_raise_early():

@@ -222,14 +222,18 @@ class BaseModel:
         >>> model.get_latent_representation(indices=[0, 1, 2]).shape
         (3, 10)
         """
+        # the Monte Carlo mean of "ln" draws from its own seeded generator: the same result at
+        # every call, and the global random state untouched
+        gen = torch.Generator(self.device).manual_seed(0)
 
         def latent(batch):
             inf = self.module.inference(batch)
             if not give_mean:
                 return inf["z"]
             if self.module.latent_distribution == "ln":
-                noise = torch.randn((100, *inf["qz_m"].shape), device=inf["qz_m"].device)
-                return torch.softmax(inf["qz_m"] + inf["qz_v"].sqrt() * noise, -1).mean(0)
+                qz_m = inf["qz_m"]
+                noise = torch.randn((100, *qz_m.shape), device=qz_m.device, generator=gen)
+                return torch.softmax(qz_m + inf["qz_v"].sqrt() * noise, -1).mean(0)
             return inf["qz_m"]
 
         out = self._per_cell(adata, indices, batch_size, latent)

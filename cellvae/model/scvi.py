@@ -169,7 +169,8 @@ class SCVI(BaseModel):
             Scale the expression to this library size, or ``"latent"`` for the cell's own
             (observed or inferred) library.
         n_samples
-            Average over this many posterior samples of z (1: use the posterior mean).
+            Average over this many posterior samples of z and of an inferred library (1: use
+            their posterior means).
         return_numpy
             Return a float32 array instead of a DataFrame.
         batch_size
@@ -203,6 +204,9 @@ class SCVI(BaseModel):
             z = inf["z"] if n_samples > 1 else inf["qz_m"]
             if n_samples == 1 and self.module.latent_distribution == "ln":
                 z = torch.softmax(z, -1)
+            # the posterior mean of a latent log library, like z's (not one sample of it)
+            latent_mean = n_samples == 1 and inf["ql_m"] is not None
+            library = inf["ql_m"] if latent_mean else inf["library"]
             n = len(batch["batch"])
             target = torch.from_numpy(out[start : start + n])
             start += n
@@ -214,7 +218,7 @@ class SCVI(BaseModel):
                 dest = target if acc is None and n_samples == 1 and on_cpu else None
                 value = self.module.expression_scale(z, batch, batch=b, gene_idx=g_idx, out=dest)
                 if library_size == "latent":
-                    value = value.mul_(torch.exp(inf["library"]))
+                    value = value.mul_(torch.exp(library))
                 value = value if n_samples == 1 else value.mean(0)
                 acc = value if acc is None else acc.add_(value)
             if acc.data_ptr() == target.data_ptr():
