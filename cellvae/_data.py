@@ -353,10 +353,14 @@ def _positions(
 def split_indices(
     n_obs: int, validation_size: float, seed: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded random split of ``range(n_obs)`` into train and validation indices."""
+    """Random split of ``range(n_obs)`` into train and validation indices (seeded unless None)."""
     if not 0.0 <= validation_size < 1.0:
         raise ValueError(f"validation_size must be in [0, 1), got {validation_size}.")
-    gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(int(seed))
     # int32 per cell (half the memory of int64): the same permutation as the int64 draw
     perm = torch.randperm(n_obs, generator=gen, dtype=torch.int32)
     n_val = int(round(n_obs * validation_size))

@@ -301,7 +301,10 @@ def train_module(
     data = data.to(device)
     train_idx, val_idx = train_idx.cpu(), val_idx.to(device)
     gen = torch.Generator(device="cpu")
-    gen.manual_seed(0 if config.seed is None else int(config.seed))
+    if config.seed is None:
+        gen.seed()  # unseeded: a fresh order
+    else:
+        gen.manual_seed(int(config.seed))
     # data.batches yields this many minibatches per epoch, counts in memory or on disk
     steps_per_epoch = len(BatchSampler(train_idx, config.batch_size, shuffle=True))
     if config.n_epochs_kl_warmup is not None:
@@ -326,6 +329,7 @@ def train_module(
     # statistics, updated by the forward pass itself, are restored from the last good epoch
     last_good_buffers = {k: b.detach().clone() for k, b in module.named_buffers()}
     step = 0
+    first_epoch = len(history.get("epoch", ()))  # a second train() numbers its epochs on
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         if config.seed is not None:
@@ -375,7 +379,7 @@ def train_module(
                     "check the data for extreme values."
                 )
             record = {
-                "epoch": epoch,
+                "epoch": first_epoch + epoch,
                 "train_loss": loss,
                 "train_elbo": elbo,
                 "train_reconstruction": rec,

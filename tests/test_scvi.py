@@ -385,6 +385,28 @@ def test_same_seed_identical_latent_and_global_rng_untouched():
     assert not np.allclose(l1, l3)
 
 
+def test_seed_none_draws_a_fresh_split_and_initialisation():
+    adata = _setup(200, 30)
+    m1 = cellvae.SCVI(adata).train(max_epochs=1, seed=None, progress_bar=False)
+    m2 = cellvae.SCVI(adata).train(max_epochs=1, seed=None, progress_bar=False)
+    assert not np.array_equal(m1.validation_indices_, m2.validation_indices_)
+    assert not np.allclose(m1.get_latent_representation(), m2.get_latent_representation())
+
+
+def test_second_train_call_continues_and_numbers_its_epochs_on():
+    adata = _setup(150, 10)
+    model = cellvae.SCVI(adata).train(max_epochs=3, progress_bar=False)
+    weights = {k: v.clone() for k, v in model.module.state_dict().items()}
+    fresh_loss = cellvae.SCVI(adata).train(max_epochs=1, progress_bar=False).history["train_loss"]
+    model.train(max_epochs=2, kl_warmup_fraction=0, progress_bar=False)
+    hist = model.history
+    assert list(hist.index) == [0, 1, 2, 3, 4]
+    assert list(hist["kl_weight"].iloc[3:]) == [1.0, 1.0]
+    # it went on from the trained weights: its first epoch is far better than a fresh model's
+    assert hist["train_loss"].iloc[3] < fresh_loss.iloc[0]
+    assert any(not torch.equal(v, model.module.state_dict()[k]) for k, v in weights.items())
+
+
 def test_kl_warmup_reaches_one_at_fraction_of_run():
     adata = _setup(150, 10)
     model = cellvae.SCVI(adata).train(max_epochs=8, progress_bar=False)

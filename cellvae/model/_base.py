@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import tempfile
 import weakref
 from collections.abc import Iterable, Sequence
@@ -333,6 +334,10 @@ class BaseModel:
     ):
         """Fit the model; return ``self``.
 
+        A second call continues from the current weights, as in scvi-tools: with a new
+        optimiser and a new KL warm-up (pass ``kl_warmup_fraction=0`` to keep the full KL
+        weight), and its epochs are appended to :attr:`history`, numbered on.
+
         Parameters
         ----------
         max_epochs
@@ -348,7 +353,8 @@ class BaseModel:
             Stop when the validation ELBO has not improved for ``early_stopping_patience``.
         seed
             Seeds the split, the shuffling, the initialisation, dropout and sampling: the same
-            seed gives the same model on CPU. Global random state is left untouched.
+            seed gives the same model on CPU. None: all of them are drawn afresh. Global random
+            state is left untouched.
         device
             ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``.
         progress_bar
@@ -377,6 +383,8 @@ class BaseModel:
         3
         """
         td, reg = self._data()
+        if seed is None:  # unseeded: split, order, initialisation and dropout drawn afresh
+            seed = secrets.randbits(63)
         unknown = set(train_options) - set(TrainConfig.__dataclass_fields__)
         if unknown:
             raise TypeError(f"Unknown training options {sorted(unknown)}.")
