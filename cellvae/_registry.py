@@ -198,9 +198,10 @@ class Registry:
         if (codes < 0).any():
             unseen = sorted({str(v) for v in col[codes < 0].astype(str)})
             raise ValueError(
-                f"obs[{key!r}] has categories {unseen[:10]} that the model was not trained on "
-                f"(known: {list(categories)[:10]}). Pass extend_categories=True to "
-                "cellvae.pp.transfer_setup to add them, or drop those cells."
+                f"obs[{key!r}] has categories {unseen[:10]} that its setup does not know "
+                f"(known: {list(categories)[:10]}), and a trained model cannot encode. Drop "
+                "those cells; to train a new model on them, register the AnnData again "
+                "(cellvae.pp.setup_anndata, or transfer_setup(..., extend_categories=True))."
             )
         return codes
 

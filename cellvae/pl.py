@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .pp import check_not_view
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
@@ -266,8 +268,7 @@ def latent(
     >>> adata.obsm["X_umap_scVI"].shape
     (200, 2)
     """
-    if getattr(adata, "is_view", False):
-        raise ValueError("Received a view of an AnnData: pass adata = adata.copy() first.")
+    check_not_view(adata)
     if key not in adata.obsm:
         raise KeyError(
             f"adata.obsm has no {key!r}: run cellvae.tl.scvi(adata, ...) first, or set "
@@ -487,11 +488,12 @@ def protein_denoised(
     """
     single = isinstance(proteins, str)
     names = _as_list(proteins, "protein")
+    data = None if model is None else _model_adata(model, adata)  # checks the model first
     raw = _raw_proteins(adata, model, protein_key, names)
     if model is not None:
         reg = model.registry_
         _, denoised = model.get_normalized_expression(
-            _model_adata(model, adata),
+            data,
             transform_batch=transform_batch,
             gene_list=list(reg.var_names[:1]),  # the RNA is not needed: decode one gene only
             protein_list=names,

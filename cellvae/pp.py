@@ -17,11 +17,12 @@ logger = logging.getLogger(__name__)
 __all__ = ["setup_anndata", "transfer_setup", "view_setup"]
 
 
-def _check_not_view(adata) -> None:
+def check_not_view(adata) -> None:
+    """Raise for an AnnData view, naming the copy that works (in memory or backed)."""
     if getattr(adata, "is_view", False):
+        fix = "adata = adata.to_memory()" if adata.isbacked else "adata = adata.copy()"
         raise ValueError(
-            "Received a view of an AnnData. Make a copy first: adata = adata.copy(), "
-            "then call cellvae.pp.setup_anndata(adata, ...)."
+            f"Received a view of an AnnData: make it an AnnData of its own first ({fix})."
         )
 
 
@@ -75,7 +76,8 @@ def protein_matrix(adata, obsm_key: str) -> np.ndarray:
     if obsm_key not in adata.obsm:
         raise KeyError(
             f"Protein key {obsm_key!r} is not in adata.obsm (keys: {list(adata.obsm.keys())}). "
-            "Pass protein_expression_obsm_key= the obsm key holding the raw ADT counts."
+            "Pass protein_expression_obsm_key= the obsm key holding the raw ADT counts to "
+            f"setup_anndata; for a trained TOTALVI, put them in adata.obsm[{obsm_key!r}]."
         )
     raw = adata.obsm[obsm_key]
     if isinstance(raw, pd.DataFrame):
@@ -162,7 +164,7 @@ def _build_registry(
     categories: dict[str, tuple[str, ...]] | None = None,
 ) -> Registry:
     """Validate ``adata`` and compute a registry; touches nothing in ``adata``."""
-    _check_not_view(adata)
+    check_not_view(adata)
     cat_keys = tuple(categorical_covariate_keys or ())
     cont_keys = tuple(continuous_covariate_keys or ())
     counts = get_counts(adata, layer)
@@ -314,12 +316,22 @@ def setup_anndata(
     logger.info("Registered %d cells × %d genes in adata.uns[%r].", reg.n_obs, reg.n_vars, UNS_KEY)
 
 
-def _extend(known: tuple[str, ...], new: tuple[str, ...], key: str | None, allow: bool):
+_EXTEND_HINT = "Pass extend_categories=True to add them."
+MODEL_UNSEEN_HINT = (
+    "A trained model cannot encode cells of categories it was not trained on (mapping new "
+    "batches onto a reference model, as scvi-tools' load_query_data does, is not available in "
+    "cellvae yet): drop those cells, or train a model on data that includes them."
+)
+
+
+def _extend(
+    known: tuple[str, ...], new: tuple[str, ...], key: str | None, allow: bool, hint: str
+) -> tuple[str, ...]:
     unseen = [c for c in new if c not in known]
     if unseen and not allow:
         raise ValueError(
             f"obs[{key!r}] has categories {unseen[:10]} not seen by the reference "
-            f"(known: {list(known)[:10]}). Pass extend_categories=True to add them."
+            f"(known: {list(known)[:10]}). {hint}"
         )
     return known + tuple(unseen)
 
@@ -358,12 +370,18 @@ def transfer_setup(adata, source, *, extend_categories: bool = False) -> Registr
     return reg
 
 
-def registry_like(adata, source, *, extend_categories: bool = False) -> Registry:
+_GENES_ARE = "where genes = list(model.registry_.var_names) (or the reference AnnData's var_names)"
+
+
+def registry_like(
+    adata, source, *, extend_categories: bool = False, unseen_hint: str = _EXTEND_HINT
+) -> Registry:
     """Validate ``adata`` against a reference setup and return its registry, writing nothing.
 
-    Used by :func:`transfer_setup` and by models that are given new data in their getters.
+    Used by :func:`transfer_setup` and by models that are given new data in their getters
+    (``unseen_hint``: what the error for unseen categories tells the user to do).
     """
-    _check_not_view(adata)
+    check_not_view(adata)
     if isinstance(source, Registry):
         ref = source
     elif hasattr(source, "registry_"):
@@ -378,28 +396,30 @@ def registry_like(adata, source, *, extend_categories: bool = False) -> Registry
         if missing or extra:
             raise ValueError(
                 f"The genes differ from the reference: {len(missing)} missing "
-                f"(e.g. {missing[:5]}), {len(extra)} extra (e.g. {extra[:5]}). Subset and "
-                "reorder, e.g. adata = adata[:, reference_genes].copy() after adding missing "
-                "genes as zeros."
+                f"(e.g. {missing[:5]}), {len(extra)} extra (e.g. {extra[:5]}). Add the missing "
+                "genes as zero columns, then subset and reorder to the reference's genes: "
+                f"adata = adata[:, genes].copy(), {_GENES_ARE}."
             )
         raise ValueError(
             "The genes are the reference's but in a different order. Reorder them: "
-            "adata = adata[:, reference_genes].copy()."
+            f"adata = adata[:, genes].copy(), {_GENES_ARE}."
         )
     kwargs = ref.setup_kwargs()
     cats: dict[str, tuple[str, ...]] = {}
     if ref.batch_key is not None:
         new = _categories(adata, ref.batch_key, "batch_key")
-        cats["batch"] = _extend(ref.batch_categories, new, ref.batch_key, extend_categories)
+        cats["batch"] = _extend(
+            ref.batch_categories, new, ref.batch_key, extend_categories, unseen_hint
+        )
     if ref.labels_key is not None:
         if ref.labels_key in adata.obs:
             new = _categories(adata, ref.labels_key, "labels_key")
-            cats["labels"] = _extend(ref.label_categories, new, ref.labels_key, True)
+            cats["labels"] = _extend(ref.label_categories, new, ref.labels_key, True, "")
         else:
             kwargs["labels_key"] = None
     for key, known in zip(ref.categorical_covariate_keys, ref.categorical_covariate_categories):
         new = _categories(adata, key, "categorical covariate")
-        cats[f"cat:{key}"] = _extend(known, new, key, extend_categories)
+        cats[f"cat:{key}"] = _extend(known, new, key, extend_categories, unseen_hint)
     reg = _build_registry(adata, **kwargs, categories=cats)
     if reg.protein_names != ref.protein_names:
         missing = [p for p in ref.protein_names if p not in set(reg.protein_names)]

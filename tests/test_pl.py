@@ -179,8 +179,11 @@ def test_protein_denoised_from_model_and_obsm(totalvi_trained):
     np.testing.assert_allclose(offsets[:, 1], adata.obsm["protein_denoised"][:, 1], rtol=1e-6)
 
 
-def test_protein_denoised_errors(totalvi_trained):
+def test_protein_denoised_errors(totalvi_trained, scvi_trained):
     adata, model = totalvi_trained
+    rna_adata, rna_model = scvi_trained
+    with pytest.raises(TypeError, match="must be a trained cellvae.TOTALVI, got SCVI"):
+        cellvae.pl.protein_denoised(rna_adata, proteins="prot0", model=rna_model, show=False)
     with pytest.raises(KeyError, match="protein_denoised"):
         cellvae.pl.protein_denoised(adata, proteins="prot0", show=False)
     with pytest.raises(KeyError, match="nope"):

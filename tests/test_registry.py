@@ -589,6 +589,14 @@ def test_view_is_rejected():
     assert_unchanged(adata, before)
 
 
+def test_view_of_a_backed_anndata_names_to_memory(tmp_path):
+    adata = make()
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    backed = ad.read_h5ad(tmp_path / "a.h5ad", backed="r")
+    with pytest.raises(ValueError, match=r"view of an AnnData.*adata\.to_memory\(\)"):
+        pp.setup_anndata(backed[:10], batch_key="batch")
+
+
 def test_empty_adata_is_rejected():
     adata = make()[:0].copy()
     with pytest.raises(ValueError, match="empty"):
@@ -719,7 +727,7 @@ def test_transfer_reordered_genes_rejected(reference):
     query = make(40, 20, n_proteins=3, seed=2)
     query = query[:, list(query.var_names[::-1])].copy()
     before = snapshot(query)
-    with pytest.raises(ValueError, match=r"different order.*adata\[:, reference_genes\]\.copy"):
+    with pytest.raises(ValueError, match=r"different order.*adata\[:, genes\]\.copy.*registry_"):
         pp.transfer_setup(query, reference)
     assert_unchanged(query, before)
 
@@ -779,7 +787,7 @@ def test_transfer_view_rejected(reference):
 def test_codes_reject_unknown_category_from_tensor_data(reference):
     query = make(40, 20, n_proteins=3, seed=2)
     query.obs["batch"] = pd.Categorical(["zzz"] * 40)
-    with pytest.raises(ValueError, match=r"\['zzz'\].*transfer_setup"):
+    with pytest.raises(ValueError, match=r"\['zzz'\].*cannot encode.*setup_anndata"):
         TensorData.from_adata(query, Registry.from_adata(reference))
 
 
@@ -834,8 +842,8 @@ def test_codes_of_categorical_and_plain_columns_agree(kind):
         np.testing.assert_array_equal(b, [cats.index(str(v)) for v in raw])
         np.testing.assert_array_equal(a, b)
         for key in ("plain_missing", "cat_missing"):  # a missing value is never known
-            with pytest.raises(ValueError, match="not trained on"):
+            with pytest.raises(ValueError, match="its setup does not know"):
                 reg.codes(adata, key, cats)
         for key in ("plain", "cat"):  # neither is a category the model has not seen
-            with pytest.raises(ValueError, match="not trained on"):
+            with pytest.raises(ValueError, match="its setup does not know"):
                 reg.codes(adata, key, cats[:2])

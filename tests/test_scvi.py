@@ -720,7 +720,11 @@ def test_model_without_setup_raises():
 def test_new_data_unseen_batch_and_different_genes(trained):
     _, model = trained
     query = cellvae.datasets.synthetic(50, 40, n_batches=3, random_state=5)
-    with pytest.raises(ValueError, match=r"batch2"):
+    with pytest.raises(ValueError, match=r"batch2.*cannot encode.*load_query_data") as err:
+        model.get_latent_representation(query)
+    assert "extend_categories" not in str(err.value)  # an option that would not help here
+    cellvae.pp.transfer_setup(query, model.registry_, extend_categories=True)
+    with pytest.raises(ValueError, match=r"batch2.*cannot encode"):
         model.get_latent_representation(query)
     other = cellvae.datasets.synthetic(50, 41, random_state=5)
     with pytest.raises(ValueError, match="1 extra"):

@@ -87,8 +87,8 @@ class BaseModel:
     _train_defaults: dict[str, Any] = {}
 
     def __init__(self, adata, **hparams: Any):
-        if adata is not None and getattr(adata, "is_view", False):
-            raise ValueError("Received a view of an AnnData; pass adata.copy() instead.")
+        if adata is not None:
+            pp.check_not_view(adata)
         self.adata = adata
         self.registry_ = Registry.from_adata(adata) if adata is not None else None
         self.hparams = dict(hparams)
@@ -154,9 +154,7 @@ class BaseModel:
                 td = TensorData.from_adata(adata, self.registry_)
                 self._data_cache = ([_ref(s) for s in sources], td)
             return self._data_cache[1], self.registry_
-        if getattr(adata, "is_view", False):
-            raise ValueError("Received a view of an AnnData; pass adata.copy() instead.")
-        reg = pp.registry_like(adata, self.registry_, extend_categories=False)
+        reg = pp.registry_like(adata, self.registry_, unseen_hint=pp.MODEL_UNSEEN_HINT)
         return TensorData.from_adata(adata, reg), reg
 
     @staticmethod
