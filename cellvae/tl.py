@@ -41,6 +41,22 @@ def _target(adata, copy: bool):
     return adata.copy() if copy else adata
 
 
+_OWN_TRAIN_ARGUMENTS = {"max_epochs": "max_epochs", "seed": "random_state"} | {
+    k: k for k in ("progress_bar", "device")
+}
+
+
+def _check_train_kwargs(train_kwargs: dict[str, Any] | None) -> None:
+    """Raise, before anything is written, for train options this function takes itself."""
+    twice = [k for k in train_kwargs or {} if k in _OWN_TRAIN_ARGUMENTS]
+    if twice:
+        raise TypeError(
+            f"train_kwargs sets {twice}, which this function takes as its own arguments: pass "
+            + ", ".join(f"{_OWN_TRAIN_ARGUMENTS[k]}=..." for k in twice)
+            + " instead."
+        )
+
+
 def _fit(model, max_epochs, random_state, progress_bar, device, train_kwargs):
     return model.train(
         max_epochs,
@@ -133,6 +149,7 @@ def scvi(
     (300, 10)
     >>> sc.pp.neighbors(adata, use_rep="X_scVI")
     """
+    _check_train_kwargs(train_kwargs)
     adata = _target(adata, copy)
     pp.setup_anndata(
         adata,
@@ -236,6 +253,7 @@ def totalvi(
     ((300, 20), (300, 6))
     >>> sc.pp.neighbors(adata, use_rep="X_totalVI")
     """
+    _check_train_kwargs(train_kwargs)
     adata = _target(adata, copy)
     TOTALVI.setup_anndata(
         adata,

@@ -738,6 +738,23 @@ def test_new_data_unseen_batch_and_different_genes(trained):
         model.get_normalized_expression(gene_list=["nope"])
 
 
+def test_gene_label_dispersion_needs_known_labels_of_new_data():
+    adata = _setup(120, 15)
+    model = cellvae.SCVI(adata, dispersion="gene-label").train(max_epochs=1, progress_bar=False)
+    query = adata.copy()
+    del query.uns["cellvae"]
+    np.testing.assert_array_equal(
+        model.get_latent_representation(query), model.get_latent_representation()
+    )
+    query.obs["cell_type"] = query.obs["cell_type"].astype(str)
+    query.obs.loc[query.obs_names[:3], "cell_type"] = "typeX"
+    with pytest.raises(ValueError, match=r"labels it was not trained on: \['typeX'\]"):
+        model.get_elbo(query)
+    del query.obs["cell_type"]
+    with pytest.raises(ValueError, match=r"needs the label of every cell.*cell_type"):
+        model.get_normalized_expression(query)
+
+
 def test_nan_in_data_rejected():
     adata = cellvae.datasets.synthetic(50, 10)
     adata.X = adata.X.toarray()
@@ -852,6 +869,15 @@ def test_tl_scvi_writes_results_and_survives_h5ad(tmp_path):
     back = ad.read_h5ad(tmp_path / "a.h5ad")
     np.testing.assert_array_equal(back.obsm["X_scVI"], adata.obsm["X_scVI"])
     assert back.uns["scvi"]["params"]["n_latent"] == 10
+
+
+def test_tl_scvi_rejects_train_kwargs_that_it_takes_itself():
+    adata = cellvae.datasets.synthetic(60, 10)
+    with pytest.raises(
+        TypeError, match=r"\['max_epochs', 'seed'\].*max_epochs=\.\.\., random_state"
+    ):
+        cellvae.tl.scvi(adata, train_kwargs={"max_epochs": 3, "seed": 1}, progress_bar=False)
+    assert "cellvae" not in adata.uns  # rejected before the setup is written
 
 
 def test_tl_scvi_copy_leaves_input_untouched():

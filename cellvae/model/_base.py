@@ -108,6 +108,9 @@ class BaseModel:
     def _module_kwargs(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def _check_new_data(self, registry: Registry) -> None:
+        """Raise if new data given to a getter lacks what the trained module needs."""
+
     # ------------------------------------------------------------------ module
     def _build_module(self) -> torch.nn.Module:
         return self._module_cls(**self._module_kwargs())
@@ -155,6 +158,7 @@ class BaseModel:
                 self._data_cache = ([_ref(s) for s in sources], td)
             return self._data_cache[1], self.registry_
         reg = pp.registry_like(adata, self.registry_, unseen_hint=pp.MODEL_UNSEEN_HINT)
+        self._check_new_data(reg)
         return TensorData.from_adata(adata, reg), reg
 
     @staticmethod
