@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -206,6 +208,21 @@ class Registry:
         return codes
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_user(message: str) -> None:
+    """A UserWarning attributed to the first caller outside cellvae.
+
+    However deep inside cellvae it is raised (``pp.setup_anndata``, ``SCVI.setup_anndata``,
+    ``tl.scvi``), the warning names the user's own line, which they can then find and filter.
+    """
+    frame, level = sys._getframe(1), 2  # level 2: warn_user's caller
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
+
+
 # ---------------------------------------------------------------------- matrix access
 def get_counts(adata, layer: str | None):
     """Return the registered count matrix (``X`` or a layer) without copying it."""
@@ -356,11 +373,9 @@ def scan_counts(matrix, n_obs: int, n_vars: int) -> dict[str, Any]:
             gene_totals += np.asarray(block.sum(axis=0, dtype=np.float64)).ravel()
             nnz += int(np.count_nonzero(values))
     if not integer:
-        warnings.warn(
+        warn_user(
             "The count matrix contains non-integer values; cellvae's count likelihoods expect "
             "raw counts. If you normalised or log-transformed the data, register the raw-count "
-            "layer instead (layer='counts').",
-            UserWarning,
-            stacklevel=4,
+            "layer instead (layer='counts')."
         )
     return {"library": library, "gene_totals": gene_totals, "nnz": nnz}

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
-from ._registry import UNS_KEY, Registry, get_counts, scan_counts
+from ._registry import UNS_KEY, Registry, get_counts, scan_counts, warn_user
 
 logger = logging.getLogger(__name__)
 
@@ -210,11 +209,9 @@ def _build_registry(
         )
     n_empty_genes = int((stats["gene_totals"] <= 0).sum())
     if n_empty_genes:
-        warnings.warn(
+        warn_user(
             f"{n_empty_genes} genes have zero counts in every cell; they carry no information. "
-            "Consider sc.pp.filter_genes(adata, min_counts=1).",
-            UserWarning,
-            stacklevel=3,
+            "Consider sc.pp.filter_genes(adata, min_counts=1)."
         )
 
     reg = Registry(var_names=(), batch_categories=batch_cats)

@@ -622,6 +622,23 @@ def test_zero_count_genes_warn():
     assert reg.n_vars == 20
 
 
+def test_warnings_name_the_users_line_however_deep_the_call():
+    # the user's line, not cellvae's, whether through pp, the model class or the tl one-liner
+    import cellvae
+
+    adata = make()
+    adata.X = adata.X * 0.5
+    calls = [
+        lambda: pp.setup_anndata(adata),
+        lambda: cellvae.SCVI.setup_anndata(adata),
+        lambda: cellvae.tl.scvi(adata, max_epochs=1, progress_bar=False),
+    ]
+    for call in calls:
+        with pytest.warns(UserWarning, match="non-integer") as record:
+            call()
+        assert {w.filename for w in record if "non-integer" in str(w.message)} == {__file__}
+
+
 def test_integer_and_float64_counts_accepted_without_warning():
     adata = make(sparse=False)
     adata.X = adata.X.astype(np.int64)

@@ -145,8 +145,9 @@ class TOTALVI(BaseModel):
 
         Examples
         --------
-        >>> import cellvae
+        >>> import cellvae, scanpy as sc
         >>> adata = cellvae.datasets.eccite_pbmc()
+        >>> sc.pp.filter_genes(adata, min_counts=1)  # 4,602 genes have no count in these cells
         >>> cellvae.TOTALVI.setup_anndata(adata, protein_expression_obsm_key="protein_expression")
         >>> len(adata.uns["cellvae"]["protein_names"])
         49
