@@ -50,6 +50,9 @@ def _categories(adata, key: str | None, what: str) -> tuple[str, ...]:
         cats = col.cat.categories
         used = np.bincount(col.cat.codes.to_numpy(), minlength=len(cats)) > 0
         return tuple(str(c) for c, u in zip(cats, used) if u)
+    if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
+        # numbers in numeric order (2 before 10), written as `Registry.codes` reads them
+        return tuple(pd.Series(np.sort(col.unique())).astype(str))
     return tuple(sorted(set(col.astype(str))))
 
 
@@ -475,6 +478,17 @@ def format_setup(reg: Registry) -> str:
                 f"{missing} (batch, protein) pairs missing",
             )
         )
+    rows.append(
+        (
+            "library (log)",
+            ", ".join(
+                f"{b}: {m:.2f} ± {v**0.5:.2f}"
+                for b, m, v in zip(
+                    reg.batch_categories, reg.library_log_means, reg.library_log_vars
+                )
+            ),
+        )
+    )
     width = max(len(r[0]) for r in rows)
     lines = [
         f"cellvae setup: {reg.n_obs} cells × {reg.n_vars} genes, "
@@ -483,13 +497,6 @@ def format_setup(reg: Registry) -> str:
         f"{'-' * width}  {'-' * 40}",
     ]
     lines += [f"{name.ljust(width)}  {where}" for name, where in rows]
-    lines.append(
-        f"{'library (log)'.ljust(width)}  "
-        + ", ".join(
-            f"{b}: {m:.2f} ± {v**0.5:.2f}"
-            for b, m, v in zip(reg.batch_categories, reg.library_log_means, reg.library_log_vars)
-        )
-    )
     return "\n".join(lines)
 
 

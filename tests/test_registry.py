@@ -281,6 +281,24 @@ def test_view_setup_prints_table(capsys):
         "library (log)",
     ):
         assert needle in out, needle
+    # every row's value starts in the same column, whichever field name is the longest
+    pp.setup_anndata(adata, batch_key="batch")
+    pp.view_setup(adata)
+    for text in (out, capsys.readouterr().out):
+        rows = text.splitlines()[3:]
+        starts = {len(r) - len(r.split("  ", 1)[1].lstrip()) for r in rows}
+        assert len(rows) >= 5 and len(starts) == 1, text
+
+
+def test_numeric_batches_in_numeric_order():
+    adata = make()
+    adata.obs["plate"] = np.where(np.arange(adata.n_obs) % 2, 10, 2)
+    reg = setup_ok(adata, batch_key="plate")
+    assert reg.batch_categories == ("2", "10")
+    codes = TensorData.from_adata(adata)[np.arange(4)]["batch"].numpy()
+    np.testing.assert_array_equal(codes, [0, 1, 0, 1])
+    adata.obs["dose"] = np.where(np.arange(adata.n_obs) % 2, 0.5, 1.5)
+    assert setup_ok(adata, batch_key="dose").batch_categories == ("0.5", "1.5")
 
 
 def test_setup_twice_replaces_record():
