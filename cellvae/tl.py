@@ -84,6 +84,7 @@ def scvi(
     batch_key: str | None = None,
     layer: str | None = None,
     labels_key: str | None = None,
+    size_factor_key: str | None = None,
     categorical_covariate_keys: Sequence[str] | None = None,
     continuous_covariate_keys: Sequence[str] | None = None,
     n_latent: int = 10,
@@ -113,7 +114,7 @@ def scvi(
         ``obs`` column with the batch to correct for.
     layer
         Layer with raw counts (default ``X``).
-    labels_key, categorical_covariate_keys, continuous_covariate_keys
+    labels_key, size_factor_key, categorical_covariate_keys, continuous_covariate_keys
         Passed to :func:`cellvae.pp.setup_anndata`.
     n_latent
         Size of the latent space.
@@ -156,6 +157,7 @@ def scvi(
         layer=layer,
         batch_key=batch_key,
         labels_key=labels_key,
+        size_factor_key=size_factor_key,
         categorical_covariate_keys=categorical_covariate_keys,
         continuous_covariate_keys=continuous_covariate_keys,
     )
@@ -189,6 +191,10 @@ def totalvi(
     batch_key: str | None = None,
     layer: str | None = None,
     protein_expression_obsm_key: str = "protein_expression",
+    labels_key: str | None = None,
+    size_factor_key: str | None = None,
+    categorical_covariate_keys: Sequence[str] | None = None,
+    continuous_covariate_keys: Sequence[str] | None = None,
     n_latent: int = 20,
     max_epochs: int | None = None,
     key_added: str = "X_totalVI",
@@ -219,6 +225,8 @@ def totalvi(
         Layer with raw RNA counts (default ``X``).
     protein_expression_obsm_key
         ``obsm`` key with the raw protein counts.
+    labels_key, size_factor_key, categorical_covariate_keys, continuous_covariate_keys
+        Passed to :meth:`cellvae.TOTALVI.setup_anndata`.
     n_latent
         Size of the latent space.
     max_epochs
@@ -260,6 +268,10 @@ def totalvi(
         layer=layer,
         batch_key=batch_key,
         protein_expression_obsm_key=protein_expression_obsm_key,
+        labels_key=labels_key,
+        size_factor_key=size_factor_key,
+        categorical_covariate_keys=categorical_covariate_keys,
+        continuous_covariate_keys=continuous_covariate_keys,
     )
     model = TOTALVI(adata, n_latent=n_latent, **model_kwargs)
     _fit(model, max_epochs, random_state, progress_bar, device, train_kwargs)

@@ -871,6 +871,29 @@ def test_tl_scvi_writes_results_and_survives_h5ad(tmp_path):
     assert back.uns["scvi"]["params"]["n_latent"] == 10
 
 
+def test_tl_one_liners_register_size_factors_labels_and_covariates():
+    adata = cellvae.datasets.synthetic(80, 12, n_proteins=3)
+    adata.obs["sf"] = np.asarray(adata.X.sum(1)).ravel() / 50
+    adata.obs["age"] = np.linspace(0, 1, 80)
+    cellvae.tl.scvi(
+        adata, batch_key="batch", size_factor_key="sf", max_epochs=1, progress_bar=False
+    )
+    assert adata.uns["cellvae"]["size_factor_key"] == "sf"
+    cellvae.tl.totalvi(
+        adata,
+        batch_key="batch",
+        labels_key="cell_type",
+        continuous_covariate_keys=["age"],
+        max_epochs=1,
+        progress_bar=False,
+    )
+    record = adata.uns["cellvae"]
+    assert record["labels_key"] == "cell_type" and list(record["continuous_covariate_keys"]) == [
+        "age"
+    ]
+    assert adata.obsm["X_totalVI"].shape == (80, 20)
+
+
 def test_tl_scvi_rejects_train_kwargs_that_it_takes_itself():
     adata = cellvae.datasets.synthetic(60, 10)
     with pytest.raises(
