@@ -49,14 +49,17 @@ def output_array(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
 
 
 def as_list(values) -> list:
-    """``values`` as a list; one name or number (a string or a 0-d value) becomes a list of one.
+    """``values`` as a list; one name or number (a string or a scalar) becomes a list of one.
 
     Examples
     --------
-    >>> as_list("CD3E"), as_list(np.int64(2)), as_list(("a", "b"))
-    (['CD3E'], [np.int64(2)], ['a', 'b'])
+    >>> as_list("CD3E"), as_list(np.int64(2)), as_list(("a", "b")), as_list({"x"})
+    (['CD3E'], [np.int64(2)], ['a', 'b'], ['x'])
     """
-    return [values] if isinstance(values, str) or np.ndim(values) == 0 else list(values)
+    zero_d_array = isinstance(values, np.ndarray) and values.ndim == 0
+    if isinstance(values, str) or not isinstance(values, Iterable) or zero_d_array:
+        return [values]
+    return list(values)
 
 
 def rows_into_one(chunks: Iterable[np.ndarray], n_rows: int) -> np.ndarray | None:
