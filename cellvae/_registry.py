@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -208,17 +207,21 @@ class Registry:
         return codes
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+def _internal(frame) -> bool:
+    """Whether ``frame`` runs cellvae's code or a torch wrapper of it (``@torch.no_grad``)."""
+    module = frame.f_globals.get("__name__", "")
+    return module.split(".")[0] in ("cellvae", "torch")
 
 
 def warn_user(message: str) -> None:
     """A UserWarning attributed to the first caller outside cellvae.
 
     However deep inside cellvae it is raised (``pp.setup_anndata``, ``SCVI.setup_anndata``,
-    ``tl.scvi``), the warning names the user's own line, which they can then find and filter.
+    ``tl.scvi``, a getter given new data), the warning names the user's own line, which they
+    can then find and filter.
     """
     frame, level = sys._getframe(1), 2  # level 2: warn_user's caller
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+    while frame is not None and _internal(frame):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, UserWarning, stacklevel=level)
 

@@ -176,6 +176,7 @@ def _build_registry(
             "AnnData with at least one cell and one gene."
         )
 
+    against_reference = categories is not None  # registry_like: a reference's categories
     categories = categories or {}
     batch_cats = categories.get("batch") or _categories(adata, batch_key, "batch_key")
     label_cats = categories.get("labels") or _categories(adata, labels_key, "labels_key")
@@ -211,7 +212,8 @@ def _build_registry(
             "(then adata = adata.copy() if you sliced)."
         )
     n_empty_genes = int((stats["gene_totals"] <= 0).sum())
-    if n_empty_genes:
+    # data registered against a reference keep its genes: filtering them is not the fix there
+    if n_empty_genes and not against_reference:
         warn_user(
             f"{n_empty_genes} genes have zero counts in every cell; they carry no information. "
             "Consider sc.pp.filter_genes(adata, min_counts=1)."

@@ -390,8 +390,11 @@ def train_module(
             if len(val_idx):
                 val = evaluate(module, data, val_idx, config.eval_batch_size)
                 record.update({f"validation_{k}": v for k, v in val.items()})
-            for k, v in record.items():
-                history.setdefault(k, []).append(v)
+            # every column keeps one entry per epoch, NaN where an epoch has no value (e.g. a
+            # second train() call with another validation_size)
+            n_before = len(history.get("epoch", ()))
+            for k in record.keys() | history.keys():
+                history.setdefault(k, [math.nan] * n_before).append(record.get(k, math.nan))
             monitored = record[monitor_key]
             for key, buf in module.named_buffers():
                 last_good_buffers[key].copy_(buf)

@@ -650,6 +650,11 @@ def test_warnings_name_the_users_line_however_deep_the_call():
         lambda: pp.setup_anndata(adata),
         lambda: cellvae.SCVI.setup_anndata(adata),
         lambda: cellvae.tl.scvi(adata, max_epochs=1, progress_bar=False),
+        lambda: (
+            cellvae.SCVI(adata)  # a model registers nothing: no warning
+            .train(max_epochs=1, progress_bar=False)
+            .get_latent_representation(adata.copy())
+        ),  # new data in a getter warns
     ]
     for call in calls:
         with pytest.warns(UserWarning, match="non-integer") as record:

@@ -424,6 +424,37 @@ def test_missing_proteins_masked_and_decoded_from_other_batch(missing):
 
 
 # ---------------------------------------------------------------- misuse
+@pytest.mark.parametrize(
+    "option", [{"gene_dispersion": "gene-label"}, {"protein_dispersion": "protein-label"}]
+)
+def test_per_label_dispersion_needs_known_labels_of_new_data(option):
+    adata = cellvae.datasets.synthetic(120, 20, n_proteins=4)
+    cellvae.TOTALVI.setup_anndata(
+        adata, labels_key="cell_type", protein_expression_obsm_key="protein_expression"
+    )
+    model = cellvae.TOTALVI(adata, **option, **SMALL).train(max_epochs=1, progress_bar=False)
+    name = next(iter(option))
+    query = cellvae.datasets.synthetic(60, 20, n_labels=5, n_proteins=4, random_state=2)
+    with pytest.raises(ValueError, match=rf"{name}=.*obs\['cell_type'\] has \['type3', 'type4'\]"):
+        model.get_normalized_expression(query)
+    del query.obs["cell_type"]
+    with pytest.raises(ValueError, match="needs the label of every cell"):
+        model.get_protein_foreground_probability(query)
+
+
+def test_changed_proteins_of_the_models_own_anndata_are_checked():
+    adata = cellvae.datasets.synthetic(80, 15, n_proteins=4)
+    cellvae.TOTALVI.setup_anndata(adata, protein_expression_obsm_key="protein_expression")
+    model = cellvae.TOTALVI(adata, **SMALL).train(max_epochs=1, progress_bar=False)
+    before = model.get_latent_representation()
+    prot = adata.obsm["protein_expression"]
+    adata.obsm["protein_expression"] = prot[prot.columns[::-1]]
+    with pytest.raises(ValueError, match="same names in a different order"):
+        model.get_latent_representation()
+    adata.obsm["protein_expression"] = prot.copy()  # a new object with the model's proteins
+    np.testing.assert_array_equal(model.get_latent_representation(), before)
+
+
 def test_bad_inputs_give_clear_errors():
     adata = cellvae.datasets.synthetic(60, 20, n_proteins=3)
     cellvae.SCVI.setup_anndata(adata, batch_key="batch")

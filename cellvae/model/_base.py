@@ -98,7 +98,7 @@ class BaseModel:
         self.module_: torch.nn.Module | None = None
         self.history_: dict[str, list] = {}
         self.is_trained_ = False
-        self._data_cache: tuple[list, TensorData] | None = None
+        self._data_cache: tuple[list, TensorData, Registry] | None = None
         self.train_indices_: np.ndarray | None = None
         self.validation_indices_: np.ndarray | None = None
         if self.registry_ is not None:
@@ -111,8 +111,25 @@ class BaseModel:
     def _module_kwargs(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def _per_label_option(self) -> str | None:
+        """The option that gave the trained module parameters per label, if any."""
+        return None
+
     def _check_new_data(self, registry: Registry) -> None:
-        """Raise if new data given to a getter lacks what the trained module needs."""
+        """Raise if new data lack the labels of a module with parameters per label."""
+        option = None if self.module_ is None else self._per_label_option()
+        if option is None:
+            return
+        key, known = self.registry_.labels_key, self.registry_.label_categories
+        why = f"This model has parameters per label ({option}), so it needs"
+        if registry.labels_key is None:
+            raise ValueError(f"{why} the label of every cell: the new data has no obs[{key!r}].")
+        unseen = [c for c in registry.label_categories if c not in set(known)]
+        if unseen:
+            raise ValueError(
+                f"{why} labels it was trained on: obs[{key!r}] has {unseen[:10]} (known: "
+                f"{list(known)[:10]})."
+            )
 
     # ------------------------------------------------------------------ module
     def _build_module(self) -> torch.nn.Module:
@@ -154,15 +171,22 @@ class BaseModel:
                 raise ValueError("This model has no AnnData attached: pass adata=...")
             adata = self.adata
         if adata is self.adata and self.registry_ is not None:
-            sources = _sources(adata, self.registry_)
-            if self._data_cache is None or not _same_sources(self._data_cache[0], sources):
+            sources, cache = _sources(adata, self.registry_), self._data_cache
+            if cache is None or not _same_sources(cache[0], sources):
                 self._data_cache = None  # free the old tensors before building the new ones
-                td = TensorData.from_adata(adata, self.registry_)
-                self._data_cache = ([_ref(s) for s in sources], td)
-            return self._data_cache[1], self.registry_
+                # changed since its tensors were built: checked against the model like new data
+                reg = self.registry_ if cache is None else self._registry_of(adata)
+                td = TensorData.from_adata(adata, reg)
+                self._data_cache = ([_ref(s) for s in sources], td, reg)
+            return self._data_cache[1], self._data_cache[2]
+        reg = self._registry_of(adata)
+        return TensorData.from_adata(adata, reg), reg
+
+    def _registry_of(self, adata) -> Registry:
+        """The registry of data other than the training data, checked against the model."""
         reg = pp.registry_like(adata, self.registry_, unseen_hint=pp.MODEL_UNSEEN_HINT)
         self._check_new_data(reg)
-        return TensorData.from_adata(adata, reg), reg
+        return reg
 
     @staticmethod
     def _indices(td: TensorData, indices) -> torch.Tensor:

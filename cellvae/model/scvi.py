@@ -121,22 +121,8 @@ class SCVI(BaseModel):
             continuous_covariate_keys=continuous_covariate_keys,
         )
 
-    def _check_new_data(self, registry: Registry) -> None:
-        if self.module_ is None or self.module_.dispersion != "gene-label":
-            return
-        key, known = self.registry_.labels_key, self.registry_.label_categories
-        if registry.labels_key is None:
-            raise ValueError(
-                f"This model has one dispersion per label (dispersion='gene-label'), so it needs "
-                f"the label of every cell: the new data has no obs[{key!r}]."
-            )
-        unseen = [c for c in registry.label_categories if c not in set(known)]
-        if unseen:
-            raise ValueError(
-                f"This model has one dispersion per label (dispersion='gene-label'), and "
-                f"obs[{key!r}] has labels it was not trained on: {unseen[:10]} (known: "
-                f"{list(known)[:10]})."
-            )
+    def _per_label_option(self) -> str | None:
+        return "dispersion='gene-label'" if self.module.dispersion == "gene-label" else None
 
     def _module_kwargs(self) -> dict[str, Any]:
         reg: Registry = self.registry_

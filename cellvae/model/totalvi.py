@@ -263,6 +263,17 @@ class TOTALVI(BaseModel):
                 "'protein_expression', ...) first."
             )
 
+    def _per_label_option(self) -> str | None:
+        options = [
+            f"{name}={value!r}"
+            for name, value in (
+                ("gene_dispersion", self.module.gene_dispersion),
+                ("protein_dispersion", self.module.protein_dispersion),
+            )
+            if value.endswith("-label")
+        ]
+        return " and ".join(options) or None
+
     def _module_kwargs(self) -> dict[str, Any]:
         reg: Registry = self.registry_
         prior_mean = prior_scale = None
