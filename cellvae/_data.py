@@ -15,6 +15,7 @@ the minibatches from them in memory (:class:`WindowSampler`).
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
@@ -354,7 +355,7 @@ def split_indices(
     n_obs: int, validation_size: float, seed: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random split of ``range(n_obs)`` into train and validation indices (seeded unless None)."""
-    if not 0.0 <= validation_size < 1.0:
+    if not isinstance(validation_size, numbers.Real) or not 0.0 <= validation_size < 1.0:
         raise ValueError(f"validation_size must be in [0, 1), got {validation_size}.")
     gen = torch.Generator()
     if seed is None:

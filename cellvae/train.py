@@ -84,6 +84,11 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{name} must be an integer, got {value!r}.")
+        patience = self.early_stopping_patience
+        if not isinstance(patience, numbers.Integral) or patience < 1:
+            raise ValueError(
+                f"early_stopping_patience must be a positive integer, got {patience!r}."
+            )
         if self.max_epochs < 1:
             raise ValueError(f"max_epochs must be at least 1, got {self.max_epochs}.")
         if self.batch_size < 2:

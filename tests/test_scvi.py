@@ -769,6 +769,33 @@ def test_gene_label_dispersion_needs_known_labels_of_new_data():
         model.get_normalized_expression(query)
 
 
+def test_getter_and_train_options_out_of_range_raise_clear_errors(trained):
+    _, model = trained
+    bad = [
+        (dict(transform_batch=[]), "transform_batch is empty"),
+        (dict(gene_list=[]), "gene_list is empty"),
+        (dict(batch_size=0), "batch_size must be a positive integer"),
+        (dict(batch_size=2.5), "batch_size must be a positive integer"),
+        (dict(n_samples=2.5), "n_samples must be a positive integer"),
+        (dict(library_size="Latent"), "library_size must be a positive number or 'latent'"),
+        (dict(library_size=-1), "library_size must be a positive number"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(ValueError, match=message):
+            model.get_normalized_expression(**kwargs)
+    with pytest.raises(ValueError, match="n_mc_samples must be a positive integer"):
+        model.get_marginal_ll(n_mc_samples=0)
+    with pytest.raises(ValueError, match="n_samples must be a positive integer"):
+        model.posterior_predictive_sample(n_samples=0)
+    with pytest.raises(ValueError, match="selects no cells"):
+        model.get_elbo(indices=[])
+    fresh = cellvae.SCVI(_setup(40, 8))
+    with pytest.raises(ValueError, match="validation_size"):
+        fresh.train(max_epochs=1, validation_size=None, progress_bar=False)
+    with pytest.raises(ValueError, match="early_stopping_patience must be a positive integer"):
+        fresh.train(max_epochs=1, early_stopping_patience=1.5, progress_bar=False)
+
+
 def test_nan_in_data_rejected():
     adata = cellvae.datasets.synthetic(50, 10)
     adata.X = adata.X.toarray()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import numbers
 import os
 import secrets
 import tempfile
@@ -60,6 +61,24 @@ def as_list(values) -> list:
     if isinstance(values, str) or not isinstance(values, Iterable) or zero_d_array:
         return [values]
     return list(values)
+
+
+def check_count(name: str, value, *, allow_none: bool = False) -> None:
+    """Raise unless ``value`` is a positive integer (or None where that means the default)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def library_scale(library_size) -> float | None:
+    """The factor for a numeric ``library_size``, None for ``"latent"``; raises otherwise."""
+    if isinstance(library_size, str) and library_size == "latent":
+        return None
+    if isinstance(library_size, numbers.Real) and not isinstance(library_size, bool):
+        if library_size > 0:
+            return float(library_size)
+    raise ValueError(f"library_size must be a positive number or 'latent', got {library_size!r}.")
 
 
 def rows_into_one(chunks: Iterable[np.ndarray], n_rows: int) -> np.ndarray | None:
@@ -214,6 +233,7 @@ class BaseModel:
 
     def _batches(self, td: TensorData, indices, batch_size: int | None):
         """Yield minibatch dicts on the module's device, in order (only each batch is moved)."""
+        check_count("batch_size", batch_size, allow_none=True)
         idx = self._indices(td, indices)
         dev = self.device
         for batch in td.batches(idx, batch_size or 1024):
@@ -273,6 +293,8 @@ class BaseModel:
         if transform_batch is None:
             return [None]
         codes = []
+        if not as_list(transform_batch):
+            raise ValueError("transform_batch is empty: pass a batch, a list of them, or None.")
         for b in as_list(transform_batch):
             if str(b) not in reg.batch_categories:
                 raise ValueError(
@@ -286,6 +308,8 @@ class BaseModel:
         if gene_list is None:
             return None, list(reg.var_names)
         gene_list = as_list(gene_list)
+        if not gene_list:
+            raise ValueError("gene_list is empty: pass gene names, or None for all genes.")
         lookup = {g: i for i, g in enumerate(reg.var_names)}
         missing = [g for g in gene_list if g not in lookup]
         if missing:
@@ -328,7 +352,7 @@ class BaseModel:
         True
         """
         values = self._per_cell(adata, indices, batch_size, lambda b: -self.module(b).elbo)
-        return float(values.mean())
+        return _mean_over_cells(values)
 
     def get_reconstruction_error(
         self, adata=None, *, indices=None, batch_size: int | None = None
@@ -345,7 +369,7 @@ class BaseModel:
         True
         """
         fn = lambda b: self.module(b).reconstruction
-        return float(self._per_cell(adata, indices, batch_size, fn).mean())
+        return _mean_over_cells(self._per_cell(adata, indices, batch_size, fn))
 
     # ------------------------------------------------------------------ training
     def train(
@@ -604,6 +628,12 @@ class BaseModel:
         )
         params = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
         return f"{type(self).__name__}({params}) — {shape}, {status}"
+
+
+def _mean_over_cells(values: np.ndarray | None) -> float:
+    if values is None or not len(values):
+        raise ValueError("indices selects no cells: a mean over no cells is undefined.")
+    return float(values.mean())
 
 
 def _sources(adata, reg: Registry) -> list:

@@ -12,7 +12,7 @@ import torch
 from .. import pp
 from .._registry import Registry
 from ..module import VAE
-from ._base import BaseModel, output_array
+from ._base import BaseModel, check_count, library_scale, output_array
 
 
 class SCVI(BaseModel):
@@ -190,8 +190,8 @@ class SCVI(BaseModel):
         (200, 1)
         """
         self._check_trained()
-        if n_samples < 1:
-            raise ValueError("n_samples must be at least 1.")
+        check_count("n_samples", n_samples)
+        scale = library_scale(library_size)
         td, reg = self._data(adata)
         codes = self._batch_codes(transform_batch, reg)
         gene_idx, genes = self._gene_idx(gene_list, reg)
@@ -200,8 +200,7 @@ class SCVI(BaseModel):
         g_idx = None if gene_idx is None else gene_idx.to(dev)
         out = output_array((len(idx), len(genes)))
         start = 0
-        scale = 1.0 if library_size == "latent" else float(library_size)
-        factor = scale / len(codes)
+        factor = (1.0 if scale is None else scale) / len(codes)
         for batch in self._batches(td, idx, batch_size):
             inf = self.module.inference(batch, n_samples=n_samples)
             z = inf["z"] if n_samples > 1 else inf["qz_m"]
@@ -257,6 +256,7 @@ class SCVI(BaseModel):
         >>> model.get_marginal_ll(n_mc_samples=20) >= model.get_elbo() - 1.0
         True
         """
+        check_count("n_mc_samples", n_mc_samples)
         fn = lambda b: self.module.marginal_ll(b, n_mc_samples)
         return float(self._per_cell(adata, indices, batch_size or 128, fn).mean())
 
@@ -281,6 +281,7 @@ class SCVI(BaseModel):
         >>> model.posterior_predictive_sample(n_samples=3).shape
         (100, 20, 3)
         """
+        check_count("n_samples", n_samples)
         self._check_trained()
         td, reg = self._data(adata)
         gene_idx, _ = self._gene_idx(gene_list, reg)

@@ -13,7 +13,7 @@ from .. import pp
 from .._data import TensorData
 from .._registry import Registry
 from ..module import TOTALVAE
-from ._base import BaseModel, as_list, output_array
+from ._base import BaseModel, as_list, check_count, library_scale, output_array
 
 _PRIOR_MAX_CELLS = 20_000  # cells per batch used to initialise the background prior
 
@@ -303,6 +303,8 @@ class TOTALVI(BaseModel):
         if protein_list is None:
             return np.arange(reg.n_proteins), list(reg.protein_names)
         protein_list = as_list(protein_list)
+        if not protein_list:
+            raise ValueError("protein_list is empty: pass protein names, or None for all.")
         lookup = {p: i for i, p in enumerate(reg.protein_names)}
         missing = [p for p in protein_list if p not in lookup]
         if missing:
@@ -329,8 +331,7 @@ class TOTALVI(BaseModel):
         ``"proteins"`` (all proteins) are averaged over the batches in ``codes`` that measured
         each protein (all of them where none did); the others over all batches in ``codes``.
         """
-        if n_samples < 1:
-            raise ValueError("n_samples must be at least 1.")
+        check_count("n_samples", n_samples)
         module = self.module
         was = module.training
         module.eval()
@@ -446,8 +447,9 @@ class TOTALVI(BaseModel):
         gene_idx, genes = self._gene_idx(gene_list, reg)
         protein_idx, proteins = self._protein_idx(protein_list, reg)
         idx = self._indices(td, indices)
-        latent_library = library_size == "latent"
-        scale = 1.0 if latent_library else float(library_size)
+        scale = library_scale(library_size)
+        latent_library = scale is None
+        scale = 1.0 if latent_library else scale
         g_idx = None if gene_idx is None else gene_idx.to(self.device)
 
         def fn(gen: dict, library: torch.Tensor) -> dict[str, torch.Tensor]:
