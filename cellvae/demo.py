@@ -46,10 +46,14 @@ def umap_panel(adata, rep: str, title: str, axes, colors=("batch", "cell_type"))
 
 def main(argv: list[str] | None = None) -> None:
     """Run the demo; see the module docstring."""
-    parser = argparse.ArgumentParser(description="cellvae demo: SCVI on Kang IFN-β PBMC")
+    parser = argparse.ArgumentParser(
+        prog="python -m cellvae.demo", description="cellvae demo: SCVI on Kang IFN-β PBMC"
+    )
     parser.add_argument("--out", default="demo_output", help="output folder")
     parser.add_argument("--max-epochs", type=int, default=None, help="default: from data size")
     args = parser.parse_args(argv)
+    if args.max_epochs is not None and args.max_epochs < 1:
+        parser.error(f"--max-epochs must be at least 1, got {args.max_epochs}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     model.train(args.max_epochs, early_stopping=True)
     hist = model.history
     logger.info(
-        "Trained %d epochs; validation ELBO %.1f → %.1f per cell.",
+        "Trained %d epochs; validation −ELBO %.1f → %.1f per cell (lower is better).",
         len(hist),
         hist["validation_elbo"].iloc[0],
         hist["validation_elbo"].iloc[-1],
