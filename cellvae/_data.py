@@ -351,17 +351,23 @@ def _positions(
     return row, pos, offsets
 
 
+def seeded_generator(seed: int | None) -> torch.Generator:
+    """A CPU random generator seeded with ``seed``, or from a fresh random seed for None."""
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(int(seed))
+    return gen
+
+
 def split_indices(
     n_obs: int, validation_size: float, seed: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random split of ``range(n_obs)`` into train and validation indices (seeded unless None)."""
     if not isinstance(validation_size, numbers.Real) or not 0.0 <= validation_size < 1.0:
         raise ValueError(f"validation_size must be in [0, 1), got {validation_size}.")
-    gen = torch.Generator()
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(int(seed))
+    gen = seeded_generator(seed)
     # int32 per cell (half the memory of int64): the same permutation as the int64 draw
     perm = torch.randperm(n_obs, generator=gen, dtype=torch.int32)
     n_val = int(round(n_obs * validation_size))

@@ -41,8 +41,12 @@ def _target(adata, copy: bool):
     return adata.copy() if copy else adata
 
 
-_OWN_TRAIN_ARGUMENTS = {"max_epochs": "max_epochs", "seed": "random_state"} | {
-    k: k for k in ("progress_bar", "device")
+# train() options these functions set from their own arguments (named here)
+_OWN_TRAIN_ARGUMENTS = {
+    "max_epochs": "max_epochs",
+    "seed": "random_state",
+    "progress_bar": "progress_bar",
+    "device": "device",
 }
 
 

@@ -22,7 +22,7 @@ try:  # notebook progress bars need ipywidgets; without it tqdm.auto only warns
 except ImportError:
     from tqdm import tqdm
 
-from ._data import BatchSampler, TensorData
+from ._data import BatchSampler, TensorData, seeded_generator
 
 logger = logging.getLogger(__name__)
 
@@ -305,11 +305,7 @@ def train_module(
     module.to(device)
     data = data.to(device)
     train_idx, val_idx = train_idx.cpu(), val_idx.to(device)
-    gen = torch.Generator(device="cpu")
-    if config.seed is None:
-        gen.seed()  # unseeded: a fresh order
-    else:
-        gen.manual_seed(int(config.seed))
+    gen = seeded_generator(config.seed)  # the minibatch order
     # data.batches yields this many minibatches per epoch, counts in memory or on disk
     steps_per_epoch = len(BatchSampler(train_idx, config.batch_size, shuffle=True))
     if config.n_epochs_kl_warmup is not None:
@@ -334,7 +330,6 @@ def train_module(
     # statistics, updated by the forward pass itself, are restored from the last good epoch
     last_good_buffers = {k: b.detach().clone() for k, b in module.named_buffers()}
     step = 0
-    first_epoch = len(history.get("epoch", ()))  # a second train() numbers its epochs on
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         if config.seed is not None:
@@ -383,8 +378,9 @@ def train_module(
                     "the last good epoch were restored. Try a lower lr, gradient_clip_val=1.0, or "
                     "check the data for extreme values."
                 )
+            done = len(history.get("epoch", ()))  # epochs recorded so far, by any train() call
             record = {
-                "epoch": first_epoch + epoch,
+                "epoch": done,
                 "train_loss": loss,
                 "train_elbo": elbo,
                 "train_reconstruction": rec,
@@ -397,9 +393,8 @@ def train_module(
                 record.update({f"validation_{k}": v for k, v in val.items()})
             # every column keeps one entry per epoch, NaN where an epoch has no value (e.g. a
             # second train() call with another validation_size)
-            n_before = len(history.get("epoch", ()))
             for k in record.keys() | history.keys():
-                history.setdefault(k, [math.nan] * n_before).append(record.get(k, math.nan))
+                history.setdefault(k, [math.nan] * done).append(record.get(k, math.nan))
             monitored = record[monitor_key]
             for key, buf in module.named_buffers():
                 last_good_buffers[key].copy_(buf)

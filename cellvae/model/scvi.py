@@ -219,7 +219,7 @@ class SCVI(BaseModel):
                 # on CPU the first batch code's softmax is written straight into the output rows
                 dest = target if acc is None and n_samples == 1 and on_cpu else None
                 value = self.module.expression_scale(z, batch, batch=b, gene_idx=g_idx, out=dest)
-                if library_size == "latent":
+                if scale is None:  # library_size="latent"
                     value = value.mul_(torch.exp(library))
                 value = value if n_samples == 1 else value.mean(0)
                 acc = value if acc is None else acc.add_(value)

@@ -447,14 +447,12 @@ class TOTALVI(BaseModel):
         gene_idx, genes = self._gene_idx(gene_list, reg)
         protein_idx, proteins = self._protein_idx(protein_list, reg)
         idx = self._indices(td, indices)
-        scale = library_scale(library_size)
-        latent_library = scale is None
-        scale = 1.0 if latent_library else scale
+        scale = library_scale(library_size)  # None: the latent library
         g_idx = None if gene_idx is None else gene_idx.to(self.device)
 
         def fn(gen: dict, library: torch.Tensor) -> dict[str, torch.Tensor]:
             px_, py_ = gen["px_"], gen["py_"]
-            rna = px_["rate"] if latent_library else px_["scale"] * scale
+            rna = px_["rate"] if scale is None else px_["scale"] * scale
             p_back = torch.sigmoid(py_["mixing"])
             if sample_protein_mixing:
                 p_back = torch.bernoulli(p_back)
