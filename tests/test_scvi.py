@@ -625,6 +625,31 @@ def test_getters_follow_in_place_changes_of_the_models_anndata():
         model.get_latent_representation()
 
 
+def test_getters_follow_reassigned_obs_columns_of_the_models_anndata():
+    # a registered obs column reassigned (or edited in place) after the tensors were cached:
+    # the getters must decode with the batches the cells have now
+    adata = _setup(120, 15, n_batches=2)
+    model = cellvae.SCVI(adata, n_latent=3).train(max_epochs=1, progress_bar=False)
+    before = model.get_normalized_expression(return_numpy=True)  # fills the cache
+    flipped = adata.obs["batch"].map({"batch0": "batch1", "batch1": "batch0"}).astype("category")
+    adata.obs["batch"] = flipped
+    fresh = adata.copy()  # the same values, never cached
+    after = model.get_normalized_expression(return_numpy=True)
+    np.testing.assert_array_equal(after, model.get_normalized_expression(fresh, return_numpy=True))
+    assert not np.allclose(after, before)
+    # edited in place (same column object): also read again
+    adata.obs.loc[adata.obs_names[:5], "batch"] = "batch0"
+    np.testing.assert_array_equal(
+        model.get_normalized_expression(return_numpy=True),
+        model.get_normalized_expression(adata.copy(), return_numpy=True),
+    )
+    # a batch the model never saw: the clear error of new data
+    adata.obs["batch"] = adata.obs["batch"].cat.add_categories("new")
+    adata.obs.loc[adata.obs_names[0], "batch"] = "new"
+    with pytest.raises(ValueError, match="new"):
+        model.get_latent_representation()
+
+
 def test_indices_as_boolean_mask(trained):
     adata, model = trained
     mask = (adata.obs["batch"] == "batch1").to_numpy()

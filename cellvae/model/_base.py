@@ -641,15 +641,44 @@ def _sources(adata, reg: Registry) -> list:
 
     scanpy's in-place functions (``sc.pp.filter_cells(adata)``, ``filter_genes``) and
     assignments such as ``adata.X = ...`` or ``adata.obs_names = ...`` replace them, so
-    comparing them by identity tells when cached tensors are stale. Values changed inside the
-    same objects (an obs column reassigned, ``adata.X.data[:] = ...``) are not detected.
+    comparing them by identity tells when cached tensors are stale. The registered ``obs``
+    columns (a few bytes per cell) are compared by a digest of their values, which also catches
+    a column reassigned or edited in place. Values changed inside the same matrices
+    (``adata.X.data[:] = ...``) are not detected.
     """
     counts = ("backed", str(adata.filename), reg.layer) if adata.isbacked else None
     if counts is None:
         counts = get_counts(adata, reg.layer)
     key = reg.protein_expression_obsm_key
     protein = adata.obsm[key] if key is not None and key in adata.obsm else None
-    return [adata.obs_names, adata.var_names, counts, protein]
+    return [adata.obs_names, adata.var_names, counts, protein, _obs_digest(adata, reg)]
+
+
+def _obs_digest(adata, reg: Registry) -> tuple:
+    """A digest of the values of the registered ``obs`` columns (a tuple, compared by value)."""
+    keys = [
+        reg.batch_key,
+        reg.labels_key,
+        reg.size_factor_key,
+        *reg.categorical_covariate_keys,
+        *reg.continuous_covariate_keys,
+    ]
+    h = hashlib.blake2b(digest_size=16)
+    for key in keys:
+        if key is None:
+            continue
+        col = adata.obs.get(key)
+        if col is None:
+            h.update(b"missing")
+        elif isinstance(col.dtype, pd.CategoricalDtype):
+            h.update(np.ascontiguousarray(col.cat.codes.to_numpy()).tobytes())
+            h.update(repr(col.cat.categories.tolist()).encode())
+        elif col.dtype.kind in "biuf":
+            h.update(np.ascontiguousarray(col.to_numpy()).tobytes())
+        else:  # strings or objects
+            h.update(pd.util.hash_pandas_object(col, index=False).to_numpy().tobytes())
+        h.update(f"|{key}|{col.dtype if col is not None else ''}|".encode())
+    return ("obs", h.hexdigest())
 
 
 def _ref(obj):
