@@ -10,7 +10,7 @@ overwritten.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -353,8 +353,22 @@ def _model_adata(model, adata):
     return None if adata is model.adata else adata
 
 
+def _recorded_protein_keys(adata) -> set[str]:
+    """Raw protein keys named by the ``uns`` records of :func:`cellvae.tl.totalvi`."""
+    keys = set()
+    for record in adata.uns.values():
+        params = record.get("params") if isinstance(record, Mapping) else None
+        if isinstance(params, Mapping) and "protein_expression_obsm_key" in params:
+            keys.add(str(params["protein_expression_obsm_key"]))
+    return keys
+
+
 def _raw_proteins(adata, model, protein_key: str | None, proteins: list[str]) -> pd.DataFrame:
     key = protein_key or _setup_record(adata, model).get("protein_expression_obsm_key")
+    if key is None and model is None:
+        # the setup was replaced (e.g. tl.scvi after tl.totalvi): tl.totalvi's record says
+        recorded = _recorded_protein_keys(adata)
+        key = recorded.pop() if len(recorded) == 1 else None
     if key is None:
         raise ValueError(
             "No raw protein key: pass protein_key= (the obsm key with the raw ADT counts), or "

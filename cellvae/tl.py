@@ -177,8 +177,7 @@ def scvi(
         )
         added.append(f"layers[{layer_added!r}]")
     params = {
-        "batch_key": batch_key,
-        "layer": layer,
+        **model.registry_.setup_kwargs(),
         "n_latent": n_latent,
         "random_state": random_state,
         "key_added": key_added,
@@ -288,9 +287,7 @@ def totalvi(
         adata.obsm[protein_key_added] = proteins
         added.append(f"obsm[{protein_key_added!r}]")
     params = {
-        "batch_key": batch_key,
-        "layer": layer,
-        "protein_expression_obsm_key": protein_expression_obsm_key,
+        **model.registry_.setup_kwargs(),
         "n_latent": n_latent,
         "random_state": random_state,
         "key_added": key_added,

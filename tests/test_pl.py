@@ -179,6 +179,23 @@ def test_protein_denoised_from_model_and_obsm(totalvi_trained):
     np.testing.assert_allclose(offsets[:, 1], adata.obsm["protein_denoised"][:, 1], rtol=1e-6)
 
 
+def test_protein_denoised_after_tl_scvi_replaced_the_setup():
+    # tl.scvi after tl.totalvi registers the AnnData again without proteins; the plot of
+    # tl.totalvi's results finds the raw proteins from tl.totalvi's record in uns
+    adata = cellvae.datasets.synthetic(80, 12, n_proteins=3)
+    kw = {"max_epochs": 1, "progress_bar": False, "labels_key": "cell_type"}
+    cellvae.tl.totalvi(adata, batch_key="batch", **kw)
+    cellvae.tl.scvi(adata, batch_key="batch", **kw)
+    assert "protein_expression_obsm_key" not in adata.uns["cellvae"]
+    for key in ("scvi", "totalvi"):  # the records name the whole setup
+        assert adata.uns[key]["params"]["labels_key"] == "cell_type"
+    assert adata.uns["totalvi"]["params"]["protein_expression_obsm_key"] == "protein_expression"
+    ax = cellvae.pl.protein_denoised(adata, proteins="prot1", log=False, show=False)
+    offsets = ax.collections[0].get_offsets()
+    np.testing.assert_allclose(offsets[:, 0], adata.obsm["protein_expression"]["prot1"])
+    np.testing.assert_allclose(offsets[:, 1], adata.obsm["protein_denoised"]["prot1"], rtol=1e-6)
+
+
 def test_protein_denoised_errors(totalvi_trained, scvi_trained):
     adata, model = totalvi_trained
     rna_adata, rna_model = scvi_trained
