@@ -296,7 +296,8 @@ def train_module(
     The history has one entry per epoch for ``train_*`` (averages over the epoch's minibatches)
     and ``validation_*`` (a full pass in eval mode), where ``*`` is ``loss`` (with the KL weight
     of the epoch), ``elbo`` (negative ELBO per cell), ``reconstruction`` and ``kl_local``, plus
-    ``kl_weight`` and ``lr``.
+    ``kl_weight`` and ``lr``; modules that report more terms (TOTALVI's protein
+    reconstruction and background KL) get ``train_*`` and ``validation_*`` entries for them too.
     """
     config.validate()
     device = resolve_device(config.device)
@@ -343,7 +344,7 @@ def train_module(
         )
         for epoch in bar:
             module.train()
-            sums = torch.zeros(5, dtype=torch.float64, device=device)
+            sums, extra_keys = None, ()
             n_cells = 0
             kl_weight = _kl_weight(step, warmup_steps)
             for batch in data.batches(train_idx, config.batch_size, shuffle=True, generator=gen):
@@ -357,17 +358,22 @@ def train_module(
                 step += 1
                 n = len(batch["batch"])
                 n_cells += n
-                sums += torch.stack(
+                terms = torch.stack(
                     [
+                        skipped,
                         out.loss.detach() * n,
                         out.elbo.detach().sum(),
                         out.reconstruction.detach().sum(),
                         out.kl_local.detach().sum(),
-                        skipped,
+                        *(v.detach().sum() for v in out.extra.values()),  # e.g. TOTALVI's
                     ]
                 ).double()
-            loss, elbo, rec, kl = (sums[:4] / n_cells).tolist()
-            n_skipped = int(sums[4])
+                if sums is None:
+                    sums, extra_keys = terms, tuple(out.extra)
+                else:
+                    sums += terms
+            n_skipped = int(sums[0])
+            loss, elbo, rec, kl, *extra = (sums[1:] / n_cells).tolist()
             if n_skipped or not math.isfinite(loss):
                 for key, buf in module.named_buffers():
                     buf.copy_(last_good_buffers[key])
@@ -385,6 +391,7 @@ def train_module(
                 "train_elbo": elbo,
                 "train_reconstruction": rec,
                 "train_kl_local": kl,
+                **{f"train_{k}": v for k, v in zip(extra_keys, extra, strict=True)},
                 "kl_weight": kl_weight,
                 "lr": optimizer.lr,
             }
@@ -393,7 +400,7 @@ def train_module(
                 record.update({f"validation_{k}": v for k, v in val.items()})
             # every column keeps one entry per epoch, NaN where an epoch has no value (e.g. a
             # second train() call with another validation_size)
-            for k in record.keys() | history.keys():
+            for k in [*record, *(k for k in history if k not in record)]:
                 history.setdefault(k, [math.nan] * done).append(record.get(k, math.nan))
             monitored = record[monitor_key]
             for key, buf in module.named_buffers():

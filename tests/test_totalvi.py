@@ -303,6 +303,19 @@ def test_eccite_training_lowers_validation_elbo(eccite):
     assert val[-1] < val[0] - 500
     hist = model.history
     assert {"validation_reconstruction_protein", "validation_kl_background"} <= set(hist)
+    # the protein terms of training too, each a part of the total it belongs to
+    assert list(hist.columns[:6]) == [
+        "train_loss",
+        "train_elbo",
+        "train_reconstruction",
+        "train_kl_local",
+        "train_reconstruction_protein",
+        "train_kl_background",
+    ]
+    assert (0 < hist["train_reconstruction_protein"]).all()
+    assert (hist["train_reconstruction_protein"] < hist["train_reconstruction"]).all()
+    assert (0 <= hist["train_kl_background"]).all()
+    assert (hist["train_kl_background"] <= hist["train_kl_local"] + 1e-4).all()
     elbo = model.get_elbo()
     assert np.isfinite(elbo) and elbo < 0
     assert model.get_reconstruction_error() > 0
