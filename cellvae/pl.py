@@ -322,9 +322,15 @@ def _as_list(names: str | Sequence[str], what: str) -> list[str]:
 def _protein_frame(adata, key: str, proteins: list[str], model, what: str) -> pd.DataFrame:
     """``obsm[key]`` as cells × ``proteins`` (array columns named by the cellvae setup)."""
     if key not in adata.obsm:
+        how = {
+            "denoised proteins": "cellvae.tl.totalvi writes obsm['protein_denoised']",
+            "foreground probabilities": (
+                f"adata.obsm[{key!r}] = model.get_protein_foreground_probability()"
+            ),
+        }.get(what, "the key registered with cellvae.TOTALVI.setup_anndata, or protein_key=")
         raise KeyError(
             f"adata.obsm has no {key!r}: pass model= (a trained cellvae.TOTALVI), or store the "
-            f"{what} there first (cellvae.tl.totalvi writes obsm['protein_denoised'])."
+            f"{what} there first ({how})."
         )
     values = adata.obsm[key]
     if isinstance(values, pd.DataFrame):

@@ -406,6 +406,12 @@ def registry_like(
             "The genes are the reference's but in a different order. Reorder them: "
             f"adata = adata[:, genes].copy(), {_GENES_ARE}."
         )
+    if ref.layer is not None and ref.layer not in adata.layers:
+        raise KeyError(
+            f"The reference reads raw counts from adata.layers[{ref.layer!r}], which this "
+            f"AnnData lacks (layers: {list(adata.layers.keys())}): store its raw counts there, "
+            f"e.g. adata.layers[{ref.layer!r}] = adata.X.copy() if X holds them."
+        )
     kwargs = ref.setup_kwargs()
     cats: dict[str, tuple[str, ...]] = {}
     if ref.batch_key is not None:

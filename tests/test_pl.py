@@ -222,6 +222,8 @@ def test_foreground_probability_violin_and_embedding(totalvi_trained):
         cellvae.pl.foreground_probability(adata, proteins="prot0", model=model, show=False)
     adata.obsm["X_totalVI"] = model.get_latent_representation()
     cellvae.pl.latent(adata, key="X_totalVI", show=False)
+    with pytest.raises(KeyError, match=r"= model.get_protein_foreground_probability\(\)"):
+        cellvae.pl.foreground_probability(adata, proteins="prot0", show=False)
     adata.obsm["protein_foreground_probability"] = prob
     axes = cellvae.pl.foreground_probability(adata, proteins=["prot0", "prot3"], show=False)
     assert len(axes) == 2

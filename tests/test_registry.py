@@ -772,6 +772,20 @@ def test_transfer_reordered_genes_rejected(reference):
     assert_unchanged(query, before)
 
 
+def test_transfer_reference_layer_missing(reference):
+    ref = make(40, 20, seed=1)
+    ref.layers["counts"] = ref.X.copy()
+    pp.setup_anndata(ref, layer="counts")
+    query = make(40, 20, seed=2)
+    before = snapshot(query)
+    # the query cannot choose its layer: the message says where the reference reads counts
+    with pytest.raises(KeyError, match=r"reads raw counts from adata.layers\['counts'\]"):
+        pp.transfer_setup(query, ref)
+    assert_unchanged(query, before)
+    query.layers["counts"] = query.X.copy()
+    assert pp.transfer_setup(query, ref).layer == "counts"
+
+
 def test_transfer_unseen_batch(reference):
     query = make(40, 20, n_proteins=3, seed=2)
     query.obs["batch"] = pd.Categorical(np.where(np.arange(40) % 2, "batch0", "new_lab"))
