@@ -902,6 +902,42 @@ def test_load_checks_genes(trained, tmp_path):
         cellvae.SCVI.load(tmp_path / "m", other)
 
 
+def test_load_checks_the_attached_data_like_a_getters(trained, tmp_path):
+    adata, model = trained  # set up with labels_key="cell_type"
+    model.save(tmp_path / "m")
+    # no labels column: optional for a model without parameters per label, as in the getters
+    query = adata.copy()
+    del query.obs["cell_type"], query.uns["cellvae"]
+    loaded = cellvae.SCVI.load(tmp_path / "m", query)
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(), model.get_latent_representation(query)
+    )
+    assert query.uns["cellvae"]["batch_categories"] == list(model.registry_.batch_categories)
+    # an unseen batch: the getters' advice, not an option load does not have
+    new = cellvae.datasets.synthetic(50, 40, n_batches=3, random_state=5)
+    with pytest.raises(ValueError, match="cannot encode") as err:
+        cellvae.SCVI.load(tmp_path / "m", new)
+    assert "extend_categories" not in str(err.value)
+    # loaded without data: train() says how to attach it, also when given adata=
+    bare = cellvae.SCVI.load(tmp_path / "m")
+    with pytest.raises(ValueError, match=r"SCVI.load\(dir_path, adata\)"):
+        bare.train(max_epochs=1)
+    with pytest.raises(TypeError, match=r"\['adata'\].*own AnnData"):
+        bare.train(max_epochs=1, adata=adata)
+
+
+def test_model_rejects_a_setup_made_for_its_parent_anndata():
+    adata = _setup(150, 20, n_batches=3)
+    sub = adata[adata.obs["batch"] == "batch0"].copy()  # keeps the parent's uns["cellvae"]
+    with pytest.raises(ValueError, match=r"set up for 150 cells × 20 genes.*subset") as err:
+        cellvae.SCVI(sub)
+    assert "setup_anndata(adata, batch_key='batch', labels_key='cell_type')" in str(err.value)
+    with pytest.raises(ValueError, match=r"150 × 12"):
+        cellvae.SCVI(adata[:, :12].copy())  # e.g. highly variable genes chosen after setup
+    cellvae.SCVI.setup_anndata(sub, batch_key="batch")
+    assert cellvae.SCVI(sub).registry_.batch_categories == ("batch0",)
+
+
 def test_interrupted_save_keeps_previous_model(trained, tmp_path, monkeypatch):
     adata, model = trained
     model.save(tmp_path / "m")

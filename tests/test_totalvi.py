@@ -396,6 +396,19 @@ def test_save_load_identical_latent(eccite, tmp_path):
         cellvae.SCVI.load(tmp_path / "m", adata)
 
 
+def test_load_rejects_reordered_proteins(eccite, tmp_path):
+    adata, model = eccite
+    model.save(tmp_path / "m")
+    query = adata.copy()
+    prot = query.obsm["protein_expression"]
+    query.obsm["protein_expression"] = prot[list(prot.columns[::-1])]
+    cellvae.TOTALVI.setup_anndata(query, protein_expression_obsm_key="protein_expression")
+    with pytest.raises(ValueError, match="different order"):
+        model.get_latent_representation(query)
+    with pytest.raises(ValueError, match="different order"):  # was: used in the wrong order
+        cellvae.TOTALVI.load(tmp_path / "m", query)
+
+
 # ---------------------------------------------------------------- missing proteins
 def test_missing_proteins_masked_and_decoded_from_other_batch(missing):
     adata, model = missing

@@ -23,7 +23,7 @@ import torch
 
 from .. import pp
 from .._data import TensorData, split_indices
-from .._registry import Registry, get_counts
+from .._registry import UNS_KEY, Registry, get_counts
 from ..train import TrainConfig, default_max_epochs, resolve_device, train_module
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class BaseModel:
         if adata is not None:
             pp.check_not_view(adata)
         self.adata = adata
-        self.registry_ = Registry.from_adata(adata) if adata is not None else None
+        self.registry_ = _setup_of(adata) if adata is not None else None
         self.hparams = dict(hparams)
         self.module_: torch.nn.Module | None = None
         self.history_: dict[str, list] = {}
@@ -187,19 +187,37 @@ class BaseModel:
         """Tensors of ``adata`` (default: the training data), checked against the registry."""
         if adata is None:
             if self.adata is None:
-                raise ValueError("This model has no AnnData attached: pass adata=...")
+                name = type(self).__name__
+                raise ValueError(
+                    f"This model has no AnnData attached: pass the data to the getter (adata=...),"
+                    f" or attach it with {name}.load(dir_path, adata) to train or use the getters"
+                    " without it."
+                )
             adata = self.adata
         if adata is self.adata and self.registry_ is not None:
             sources, cache = _sources(adata, self.registry_), self._data_cache
             if cache is None or not _same_sources(cache[0], sources):
                 self._data_cache = None  # free the old tensors before building the new ones
                 # changed since its tensors were built: checked against the model like new data
-                reg = self.registry_ if cache is None else self._registry_of(adata)
+                reg = self._own_registry(adata) if cache is None else self._registry_of(adata)
                 td = TensorData.from_adata(adata, reg)
                 self._data_cache = ([_ref(s) for s in sources], td, reg)
             return self._data_cache[1], self._data_cache[2]
         reg = self._registry_of(adata)
         return TensorData.from_adata(adata, reg), reg
+
+    def _own_registry(self, adata) -> Registry:
+        """The registry of the attached AnnData, at its first use.
+
+        The model's own for its training data as set up; otherwise (data attached by ``load``,
+        a setup changed since) the data's, checked against the model.
+        """
+        try:
+            if Registry.from_adata(adata) == self.registry_:
+                return self.registry_
+        except ValueError:  # no setup stored
+            pass
+        return self._registry_of(adata)
 
     def _registry_of(self, adata) -> Registry:
         """The registry of data other than the training data, checked against the model."""
@@ -435,12 +453,20 @@ class BaseModel:
         >>> len(model.history)
         3
         """
+        unknown = set(train_options) - set(TrainConfig.__dataclass_fields__)
+        if unknown:
+            raise TypeError(
+                f"Unknown training options {sorted(unknown)}."
+                + (
+                    " train() fits the model's own AnnData (given to the constructor or to "
+                    "load(dir_path, adata))."
+                    if "adata" in unknown
+                    else ""
+                )
+            )
         td, reg = self._data()
         if seed is None:  # unseeded: split, order, initialisation and dropout drawn afresh
             seed = secrets.randbits(63)
-        unknown = set(train_options) - set(TrainConfig.__dataclass_fields__)
-        if unknown:
-            raise TypeError(f"Unknown training options {sorted(unknown)}.")
         options = {**self._train_defaults, **train_options}
         for name, value in (
             ("batch_size", batch_size),
@@ -593,23 +619,10 @@ class BaseModel:
             state = torch.load(weights, map_location=dev, weights_only=True)
         except Exception as err:
             raise ValueError(f"Could not read the weights in {weights}: {err}") from err
-        registry = Registry.from_dict(config["registry"])
-        if adata is not None:
-            try:
-                current = Registry.from_adata(adata)
-            except ValueError:
-                current = None
-            if (
-                current is None
-                or current.var_names != registry.var_names
-                or (current.setup_kwargs() != registry.setup_kwargs())
-            ):
-                pp.transfer_setup(adata, registry)
         model = cls.__new__(cls)
         BaseModel.__init__(model, None, **config["hparams"])
-        model.adata = adata
-        model.registry_ = registry
-        model.module_ = model._build_module().to(dev)
+        model.registry_ = Registry.from_dict(config["registry"])
+        model.module_ = model._build_module().to(dev)  # from the registry: no data read
         try:
             model.module_.load_state_dict(state)
         except RuntimeError as err:
@@ -617,6 +630,18 @@ class BaseModel:
         model.module_.eval()
         model.history_ = {k: list(v) for k, v in config.get("history", {}).items()}
         model.is_trained_ = bool(config.get("is_trained", True))
+        if adata is not None:
+            pp.check_not_view(adata)
+            model.adata = adata
+            # checked against the model now (genes, proteins, categories, labels), as a
+            # getter's new data are; registered with the model's setup unless set up so
+            _, reg = model._data()
+            try:
+                stored = Registry.from_adata(adata)
+            except ValueError:
+                stored = None
+            if stored is None or stored.setup_kwargs() != reg.setup_kwargs():
+                adata.uns[UNS_KEY] = reg.to_dict()
         return model
 
     def __repr__(self) -> str:
@@ -628,6 +653,21 @@ class BaseModel:
         )
         params = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
         return f"{type(self).__name__}({params}) — {shape}, {status}"
+
+
+def _setup_of(adata) -> Registry:
+    """The setup stored in ``adata``, checked to be this AnnData's (not its parent's)."""
+    reg = Registry.from_adata(adata)
+    if reg.n_obs != adata.n_obs or list(reg.var_names) != [str(v) for v in adata.var_names]:
+        args = ", ".join(f"{k}={v!r}" for k, v in reg.setup_kwargs().items() if v is not None)
+        raise ValueError(
+            f"adata.uns[{UNS_KEY!r}] was set up for {reg.n_obs} cells × {reg.n_vars} genes, but "
+            f"this AnnData has {adata.n_obs} × {adata.n_vars}: it was subset or filtered after "
+            "setup_anndata (a copy keeps its parent's setup, with its categories and library "
+            f"statistics). Set it up again: cellvae.pp.setup_anndata(adata{', ' if args else ''}"
+            f"{args})."
+        )
+    return reg
 
 
 def _mean_over_cells(values: np.ndarray | None) -> float:
