@@ -56,18 +56,27 @@ def _categories(adata, key: str | None, what: str) -> tuple[str, ...]:
     return tuple(sorted(set(col.astype(str))))
 
 
-def _continuous(adata, keys: Sequence[str]) -> None:
+def _keys(keys: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Covariate keys as a tuple: one string is one key (not its letters)."""
+    return (keys,) if isinstance(keys, str) else tuple(keys or ())
+
+
+def _continuous(adata, keys: Sequence[str], what: str = "continuous covariate") -> None:
     for key in keys:
-        col = _obs_column(adata, key, "continuous covariate")
+        col = _obs_column(adata, key, what)
         if not pd.api.types.is_numeric_dtype(col):
             raise ValueError(
-                f"Continuous covariate obs[{key!r}] has dtype {col.dtype}; it must be numeric. "
-                "Register it with categorical_covariate_keys instead if it is a category."
+                f"{what.capitalize()} obs[{key!r}] has dtype {col.dtype}; it must be numeric."
+                + (
+                    " Register it with categorical_covariate_keys instead if it is a category."
+                    if what == "continuous covariate"
+                    else ""
+                )
             )
         values = col.to_numpy(dtype=float, na_value=np.nan)
         if not np.isfinite(values).all():
             raise ValueError(
-                f"Continuous covariate obs[{key!r}] has {int((~np.isfinite(values)).sum())} NaN "
+                f"{what.capitalize()} obs[{key!r}] has {int((~np.isfinite(values)).sum())} NaN "
                 f"or infinite values. Fill them (e.g. adata.obs[{key!r}].fillna(0)) or drop "
                 f"those cells: adata = adata[np.isfinite(adata.obs[{key!r}])].copy()."
             )
@@ -159,16 +168,15 @@ def _build_registry(
     batch_key: str | None,
     labels_key: str | None,
     size_factor_key: str | None,
-    categorical_covariate_keys: Sequence[str] | None,
-    continuous_covariate_keys: Sequence[str] | None,
+    categorical_covariate_keys: str | Sequence[str] | None,
+    continuous_covariate_keys: str | Sequence[str] | None,
     protein_expression_obsm_key: str | None,
     protein_names_uns_key: str | None,
     categories: dict[str, tuple[str, ...]] | None = None,
 ) -> Registry:
     """Validate ``adata`` and compute a registry; touches nothing in ``adata``."""
     check_not_view(adata)
-    cat_keys = tuple(categorical_covariate_keys or ())
-    cont_keys = tuple(continuous_covariate_keys or ())
+    cat_keys, cont_keys = _keys(categorical_covariate_keys), _keys(continuous_covariate_keys)
     counts = get_counts(adata, layer)
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(
@@ -186,7 +194,7 @@ def _build_registry(
     )
     _continuous(adata, cont_keys)
     if size_factor_key is not None:
-        _continuous(adata, [size_factor_key])
+        _continuous(adata, [size_factor_key], "size factor")
         if (adata.obs[size_factor_key].to_numpy(dtype=float, na_value=np.nan) <= 0).any():
             raise ValueError(
                 f"Size factors obs[{size_factor_key!r}] must be strictly positive; found values "
@@ -263,8 +271,8 @@ def setup_anndata(
     batch_key: str | None = None,
     labels_key: str | None = None,
     size_factor_key: str | None = None,
-    categorical_covariate_keys: Sequence[str] | None = None,
-    continuous_covariate_keys: Sequence[str] | None = None,
+    categorical_covariate_keys: str | Sequence[str] | None = None,
+    continuous_covariate_keys: str | Sequence[str] | None = None,
     protein_expression_obsm_key: str | None = None,
     protein_names_uns_key: str | None = None,
 ) -> None:
@@ -287,9 +295,9 @@ def setup_anndata(
     size_factor_key
         Column of ``obs`` with positive size factors, used instead of the observed library size.
     categorical_covariate_keys
-        Extra categorical ``obs`` columns injected into the networks.
+        Extra categorical ``obs`` columns injected into the networks (one name or a list).
     continuous_covariate_keys
-        Numeric ``obs`` columns concatenated to the network inputs.
+        Numeric ``obs`` columns concatenated to the network inputs (one name or a list).
     protein_expression_obsm_key
         Key of ``obsm`` with raw protein (ADT) counts, a DataFrame or an array (TOTALVI).
     protein_names_uns_key
@@ -343,6 +351,8 @@ def transfer_setup(adata, source, *, extend_categories: bool = False) -> Registr
 
     The genes must be the reference's, in the same order. Category mappings are kept, so codes
     mean the same thing in both; unseen categories are rejected unless ``extend_categories``.
+    Labels are optional in the new data: a labels column that is absent, or has cells without a
+    label (NaN), is not registered (unseen labels are added).
 
     Parameters
     ----------
@@ -420,7 +430,9 @@ def registry_like(
             ref.batch_categories, new, ref.batch_key, extend_categories, unseen_hint
         )
     if ref.labels_key is not None:
-        if ref.labels_key in adata.obs:
+        # optional in new data: a column that is absent or not filled for every cell is left out
+        col = adata.obs.get(ref.labels_key)
+        if col is not None and not col.isna().any():
             new = _categories(adata, ref.labels_key, "labels_key")
             cats["labels"] = _extend(ref.label_categories, new, ref.labels_key, True, "")
         else:

@@ -172,6 +172,24 @@ def test_size_factors():
     np.testing.assert_allclose(b["size_factor"].numpy(), adata.obs["sf"], rtol=1e-6)
 
 
+def test_size_factor_errors_name_the_size_factor():
+    adata = make()
+    with pytest.raises(KeyError, match="size factor 'nope' is not a column"):
+        pp.setup_anndata(adata, size_factor_key="nope")
+    adata.obs["sf_text"] = adata.obs["sf"].astype(str)
+    with pytest.raises(ValueError, match=r"^Size factor obs\['sf_text'\] has dtype object") as e:
+        pp.setup_anndata(adata, size_factor_key="sf_text")
+    assert "categorical_covariate_keys" not in str(e.value)  # advice for covariates only
+
+
+def test_one_covariate_name_is_one_key():
+    adata = make()
+    reg = setup_ok(adata, categorical_covariate_keys="donor", continuous_covariate_keys="age")
+    assert reg.categorical_covariate_keys == ("donor",)
+    assert reg.continuous_covariate_keys == ("age",)
+    np.testing.assert_allclose(all_rows(adata)["cont_covs"][:, 0], adata.obs["age"], rtol=1e-6)
+
+
 def test_categorical_covariates():
     adata = make()
     reg = setup_ok(adata, categorical_covariate_keys=["donor", "site"])
@@ -821,6 +839,18 @@ def test_transfer_without_labels_column_keeps_reference_labels(reference):
     reg = pp.transfer_setup(query, reference)
     assert reg.labels_key is None
     assert reg.label_categories == Registry.from_adata(reference).label_categories
+
+
+def test_transfer_labels_with_missing_values_are_left_out(reference):
+    # unannotated query cells: labels are optional there, as an absent column is
+    query = make(40, 20, n_proteins=3, seed=2)
+    query.obs["cell_type"] = query.obs["cell_type"].astype(object)
+    query.obs.iloc[:10, query.obs.columns.get_loc("cell_type")] = np.nan
+    reg = pp.transfer_setup(query, reference)
+    assert reg.labels_key is None
+    assert reg.label_categories == Registry.from_adata(reference).label_categories
+    with pytest.raises(ValueError, match="missing"):  # a setup of its own still needs them all
+        pp.setup_anndata(query, labels_key="cell_type")
 
 
 def test_transfer_protein_panel_must_match(reference):

@@ -789,9 +789,23 @@ def test_gene_label_dispersion_needs_known_labels_of_new_data():
         ValueError, match=r"labels it was trained on: obs\['cell_type'\] has \['typeX'\]"
     ):
         model.get_elbo(query)
+    query.obs.loc[query.obs_names[:3], "cell_type"] = np.nan  # unannotated cells
+    with pytest.raises(ValueError, match=r"needs the label of every cell.*without a label"):
+        model.get_normalized_expression(query)
     del query.obs["cell_type"]
     with pytest.raises(ValueError, match=r"needs the label of every cell.*cell_type"):
         model.get_normalized_expression(query)
+
+
+def test_unannotated_cells_in_new_data_for_a_model_without_label_parameters(trained):
+    adata, model = trained  # set up with labels_key="cell_type"; gene dispersion
+    query = adata.copy()
+    del query.uns["cellvae"]
+    query.obs["cell_type"] = query.obs["cell_type"].astype(object)
+    query.obs.loc[query.obs_names[:50], "cell_type"] = np.nan
+    np.testing.assert_array_equal(
+        model.get_latent_representation(query), model.get_latent_representation()
+    )
 
 
 def test_getter_and_train_options_out_of_range_raise_clear_errors(trained):

@@ -142,7 +142,10 @@ class BaseModel:
         key, known = self.registry_.labels_key, self.registry_.label_categories
         why = f"This model has parameters per label ({option}), so it needs"
         if registry.labels_key is None:
-            raise ValueError(f"{why} the label of every cell: the new data has no obs[{key!r}].")
+            raise ValueError(
+                f"{why} the label of every cell: the new data has no obs[{key!r}], or cells "
+                "without a label (NaN) in it."
+            )
         unseen = [c for c in registry.label_categories if c not in set(known)]
         if unseen:
             raise ValueError(

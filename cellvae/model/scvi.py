@@ -100,8 +100,8 @@ class SCVI(BaseModel):
         batch_key: str | None = None,
         labels_key: str | None = None,
         size_factor_key: str | None = None,
-        categorical_covariate_keys: Sequence[str] | None = None,
-        continuous_covariate_keys: Sequence[str] | None = None,
+        categorical_covariate_keys: str | Sequence[str] | None = None,
+        continuous_covariate_keys: str | Sequence[str] | None = None,
     ) -> None:
         """Register ``adata`` for SCVI; see :func:`cellvae.pp.setup_anndata`.
 

@@ -134,8 +134,8 @@ class TOTALVI(BaseModel):
         batch_key: str | None = None,
         labels_key: str | None = None,
         protein_names_uns_key: str | None = None,
-        categorical_covariate_keys: Sequence[str] | None = None,
-        continuous_covariate_keys: Sequence[str] | None = None,
+        categorical_covariate_keys: str | Sequence[str] | None = None,
+        continuous_covariate_keys: str | Sequence[str] | None = None,
         size_factor_key: str | None = None,
     ) -> None:
         """Register ``adata`` (RNA counts and ``obsm`` proteins) for TOTALVI.
