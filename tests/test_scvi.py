@@ -662,6 +662,11 @@ def test_indices_as_boolean_mask(trained):
     with pytest.raises(TypeError, match="get_indexer"):
         model.get_latent_representation(indices=adata.obs_names[:3])
     assert model.get_latent_representation(indices=[]).shape == (0, 4)
+    # no cells: empty outputs of the right shape, or a clear error for a mean
+    assert model.posterior_predictive_sample(indices=[], n_samples=3).shape == (0, 40, 3)
+    assert model.get_normalized_expression(indices=[], n_samples=2).shape == (0, 40)
+    with pytest.raises(ValueError, match="selects no cells"):
+        model.get_marginal_ll(indices=[], n_mc_samples=3)
 
 
 def test_single_names_and_numpy_scalars_as_getter_options(trained):

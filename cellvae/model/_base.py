@@ -373,7 +373,7 @@ class BaseModel:
         True
         """
         values = self._per_cell(adata, indices, batch_size, lambda b: -self.module(b).elbo)
-        return _mean_over_cells(values)
+        return mean_over_cells(values)
 
     def get_reconstruction_error(
         self, adata=None, *, indices=None, batch_size: int | None = None
@@ -390,7 +390,7 @@ class BaseModel:
         True
         """
         fn = lambda b: self.module(b).reconstruction
-        return _mean_over_cells(self._per_cell(adata, indices, batch_size, fn))
+        return mean_over_cells(self._per_cell(adata, indices, batch_size, fn))
 
     # ------------------------------------------------------------------ training
     def train(
@@ -673,7 +673,7 @@ def _setup_of(adata) -> Registry:
     return reg
 
 
-def _mean_over_cells(values: np.ndarray | None) -> float:
+def mean_over_cells(values: np.ndarray | None) -> float:
     if values is None or not len(values):
         raise ValueError("indices selects no cells: a mean over no cells is undefined.")
     return float(values.mean())

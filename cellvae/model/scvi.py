@@ -12,7 +12,7 @@ import torch
 from .. import pp
 from .._registry import Registry
 from ..module import VAE
-from ._base import BaseModel, check_count, library_scale, output_array
+from ._base import BaseModel, check_count, library_scale, mean_over_cells, output_array
 
 
 class SCVI(BaseModel):
@@ -245,7 +245,7 @@ class SCVI(BaseModel):
     ) -> float:
         """Return the importance-sampled marginal log-likelihood log p(x) per cell.
 
-        Higher is better (scvi-tools reports the negative of this number).
+        Higher is better (the same quantity, and sign, as scvi-tools' ``get_marginal_ll``).
 
         Examples
         --------
@@ -258,7 +258,7 @@ class SCVI(BaseModel):
         """
         check_count("n_mc_samples", n_mc_samples)
         fn = lambda b: self.module.marginal_ll(b, n_mc_samples)
-        return float(self._per_cell(adata, indices, batch_size or 128, fn).mean())
+        return mean_over_cells(self._per_cell(adata, indices, batch_size or 128, fn))
 
     @torch.no_grad()
     def posterior_predictive_sample(

@@ -76,8 +76,8 @@ def decoder_input(z: torch.Tensor, tensors: dict[str, torch.Tensor], batch=None)
     if z.dim() == 2:
         return dec_in, cats, lambda t: t
     s, n = z.shape[:2]
-    unflat = lambda t: None if t is None else t.reshape(s, n, -1)
-    return dec_in.reshape(s * n, -1), [c.repeat(s) for c in cats], unflat
+    unflat = lambda t: None if t is None else t.reshape(s, n, *t.shape[1:])  # also for 0 cells
+    return dec_in.reshape(s * n, dec_in.shape[-1]), [c.repeat(s) for c in cats], unflat
 
 
 def check_choice(name: str, value, options) -> None:
