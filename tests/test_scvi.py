@@ -945,6 +945,19 @@ def test_load_checks_the_attached_data_like_a_getters(trained, tmp_path):
         bare.train(max_epochs=1, adata=adata)
 
 
+def test_network_sizes_checked_and_repr_shows_the_attached_data(trained, tmp_path):
+    adata, model = trained
+    for name, value in [("n_latent", 0), ("n_hidden", 2.5), ("n_layers", 0)]:
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+            cellvae.SCVI(adata, **{name: value}).train(max_epochs=1, progress_bar=False)
+    model.save(tmp_path / "m")
+    query = adata[:100].copy()
+    del query.uns["cellvae"]
+    assert "100 cells × 40 genes" in repr(cellvae.SCVI.load(tmp_path / "m", query))
+    assert "no data attached (40 genes)" in repr(cellvae.SCVI.load(tmp_path / "m"))
+    assert "300 cells × 40 genes, trained" in repr(model)
+
+
 def test_model_rejects_a_setup_made_for_its_parent_anndata():
     adata = _setup(150, 20, n_batches=3)
     sub = adata[adata.obs["batch"] == "batch0"].copy()  # keeps the parent's uns["cellvae"]

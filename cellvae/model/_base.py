@@ -99,6 +99,10 @@ def rows_into_one(chunks: Iterable[np.ndarray], n_rows: int) -> np.ndarray | Non
     return out
 
 
+# network sizes among the models' options, each a positive integer
+_SIZES = ("n_latent", "n_hidden", "n_layers", "n_layers_encoder", "n_layers_decoder")
+
+
 class BaseModel:
     """Shared machinery of the user-facing models (not used directly).
 
@@ -155,6 +159,9 @@ class BaseModel:
 
     # ------------------------------------------------------------------ module
     def _build_module(self) -> torch.nn.Module:
+        for name in _SIZES:  # sizes of the network: 0 or 2.5 would fail deep in torch, or not
+            if name in self.hparams:
+                check_count(name, self.hparams[name])
         return self._module_cls(**self._module_kwargs())
 
     @property
@@ -649,11 +656,12 @@ class BaseModel:
 
     def __repr__(self) -> str:
         status = "trained" if self.is_trained_ else "not trained"
-        shape = (
-            f"{self.registry_.n_obs} cells × {self.registry_.n_vars} genes"
-            if self.registry_
-            else "no data"
-        )
+        if self.adata is not None:  # the attached data (after load, not the training data)
+            shape = f"{self.adata.n_obs} cells × {self.adata.n_vars} genes"
+        elif self.registry_ is not None:
+            shape = f"no data attached ({self.registry_.n_vars} genes)"
+        else:
+            shape = "no data"
         params = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
         return f"{type(self).__name__}({params}) — {shape}, {status}"
 
