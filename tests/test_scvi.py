@@ -691,6 +691,17 @@ def test_single_names_and_numpy_scalars_as_getter_options(trained):
     assert not np.array_equal(got, m.get_normalized_expression(transform_batch=[7, 12]).to_numpy())
     with pytest.raises(ValueError, match="not a batch of the model"):
         m.get_normalized_expression(transform_batch=np.int64(3))
+    # a float column: categories '7.0' and '12.0', named by the numbers 7 and 12 too
+    num.obs["plate"] = num.obs["plate"].astype(float)
+    cellvae.SCVI.setup_anndata(num, batch_key="plate")
+    m = cellvae.SCVI(num, n_latent=2).train(max_epochs=1, progress_bar=False)
+    assert m.registry_.batch_categories == ("7.0", "12.0")
+    np.testing.assert_array_equal(
+        m.get_normalized_expression(transform_batch=7, return_numpy=True),
+        m.get_normalized_expression(transform_batch="7.0", return_numpy=True),
+    )
+    with pytest.raises(ValueError, match="not a batch of the model"):
+        m.get_normalized_expression(transform_batch=7.5)
 
 
 def test_normalized_expression_equals_generative_px_scale(trained):

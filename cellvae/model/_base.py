@@ -324,12 +324,13 @@ class BaseModel:
         if not as_list(transform_batch):
             raise ValueError("transform_batch is empty: pass a batch, a list of them, or None.")
         for b in as_list(transform_batch):
-            if str(b) not in reg.batch_categories:
+            name = _batch_name(b, reg.batch_categories)
+            if name is None:
                 raise ValueError(
                     f"transform_batch {b!r} is not a batch of the model "
                     f"(batches: {list(reg.batch_categories)})."
                 )
-            codes.append(reg.batch_categories.index(str(b)))
+            codes.append(reg.batch_categories.index(name))
         return codes
 
     def _gene_idx(self, gene_list, reg: Registry) -> tuple[torch.Tensor | None, list[str]]:
@@ -679,6 +680,24 @@ def _setup_of(adata) -> Registry:
             f"{args})."
         )
     return reg
+
+
+def _batch_name(batch, categories: Sequence[str]) -> str | None:
+    """The category named by ``batch``, or None.
+
+    Its text, or for a number the category of that value: a float column's categories read
+    '1.0', and ``1`` names that one.
+    """
+    if str(batch) in categories:
+        return str(batch)
+    if isinstance(batch, numbers.Real) and not isinstance(batch, bool):
+        for c in categories:
+            try:
+                if float(c) == float(batch):
+                    return c
+            except ValueError:
+                continue
+    return None
 
 
 def mean_over_cells(values: np.ndarray | None) -> float:
