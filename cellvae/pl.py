@@ -319,15 +319,14 @@ def _as_list(names: str | Sequence[str], what: str) -> list[str]:
     return names
 
 
-def _protein_frame(adata, key: str, proteins: list[str], model, what: str) -> pd.DataFrame:
-    """``obsm[key]`` as cells × ``proteins`` (array columns named by the cellvae setup)."""
+def _protein_frame(
+    adata, key: str, proteins: list[str], model, what: str, how: str
+) -> pd.DataFrame:
+    """``obsm[key]`` as cells × ``proteins`` (array columns named by the cellvae setup).
+
+    ``what`` names the values and ``how`` says how they get there, for the error when absent.
+    """
     if key not in adata.obsm:
-        how = {
-            "denoised proteins": "cellvae.tl.totalvi writes obsm['protein_denoised']",
-            "foreground probabilities": (
-                f"adata.obsm[{key!r}] = model.get_protein_foreground_probability()"
-            ),
-        }.get(what, "the key registered with cellvae.TOTALVI.setup_anndata, or protein_key=")
         raise KeyError(
             f"adata.obsm has no {key!r}: pass model= (a trained cellvae.TOTALVI), or store the "
             f"{what} there first ({how})."
@@ -381,7 +380,14 @@ def _raw_proteins(adata, model, protein_key: str | None, proteins: list[str]) ->
             "register the proteins with cellvae.TOTALVI.setup_anndata(adata, "
             "protein_expression_obsm_key=...)."
         )
-    return _protein_frame(adata, key, proteins, model, "raw protein counts")
+    return _protein_frame(
+        adata,
+        key,
+        proteins,
+        model,
+        "raw protein counts",
+        "the key registered with cellvae.TOTALVI.setup_anndata, or protein_key=",
+    )
 
 
 def _point_size(n: int) -> float:
@@ -520,7 +526,14 @@ def protein_denoised(
         )
         denoised = denoised.astype(float)
     else:
-        denoised = _protein_frame(adata, denoised_key, names, None, "denoised proteins")
+        denoised = _protein_frame(
+            adata,
+            denoised_key,
+            names,
+            None,
+            "denoised proteins",
+            "cellvae.tl.totalvi writes obsm['protein_denoised']",
+        )
     colors, legend = _obs_colors(adata, color)
     axs, fig = _grid(len(names), ncols, ax)
     kwargs.setdefault("s", _point_size(adata.n_obs))
@@ -643,7 +656,14 @@ def foreground_probability(
             _model_adata(model, adata), transform_batch=transform_batch, protein_list=names
         ).astype(float)
     else:
-        prob = _protein_frame(adata, key, names, None, "foreground probabilities")
+        prob = _protein_frame(
+            adata,
+            key,
+            names,
+            None,
+            "foreground probabilities",
+            f"adata.obsm[{key!r}] = model.get_protein_foreground_probability()",
+        )
     if groupby is None:
         emb = basis if basis in adata.obsm else f"X_{basis}"
         if emb not in adata.obsm:

@@ -61,17 +61,18 @@ def _keys(keys: str | Sequence[str] | None) -> tuple[str, ...]:
     return (keys,) if isinstance(keys, str) else tuple(keys or ())
 
 
-def _continuous(adata, keys: Sequence[str], what: str = "continuous covariate") -> None:
+_CATEGORY_HINT = " Register it with categorical_covariate_keys instead if it is a category."
+
+
+def _continuous(
+    adata, keys: Sequence[str], what: str = "continuous covariate", hint: str = _CATEGORY_HINT
+) -> None:
     for key in keys:
         col = _obs_column(adata, key, what)
         if not pd.api.types.is_numeric_dtype(col):
             raise ValueError(
                 f"{what.capitalize()} obs[{key!r}] has dtype {col.dtype}; it must be numeric."
-                + (
-                    " Register it with categorical_covariate_keys instead if it is a category."
-                    if what == "continuous covariate"
-                    else ""
-                )
+                + hint
             )
         values = col.to_numpy(dtype=float, na_value=np.nan)
         if not np.isfinite(values).all():
@@ -194,7 +195,7 @@ def _build_registry(
     )
     _continuous(adata, cont_keys)
     if size_factor_key is not None:
-        _continuous(adata, [size_factor_key], "size factor")
+        _continuous(adata, [size_factor_key], "size factor", hint="")
         if (adata.obs[size_factor_key].to_numpy(dtype=float, na_value=np.nan) <= 0).any():
             raise ValueError(
                 f"Size factors obs[{size_factor_key!r}] must be strictly positive; found values "

@@ -72,10 +72,16 @@ def _fit(model, max_epochs, random_state, progress_bar, device, train_kwargs):
 
 
 def _record(adata, uns_key: str, model, params: dict[str, Any]) -> str:
-    """Write the parameters and the training history to ``adata.uns[uns_key]``."""
+    """Write the setup, the parameters and the training history to ``adata.uns[uns_key]``."""
+    n_epochs = len(model.history_.get("epoch", []))
     adata.uns[uns_key] = {
         "params": _h5ad_safe(
-            {**params, "max_epochs": len(model.history_.get("epoch", [])), **model.hparams}
+            {
+                **model.registry_.setup_kwargs(),
+                **params,
+                "max_epochs": n_epochs,
+                **model.hparams,
+            }
         ),
         "history": _history_record(model),
     }
@@ -177,7 +183,6 @@ def scvi(
         )
         added.append(f"layers[{layer_added!r}]")
     params = {
-        **model.registry_.setup_kwargs(),
         "n_latent": n_latent,
         "random_state": random_state,
         "key_added": key_added,
@@ -287,7 +292,6 @@ def totalvi(
         adata.obsm[protein_key_added] = proteins
         added.append(f"obsm[{protein_key_added!r}]")
     params = {
-        **model.registry_.setup_kwargs(),
         "n_latent": n_latent,
         "random_state": random_state,
         "key_added": key_added,

@@ -107,6 +107,16 @@ def _kl_weight(step: int, warmup_steps: int) -> float:
     return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
 
 
+def _term_sums(out) -> dict[str, torch.Tensor]:
+    """Sums over a minibatch's cells of the per-cell terms of a module's output (0-d tensors)."""
+    return {
+        "elbo": out.elbo.detach().sum(),
+        "reconstruction": out.reconstruction.detach().sum(),
+        "kl_local": out.kl_local.detach().sum(),
+        **{k: v.detach().sum() for k, v in out.extra.items()},  # e.g. TOTALVI's protein terms
+    }
+
+
 @torch.no_grad()
 def evaluate(
     module: nn.Module, data: TensorData, indices: torch.Tensor, batch_size: int = 2048
@@ -116,14 +126,7 @@ def evaluate(
     module.eval()
     totals: dict[str, float] = {}
     for batch in data.batches(indices, batch_size):
-        out = module(batch, kl_weight=1.0)
-        terms = {
-            "elbo": out.elbo.sum(),
-            "reconstruction": out.reconstruction.sum(),
-            "kl_local": out.kl_local.sum(),
-        }
-        terms.update({k: v.sum() for k, v in out.extra.items()})
-        for k, v in terms.items():
+        for k, v in _term_sums(module(batch, kl_weight=1.0)).items():
             totals[k] = totals.get(k, 0.0) + float(v)
     module.train(was_training)
     n = max(len(indices), 1)
@@ -344,7 +347,7 @@ def train_module(
         )
         for epoch in bar:
             module.train()
-            sums, extra_keys = None, ()
+            sums, term_keys = None, ()
             n_cells = 0
             kl_weight = _kl_weight(step, warmup_steps)
             for batch in data.batches(train_idx, config.batch_size, shuffle=True, generator=gen):
@@ -358,22 +361,14 @@ def train_module(
                 step += 1
                 n = len(batch["batch"])
                 n_cells += n
-                terms = torch.stack(
-                    [
-                        skipped,
-                        out.loss.detach() * n,
-                        out.elbo.detach().sum(),
-                        out.reconstruction.detach().sum(),
-                        out.kl_local.detach().sum(),
-                        *(v.detach().sum() for v in out.extra.values()),  # e.g. TOTALVI's
-                    ]
-                ).double()
+                terms = _term_sums(out)
+                stacked = torch.stack([skipped, out.loss.detach() * n, *terms.values()]).double()
                 if sums is None:
-                    sums, extra_keys = terms, tuple(out.extra)
+                    sums, term_keys = stacked, tuple(terms)
                 else:
-                    sums += terms
+                    sums += stacked
             n_skipped = int(sums[0])
-            loss, elbo, rec, kl, *extra = (sums[1:] / n_cells).tolist()
+            loss, *means = (sums[1:] / n_cells).tolist()
             if n_skipped or not math.isfinite(loss):
                 for key, buf in module.named_buffers():
                     buf.copy_(last_good_buffers[key])
@@ -388,10 +383,7 @@ def train_module(
             record = {
                 "epoch": done,
                 "train_loss": loss,
-                "train_elbo": elbo,
-                "train_reconstruction": rec,
-                "train_kl_local": kl,
-                **{f"train_{k}": v for k, v in zip(extra_keys, extra, strict=True)},
+                **{f"train_{k}": v for k, v in zip(term_keys, means, strict=True)},
                 "kl_weight": kl_weight,
                 "lr": optimizer.lr,
             }
