@@ -3,6 +3,7 @@ import warnings
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from sklearn.neighbors import NearestNeighbors
@@ -592,6 +593,26 @@ def test_getters_shapes(trained):
     elbo, mll = model.get_elbo(), model.get_marginal_ll(n_mc_samples=50, indices=range(50))
     assert np.isfinite(elbo) and np.isfinite(mll)
     assert mll > model.get_elbo(indices=range(50)) - 1.0  # importance sampling is tighter
+
+
+def test_normalized_expression_samples_without_the_mean(trained):
+    adata, model = trained
+    kw = dict(transform_batch=["batch0", "batch1"], library_size="latent", indices=range(50))
+    kw["batch_size"] = 16  # the same chunks, so the same draws of z from the same seed
+    torch.manual_seed(3)
+    mean = model.get_normalized_expression(n_samples=5, **kw)
+    torch.manual_seed(3)
+    samples = model.get_normalized_expression(n_samples=5, return_mean=False, **kw)
+    assert isinstance(samples, np.ndarray) and samples.shape == (5, 50, 40)
+    np.testing.assert_allclose(samples.mean(0), mean.to_numpy(), rtol=1e-5)
+    assert not np.allclose(samples[0], samples[1])  # each sample is its own draw of z
+    one = model.get_normalized_expression(indices=range(50), return_mean=False)
+    assert isinstance(one, pd.DataFrame) and one.shape == (50, 40)  # one sample: cells × genes
+    with pytest.warns(UserWarning, match="return_numpy=False is overridden"):
+        forced = model.get_normalized_expression(n_samples=2, return_mean=False, return_numpy=False)
+    assert forced.shape == (2, 300, 40)
+    with pytest.raises(TypeError, match="return_mean must be True or False"):
+        model.get_normalized_expression(n_samples=2, return_mean="no")
 
 
 def test_getters_follow_in_place_changes_of_the_models_anndata():

@@ -447,6 +447,21 @@ def test_missing_proteins_masked_and_decoded_from_other_batch(missing):
     )
     fg0 = model.get_protein_foreground_probability(transform_batch="batch0", return_numpy=True)
     np.testing.assert_allclose(fg[:, [1, 4]], fg0[:, [1, 4]], rtol=1e-5)
+    # every sample kept: their mean is the averaged output, with the same masking
+    kw = dict(transform_batch=["batch0", "batch1"], n_samples=4, indices=range(40), batch_size=16)
+    torch.manual_seed(5)
+    rna_mean, prot_mean = model.get_normalized_expression(return_numpy=True, **kw)
+    torch.manual_seed(5)
+    rna_s, prot_s = model.get_normalized_expression(return_mean=False, **kw)
+    assert rna_s.shape == (4, 40, 40) and prot_s.shape == (4, 40, 6)
+    np.testing.assert_allclose(rna_s.mean(0), rna_mean, rtol=1e-4)
+    np.testing.assert_allclose(prot_s.mean(0), prot_mean, rtol=1e-4)
+    torch.manual_seed(5)
+    fg_mean = model.get_protein_foreground_probability(return_numpy=True, **kw)
+    torch.manual_seed(5)
+    fg_s = model.get_protein_foreground_probability(return_mean=False, protein_list="prot4", **kw)
+    assert fg_s.shape == (4, 40, 1)
+    np.testing.assert_allclose(fg_s.mean(0), fg_mean[:, [4]], rtol=1e-4)
 
 
 # ---------------------------------------------------------------- misuse

@@ -23,7 +23,7 @@ import torch
 
 from .. import pp
 from .._data import TensorData, split_indices
-from .._registry import UNS_KEY, Registry, get_counts
+from .._registry import UNS_KEY, Registry, get_counts, warn_user
 from ..train import TrainConfig, default_max_epochs, resolve_device, train_module
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,30 @@ def library_scale(library_size) -> float | None:
         if library_size > 0:
             return float(library_size)
     raise ValueError(f"library_size must be a positive number or 'latent', got {library_size!r}.")
+
+
+def samples_kept(n_samples: int, return_mean: bool, return_numpy: bool | None) -> tuple[bool, bool]:
+    """Whether a getter keeps its samples axis, and whether it returns arrays.
+
+    With ``n_samples > 1`` and ``return_mean=False`` the output is samples × cells × features,
+    which only an array holds (as in scvi-tools): ``return_numpy=False`` then warns and is
+    overridden; ``None`` means arrays exactly then.
+
+    Examples
+    --------
+    >>> samples_kept(5, False, None), samples_kept(5, True, None), samples_kept(1, False, True)
+    ((True, True), (False, False), (False, True))
+    """
+    check_count("n_samples", n_samples)
+    if not isinstance(return_mean, bool | np.bool_):
+        raise TypeError(f"return_mean must be True or False, got {return_mean!r}.")
+    keep = n_samples > 1 and not return_mean
+    if keep and return_numpy is False:
+        warn_user(
+            "return_numpy=False is overridden: with n_samples > 1 and return_mean=False the output "
+            "is samples × cells × features, returned as an array."
+        )
+    return keep, keep or bool(return_numpy)
 
 
 def rows_into_one(chunks: Iterable[np.ndarray], n_rows: int) -> np.ndarray | None:

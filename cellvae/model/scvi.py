@@ -12,7 +12,14 @@ import torch
 from .. import pp
 from .._registry import Registry
 from ..module import VAE
-from ._base import BaseModel, check_count, library_scale, mean_over_cells, output_array
+from ._base import (
+    BaseModel,
+    check_count,
+    library_scale,
+    mean_over_cells,
+    output_array,
+    samples_kept,
+)
 
 
 class SCVI(BaseModel):
@@ -149,7 +156,8 @@ class SCVI(BaseModel):
         gene_list: Sequence[str] | None = None,
         library_size: float | Literal["latent"] = 1,
         n_samples: int = 1,
-        return_numpy: bool = False,
+        return_mean: bool = True,
+        return_numpy: bool | None = None,
         batch_size: int | None = None,
     ) -> pd.DataFrame | np.ndarray:
         """Return denoised, library-normalised expression (cells × genes).
@@ -174,8 +182,12 @@ class SCVI(BaseModel):
         n_samples
             Average over this many posterior samples of z and of an inferred library (1: use
             their posterior means).
+        return_mean
+            With ``n_samples > 1``, False returns every sample instead of their mean: a float32
+            array of samples × cells × genes (as scvi-tools; ``n_samples`` times the memory).
         return_numpy
-            Return a float32 array instead of a DataFrame.
+            Return a float32 array instead of a DataFrame (default: only for the samples of
+            ``return_mean=False``).
         batch_size
             Cells per forward pass.
 
@@ -190,7 +202,7 @@ class SCVI(BaseModel):
         (200, 1)
         """
         self._check_trained()
-        check_count("n_samples", n_samples)
+        keep_samples, return_numpy = samples_kept(n_samples, return_mean, return_numpy)
         scale = library_scale(library_size)
         td, reg = self._data(adata)
         codes = self._batch_codes(transform_batch, reg)
@@ -198,7 +210,7 @@ class SCVI(BaseModel):
         idx = self._indices(td, indices)
         dev = self.device
         g_idx = None if gene_idx is None else gene_idx.to(dev)
-        out = output_array((len(idx), len(genes)))
+        out = output_array((n_samples,) * keep_samples + (len(idx), len(genes)))
         start = 0
         factor = (1.0 if scale is None else scale) / len(codes)
         for batch in self._batches(td, idx, batch_size):
@@ -210,7 +222,7 @@ class SCVI(BaseModel):
             latent_mean = n_samples == 1 and inf["ql_m"] is not None
             library = inf["ql_m"] if latent_mean else inf["library"]
             n = len(batch["batch"])
-            target = torch.from_numpy(out[start : start + n])
+            target = torch.from_numpy(out[..., start : start + n, :])
             start += n
             on_cpu = z.device.type == "cpu"
             acc = None
@@ -221,7 +233,7 @@ class SCVI(BaseModel):
                 value = self.module.expression_scale(z, batch, batch=b, gene_idx=g_idx, out=dest)
                 if scale is None:  # library_size="latent"
                     value = value.mul_(torch.exp(library))
-                value = value if n_samples == 1 else value.mean(0)
+                value = value.mean(0) if n_samples > 1 and not keep_samples else value
                 acc = value if acc is None else acc.add_(value)
             if acc.data_ptr() == target.data_ptr():
                 if factor != 1.0:

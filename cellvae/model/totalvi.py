@@ -13,7 +13,14 @@ from .. import pp
 from .._data import TensorData
 from .._registry import Registry
 from ..module import TOTALVAE
-from ._base import BaseModel, as_list, check_count, library_scale, output_array
+from ._base import (
+    BaseModel,
+    as_list,
+    check_count,
+    library_scale,
+    output_array,
+    samples_kept,
+)
 
 _PRIOR_MAX_CELLS = 20_000  # cells per batch used to initialise the background prior
 
@@ -324,18 +331,21 @@ class TOTALVI(BaseModel):
         batch_size: int | None,
         fn: Callable[[dict, torch.Tensor], dict[str, torch.Tensor]],
         widths: dict[str, int],
+        keep_samples: bool = False,
     ) -> dict[str, np.ndarray]:
         """Decode cells ``idx`` in chunks and average ``fn``'s outputs over samples and batches.
 
         ``fn(gen, library)`` returns tensors by name (``(samples,) cells × width``). Outputs named
         ``"proteins"`` (all proteins) are averaged over the batches in ``codes`` that measured
         each protein (all of them where none did); the others over all batches in ``codes``.
+        With ``keep_samples`` the outputs are samples × cells × width, not averaged over samples.
         """
         check_count("n_samples", n_samples)
         module = self.module
         was = module.training
         module.eval()
-        out = {k: output_array((len(idx), w)) for k, w in widths.items()}
+        lead = (n_samples,) if keep_samples and n_samples > 1 else ()
+        out = {k: output_array(lead + (len(idx), w)) for k, w in widths.items()}
         mask = module.protein_batch_mask.float()
         start = 0
         for batch in self._batches(td, idx, batch_size):
@@ -356,7 +366,7 @@ class TOTALVI(BaseModel):
                 w = torch.ones_like(weights) if code is None else mask[code]
                 weights += w
                 for k, v in values.items():
-                    v = v.mean(0) if n_samples > 1 else v
+                    v = v.mean(0) if n_samples > 1 and not lead else v
                     acc[k] = acc.get(k, 0) + v
                     if k == "proteins":
                         acc["_weighted"] = acc.get("_weighted", 0) + v * w
@@ -366,7 +376,7 @@ class TOTALVI(BaseModel):
                 if k == "proteins":
                     measured = weights > 0
                     value = torch.where(measured, acc["_weighted"] / weights.clamp_min(1), value)
-                out[k][start : start + n] = value.cpu().numpy()
+                out[k][..., start : start + n, :] = value.cpu().numpy()
             start += n
         module.train(was)
         return out
@@ -385,7 +395,8 @@ class TOTALVI(BaseModel):
         include_protein_background: bool = False,
         sample_protein_mixing: bool = False,
         scale_protein: bool = False,
-        return_numpy: bool = False,
+        return_mean: bool = True,
+        return_numpy: bool | None = None,
         batch_size: int | None = None,
     ) -> tuple[pd.DataFrame, pd.DataFrame] | tuple[np.ndarray, np.ndarray]:
         """Return denoised RNA (library-normalised) and protein expression.
@@ -418,14 +429,18 @@ class TOTALVI(BaseModel):
             Sample background / foreground from the mixing probability instead of weighting.
         scale_protein
             Scale each cell's protein values (over all proteins) to sum to 1.
+        return_mean
+            With ``n_samples > 1``, False returns every sample instead of their mean (arrays).
         return_numpy
-            Return float32 arrays instead of DataFrames.
+            Return float32 arrays instead of DataFrames (default: only for the samples of
+            ``return_mean=False``).
         batch_size
             Cells per forward pass.
 
         Returns
         -------
-        ``(rna, protein)``: cells × genes and cells × proteins.
+        ``(rna, protein)``: cells × genes and cells × proteins; samples × cells × genes and
+        samples × cells × proteins with ``n_samples > 1`` and ``return_mean=False``.
 
         Examples
         --------
@@ -442,6 +457,7 @@ class TOTALVI(BaseModel):
         ((200, 1), (200, 2))
         """
         self._check_trained()
+        keep_samples, return_numpy = samples_kept(n_samples, return_mean, return_numpy)
         td, reg = self._data(adata)
         codes = self._batch_codes(transform_batch, reg)
         gene_idx, genes = self._gene_idx(gene_list, reg)
@@ -464,8 +480,8 @@ class TOTALVI(BaseModel):
             return {"genes": rna if g_idx is None else rna[..., g_idx], "proteins": protein}
 
         widths = {"genes": len(genes), "proteins": reg.n_proteins}
-        out = self._decode(td, idx, codes, n_samples, batch_size, fn, widths)
-        rna, protein = out["genes"], out["proteins"][:, protein_idx]
+        out = self._decode(td, idx, codes, n_samples, batch_size, fn, widths, keep_samples)
+        rna, protein = out["genes"], out["proteins"][..., protein_idx]
         if return_numpy:
             return rna, protein
         names = self._obs_names(adata, idx)
@@ -483,7 +499,8 @@ class TOTALVI(BaseModel):
         transform_batch: str | Sequence[str] | None = None,
         protein_list: Sequence[str] | None = None,
         n_samples: int = 1,
-        return_numpy: bool = False,
+        return_mean: bool = True,
+        return_numpy: bool | None = None,
         batch_size: int | None = None,
     ) -> pd.DataFrame | np.ndarray:
         """Return the probability that each protein count comes from the foreground.
@@ -504,8 +521,12 @@ class TOTALVI(BaseModel):
             Proteins to return (default: all).
         n_samples
             Number of posterior samples.
+        return_mean
+            With ``n_samples > 1``, False returns every sample instead of their mean: an array
+            of samples × cells × proteins.
         return_numpy
-            Return a float32 array instead of a DataFrame.
+            Return a float32 array instead of a DataFrame (default: only for the samples of
+            ``return_mean=False``).
         batch_size
             Cells per forward pass.
 
@@ -520,6 +541,7 @@ class TOTALVI(BaseModel):
         True
         """
         self._check_trained()
+        keep_samples, return_numpy = samples_kept(n_samples, return_mean, return_numpy)
         td, reg = self._data(adata)
         codes = self._batch_codes(transform_batch, reg)
         protein_idx, proteins = self._protein_idx(protein_list, reg)
@@ -528,8 +550,9 @@ class TOTALVI(BaseModel):
         def fn(gen: dict, library: torch.Tensor) -> dict[str, torch.Tensor]:
             return {"proteins": 1 - torch.sigmoid(gen["py_"]["mixing"])}
 
-        out = self._decode(td, idx, codes, n_samples, batch_size, fn, {"proteins": reg.n_proteins})
-        prob = out["proteins"][:, protein_idx]
+        widths = {"proteins": reg.n_proteins}
+        out = self._decode(td, idx, codes, n_samples, batch_size, fn, widths, keep_samples)
+        prob = out["proteins"][..., protein_idx]
         if return_numpy:
             return prob
         return pd.DataFrame(prob, index=self._obs_names(adata, idx), columns=proteins)
