@@ -38,6 +38,11 @@ def _target(adata, copy: bool):
     """The AnnData to write into: ``adata`` itself, or a copy with ``copy=True``."""
     if getattr(adata, "is_view", False) and not copy:
         raise ValueError("Received a view of an AnnData: pass adata.copy() (or copy=True).")
+    if copy and getattr(adata, "isbacked", False):
+        raise ValueError(
+            "copy=True of a backed AnnData would read all of it into memory: write the results "
+            "into it instead (copy=False; save them with adata.write()), or pass adata.to_memory()."
+        )
     return adata.copy() if copy else adata
 
 

@@ -262,3 +262,10 @@ def test_totalvi_trains_on_backed(tmp_path):
     latent = model.get_latent_representation()
     assert latent.shape == (200, model.module.n_latent) and np.isfinite(latent).all()
     np.testing.assert_array_equal(latent, model.get_latent_representation(adata))
+
+
+def test_tl_copy_of_backed_data_says_what_to_do_instead(tmp_path):
+    backed, _ = write_backed(tmp_path, n_obs=60)
+    with pytest.raises(ValueError, match="copy=True of a backed AnnData"):
+        cellvae.tl.scvi(backed, batch_key="batch", copy=True, max_epochs=1, progress_bar=False)
+    assert "X_scVI" not in backed.obsm and "cellvae" not in backed.uns  # nothing written
