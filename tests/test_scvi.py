@@ -615,6 +615,35 @@ def test_normalized_expression_samples_without_the_mean(trained):
         model.get_normalized_expression(n_samples=2, return_mean="no")
 
 
+def test_marginal_ll_draws_its_samples_in_chunks_of_bounded_size(trained):
+    adata, model = trained
+    module = model.module
+    tensors = TensorData.from_adata(adata)[torch.arange(30)]
+    drawn, inference = [], module.inference
+
+    def counting(t, n_samples=1):
+        drawn.append(n_samples)
+        return inference(t, n_samples=n_samples)
+
+    module.eval()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        whole = module.marginal_ll(tensors, 400).numpy()
+        module.inference = counting
+        try:
+            torch.manual_seed(1)
+            chunked = module.marginal_ll(tensors, 400, max_entries=30 * 40 * 7).numpy()
+        finally:
+            del module.inference
+    assert drawn == [7] * 57 + [1]  # 400 samples, at most 7 of 30 cells × 40 genes at a time
+    # two estimates from independent draws agree within Monte Carlo error, and beat the ELBO
+    np.testing.assert_allclose(chunked, whole, atol=2.0)
+    assert abs(chunked.mean() - whole.mean()) < 0.3
+    with torch.no_grad():
+        elbo = -torch.stack([module(tensors).elbo for _ in range(20)]).mean(0).numpy()
+    assert whole.mean() > elbo.mean()
+
+
 def test_getters_follow_in_place_changes_of_the_models_anndata():
     # the tensors of the model's own AnnData are cached; scanpy's in-place filters replace the
     # AnnData's matrices and names, and the getters must read the data as it is now
