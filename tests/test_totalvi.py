@@ -462,6 +462,15 @@ def test_missing_proteins_masked_and_decoded_from_other_batch(missing):
     fg_s = model.get_protein_foreground_probability(return_mean=False, protein_list="prot4", **kw)
     assert fg_s.shape == (4, 40, 1)
     np.testing.assert_allclose(fg_s.mean(0), fg_mean[:, [4]], rtol=1e-4)
+    # proteins scaled to sum to 1 still do after the masked average over batches
+    _, scaled = model.get_normalized_expression(
+        transform_batch=["batch0", "batch1"], scale_protein=True, return_numpy=True
+    )
+    np.testing.assert_allclose(scaled.sum(1), 1.0, rtol=1e-5)
+    _, scaled0 = model.get_normalized_expression(
+        transform_batch="batch0", scale_protein=True, return_numpy=True
+    )
+    np.testing.assert_allclose(scaled0, as0 / as0.sum(1, keepdims=True), rtol=1e-5)
 
 
 # ---------------------------------------------------------------- misuse

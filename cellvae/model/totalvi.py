@@ -422,13 +422,16 @@ class TOTALVI(BaseModel):
         library_size
             Scale the RNA to this library size, or ``"latent"`` for the cell's own library.
         n_samples
-            Average over this many posterior samples (1: the posterior means, deterministic).
+            Average over this many posterior samples (1: the posterior means, deterministic
+            unless ``sample_protein_mixing``).
         include_protein_background
             Add the background component to the protein values.
         sample_protein_mixing
-            Sample background / foreground from the mixing probability instead of weighting.
+            Sample background / foreground from the mixing probability instead of weighting
+            (random at every call, from torch's global random state).
         scale_protein
-            Scale each cell's protein values (over all proteins) to sum to 1.
+            Scale each cell's protein values (over all proteins) to sum to 1, also after the
+            average over ``transform_batch``.
         return_mean
             With ``n_samples > 1``, False returns every sample instead of their mean (arrays).
         return_numpy
@@ -481,6 +484,8 @@ class TOTALVI(BaseModel):
 
         widths = {"genes": len(genes), "proteins": reg.n_proteins}
         out = self._decode(td, idx, codes, n_samples, batch_size, fn, widths, keep_samples)
+        if scale_protein:  # the per-protein averages over the batches that measured each protein
+            out["proteins"] /= out["proteins"].sum(-1, keepdims=True)  # need not sum to 1
         rna, protein = out["genes"], out["proteins"][..., protein_idx]
         if return_numpy:
             return rna, protein
