@@ -214,9 +214,15 @@ def _build_registry(
 
     stats = scan_counts(counts, adata.n_obs, adata.n_vars)
     empty = int((stats["library"] <= 0).sum())
-    if empty:
+    if empty and against_reference:  # data for a trained model: it encodes them all the same
+        warn_user(
+            f"{empty} cells have zero total counts: their latent representation is the encoding "
+            "of an empty cell, and their expression at library_size='latent' is 0 with the "
+            "observed library. To leave them out: sc.pp.filter_cells(adata, min_counts=1)."
+        )
+    elif empty:
         raise ValueError(
-            f"{empty} cells have zero total counts; models need at least one count per cell. "
+            f"{empty} cells have zero total counts; training needs at least one count per cell. "
             "Remove them first: sc.pp.filter_cells(adata, min_counts=1) "
             "(then adata = adata.copy() if you sliced)."
         )

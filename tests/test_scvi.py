@@ -841,6 +841,25 @@ def test_new_data_unseen_batch_and_different_genes(trained):
         model.get_normalized_expression(gene_list=["nope"])
 
 
+def test_cells_without_counts_in_new_data_warn_and_get_finite_results(trained):
+    adata, model = trained
+    new = adata[:30].copy()
+    for row in (3, 7):  # e.g. cells without counts in the model's highly variable genes
+        new.X.data[new.X.indptr[row] : new.X.indptr[row + 1]] = 0
+    new.X.eliminate_zeros()
+    with pytest.warns(UserWarning, match="2 cells have zero total counts"):
+        latent = model.get_latent_representation(new)
+    assert np.isfinite(latent).all()
+    with pytest.warns(UserWarning, match="zero total counts"):
+        expr = model.get_normalized_expression(new, library_size="latent", return_numpy=True)
+    np.testing.assert_array_equal(expr[[3, 7]], 0.0)  # the observed library is 0
+    with pytest.warns(UserWarning, match="zero total counts"):
+        scaled = model.get_normalized_expression(new, return_numpy=True)
+    np.testing.assert_allclose(scaled.sum(1), 1.0, rtol=1e-5)
+    with pytest.warns(UserWarning, match="zero total counts"):
+        assert np.isfinite(model.get_elbo(new))
+
+
 def test_gene_label_dispersion_needs_known_labels_of_new_data():
     adata = _setup(120, 15)
     model = cellvae.SCVI(adata, dispersion="gene-label").train(max_epochs=1, progress_bar=False)
