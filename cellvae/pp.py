@@ -6,6 +6,7 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 
@@ -14,6 +15,25 @@ from ._registry import UNS_KEY, Registry, get_counts, scan_counts, warn_user
 logger = logging.getLogger(__name__)
 
 __all__ = ["setup_anndata", "transfer_setup", "view_setup"]
+
+
+def check_anndata(adata) -> None:
+    """Raise a TypeError, saying how to make one, unless ``adata`` is an AnnData."""
+    if not isinstance(adata, ad.AnnData):
+        raise TypeError(
+            f"Expected an AnnData, got {type(adata).__name__}. Wrap raw counts (cells × genes) "
+            "as anndata.AnnData(counts), with obs and var for the cells and genes."
+        )
+
+
+def _check_keys(**keys) -> None:
+    """Each registered key names one column (or layer, obsm entry): a string or None."""
+    for what, key in keys.items():
+        if key is not None and not isinstance(key, str):
+            more = ""
+            if what == "batch_key":
+                more = " For several batch columns, pass the others as categorical_covariate_keys."
+            raise TypeError(f"{what} must be one name (a string) or None, got {key!r}.{more}")
 
 
 def check_not_view(adata) -> None:
@@ -176,7 +196,17 @@ def _build_registry(
     categories: dict[str, tuple[str, ...]] | None = None,
 ) -> Registry:
     """Validate ``adata`` and compute a registry; touches nothing in ``adata``."""
-    check_not_view(adata)
+    check_anndata(adata)
+    if categories is None:  # a new setup, written into adata; registry_like reads views
+        check_not_view(adata)
+    _check_keys(
+        layer=layer,
+        batch_key=batch_key,
+        labels_key=labels_key,
+        size_factor_key=size_factor_key,
+        protein_expression_obsm_key=protein_expression_obsm_key,
+        protein_names_uns_key=protein_names_uns_key,
+    )
     cat_keys, cont_keys = _keys(categorical_covariate_keys), _keys(continuous_covariate_keys)
     counts = get_counts(adata, layer)
     if adata.n_obs == 0 or adata.n_vars == 0:
@@ -384,6 +414,7 @@ def transfer_setup(adata, source, *, extend_categories: bool = False) -> Registr
     >>> reg.batch_categories == tuple(ref.uns["cellvae"]["batch_categories"])
     True
     """
+    check_not_view(adata)  # the setup is written into it
     reg = registry_like(adata, source, extend_categories=extend_categories)
     adata.uns[UNS_KEY] = reg.to_dict()
     return reg
@@ -398,9 +429,12 @@ def registry_like(
     """Validate ``adata`` against a reference setup and return its registry, writing nothing.
 
     Used by :func:`transfer_setup` and by models that are given new data in their getters
-    (``unseen_hint``: what the error for unseen categories tells the user to do).
+    (``unseen_hint``: what the error for unseen categories tells the user to do). An
+    in-memory view is read as it is (a getter's ``adata[mask]``); a backed view is not.
     """
-    check_not_view(adata)
+    check_anndata(adata)
+    if adata.isbacked:
+        check_not_view(adata)
     if isinstance(source, Registry):
         ref = source
     elif hasattr(source, "registry_"):

@@ -43,9 +43,19 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, str):
+        raise TypeError(
+            f"device must be 'auto', 'cpu', 'cuda[:N]' or a torch.device, got {device!r}."
+        )
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("device='cuda' was requested but CUDA is not available; use 'cpu'.")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(
+            f"Unknown device {device!r}: use 'auto' (CUDA when available, else CPU), 'cpu', "
+            "'cuda' or 'cuda:N' (or another device type torch knows, such as 'mps')."
+        ) from None
 
 
 def default_max_epochs(n_obs: int) -> int:

@@ -841,6 +841,21 @@ def test_new_data_unseen_batch_and_different_genes(trained):
         model.get_normalized_expression(gene_list=["nope"])
 
 
+def test_getters_read_an_in_memory_view(trained):
+    adata, model = trained
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no implicit copy of the view, nothing written into it
+        latent = model.get_latent_representation(adata[10:20])
+        expr = model.get_normalized_expression(adata[adata.obs["batch"] == "batch1"])
+    np.testing.assert_allclose(latent, model.get_latent_representation()[10:20], atol=1e-6)
+    b1 = (adata.obs["batch"] == "batch1").to_numpy()
+    full = model.get_normalized_expression()
+    np.testing.assert_allclose(expr.to_numpy(), full.to_numpy()[b1], rtol=1e-5)
+    assert list(expr.index) == list(adata.obs_names[b1])
+    with pytest.raises(ValueError, match="view"):  # a setup is written into the data
+        cellvae.pp.transfer_setup(adata[:10], model)
+
+
 def test_cells_without_counts_in_new_data_warn_and_get_finite_results(trained):
     adata, model = trained
     new = adata[:30].copy()
@@ -901,8 +916,8 @@ def test_getter_and_train_options_out_of_range_raise_clear_errors(trained):
         (dict(batch_size=0), "batch_size must be a positive integer"),
         (dict(batch_size=2.5), "batch_size must be a positive integer"),
         (dict(n_samples=2.5), "n_samples must be a positive integer"),
-        (dict(library_size="Latent"), "library_size must be a positive number or 'latent'"),
-        (dict(library_size=-1), "library_size must be a positive number"),
+        (dict(library_size="Latent"), "library_size must be a positive finite number or 'latent'"),
+        (dict(library_size=-1), "library_size must be a positive finite number"),
     ]
     for kwargs, message in bad:
         with pytest.raises(ValueError, match=message):
@@ -918,6 +933,20 @@ def test_getter_and_train_options_out_of_range_raise_clear_errors(trained):
         fresh.train(max_epochs=1, validation_size=None, progress_bar=False)
     with pytest.raises(ValueError, match="early_stopping_patience must be a positive integer"):
         fresh.train(max_epochs=1, early_stopping_patience=1.5, progress_bar=False)
+    with pytest.raises(ValueError, match="positive finite number"):
+        model.get_normalized_expression(library_size=float("inf"))
+    with pytest.raises(TypeError, match=r"accelerator: device=.*train_size: validation_size="):
+        fresh.train(max_epochs=1, accelerator="cpu", train_size=0.9)
+    with pytest.raises(ValueError, match="Unknown device 'tpu'"):
+        fresh.train(max_epochs=1, device="tpu", progress_bar=False)
+    with pytest.raises(AttributeError, match="fitted attributes end in '_': is_trained_"):
+        model.is_trained  # noqa: B018
+    with pytest.raises(AttributeError, match="no attribute 'nonsense'$"):
+        model.nonsense  # noqa: B018
+    with pytest.raises(TypeError, match="Expected an AnnData, got ndarray"):
+        model.get_latent_representation(np.ones((3, 40)))
+    with pytest.raises(TypeError, match="batch_key must be one name.*categorical_covariate_keys"):
+        cellvae.SCVI.setup_anndata(cellvae.datasets.synthetic(20, 5), batch_key=["batch"])
 
 
 def test_nan_in_data_rejected():

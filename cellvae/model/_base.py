@@ -76,9 +76,11 @@ def library_scale(library_size) -> float | None:
     if isinstance(library_size, str) and library_size == "latent":
         return None
     if isinstance(library_size, numbers.Real) and not isinstance(library_size, bool):
-        if library_size > 0:
+        if 0 < library_size < float("inf"):
             return float(library_size)
-    raise ValueError(f"library_size must be a positive number or 'latent', got {library_size!r}.")
+    raise ValueError(
+        f"library_size must be a positive finite number or 'latent', got {library_size!r}."
+    )
 
 
 def samples_kept(n_samples: int, return_mean: bool, return_numpy: bool | None) -> tuple[bool, bool]:
@@ -138,6 +140,7 @@ class BaseModel:
 
     def __init__(self, adata, **hparams: Any):
         if adata is not None:
+            pp.check_anndata(adata)
             pp.check_not_view(adata)
         self.adata = adata
         self.registry_ = _setup_of(adata) if adata is not None else None
@@ -490,8 +493,13 @@ class BaseModel:
         """
         unknown = set(train_options) - set(TrainConfig.__dataclass_fields__)
         if unknown:
+            hints = [
+                f"{k}: {_SCVI_TOOLS_OPTIONS[k]}"
+                for k in sorted(unknown & _SCVI_TOOLS_OPTIONS.keys())
+            ]
             raise TypeError(
                 f"Unknown training options {sorted(unknown)}."
+                + (" Instead of scvi-tools' " + "; ".join(hints) + "." if hints else "")
                 + (
                     " train() fits the model's own AnnData (given to the constructor or to "
                     "load(dir_path, adata))."
@@ -666,6 +674,7 @@ class BaseModel:
         model.history_ = {k: list(v) for k, v in config.get("history", {}).items()}
         model.is_trained_ = bool(config.get("is_trained", True))
         if adata is not None:
+            pp.check_anndata(adata)
             pp.check_not_view(adata)
             model.adata = adata
             # checked against the model now (genes, proteins, categories, labels), as a
@@ -679,6 +688,16 @@ class BaseModel:
                 adata.uns[UNS_KEY] = reg.to_dict()
         return model
 
+    def __getattr__(self, name: str):
+        # only reached when the attribute does not exist: point scvi-tools' names (is_trained,
+        # train_indices) at the fitted attributes, which end in "_" here
+        if not name.startswith("_") and name + "_" in self.__dict__:
+            raise AttributeError(
+                f"{type(self).__name__!r} object has no attribute {name!r}; fitted attributes "
+                f"end in '_': {name}_"
+            )
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def __repr__(self) -> str:
         status = "trained" if self.is_trained_ else "not trained"
         if self.adata is not None:  # the attached data (after load, not the training data)
@@ -689,6 +708,16 @@ class BaseModel:
             shape = "no data"
         params = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
         return f"{type(self).__name__}({params}) — {shape}, {status}"
+
+
+# scvi-tools' training options that have another name (or form) here
+_SCVI_TOOLS_OPTIONS = {
+    "accelerator": "device='cpu' / 'cuda' / 'auto'",
+    "devices": "device='cuda:N'",
+    "train_size": "validation_size=1 - train_size",
+    "enable_progress_bar": "progress_bar",
+    "plan_kwargs": "its options themselves (lr=..., weight_decay=..., n_epochs_kl_warmup=...)",
+}
 
 
 def _setup_of(adata) -> Registry:
