@@ -206,7 +206,7 @@ def evaluate(tool: str, model, val: np.ndarray, repeats: int, n_mc: int) -> dict
     Sign conventions: both ``get_elbo`` return the ELBO itself (negative for count data, higher
     is better) — for scvi-tools 1.4 read in its code (``return -compute_elbo(...)``, where
     ``compute_elbo`` sums reconstruction + KL), although older scvi-tools returned the positive
-    sum. Both ``get_reconstruction_error`` return −log p(x | z) (positive; scvi-tools as a
+    sum. Both ``get_reconstruction_error`` return −log p(x | z) (positive; both as a
     dict of terms, summed here) and both ``get_marginal_ll`` return log p(x). The negative
     ELBO reported is −get_elbo; ``sign_check_ok`` verifies that it is at least the
     reconstruction term (the KL is non-negative). Both draw one z per cell, so each figure

@@ -589,7 +589,19 @@ def test_getters_shapes(trained):
     samples = model.get_normalized_expression(n_samples=4, return_numpy=True)
     assert samples.shape == (300, 40) and np.isfinite(samples).all()
     assert model.posterior_predictive_sample(n_samples=2).shape == (300, 40, 2)
-    assert model.get_reconstruction_error() > 0
+    rec = model.get_reconstruction_error()
+    assert list(rec) == ["reconstruction_loss"] and rec["reconstruction_loss"] > 0
+    torch.manual_seed(7)
+    per_cell = model.get_reconstruction_error(return_mean=False)["reconstruction_loss"]
+    torch.manual_seed(7)
+    elbo_cells = model.get_elbo(return_mean=False)
+    assert per_cell.shape == elbo_cells.shape == (300,)
+    assert (-elbo_cells >= per_cell - 1e-3).all()  # the same draws of z: −ELBO = rec + KL ≥ rec
+    torch.manual_seed(7)
+    assert np.isclose(model.get_elbo(), elbo_cells.mean(), rtol=1e-5)
+    mll_cells = model.get_marginal_ll(n_mc_samples=20, indices=range(10), return_mean=False)
+    assert mll_cells.shape == (10,) and np.isfinite(mll_cells).all()
+    assert model.get_elbo(indices=[], return_mean=False).shape == (0,)
     elbo, mll = model.get_elbo(), model.get_marginal_ll(n_mc_samples=50, indices=range(50))
     assert np.isfinite(elbo) and np.isfinite(mll)
     assert mll > model.get_elbo(indices=range(50)) - 1.0  # importance sampling is tighter

@@ -297,7 +297,7 @@ def test_background_prior_is_the_lower_mode_per_batch_and_fills_missing():
 
 # ---------------------------------------------------------------- training on real data
 def test_eccite_training_lowers_validation_elbo(eccite):
-    _, model = eccite
+    adata, model = eccite
     val = model.history["validation_elbo"].to_numpy()
     assert np.isfinite(val).all()
     assert val[-1] < val[0] - 500
@@ -318,7 +318,22 @@ def test_eccite_training_lowers_validation_elbo(eccite):
     assert (hist["train_kl_background"] <= hist["train_kl_local"] + 1e-4).all()
     elbo = model.get_elbo()
     assert np.isfinite(elbo) and elbo < 0
-    assert model.get_reconstruction_error() > 0
+    rec = model.get_reconstruction_error()
+    assert list(rec) == ["reconst_loss_gene", "reconst_loss_protein"]  # scvi-tools' keys
+    assert rec["reconst_loss_gene"] > 0 and rec["reconst_loss_protein"] > 0
+    torch.manual_seed(3)
+    cells = model.get_reconstruction_error(return_mean=False, indices=range(100))
+    torch.manual_seed(3)
+    neg_elbo = -model.get_elbo(return_mean=False, indices=range(100))
+    total = cells["reconst_loss_gene"] + cells["reconst_loss_protein"]
+    assert (neg_elbo >= total - 1e-3).all()  # the same draws: −ELBO = both terms + KL
+    with torch.no_grad():  # the protein term is the module's, per cell
+        model.module.eval()
+        torch.manual_seed(3)
+        out = model.module(TensorData.from_adata(adata)[torch.arange(100)])
+    np.testing.assert_allclose(
+        cells["reconst_loss_protein"], out.extra["reconstruction_protein"].numpy(), rtol=1e-5
+    )
 
 
 def test_eccite_cd19_foreground_higher_in_b_marker_cells(eccite):

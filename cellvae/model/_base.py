@@ -395,8 +395,23 @@ class BaseModel:
         finally:
             self.module.train(was)
 
-    def get_elbo(self, adata=None, *, indices=None, batch_size: int | None = None) -> float:
+    def get_elbo(
+        self, adata=None, *, indices=None, batch_size: int | None = None, return_mean: bool = True
+    ) -> float | np.ndarray:
         """Return the ELBO per cell (a lower bound on log p(x); higher is better).
+
+        The same quantity, and sign, as scvi-tools' ``get_elbo`` (the KL at full weight).
+
+        Parameters
+        ----------
+        adata
+            Data (default: the training data).
+        indices
+            Cells to evaluate (default: all).
+        batch_size
+            Cells per forward pass.
+        return_mean
+            The mean over the cells (default), or one float32 value per cell.
 
         Examples
         --------
@@ -408,12 +423,32 @@ class BaseModel:
         True
         """
         values = self._per_cell(adata, indices, batch_size, lambda b: -self.module(b).elbo)
-        return mean_over_cells(values)
+        return mean_or_rows(values, return_mean)
+
+    # names and per-cell terms of get_reconstruction_error (scvi-tools' keys)
+    _reconstruction_names: tuple[str, ...] = ("reconstruction_loss",)
+
+    def _reconstruction_terms(self, out) -> list[torch.Tensor]:
+        return [out.reconstruction]
 
     def get_reconstruction_error(
-        self, adata=None, *, indices=None, batch_size: int | None = None
-    ) -> float:
-        """Return the mean per-cell reconstruction error −log p(x | z) (lower is better).
+        self, adata=None, *, indices=None, batch_size: int | None = None, return_mean: bool = True
+    ) -> dict[str, float] | dict[str, np.ndarray]:
+        """Return the reconstruction error −log p(x | z) per cell (lower is better).
+
+        As in scvi-tools, a dict: ``{"reconstruction_loss": ...}`` (SCVI), or the genes' and the
+        proteins' terms (TOTALVI's ``"reconst_loss_gene"``, ``"reconst_loss_protein"``).
+
+        Parameters
+        ----------
+        adata
+            Data (default: the training data).
+        indices
+            Cells to evaluate (default: all).
+        batch_size
+            Cells per forward pass.
+        return_mean
+            Means over the cells (default), or one float32 value per cell.
 
         Examples
         --------
@@ -421,11 +456,15 @@ class BaseModel:
         >>> adata = cellvae.datasets.synthetic(200, 30)
         >>> cellvae.SCVI.setup_anndata(adata)
         >>> model = cellvae.SCVI(adata).train(max_epochs=1, progress_bar=False)
-        >>> model.get_reconstruction_error() > 0
+        >>> model.get_reconstruction_error()["reconstruction_loss"] > 0
         True
         """
-        fn = lambda b: self.module(b).reconstruction
-        return mean_over_cells(self._per_cell(adata, indices, batch_size, fn))
+        fn = lambda b: torch.stack(self._reconstruction_terms(self.module(b)), -1)
+        values = self._per_cell(adata, indices, batch_size, fn)
+        return {
+            k: mean_or_rows(None if values is None else values[:, i], return_mean)
+            for i, k in enumerate(self._reconstruction_names)
+        }
 
     # ------------------------------------------------------------------ training
     def train(
@@ -757,6 +796,13 @@ def mean_over_cells(values: np.ndarray | None) -> float:
     if values is None or not len(values):
         raise ValueError("indices selects no cells: a mean over no cells is undefined.")
     return float(values.mean())
+
+
+def mean_or_rows(values: np.ndarray | None, return_mean: bool) -> float | np.ndarray:
+    """A getter's per-cell ``values`` (None: no cells), or their mean with ``return_mean``."""
+    if return_mean:
+        return mean_over_cells(values)
+    return np.empty(0, np.float32) if values is None else values
 
 
 def _sources(adata, reg: Registry) -> list:

@@ -16,7 +16,7 @@ from ._base import (
     BaseModel,
     check_count,
     library_scale,
-    mean_over_cells,
+    mean_or_rows,
     output_array,
     samples_kept,
 )
@@ -254,10 +254,24 @@ class SCVI(BaseModel):
         indices=None,
         n_mc_samples: int = 1000,
         batch_size: int | None = None,
-    ) -> float:
+        return_mean: bool = True,
+    ) -> float | np.ndarray:
         """Return the importance-sampled marginal log-likelihood log p(x) per cell.
 
         Higher is better (the same quantity, and sign, as scvi-tools' ``get_marginal_ll``).
+
+        Parameters
+        ----------
+        adata
+            Data (default: the training data).
+        indices
+            Cells to evaluate (default: all).
+        n_mc_samples
+            Importance samples per cell (drawn in chunks: memory does not grow with it).
+        batch_size
+            Cells per forward pass (default 128).
+        return_mean
+            The mean over the cells (default), or one float32 value per cell.
 
         Examples
         --------
@@ -270,7 +284,7 @@ class SCVI(BaseModel):
         """
         check_count("n_mc_samples", n_mc_samples)
         fn = lambda b: self.module.marginal_ll(b, n_mc_samples)
-        return mean_over_cells(self._per_cell(adata, indices, batch_size or 128, fn))
+        return mean_or_rows(self._per_cell(adata, indices, batch_size or 128, fn), return_mean)
 
     @torch.no_grad()
     def posterior_predictive_sample(

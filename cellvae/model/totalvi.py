@@ -306,6 +306,12 @@ class TOTALVI(BaseModel):
         }
 
     # ------------------------------------------------------------------ getters
+    _reconstruction_names = ("reconst_loss_gene", "reconst_loss_protein")
+
+    def _reconstruction_terms(self, out) -> list[torch.Tensor]:
+        protein = out.extra["reconstruction_protein"]
+        return [out.reconstruction - protein, protein]
+
     def _protein_idx(self, protein_list, reg: Registry) -> tuple[np.ndarray, list[str]]:
         if protein_list is None:
             return np.arange(reg.n_proteins), list(reg.protein_names)
