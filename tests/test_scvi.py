@@ -853,6 +853,32 @@ def test_new_data_unseen_batch_and_different_genes(trained):
         model.get_normalized_expression(gene_list=["nope"])
 
 
+def test_latent_distribution_and_library_size(trained):
+    adata, model = trained
+    mean, var = model.get_latent_representation(return_dist=True, indices=range(20))
+    assert mean.shape == var.shape == (20, 4) and (var > 0).all()
+    np.testing.assert_allclose(mean, model.get_latent_representation(indices=range(20)), 1e-6)
+    torch.manual_seed(0)
+    draws = np.stack([model.get_latent_representation(give_mean=False) for _ in range(300)])
+    np.testing.assert_allclose(draws.var(0)[:20], var, rtol=0.3)  # q(z | x)'s own variance
+    observed = model.get_latent_library_size()
+    np.testing.assert_allclose(observed[:, 0], np.asarray(adata.X.sum(1)).ravel(), rtol=1e-5)
+    assert model.get_latent_library_size(indices=[]).shape == (0, 1)
+
+    latent = cellvae.SCVI(adata, n_latent=4, use_observed_lib_size=False)
+    latent.train(max_epochs=3, progress_bar=False)
+    with torch.no_grad():
+        latent.module.eval()
+        inf = latent.module.inference(TensorData.from_adata(adata)[torch.arange(300)])
+    ql_m, ql_v = inf["ql_m"].numpy(), inf["ql_v"].numpy()
+    # the log-normal posterior's mean exp(m + v/2); without give_mean, samples of it
+    np.testing.assert_allclose(latent.get_latent_library_size(), np.exp(ql_m + ql_v / 2), 1e-5)
+    torch.manual_seed(1)
+    samples = np.stack([latent.get_latent_library_size(give_mean=False) for _ in range(400)])
+    log_mean = np.log(samples).mean(0)  # of the normal log library: within 5 standard errors
+    assert (np.abs(log_mean - ql_m) < 5 * np.sqrt(ql_v / 400)).all()
+
+
 def test_getters_read_an_in_memory_view(trained):
     adata, model = trained
     with warnings.catch_warnings():

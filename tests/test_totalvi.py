@@ -375,6 +375,9 @@ def test_eccite_getter_options(eccite):
     with torch.no_grad():
         ql_m = model.module.inference(_tensors(adata))["ql_m"].squeeze(-1).numpy()
     np.testing.assert_allclose(lat.sum(1), np.exp(np.minimum(ql_m, 15.0)), rtol=1e-3)  # clamped
+    with torch.no_grad():
+        ql_v = model.module.inference(_tensors(adata))["ql_v"].squeeze(-1).numpy()
+    np.testing.assert_allclose(model.get_latent_library_size()[:, 0], np.exp(ql_m + ql_v / 2), 1e-4)
     lat, sampled = model.get_normalized_expression(
         library_size="latent", n_samples=3, sample_protein_mixing=True, return_numpy=True
     )
@@ -432,6 +435,8 @@ def test_missing_proteins_masked_and_decoded_from_other_batch(missing):
     expected[1, [1, 4]] = False
     np.testing.assert_array_equal(mask, expected)
     np.testing.assert_array_equal(model.module.protein_batch_mask.numpy(), expected)
+    rna_totals = np.asarray(adata.X.sum(1)).ravel()  # the observed library, on count scale
+    np.testing.assert_allclose(model.get_latent_library_size()[:, 0], rna_totals, rtol=1e-5)
     assert np.isfinite(model.history["train_loss"]).all()
     assert np.isfinite(model.history["validation_elbo"]).all()
     assert "validation_adversarial_ce" in model.history

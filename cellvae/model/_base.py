@@ -302,8 +302,9 @@ class BaseModel:
         *,
         indices: Sequence[int] | None = None,
         give_mean: bool = True,
+        return_dist: bool = False,
         batch_size: int | None = None,
-    ) -> np.ndarray:
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Return the latent representation of each cell (cells × n_latent).
 
         Parameters
@@ -315,6 +316,9 @@ class BaseModel:
         give_mean
             Return the posterior mean (for ``"ln"``, the Monte Carlo mean of the softmax);
             otherwise one sample.
+        return_dist
+            Return the mean and the variance of the Gaussian q(z | x) instead, as two arrays
+            (for ``"ln"``, before the softmax; ``give_mean`` is then ignored), as scvi-tools.
         batch_size
             Cells per forward pass.
 
@@ -333,6 +337,8 @@ class BaseModel:
 
         def latent(batch):
             inf = self.module.inference(batch)
+            if return_dist:
+                return torch.cat([inf["qz_m"], inf["qz_v"]], -1)
             if not give_mean:
                 return inf["z"]
             if self.module.latent_distribution == "ln":
@@ -342,7 +348,60 @@ class BaseModel:
             return inf["qz_m"]
 
         out = self._per_cell(adata, indices, batch_size, latent)
-        return np.zeros((0, self.module.n_latent), np.float32) if out is None else out
+        n_latent = self.module.n_latent
+        if out is None:
+            out = np.zeros((0, 2 * n_latent if return_dist else n_latent), np.float32)
+        return (out[:, :n_latent], out[:, n_latent:]) if return_dist else out
+
+    @torch.no_grad()
+    def get_latent_library_size(
+        self,
+        adata=None,
+        *,
+        indices: Sequence[int] | None = None,
+        give_mean: bool = True,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Return each cell's library size as the model sees it (cells × 1, counts).
+
+        The observed library (or the size factor) when the model uses it; with a latent library
+        (``use_observed_lib_size=False``) the mean of its log-normal posterior, or one sample
+        of it without ``give_mean``.
+
+        Parameters
+        ----------
+        adata
+            Data (default: the training data).
+        indices
+            Cells to return (default: all).
+        give_mean
+            The posterior mean of a latent library; otherwise one sample.
+        batch_size
+            Cells per forward pass.
+
+        Examples
+        --------
+        >>> import cellvae
+        >>> adata = cellvae.datasets.synthetic(200, 30)
+        >>> cellvae.SCVI.setup_anndata(adata)
+        >>> model = cellvae.SCVI(adata).train(max_epochs=1, progress_bar=False)
+        >>> import numpy as np
+        >>> np.allclose(model.get_latent_library_size()[:, 0], adata.X.sum(1).A1, rtol=1e-5)
+        True
+        """
+
+        def library(batch):
+            inf = self.module.inference(batch)
+            if inf["ql_m"] is not None and give_mean:
+                return torch.exp(inf["ql_m"] + inf["ql_v"] / 2)  # log-normal mean
+            return self._library_counts(inf)
+
+        out = self._per_cell(adata, indices, batch_size, library)
+        return np.zeros((0, 1), np.float32) if out is None else out
+
+    def _library_counts(self, inf: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The inference's library on the count scale (SCVI's is a log)."""
+        return torch.exp(inf["library"])
 
     def _batch_codes(self, transform_batch, reg: Registry) -> list[int | None]:
         if transform_batch is None:

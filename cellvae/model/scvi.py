@@ -175,7 +175,8 @@ class SCVI(BaseModel):
             Decode every cell as if it came from this batch (or the average over a list of
             batches): batch-corrected expression. ``None`` uses each cell's own batch.
         gene_list
-            Genes to return (default: all).
+            Genes to return, as columns in the order given (default: all). scvi-tools returns
+            them in ``var_names`` order: with ``return_numpy=True`` the columns then differ.
         library_size
             Scale the expression to this library size, or ``"latent"`` for the cell's own
             (observed or inferred) library.

@@ -308,6 +308,9 @@ class TOTALVI(BaseModel):
     # ------------------------------------------------------------------ getters
     _reconstruction_names = ("reconst_loss_gene", "reconst_loss_protein")
 
+    def _library_counts(self, inf: dict[str, torch.Tensor]) -> torch.Tensor:
+        return inf["library"]  # TOTALVAE's inference gives the count scale already
+
     def _reconstruction_terms(self, out) -> list[torch.Tensor]:
         protein = out.extra["reconstruction_protein"]
         return [out.reconstruction - protein, protein]
@@ -424,7 +427,8 @@ class TOTALVI(BaseModel):
             ``None`` decodes each cell in its own batch: proteins its batch did not measure are
             then extrapolations; pass a batch that measured them.
         gene_list, protein_list
-            Genes and proteins to return (default: all).
+            Genes and proteins to return, as columns in the order given (default: all);
+            scvi-tools returns them in the model's order.
         library_size
             Scale the RNA to this library size, or ``"latent"`` for the cell's own library.
         n_samples
