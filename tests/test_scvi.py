@@ -879,6 +879,26 @@ def test_latent_distribution_and_library_size(trained):
     assert (np.abs(log_mean - ql_m) < 5 * np.sqrt(ql_v / 400)).all()
 
 
+def test_posterior_predictive_sample_of_another_batch():
+    adata = _setup(300, 40, n_batches=2)
+    model = cellvae.SCVI(adata, n_latent=4, gene_likelihood="nb")  # no zero inflation
+    model.train(max_epochs=5, progress_bar=False)
+    for batch in ("batch0", "batch1"):
+        torch.manual_seed(0)
+        counts = model.posterior_predictive_sample(transform_batch=batch, n_samples=100)
+        torch.manual_seed(0)
+        rate = model.get_normalized_expression(
+            transform_batch=batch, library_size="latent", n_samples=100, return_numpy=True
+        )
+        # per gene over all cells and samples: the counts' mean is the decoded rate
+        np.testing.assert_allclose(counts.mean(2).sum(0), rate.sum(0), rtol=0.05)
+    own = model.posterior_predictive_sample(n_samples=100).mean(2).sum(0)
+    as0 = model.posterior_predictive_sample(transform_batch="batch0", n_samples=100)
+    assert not np.allclose(own, as0.mean(2).sum(0), rtol=0.05)
+    with pytest.raises(ValueError, match="one transform_batch"):
+        model.posterior_predictive_sample(transform_batch=["batch0", "batch1"])
+
+
 def test_getters_read_an_in_memory_view(trained):
     adata, model = trained
     with warnings.catch_warnings():

@@ -293,11 +293,27 @@ class SCVI(BaseModel):
         adata=None,
         *,
         indices=None,
+        transform_batch: str | None = None,
         n_samples: int = 1,
         gene_list: Sequence[str] | None = None,
         batch_size: int | None = None,
     ) -> np.ndarray:
         """Draw counts from the posterior predictive (cells × genes [× n_samples]).
+
+        Parameters
+        ----------
+        adata
+            Data (default: the training data).
+        indices
+            Cells to sample (default: all).
+        transform_batch
+            Draw every cell's counts as if it came from this one batch (``None``: its own).
+        n_samples
+            Samples per cell: a third axis when more than 1 (as in scvi-tools).
+        gene_list
+            Genes to sample, as columns in the order given (default: all).
+        batch_size
+            Cells per forward pass.
 
         Examples
         --------
@@ -311,12 +327,20 @@ class SCVI(BaseModel):
         check_count("n_samples", n_samples)
         self._check_trained()
         td, reg = self._data(adata)
+        codes = self._batch_codes(transform_batch, reg)
+        if len(codes) > 1:
+            raise ValueError(
+                "posterior_predictive_sample draws the counts of one batch: pass one "
+                f"transform_batch, not {len(codes)}."
+            )
         gene_idx, _ = self._gene_idx(gene_list, reg)
         g_idx = None if gene_idx is None else gene_idx.to(self.device)
 
         def sample(batch):
             inf = self.module.inference(batch, n_samples=n_samples)
-            gen = self.module.generative(inf["z"], inf["library"], batch, gene_idx=g_idx)
+            b = None if codes[0] is None else torch.full_like(batch["batch"], codes[0])
+            z, library = inf["z"], inf["library"]
+            gen = self.module.generative(z, library, batch, batch=b, gene_idx=g_idx)
             x = gen["px"].sample()
             return x.permute(1, 2, 0) if n_samples > 1 else x
 
