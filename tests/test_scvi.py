@@ -1227,3 +1227,14 @@ def test_rows_into_one_equals_concatenate():
     assert rows_into_one(iter([]), 0) is None
     with pytest.raises(RuntimeError, match="Expected 13 rows"):
         rows_into_one(iter(blocks), 13)
+
+
+def test_getter_docstrings_have_their_shared_entries_filled_in():
+    import inspect
+
+    for cls in (cellvae.SCVI, cellvae.TOTALVI):
+        for name, fn in inspect.getmembers(cls, callable):
+            doc = fn.__doc__ or ""
+            assert not any(k in doc for k in ("{adata}", "{indices}", "{batch_size}")), name
+            if name.startswith("get_") or name == "posterior_predictive_sample":
+                assert doc.count("\n        indices\n") == 1, name  # each getter documents it

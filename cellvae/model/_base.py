@@ -83,6 +83,25 @@ def library_scale(library_size) -> float | None:
     )
 
 
+# the getters' shared parameter entries, written into their docstrings by getter_doc
+_GETTER_DOC = {
+    "{adata}": "adata\n            Data (default: the model's AnnData). Other data need the "
+    "model's genes, in its\n            order; an in-memory view (``adata[mask]``) is read as it "
+    "is.",
+    "{indices}": "indices\n            Cells to use (default: all): integer positions or a "
+    "boolean mask.",
+    "{batch_size}": "batch_size\n            Cells per forward pass.",
+}
+
+
+def getter_doc(fn):
+    """Write the shared entries ``{adata}``, ``{indices}``, ``{batch_size}`` into a getter's doc."""
+    if fn.__doc__:  # None under python -OO
+        for key, text in _GETTER_DOC.items():
+            fn.__doc__ = fn.__doc__.replace(key, text)
+    return fn
+
+
 def samples_kept(n_samples: int, return_mean: bool, return_numpy: bool | None) -> tuple[bool, bool]:
     """Whether a getter keeps its samples axis, and whether it returns arrays.
 
@@ -295,6 +314,7 @@ class BaseModel:
             yield {k: v.to(dev) for k, v in batch.items()}
 
     # ------------------------------------------------------------------ shared getters
+    @getter_doc
     @torch.no_grad()
     def get_latent_representation(
         self,
@@ -309,18 +329,15 @@ class BaseModel:
 
         Parameters
         ----------
-        adata
-            Data to embed (default: the training data); new data must have the same genes.
-        indices
-            Cells to embed (default: all).
+        {adata}
+        {indices}
         give_mean
             Return the posterior mean (for ``"ln"``, the Monte Carlo mean of the softmax);
             otherwise one sample.
         return_dist
             Return the mean and the variance of the Gaussian q(z | x) instead, as two arrays
             (for ``"ln"``, before the softmax; ``give_mean`` is then ignored), as scvi-tools.
-        batch_size
-            Cells per forward pass.
+        {batch_size}
 
         Examples
         --------
@@ -353,6 +370,7 @@ class BaseModel:
             out = np.zeros((0, 2 * n_latent if return_dist else n_latent), np.float32)
         return (out[:, :n_latent], out[:, n_latent:]) if return_dist else out
 
+    @getter_doc
     @torch.no_grad()
     def get_latent_library_size(
         self,
@@ -370,14 +388,11 @@ class BaseModel:
 
         Parameters
         ----------
-        adata
-            Data (default: the training data).
-        indices
-            Cells to return (default: all).
+        {adata}
+        {indices}
         give_mean
             The posterior mean of a latent library; otherwise one sample.
-        batch_size
-            Cells per forward pass.
+        {batch_size}
 
         Examples
         --------
@@ -454,6 +469,7 @@ class BaseModel:
         finally:
             self.module.train(was)
 
+    @getter_doc
     def get_elbo(
         self, adata=None, *, indices=None, batch_size: int | None = None, return_mean: bool = True
     ) -> float | np.ndarray:
@@ -463,12 +479,9 @@ class BaseModel:
 
         Parameters
         ----------
-        adata
-            Data (default: the training data).
-        indices
-            Cells to evaluate (default: all).
-        batch_size
-            Cells per forward pass.
+        {adata}
+        {indices}
+        {batch_size}
         return_mean
             The mean over the cells (default), or one float32 value per cell.
 
@@ -490,6 +503,7 @@ class BaseModel:
     def _reconstruction_terms(self, out) -> list[torch.Tensor]:
         return [out.reconstruction]
 
+    @getter_doc
     def get_reconstruction_error(
         self, adata=None, *, indices=None, batch_size: int | None = None, return_mean: bool = True
     ) -> dict[str, float] | dict[str, np.ndarray]:
@@ -500,12 +514,9 @@ class BaseModel:
 
         Parameters
         ----------
-        adata
-            Data (default: the training data).
-        indices
-            Cells to evaluate (default: all).
-        batch_size
-            Cells per forward pass.
+        {adata}
+        {indices}
+        {batch_size}
         return_mean
             Means over the cells (default), or one float32 value per cell.
 

@@ -15,6 +15,7 @@ from ..module import VAE
 from ._base import (
     BaseModel,
     check_count,
+    getter_doc,
     library_scale,
     mean_or_rows,
     output_array,
@@ -146,6 +147,7 @@ class SCVI(BaseModel):
         }
 
     # ------------------------------------------------------------------ getters
+    @getter_doc
     @torch.no_grad()
     def get_normalized_expression(
         self,
@@ -167,10 +169,8 @@ class SCVI(BaseModel):
 
         Parameters
         ----------
-        adata
-            Data (default: the training data).
-        indices
-            Cells to return (default: all).
+        {adata}
+        {indices}
         transform_batch
             Decode every cell as if it came from this batch (or the average over a list of
             batches): batch-corrected expression. ``None`` uses each cell's own batch.
@@ -189,8 +189,7 @@ class SCVI(BaseModel):
         return_numpy
             Return a float32 array instead of a DataFrame (default: only for the samples of
             ``return_mean=False``).
-        batch_size
-            Cells per forward pass.
+        {batch_size}
 
         Examples
         --------
@@ -248,6 +247,7 @@ class SCVI(BaseModel):
         names = self._obs_names(adata, idx)
         return pd.DataFrame(out, index=names, columns=genes, copy=False)  # pandas 3 would copy
 
+    @getter_doc
     def get_marginal_ll(
         self,
         adata=None,
@@ -263,10 +263,8 @@ class SCVI(BaseModel):
 
         Parameters
         ----------
-        adata
-            Data (default: the training data).
-        indices
-            Cells to evaluate (default: all).
+        {adata}
+        {indices}
         n_mc_samples
             Importance samples per cell (drawn in chunks: memory does not grow with it).
         batch_size
@@ -287,6 +285,7 @@ class SCVI(BaseModel):
         fn = lambda b: self.module.marginal_ll(b, n_mc_samples)
         return mean_or_rows(self._per_cell(adata, indices, batch_size or 128, fn), return_mean)
 
+    @getter_doc
     @torch.no_grad()
     def posterior_predictive_sample(
         self,
@@ -302,18 +301,15 @@ class SCVI(BaseModel):
 
         Parameters
         ----------
-        adata
-            Data (default: the training data).
-        indices
-            Cells to sample (default: all).
+        {adata}
+        {indices}
         transform_batch
             Draw every cell's counts as if it came from this one batch (``None``: its own).
         n_samples
             Samples per cell: a third axis when more than 1 (as in scvi-tools).
         gene_list
             Genes to sample, as columns in the order given (default: all).
-        batch_size
-            Cells per forward pass.
+        {batch_size}
 
         Examples
         --------

@@ -17,6 +17,7 @@ from ._base import (
     BaseModel,
     as_list,
     check_count,
+    getter_doc,
     library_scale,
     output_array,
     samples_kept,
@@ -390,6 +391,7 @@ class TOTALVI(BaseModel):
         module.train(was)
         return out
 
+    @getter_doc
     @torch.no_grad()
     def get_normalized_expression(
         self,
@@ -417,10 +419,8 @@ class TOTALVI(BaseModel):
 
         Parameters
         ----------
-        adata
-            Data (default: the training data).
-        indices
-            Cells to return (default: all).
+        {adata}
+        {indices}
         transform_batch
             Decode every cell as if from this batch (or average over a list of batches). For
             proteins, the average runs over the listed batches that measured each protein.
@@ -447,8 +447,7 @@ class TOTALVI(BaseModel):
         return_numpy
             Return float32 arrays instead of DataFrames (default: only for the samples of
             ``return_mean=False``).
-        batch_size
-            Cells per forward pass.
+        {batch_size}
 
         Returns
         -------
@@ -505,6 +504,7 @@ class TOTALVI(BaseModel):
             pd.DataFrame(protein, index=names, columns=proteins, copy=False),
         )
 
+    @getter_doc
     @torch.no_grad()
     def get_protein_foreground_probability(
         self,
@@ -526,10 +526,8 @@ class TOTALVI(BaseModel):
 
         Parameters
         ----------
-        adata
-            Data (default: the training data).
-        indices
-            Cells to return (default: all).
+        {adata}
+        {indices}
         transform_batch
             Batch (or list of batches) to decode as; None for each cell's own batch.
         protein_list
@@ -542,8 +540,7 @@ class TOTALVI(BaseModel):
         return_numpy
             Return a float32 array instead of a DataFrame (default: only for the samples of
             ``return_mean=False``).
-        batch_size
-            Cells per forward pass.
+        {batch_size}
 
         Examples
         --------
