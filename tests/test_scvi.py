@@ -899,6 +899,34 @@ def test_posterior_predictive_sample_of_another_batch():
         model.posterior_predictive_sample(transform_batch=["batch0", "batch1"])
 
 
+@pytest.mark.parametrize("likelihood", ["zinb", "nb", "poisson"])
+def test_likelihood_parameters_are_the_decoders(likelihood):
+    adata = _setup(120, 15, n_batches=2)
+    model = cellvae.SCVI(adata, n_latent=3, gene_likelihood=likelihood, dispersion="gene")
+    model.train(max_epochs=3, progress_bar=False)
+    params = model.get_likelihood_parameters(indices=range(50))
+    expected = {"zinb": ["mean", "dispersions", "dropout"], "nb": ["mean", "dispersions"]}
+    assert list(params) == expected.get(likelihood, ["mean"])
+    # the mean is the library times the normalised expression, by the getters' other path
+    rate = model.get_normalized_expression(indices=range(50), library_size="latent")
+    np.testing.assert_allclose(params["mean"], rate.to_numpy(), rtol=1e-5)
+    if likelihood != "poisson":  # one θ per gene, for every cell
+        theta = torch.exp(model.module.px_r).detach().numpy()
+        np.testing.assert_allclose(params["dispersions"], np.tile(theta, (50, 1)), rtol=1e-6)
+    if likelihood == "zinb":
+        assert ((params["dropout"] > 0) & (params["dropout"] < 1)).all()
+    torch.manual_seed(2)
+    samples = model.get_likelihood_parameters(indices=range(50), n_samples=4, batch_size=20)
+    torch.manual_seed(2)
+    mean = model.get_likelihood_parameters(
+        indices=range(50), n_samples=4, batch_size=20, give_mean=True
+    )
+    assert samples["mean"].shape == (4, 50, 15) and mean["mean"].shape == (50, 15)
+    for k in params:
+        np.testing.assert_allclose(samples[k].mean(0), mean[k], rtol=1e-5)
+    assert model.get_likelihood_parameters(indices=[], n_samples=2)["mean"].shape == (2, 0, 15)
+
+
 def test_getters_read_an_in_memory_view(trained):
     adata, model = trained
     with warnings.catch_warnings():

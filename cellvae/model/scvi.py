@@ -147,6 +147,88 @@ class SCVI(BaseModel):
         }
 
     # ------------------------------------------------------------------ getters
+    def _decoded_point(self, inf: dict, n_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The z and log library to decode: the samples, or with one sample the posterior means.
+
+        The posterior means make ``n_samples=1`` deterministic: z's mean (its softmax for the
+        logistic normal) and the mean of a latent log library, not one sample of either.
+        """
+        if n_samples > 1:
+            return inf["z"], inf["library"]
+        z = inf["qz_m"]
+        if self.module.latent_distribution == "ln":
+            z = torch.softmax(z, -1)
+        return z, inf["library"] if inf["ql_m"] is None else inf["ql_m"]
+
+    @getter_doc
+    @torch.no_grad()
+    def get_likelihood_parameters(
+        self,
+        adata=None,
+        *,
+        indices: Sequence[int] | None = None,
+        n_samples: int = 1,
+        give_mean: bool = False,
+        batch_size: int | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Return the parameters of p(x | z) for each cell and gene (scvi-tools' getter).
+
+        ``"mean"`` (the rate), ``"dispersions"`` (θ; the variance for ``"normal"``; not for
+        ``"poisson"``) and ``"dropout"`` (the zero-inflation probability; ``"zinb"`` only), each
+        cells × genes. With ``n_samples=1`` they are decoded from the posterior means
+        (deterministic); with more, from that many posterior samples.
+
+        Parameters
+        ----------
+        {adata}
+        {indices}
+        n_samples
+            Posterior samples to decode.
+        give_mean
+            With ``n_samples > 1``, the mean over the samples instead of samples × cells × genes.
+        {batch_size}
+
+        Examples
+        --------
+        >>> import cellvae
+        >>> adata = cellvae.datasets.synthetic(100, 20)
+        >>> cellvae.SCVI.setup_anndata(adata)
+        >>> model = cellvae.SCVI(adata).train(max_epochs=1, progress_bar=False)
+        >>> {k: v.shape for k, v in model.get_likelihood_parameters().items()}
+        {'mean': (100, 20), 'dispersions': (100, 20), 'dropout': (100, 20)}
+        """
+        check_count("n_samples", n_samples)
+        self._check_trained()
+        td, _ = self._data(adata)
+        likelihood = self.module.gene_likelihood
+        names = ["mean"]
+        names += [] if likelihood == "poisson" else ["dispersions"]
+        names += ["dropout"] if likelihood == "zinb" else []
+        keep = n_samples > 1 and not give_mean
+
+        def params(batch):
+            z, library = self._decoded_point(self.module.inference(batch, n_samples), n_samples)
+            gen = self.module.generative(z, library, batch)
+            px, mean = gen["px"], gen["px_rate"]
+            values = [mean]
+            if likelihood != "poisson":
+                theta = px.scale**2 if likelihood == "normal" else px.theta
+                values.append(theta.expand_as(mean))
+            if likelihood == "zinb":
+                values.append(px.zi_probs)
+            out = torch.stack(values, -1)  # ([samples,] cells, genes, parameters)
+            if n_samples > 1:
+                out = out.transpose(0, 1) if keep else out.mean(0)
+            return out
+
+        rows = self._rows(td, indices, batch_size, params)
+        if rows is None:  # no cells
+            shape = (0, n_samples, td.n_vars) if keep else (0, td.n_vars)
+            rows = np.zeros((*shape, len(names)), np.float32)
+        if keep:  # cells, samples → samples, cells
+            rows = rows.swapaxes(0, 1)
+        return {k: np.ascontiguousarray(rows[..., i]) for i, k in enumerate(names)}
+
     @getter_doc
     @torch.no_grad()
     def get_normalized_expression(
@@ -215,12 +297,7 @@ class SCVI(BaseModel):
         factor = (1.0 if scale is None else scale) / len(codes)
         for batch in self._batches(td, idx, batch_size):
             inf = self.module.inference(batch, n_samples=n_samples)
-            z = inf["z"] if n_samples > 1 else inf["qz_m"]
-            if n_samples == 1 and self.module.latent_distribution == "ln":
-                z = torch.softmax(z, -1)
-            # the posterior mean of a latent log library, like z's (not one sample of it)
-            latent_mean = n_samples == 1 and inf["ql_m"] is not None
-            library = inf["ql_m"] if latent_mean else inf["library"]
+            z, library = self._decoded_point(inf, n_samples)
             n = len(batch["batch"])
             target = torch.from_numpy(out[..., start : start + n, :])
             start += n
