@@ -226,7 +226,15 @@ class BaseModel:
 
     @property
     def history(self) -> pd.DataFrame:
-        """Per-epoch training history (one row per epoch)."""
+        """Per-epoch training history (one row per epoch).
+
+        Columns ``train_<term>`` and ``validation_<term>`` hold per-cell means of ``elbo`` (the
+        negative ELBO), ``reconstruction``, ``kl_local`` and a model's own terms (TOTALVI:
+        ``reconstruction_protein``, ``kl_background``); ``train_loss`` is the optimised,
+        KL-weighted loss, and ``kl_weight`` and ``lr`` the epoch's settings. scvi-tools'
+        ``history["elbo_train"]`` is ``history["train_elbo"]`` here,
+        ``"reconstruction_loss_validation"`` is ``"validation_reconstruction"``, and so on.
+        """
         if not self.history_:
             return pd.DataFrame()
         return pd.DataFrame(self.history_).set_index("epoch")
