@@ -870,17 +870,13 @@ def _batch_name(batch, categories: Sequence[str]) -> str | None:
     return None
 
 
-def mean_over_cells(values: np.ndarray | None) -> float:
+def mean_or_rows(values: np.ndarray | None, return_mean: bool) -> float | np.ndarray:
+    """A getter's per-cell ``values`` (None: no cells), or their mean with ``return_mean``."""
+    if not return_mean:
+        return np.empty(0, np.float32) if values is None else values
     if values is None or not len(values):
         raise ValueError("indices selects no cells: a mean over no cells is undefined.")
     return float(values.mean())
-
-
-def mean_or_rows(values: np.ndarray | None, return_mean: bool) -> float | np.ndarray:
-    """A getter's per-cell ``values`` (None: no cells), or their mean with ``return_mean``."""
-    if return_mean:
-        return mean_over_cells(values)
-    return np.empty(0, np.float32) if values is None else values
 
 
 def _sources(adata, reg: Registry) -> list:
