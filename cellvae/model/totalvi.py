@@ -354,7 +354,7 @@ class TOTALVI(BaseModel):
         module = self.module
         was = module.training
         module.eval()
-        lead = (n_samples,) if keep_samples and n_samples > 1 else ()
+        lead = (n_samples,) if keep_samples else ()  # samples_kept: only with n_samples > 1
         out = {k: output_array(lead + (len(idx), w)) for k, w in widths.items()}
         mask = module.protein_batch_mask.float()
         start = 0
