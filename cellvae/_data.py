@@ -106,6 +106,14 @@ class TensorData:
             out.protein = torch.from_numpy(np.ascontiguousarray(prot, dtype=np.float32))
         return out
 
+    def n_empty_cells(self) -> int:
+        """The number of cells without counts (no stored entry, or an all-zero dense row)."""
+        if self.dense is not None:
+            return int((self.dense.sum(1) <= 0).sum())  # counts are non-negative
+        if self.backed is not None:
+            return int((np.diff(self.backed.indptr) == 0).sum())
+        return int((torch.diff(self.indptr) == 0).sum())  # canonical CSR: no stored zeros
+
     def _set_counts(self, counts) -> None:
         if isinstance(counts, np.ndarray):
             self.dense = torch.from_numpy(np.ascontiguousarray(counts, dtype=np.float32))

@@ -172,11 +172,20 @@ def _protein_names(adata, obsm_key: str, uns_key: str | None, n: int) -> tuple[s
     return names
 
 
+def empty_cells_error(n: int) -> ValueError:
+    """The error for training data with ``n`` cells without counts."""
+    return ValueError(
+        f"{n} cells have zero total counts; training needs at least one count per cell. "
+        "Remove them first: sc.pp.filter_cells(adata, min_counts=1) "
+        "(then adata = adata.copy() if you sliced)."
+    )
+
+
 def _library_stats(library: np.ndarray, codes: np.ndarray, n_batch: int):
     log_lib = np.log(np.maximum(library, 1.0))
     means, variances = [], []
     for b in range(n_batch):
-        vals = log_lib[codes == b]
+        vals = log_lib[(codes == b) & (library > 0)]  # cells without counts have no library
         means.append(float(vals.mean()) if vals.size else 0.0)
         variances.append(float(vals.var()) if vals.size > 1 else 1.0)
     return tuple(means), tuple(variances)
@@ -251,11 +260,7 @@ def _build_registry(
             "observed library. To leave them out: sc.pp.filter_cells(adata, min_counts=1)."
         )
     elif empty:
-        raise ValueError(
-            f"{empty} cells have zero total counts; training needs at least one count per cell. "
-            "Remove them first: sc.pp.filter_cells(adata, min_counts=1) "
-            "(then adata = adata.copy() if you sliced)."
-        )
+        raise empty_cells_error(empty)
     n_empty_genes = int((stats["gene_totals"] <= 0).sum())
     # data registered against a reference keep its genes: filtering them is not the fix there
     if n_empty_genes and not against_reference:

@@ -38,24 +38,32 @@ __all__ = [
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU; other values are passed to torch."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
+    """``"auto"`` → CUDA when available, else CPU; ``"cpu"``, ``"cuda[:N]"`` or ``"mps"``.
+
+    A device that torch knows but that is not available here, or that cannot hold a model's
+    weights (``"meta"``), is refused before anything is moved to it.
+    """
+    if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not isinstance(device, str):
+    if not isinstance(device, str | torch.device):
         raise TypeError(
-            f"device must be 'auto', 'cpu', 'cuda[:N]' or a torch.device, got {device!r}."
+            f"device must be 'auto', 'cpu', 'cuda[:N]', 'mps' or a torch.device, got {device!r}."
         )
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was requested but CUDA is not available; use 'cpu'.")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
         raise ValueError(
-            f"Unknown device {device!r}: use 'auto' (CUDA when available, else CPU), 'cpu', "
-            "'cuda' or 'cuda:N' (or another device type torch knows, such as 'mps')."
-        ) from None
+            f"Unknown device {str(device)!r}: use 'auto' (CUDA when available, else CPU), "
+            "'cpu', 'cuda', 'cuda:N' or 'mps'."
+        )
+    available = {"cpu": True, "cuda": torch.cuda.is_available()}
+    if not available.get(dev.type, torch.backends.mps.is_available()):
+        raise ValueError(
+            f"device={str(device)!r} was requested but it is not available; use 'cpu'."
+        )
+    return dev
 
 
 def default_max_epochs(n_obs: int) -> int:

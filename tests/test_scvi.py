@@ -927,6 +927,39 @@ def test_likelihood_parameters_are_the_decoders(likelihood):
     assert model.get_likelihood_parameters(indices=[], n_samples=2)["mean"].shape == (2, 0, 15)
 
 
+def test_training_refuses_cells_without_counts_however_they_came(trained, tmp_path):
+    adata, model = trained
+    query = adata.copy()
+    for row in range(0, 300, 15):  # 20 cells without counts
+        query.X.data[query.X.indptr[row] : query.X.indptr[row + 1]] = 0
+    query.X.eliminate_zeros()
+    with pytest.warns(UserWarning, match="20 cells have zero total counts"):
+        reg = cellvae.pp.transfer_setup(query, model)
+    kept = query[np.asarray(query.X.sum(1)).ravel() > 0].copy()
+    cellvae.pp.setup_anndata(kept, batch_key="batch", labels_key="cell_type")
+    expected = type(reg).from_adata(kept)
+    # the library prior is that of the cells with counts (an empty cell is no library of 1)
+    np.testing.assert_allclose(reg.library_log_means, expected.library_log_means, rtol=1e-6)
+    np.testing.assert_allclose(reg.library_log_vars, expected.library_log_vars, rtol=1e-6)
+    with pytest.raises(ValueError, match="20 cells have zero total counts; training needs"):
+        cellvae.SCVI(query, n_latent=4).train(max_epochs=1, progress_bar=False)
+    model.save(tmp_path / "m")
+    with pytest.warns(UserWarning, match="zero total counts"):
+        loaded = cellvae.SCVI.load(tmp_path / "m", query)
+    with pytest.raises(ValueError, match="training needs at least one count per cell"):
+        loaded.train(max_epochs=1, progress_bar=False)
+
+
+def test_a_trained_model_pickles():
+    import pickle
+
+    adata = _setup(60, 10)
+    model = cellvae.SCVI(adata, n_latent=2).train(max_epochs=1, progress_bar=False)
+    latent = model.get_latent_representation()  # fills the tensor cache (weak references)
+    copy = pickle.loads(pickle.dumps(model))
+    np.testing.assert_array_equal(copy.get_latent_representation(), latent)
+
+
 def test_getters_read_an_in_memory_view(trained):
     adata, model = trained
     with warnings.catch_warnings():
@@ -1002,8 +1035,8 @@ def test_getter_and_train_options_out_of_range_raise_clear_errors(trained):
         (dict(batch_size=0), "batch_size must be a positive integer"),
         (dict(batch_size=2.5), "batch_size must be a positive integer"),
         (dict(n_samples=2.5), "n_samples must be a positive integer"),
-        (dict(library_size="Latent"), "library_size must be a positive finite number or 'latent'"),
-        (dict(library_size=-1), "library_size must be a positive finite number"),
+        (dict(library_size="Latent"), "library_size must be a positive number within"),
+        (dict(library_size=-1), "library_size must be a positive number within"),
     ]
     for kwargs, message in bad:
         with pytest.raises(ValueError, match=message):
@@ -1019,12 +1052,23 @@ def test_getter_and_train_options_out_of_range_raise_clear_errors(trained):
         fresh.train(max_epochs=1, validation_size=None, progress_bar=False)
     with pytest.raises(ValueError, match="early_stopping_patience must be a positive integer"):
         fresh.train(max_epochs=1, early_stopping_patience=1.5, progress_bar=False)
-    with pytest.raises(ValueError, match="positive finite number"):
+    with pytest.raises(ValueError, match="library_size must be a positive number within"):
         model.get_normalized_expression(library_size=float("inf"))
     with pytest.raises(TypeError, match=r"accelerator: device=.*train_size: validation_size="):
         fresh.train(max_epochs=1, accelerator="cpu", train_size=0.9)
-    with pytest.raises(ValueError, match="Unknown device 'tpu'"):
-        fresh.train(max_epochs=1, device="tpu", progress_bar=False)
+    for device, message in [("tpu", "Unknown device 'tpu'"), ("meta", "Unknown device 'meta'")]:
+        with pytest.raises(ValueError, match=message):  # meta would lose the weights
+            fresh.train(max_epochs=1, device=device, progress_bar=False)
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ValueError, match="'mps' was requested but it is not available"):
+            fresh.train(max_epochs=1, device="mps", progress_bar=False)
+    for value in (None, 0, "False"):  # not read by truthiness
+        with pytest.raises(TypeError, match="return_mean must be True or False"):
+            model.get_elbo(return_mean=value)
+    with pytest.raises(ValueError, match="float32's range"):
+        model.get_normalized_expression(library_size=1e40)  # would be inf in float32
+    with pytest.raises(TypeError, match=r"train_size: validation_size.*go to training"):
+        cellvae.tl.scvi(cellvae.datasets.synthetic(20, 5), train_size=0.9)
     with pytest.raises(AttributeError, match="fitted attributes end in '_': is_trained_"):
         model.is_trained  # noqa: B018
     with pytest.raises(AttributeError, match="no attribute 'nonsense'$"):

@@ -71,15 +71,25 @@ def check_count(name: str, value, *, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_bool(name: str, value) -> None:
+    """Raise unless ``value`` is True or False (a string "False" would read as true)."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be True or False, got {value!r}.")
+
+
 def library_scale(library_size) -> float | None:
     """The factor for a numeric ``library_size``, None for ``"latent"``; raises otherwise."""
     if isinstance(library_size, str) and library_size == "latent":
         return None
     if isinstance(library_size, numbers.Real) and not isinstance(library_size, bool):
-        if 0 < library_size < float("inf"):
+        if 0 < library_size <= _FLOAT32_MAX:  # the outputs are float32
             return float(library_size)
     raise ValueError(
-        f"library_size must be a positive finite number or 'latent', got {library_size!r}."
+        f"library_size must be a positive number within float32's range (≤ 3.4e38) or "
+        f"'latent', got {library_size!r}."
     )
 
 
@@ -115,8 +125,7 @@ def samples_kept(n_samples: int, return_mean: bool, return_numpy: bool | None) -
     ((True, True), (False, False), (False, True))
     """
     check_count("n_samples", n_samples)
-    if not isinstance(return_mean, bool | np.bool_):
-        raise TypeError(f"return_mean must be True or False, got {return_mean!r}.")
+    check_bool("return_mean", return_mean)
     keep = n_samples > 1 and not return_mean
     if keep and return_numpy is False:
         warn_user(
@@ -610,13 +619,9 @@ class BaseModel:
         """
         unknown = set(train_options) - set(TrainConfig.__dataclass_fields__)
         if unknown:
-            hints = [
-                f"{k}: {_SCVI_TOOLS_OPTIONS[k]}"
-                for k in sorted(unknown & _SCVI_TOOLS_OPTIONS.keys())
-            ]
             raise TypeError(
                 f"Unknown training options {sorted(unknown)}."
-                + (" Instead of scvi-tools' " + "; ".join(hints) + "." if hints else "")
+                + _renamed_hint(unknown)
                 + (
                     " train() fits the model's own AnnData (given to the constructor or to "
                     "load(dir_path, adata))."
@@ -625,6 +630,9 @@ class BaseModel:
                 )
             )
         td, reg = self._data()
+        empty = td.n_empty_cells()
+        if empty:  # data attached by load, edited after setup, or registered by transfer_setup
+            raise pp.empty_cells_error(empty)
         if seed is None:  # unseeded: split, order, initialisation and dropout drawn afresh
             seed = secrets.randbits(63)
         options = {**self._train_defaults, **train_options}
@@ -805,6 +813,10 @@ class BaseModel:
                 adata.uns[UNS_KEY] = reg.to_dict()
         return model
 
+    def __getstate__(self) -> dict:
+        # the tensor cache holds weak references, which do not pickle: it is rebuilt on use
+        return {**self.__dict__, "_data_cache": None}
+
     def __getattr__(self, name: str):
         # only reached when the attribute does not exist: point scvi-tools' names (is_trained,
         # train_indices) at the fitted attributes, which end in "_" here
@@ -835,6 +847,29 @@ _SCVI_TOOLS_OPTIONS = {
     "enable_progress_bar": "progress_bar",
     "plan_kwargs": "its options themselves (lr=..., weight_decay=..., n_epochs_kl_warmup=...)",
 }
+
+
+def _renamed_hint(unknown: set[str]) -> str:
+    """Advice for scvi-tools' names among ``unknown`` options ('' if none)."""
+    hints = [f"{k}: {_SCVI_TOOLS_OPTIONS[k]}" for k in sorted(unknown & _SCVI_TOOLS_OPTIONS.keys())]
+    return " Instead of scvi-tools' " + "; ".join(hints) + "." if hints else ""
+
+
+def check_model_options(model: str, given: Iterable[str], allowed: set[str]) -> None:
+    """Raise a TypeError for a model's unknown options, naming training options passed to it."""
+    unknown = set(given) - allowed
+    if not unknown:
+        return
+    training = sorted(unknown & (set(TrainConfig.__dataclass_fields__) | set(_SCVI_TOOLS_OPTIONS)))
+    raise TypeError(
+        f"Unknown {model} options {sorted(unknown)}; allowed: {sorted(allowed)}."
+        + _renamed_hint(unknown)
+        + (
+            f" {training} go to training: model.train(...), or train_kwargs=dict(...) in tl."
+            if training
+            else ""
+        )
+    )
 
 
 def _setup_of(adata) -> Registry:
@@ -872,6 +907,7 @@ def _batch_name(batch, categories: Sequence[str]) -> str | None:
 
 def mean_or_rows(values: np.ndarray | None, return_mean: bool) -> float | np.ndarray:
     """A getter's per-cell ``values`` (None: no cells), or their mean with ``return_mean``."""
+    check_bool("return_mean", return_mean)
     if not return_mean:
         return np.empty(0, np.float32) if values is None else values
     if values is None or not len(values):

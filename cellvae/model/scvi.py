@@ -15,6 +15,7 @@ from ..module import VAE
 from ._base import (
     BaseModel,
     check_count,
+    check_model_options,
     getter_doc,
     library_scale,
     mean_or_rows,
@@ -82,9 +83,7 @@ class SCVI(BaseModel):
             "use_layer_norm",
             "log_variational",
         }
-        unknown = set(module_kwargs) - allowed
-        if unknown:
-            raise TypeError(f"Unknown SCVI options {sorted(unknown)}; allowed: {sorted(allowed)}.")
+        check_model_options("SCVI", module_kwargs, allowed)
         super().__init__(
             adata,
             n_hidden=n_hidden,

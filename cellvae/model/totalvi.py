@@ -17,6 +17,7 @@ from ._base import (
     BaseModel,
     as_list,
     check_count,
+    check_model_options,
     getter_doc,
     library_scale,
     output_array,
@@ -107,11 +108,7 @@ class TOTALVI(BaseModel):
         **module_kwargs: Any,
     ):
         allowed = {"use_batch_norm", "use_layer_norm", "adversarial_weight"}
-        unknown = set(module_kwargs) - allowed
-        if unknown:
-            raise TypeError(
-                f"Unknown TOTALVI options {sorted(unknown)}; allowed: {sorted(allowed)}."
-            )
+        check_model_options("TOTALVI", module_kwargs, allowed)
         TOTALVAE.check_options(
             gene_dispersion, protein_dispersion, gene_likelihood, latent_distribution
         )
