@@ -399,7 +399,10 @@ def main() -> int:
     parser.add_argument("--with-1m", action="store_true", help="add cellvae on 1M x 2,000 (18%%)")
     parser.add_argument("--scvi-1m", action="store_true", help="also try scvi-tools on 1M")
     parser.add_argument(
-        "--skip", nargs="*", default=[], choices=["dataloader", "floor", "scvi", "totalvi"]
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["dataloader", "floor", "scvi", "totalvi", "marginal_ll"],
     )
     parser.add_argument(
         "--repeats",
@@ -429,6 +432,8 @@ def main() -> int:
             codes["scvi"] = run("bench_scvi.py", common + repeats + extra, a.threads)
         if "totalvi" not in a.skip:
             codes["totalvi"] = run("bench_totalvi.py", common + repeats, a.threads)
+        if "marginal_ll" not in a.skip:
+            codes["marginal_ll"] = run("bench_marginal_ll.py", common, a.threads)
         if a.with_1m and not a.quick:
             codes["backed"] = run("bench_backed.py", ["--in-memory"], a.threads)
         info["exit_codes"] = codes
