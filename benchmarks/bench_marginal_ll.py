@@ -4,7 +4,7 @@ On the shipped Kang data (2,000 cells × 9,015 genes), each tool trains SCVI for
 epochs (defaults otherwise, seed 0, untimed), then the timed task is one ``get_marginal_ll`` of
 the first ``--cells`` cells with ``--n-mc`` importance samples (scvi-tools' default, 1,000), at
 batch size 128. Each tool runs in a fresh process on 2 threads; ``Measure`` gives the task's peak
-RSS above its start. cellvae draws the samples in chunks of at most 2^22 samples × cells × genes
+RSS above its start. cellvae draws the samples in chunks of at most 2^20 samples × cells × genes
 (before, all at once: 9.4 GB for 128 cells × 2,000 genes).
 
     .venv/bin/python benchmarks/bench_marginal_ll.py            # 128 cells, 1,000 samples
