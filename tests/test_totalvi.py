@@ -482,6 +482,22 @@ def test_missing_proteins_masked_and_decoded_from_other_batch(missing):
     fg_s = model.get_protein_foreground_probability(return_mean=False, protein_list="prot4", **kw)
     assert fg_s.shape == (4, 40, 1)
     np.testing.assert_allclose(fg_s.mean(0), fg_mean[:, [4]], rtol=1e-4)
+    # the background mean, by the other getters: σ(mixing) · rate_back is what
+    # include_protein_background adds, and σ(mixing) is 1 − the foreground probability
+    _, fore = model.get_normalized_expression(transform_batch="batch0", return_numpy=True)
+    _, total = model.get_normalized_expression(
+        transform_batch="batch0", include_protein_background=True, return_numpy=True
+    )
+    fg0 = model.get_protein_foreground_probability(transform_batch="batch0", return_numpy=True)
+    background = model.get_protein_background_mean(transform_batch="batch0")
+    assert list(background.columns) == [f"prot{i}" for i in range(6)]
+    np.testing.assert_allclose(background.to_numpy(), (total - fore) / (1 - fg0), rtol=1e-4)
+    torch.manual_seed(5)
+    bg_s = model.get_protein_background_mean(return_mean=False, **kw)
+    torch.manual_seed(5)
+    bg_mean = model.get_protein_background_mean(return_numpy=True, **kw)
+    assert bg_s.shape == (4, 40, 6)
+    np.testing.assert_allclose(bg_s.mean(0), bg_mean, rtol=1e-4)
     # proteins scaled to sum to 1 still do after the masked average over batches
     _, scaled = model.get_normalized_expression(
         transform_batch=["batch0", "batch1"], scale_protein=True, return_numpy=True

@@ -549,6 +549,73 @@ class TOTALVI(BaseModel):
         >>> bool(((fg >= 0) & (fg <= 1)).all().all())
         True
         """
+        foreground = lambda py_: 1 - torch.sigmoid(py_["mixing"])
+        options = (transform_batch, protein_list, n_samples, return_mean, return_numpy)
+        return self._per_protein(adata, indices, *options, batch_size, foreground)
+
+    @getter_doc
+    @torch.no_grad()
+    def get_protein_background_mean(
+        self,
+        adata=None,
+        *,
+        indices: Sequence[int] | None = None,
+        transform_batch: str | Sequence[str] | None = None,
+        protein_list: Sequence[str] | None = None,
+        n_samples: int = 1,
+        return_mean: bool = True,
+        return_numpy: bool | None = None,
+        batch_size: int | None = None,
+    ) -> pd.DataFrame | np.ndarray:
+        """Return the mean of each protein's background component (counts, cells × proteins).
+
+        The background rate ``rate_back`` of the protein mixture: ``exp`` of the background's
+        mean log rate with ``n_samples=1``, averaged over that many samples of it otherwise,
+        and over the batches of ``transform_batch`` as the foreground probability is.
+
+        Parameters
+        ----------
+        {adata}
+        {indices}
+        transform_batch
+            Batch (or list of batches) to decode as; None for each cell's own batch.
+        protein_list
+            Proteins to return (default: all).
+        n_samples
+            Number of posterior samples (of z and of the background).
+        return_mean
+            With ``n_samples > 1``, False returns every sample: samples × cells × proteins.
+        return_numpy
+            Return a float32 array instead of a DataFrame (default: only for the samples of
+            ``return_mean=False``).
+        {batch_size}
+
+        Examples
+        --------
+        >>> import cellvae
+        >>> adata = cellvae.datasets.synthetic(200, 30, n_proteins=5)
+        >>> cellvae.TOTALVI.setup_anndata(adata, protein_expression_obsm_key="protein_expression")
+        >>> model = cellvae.TOTALVI(adata).train(max_epochs=1, progress_bar=False)
+        >>> model.get_protein_background_mean(protein_list=["prot0", "prot1"]).shape
+        (200, 2)
+        """
+        background = lambda py_: py_["rate_back"]
+        options = (transform_batch, protein_list, n_samples, return_mean, return_numpy)
+        return self._per_protein(adata, indices, *options, batch_size, background)
+
+    def _per_protein(
+        self,
+        adata,
+        indices,
+        transform_batch,
+        protein_list,
+        n_samples: int,
+        return_mean: bool,
+        return_numpy: bool | None,
+        batch_size: int | None,
+        value: Callable[[dict], torch.Tensor],
+    ) -> pd.DataFrame | np.ndarray:
+        """A getter of ``value(py_)`` per cell and protein, averaged as :meth:`_decode` does."""
         self._check_trained()
         keep_samples, return_numpy = samples_kept(n_samples, return_mean, return_numpy)
         td, reg = self._data(adata)
@@ -557,14 +624,14 @@ class TOTALVI(BaseModel):
         idx = self._indices(td, indices)
 
         def fn(gen: dict, library: torch.Tensor) -> dict[str, torch.Tensor]:
-            return {"proteins": 1 - torch.sigmoid(gen["py_"]["mixing"])}
+            return {"proteins": value(gen["py_"])}
 
         widths = {"proteins": reg.n_proteins}
         out = self._decode(td, idx, codes, n_samples, batch_size, fn, widths, keep_samples)
-        prob = out["proteins"][..., protein_idx]
+        values = out["proteins"][..., protein_idx]
         if return_numpy:
-            return prob
-        return pd.DataFrame(prob, index=self._obs_names(adata, idx), columns=proteins)
+            return values
+        return pd.DataFrame(values, index=self._obs_names(adata, idx), columns=proteins)
 
 
 def protein_background_prior(
