@@ -58,8 +58,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             f"Unknown device {str(device)!r}: use 'auto' (CUDA when available, else CPU), "
             "'cpu', 'cuda', 'cuda:N' or 'mps'."
         )
-    available = {"cpu": True, "cuda": torch.cuda.is_available()}
-    if not available.get(dev.type, torch.backends.mps.is_available()):
+    if (
+        dev.type == "cuda"
+        and not torch.cuda.is_available()
+        or (dev.type == "mps" and not torch.backends.mps.is_available())
+    ):
         raise ValueError(
             f"device={str(device)!r} was requested but it is not available; use 'cpu'."
         )

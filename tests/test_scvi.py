@@ -23,6 +23,15 @@ from cellvae.nn import DecoderSCVI, Dropout, Encoder, FCLayers
 from cellvae.train import TrainConfig, TrainingError, train_module
 
 
+def _without_counts(adata, rows):
+    """A copy of ``adata`` whose CSR counts are empty in ``rows``."""
+    out = adata.copy()
+    for row in rows:
+        out.X.data[out.X.indptr[row] : out.X.indptr[row + 1]] = 0
+    out.X.eliminate_zeros()
+    return out
+
+
 def _setup(n_obs=300, n_vars=40, **kw):
     adata = cellvae.datasets.synthetic(n_obs, n_vars, **kw)
     cellvae.SCVI.setup_anndata(adata, batch_key="batch", labels_key="cell_type")
@@ -929,10 +938,7 @@ def test_likelihood_parameters_are_the_decoders(likelihood):
 
 def test_training_refuses_cells_without_counts_however_they_came(trained, tmp_path):
     adata, model = trained
-    query = adata.copy()
-    for row in range(0, 300, 15):  # 20 cells without counts
-        query.X.data[query.X.indptr[row] : query.X.indptr[row + 1]] = 0
-    query.X.eliminate_zeros()
+    query = _without_counts(adata, range(0, 300, 15))  # 20 cells without counts
     with pytest.warns(UserWarning, match="20 cells have zero total counts"):
         reg = cellvae.pp.transfer_setup(query, model)
     kept = query[np.asarray(query.X.sum(1)).ravel() > 0].copy()
@@ -977,10 +983,8 @@ def test_getters_read_an_in_memory_view(trained):
 
 def test_cells_without_counts_in_new_data_warn_and_get_finite_results(trained):
     adata, model = trained
-    new = adata[:30].copy()
-    for row in (3, 7):  # e.g. cells without counts in the model's highly variable genes
-        new.X.data[new.X.indptr[row] : new.X.indptr[row + 1]] = 0
-    new.X.eliminate_zeros()
+    # e.g. cells without counts in the model's highly variable genes
+    new = _without_counts(adata[:30], (3, 7))
     with pytest.warns(UserWarning, match="2 cells have zero total counts"):
         latent = model.get_latent_representation(new)
     assert np.isfinite(latent).all()

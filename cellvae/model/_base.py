@@ -101,11 +101,18 @@ _GETTER_DOC = {
     "{indices}": "indices\n            Cells to use (default: all): integer positions or a "
     "boolean mask.",
     "{batch_size}": "batch_size\n            Cells per forward pass.",
+    "{return_mean_cells}": "return_mean\n            The mean over the cells (default), or one "
+    "float32 value per cell.",
+    "{return_mean_samples}": "return_mean\n            With ``n_samples > 1``, False returns "
+    "every sample instead of their mean: a float32\n            array of samples × cells × "
+    "features (as scvi-tools; ``n_samples`` times the memory).",
+    "{return_numpy}": "return_numpy\n            Return a float32 array instead of a DataFrame "
+    "(default: only for the samples of\n            ``return_mean=False``).",
 }
 
 
 def getter_doc(fn):
-    """Write the shared entries ``{adata}``, ``{indices}``, ``{batch_size}`` into a getter's doc."""
+    """Write the shared parameter entries (``{adata}``, ``{indices}``, ...) into a getter's doc."""
     if fn.__doc__:  # None under python -OO
         for key, text in _GETTER_DOC.items():
             fn.__doc__ = fn.__doc__.replace(key, text)
@@ -499,8 +506,7 @@ class BaseModel:
         {adata}
         {indices}
         {batch_size}
-        return_mean
-            The mean over the cells (default), or one float32 value per cell.
+        {return_mean_cells}
 
         Examples
         --------
@@ -534,8 +540,7 @@ class BaseModel:
         {adata}
         {indices}
         {batch_size}
-        return_mean
-            Means over the cells (default), or one float32 value per cell.
+        {return_mean_cells}
 
         Examples
         --------

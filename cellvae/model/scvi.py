@@ -264,12 +264,8 @@ class SCVI(BaseModel):
         n_samples
             Average over this many posterior samples of z and of an inferred library (1: use
             their posterior means).
-        return_mean
-            With ``n_samples > 1``, False returns every sample instead of their mean: a float32
-            array of samples × cells × genes (as scvi-tools; ``n_samples`` times the memory).
-        return_numpy
-            Return a float32 array instead of a DataFrame (default: only for the samples of
-            ``return_mean=False``).
+        {return_mean_samples}
+        {return_numpy}
         {batch_size}
 
         Examples
@@ -345,8 +341,7 @@ class SCVI(BaseModel):
             Importance samples per cell (drawn in chunks: memory does not grow with it).
         batch_size
             Cells per forward pass (default 128).
-        return_mean
-            The mean over the cells (default), or one float32 value per cell.
+        {return_mean_cells}
 
         Examples
         --------

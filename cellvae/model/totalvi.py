@@ -16,7 +16,6 @@ from ..module import TOTALVAE
 from ._base import (
     BaseModel,
     as_list,
-    check_count,
     check_model_options,
     getter_doc,
     library_scale,
@@ -346,8 +345,8 @@ class TOTALVI(BaseModel):
         ``"proteins"`` (all proteins) are averaged over the batches in ``codes`` that measured
         each protein (all of them where none did); the others over all batches in ``codes``.
         With ``keep_samples`` the outputs are samples × cells × width, not averaged over samples.
+        The callers have checked ``n_samples`` (``samples_kept``).
         """
-        check_count("n_samples", n_samples)
         module = self.module
         was = module.training
         module.eval()
@@ -531,12 +530,8 @@ class TOTALVI(BaseModel):
             Proteins to return (default: all).
         n_samples
             Number of posterior samples.
-        return_mean
-            With ``n_samples > 1``, False returns every sample instead of their mean: an array
-            of samples × cells × proteins.
-        return_numpy
-            Return a float32 array instead of a DataFrame (default: only for the samples of
-            ``return_mean=False``).
+        {return_mean_samples}
+        {return_numpy}
         {batch_size}
 
         Examples
@@ -583,11 +578,8 @@ class TOTALVI(BaseModel):
             Proteins to return (default: all).
         n_samples
             Number of posterior samples (of z and of the background).
-        return_mean
-            With ``n_samples > 1``, False returns every sample: samples × cells × proteins.
-        return_numpy
-            Return a float32 array instead of a DataFrame (default: only for the samples of
-            ``return_mean=False``).
+        {return_mean_samples}
+        {return_numpy}
         {batch_size}
 
         Examples
