@@ -344,9 +344,10 @@ def test_latent_library_and_covariates():
         got, model.get_normalized_expression(library_size="latent", return_numpy=True)
     )
     with torch.no_grad():
-        inf = model.module.inference(TensorData.from_adata(adata)[torch.arange(60)])
+        cells = TensorData.from_adata(adata).to(model.device)[torch.arange(60)]
+        inf = model.module.inference(cells)
     scale = model.get_normalized_expression(return_numpy=True)
-    want = scale * np.exp(inf["ql_m"].numpy())
+    want = scale * np.exp(inf["ql_m"].cpu().numpy())
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
@@ -639,7 +640,7 @@ def test_normalized_expression_samples_without_the_mean(trained):
 def test_marginal_ll_draws_its_samples_in_chunks_of_bounded_size(trained):
     adata, model = trained
     module = model.module
-    tensors = TensorData.from_adata(adata)[torch.arange(30)]
+    tensors = TensorData.from_adata(adata).to(model.device)[torch.arange(30)]
     drawn, inference = [], module.inference
 
     def counting(t, n_samples=1):
@@ -649,11 +650,11 @@ def test_marginal_ll_draws_its_samples_in_chunks_of_bounded_size(trained):
     module.eval()
     with torch.no_grad():
         torch.manual_seed(0)
-        whole = module.marginal_ll(tensors, 400).numpy()
+        whole = module.marginal_ll(tensors, 400).cpu().numpy()
         module.inference = counting
         try:
             torch.manual_seed(1)
-            chunked = module.marginal_ll(tensors, 400, max_entries=30 * 40 * 7).numpy()
+            chunked = module.marginal_ll(tensors, 400, max_entries=30 * 40 * 7).cpu().numpy()
         finally:
             del module.inference
     assert drawn == [7] * 57 + [1]  # 400 samples, at most 7 of 30 cells × 40 genes at a time
@@ -661,7 +662,7 @@ def test_marginal_ll_draws_its_samples_in_chunks_of_bounded_size(trained):
     np.testing.assert_allclose(chunked, whole, atol=2.0)
     assert abs(chunked.mean() - whole.mean()) < 0.3
     with torch.no_grad():
-        elbo = -torch.stack([module(tensors).elbo for _ in range(20)]).mean(0).numpy()
+        elbo = -torch.stack([module(tensors).elbo for _ in range(20)]).mean(0).cpu().numpy()
     assert whole.mean() > elbo.mean()
 
 
@@ -779,14 +780,14 @@ def test_normalized_expression_equals_generative_px_scale(trained):
     # the getter writes the decoder's softmax straight into its output: compare with px_scale
     # of the module's own generative pass at the posterior mean, cell by cell
     adata, model = trained
-    td = TensorData.from_adata(adata)
+    td = TensorData.from_adata(adata).to(model.device)
     idx = torch.tensor([7, 0, 123, 299, 42])
     batch = td[idx]
     module = model.module
     with torch.no_grad():
         inf = module.inference(batch)
         gen = module.generative(inf["qz_m"], inf["library"], batch)
-    want = gen["px_scale"].numpy()
+    want = gen["px_scale"].cpu().numpy()
     got = model.get_normalized_expression(indices=idx.numpy(), return_numpy=True, batch_size=2)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)
     big = model.get_normalized_expression(indices=idx.numpy(), library_size=1e4, return_numpy=True)
@@ -878,8 +879,10 @@ def test_latent_distribution_and_library_size(trained):
     latent.train(max_epochs=3, progress_bar=False)
     with torch.no_grad():
         latent.module.eval()
-        inf = latent.module.inference(TensorData.from_adata(adata)[torch.arange(300)])
-    ql_m, ql_v = inf["ql_m"].numpy(), inf["ql_v"].numpy()
+        inf = latent.module.inference(
+            TensorData.from_adata(adata).to(latent.device)[torch.arange(300)]
+        )
+    ql_m, ql_v = inf["ql_m"].cpu().numpy(), inf["ql_v"].cpu().numpy()
     # the log-normal posterior's mean exp(m + v/2); without give_mean, samples of it
     np.testing.assert_allclose(latent.get_latent_library_size(), np.exp(ql_m + ql_v / 2), 1e-5)
     torch.manual_seed(1)
@@ -920,7 +923,7 @@ def test_likelihood_parameters_are_the_decoders(likelihood):
     rate = model.get_normalized_expression(indices=range(50), library_size="latent")
     np.testing.assert_allclose(params["mean"], rate.to_numpy(), rtol=1e-5)
     if likelihood != "poisson":  # one θ per gene, for every cell
-        theta = torch.exp(model.module.px_r).detach().numpy()
+        theta = torch.exp(model.module.px_r).detach().cpu().numpy()
         np.testing.assert_allclose(params["dispersions"], np.tile(theta, (50, 1)), rtol=1e-6)
     if likelihood == "zinb":
         assert ((params["dropout"] > 0) & (params["dropout"] < 1)).all()
@@ -1132,7 +1135,7 @@ def test_save_load_identical_latent(trained, tmp_path):
     assert loaded.history.equals(model.history)
     assert loaded.hparams == model.hparams
     # without data, getters take adata explicitly
-    bare = cellvae.SCVI.load(tmp_path / "m", device="cpu")
+    bare = cellvae.SCVI.load(tmp_path / "m", device=model.device)  # bit-equal on the same device
     np.testing.assert_array_equal(
         bare.get_latent_representation(adata), model.get_latent_representation()
     )

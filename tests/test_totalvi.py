@@ -63,8 +63,8 @@ def missing():
     return adata, model
 
 
-def _tensors(adata):
-    td = TensorData.from_adata(adata)
+def _tensors(adata, device="cpu"):
+    td = TensorData.from_adata(adata).to(device)
     return td[torch.arange(td.n_obs)]
 
 
@@ -330,9 +330,9 @@ def test_eccite_training_lowers_validation_elbo(eccite):
     with torch.no_grad():  # the protein term is the module's, per cell
         model.module.eval()
         torch.manual_seed(3)
-        out = model.module(TensorData.from_adata(adata)[torch.arange(100)])
+        out = model.module(TensorData.from_adata(adata).to(model.device)[torch.arange(100)])
     np.testing.assert_allclose(
-        cells["reconst_loss_protein"], out.extra["reconstruction_protein"].numpy(), rtol=1e-5
+        cells["reconst_loss_protein"], out.extra["reconstruction_protein"].cpu().numpy(), rtol=1e-5
     )
 
 
@@ -373,10 +373,9 @@ def test_eccite_getter_options(eccite):
     np.testing.assert_allclose(scaled.sum(1), 1.0, rtol=1e-4)
     lat, _ = model.get_normalized_expression(library_size="latent", return_numpy=True)
     with torch.no_grad():
-        ql_m = model.module.inference(_tensors(adata))["ql_m"].squeeze(-1).numpy()
+        inf = model.module.inference(_tensors(adata, model.device))
+    ql_m, ql_v = (inf[k].squeeze(-1).cpu().numpy() for k in ("ql_m", "ql_v"))
     np.testing.assert_allclose(lat.sum(1), np.exp(np.minimum(ql_m, 15.0)), rtol=1e-3)  # clamped
-    with torch.no_grad():
-        ql_v = model.module.inference(_tensors(adata))["ql_v"].squeeze(-1).numpy()
     np.testing.assert_allclose(model.get_latent_library_size()[:, 0], np.exp(ql_m + ql_v / 2), 1e-4)
     lat, sampled = model.get_normalized_expression(
         library_size="latent", n_samples=3, sample_protein_mixing=True, return_numpy=True
@@ -406,7 +405,7 @@ def test_save_load_identical_latent(eccite, tmp_path):
     _, p2 = loaded.get_normalized_expression(return_numpy=True)
     np.testing.assert_array_equal(p1, p2)
     assert loaded.hparams == model.hparams
-    bare = cellvae.TOTALVI.load(tmp_path / "m", device="cpu")
+    bare = cellvae.TOTALVI.load(tmp_path / "m", device=model.device)
     np.testing.assert_array_equal(
         bare.get_latent_representation(adata), model.get_latent_representation()
     )
@@ -434,7 +433,7 @@ def test_missing_proteins_masked_and_decoded_from_other_batch(missing):
     expected = np.ones((2, 6), bool)
     expected[1, [1, 4]] = False
     np.testing.assert_array_equal(mask, expected)
-    np.testing.assert_array_equal(model.module.protein_batch_mask.numpy(), expected)
+    np.testing.assert_array_equal(model.module.protein_batch_mask.cpu().numpy(), expected)
     rna_totals = np.asarray(adata.X.sum(1)).ravel()  # the observed library, on count scale
     np.testing.assert_allclose(model.get_latent_library_size()[:, 0], rna_totals, rtol=1e-5)
     assert np.isfinite(model.history["train_loss"]).all()

@@ -765,8 +765,12 @@ class BaseModel:
         >>> model = cellvae.SCVI(adata).train(max_epochs=1, progress_bar=False)
         >>> folder = tempfile.mkdtemp()
         >>> model.save(folder, overwrite=True)
-        >>> loaded = cellvae.SCVI.load(folder, adata, device="cpu")
+        >>> loaded = cellvae.SCVI.load(folder, adata)  # device="auto", where it was trained
         >>> np.array_equal(loaded.get_latent_representation(), model.get_latent_representation())
+        True
+        >>> on_cpu = cellvae.SCVI.load(folder, adata, device="cpu")  # equal up to float rounding
+        >>> np.allclose(on_cpu.get_latent_representation(), model.get_latent_representation(),
+        ...             atol=1e-5)
         True
         """
         path = Path(dir_path)
