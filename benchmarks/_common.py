@@ -190,6 +190,112 @@ class Measure:
         }
 
 
+# --------------------------------------------------------------------------- GPU
+def accelerator_of(device: str) -> str:
+    """scvi-tools' (Lightning's) ``accelerator`` for a torch device string."""
+    return "gpu" if device.startswith("cuda") else "cpu"
+
+
+class GpuMonitor:
+    """GPU utilisation and memory while a block runs; does nothing for a CPU device.
+
+    A thread reads NVML every ``interval`` seconds: utilisation (the percentage of the last
+    sample period during which a kernel ran; NVML's own period, 1/6 s to 1 s) and the memory
+    used on the device by all processes. At exit the block's work is synchronised and torch's
+    peak allocated / reserved memory read. ``record(since=t)`` averages the utilisation over the
+    samples taken after ``time.perf_counter() == t`` (e.g. the start of the second epoch), and
+    over all samples. Without ``pynvml`` it falls back to ``nvidia-smi`` queries.
+    """
+
+    def __init__(self, device: str, interval: float = 0.1):
+        self.active = device.startswith("cuda")
+        self.interval = interval
+        self.samples: list[tuple[float, float, float]] = []  # (t, util %, used MiB)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _reader(self) -> Callable[[], tuple[float, float]]:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+
+            def read() -> tuple[float, float]:
+                util = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
+                return float(util), pynvml.nvmlDeviceGetMemoryInfo(handle).used / MB
+
+            return read
+        except Exception:  # no pynvml: one nvidia-smi call per sample (~30 ms)
+
+            def read() -> tuple[float, float]:
+                out = subprocess.run(
+                    [
+                        "nvidia-smi",
+                        "--query-gpu=utilization.gpu,memory.used",
+                        "--format=csv,noheader,nounits",
+                        "--id=0",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+                util, used = out.strip().splitlines()[0].split(",")
+                return float(util), float(used)
+
+            return read
+
+    def _poll(self, read: Callable[[], tuple[float, float]]) -> None:
+        while not self._stop.is_set():
+            try:
+                util, used = read()
+            except Exception:
+                return
+            self.samples.append((time.perf_counter(), util, used))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> GpuMonitor:
+        if self.active:
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._thread = threading.Thread(target=self._poll, args=(self._reader(),), daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            import torch
+
+            torch.cuda.synchronize()
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join()
+            self.peak_allocated_mb = torch.cuda.max_memory_allocated() / MB
+            self.peak_reserved_mb = torch.cuda.max_memory_reserved() / MB
+            self.name = torch.cuda.get_device_name()
+
+    def record(self, since: float | None = None, prefix: str = "") -> dict[str, Any]:
+        """The utilisation (mean %, all samples and those after ``since``) and peak memory."""
+        if not self.active:
+            return {}
+
+        def mean_util(rows) -> float:
+            return sum(r[1] for r in rows) / len(rows) if rows else math.nan
+
+        later = [r for r in self.samples if since is not None and r[0] >= since]
+        return {
+            f"{prefix}gpu": self.name,
+            f"{prefix}gpu_util_mean": mean_util(self.samples),
+            f"{prefix}gpu_util_steady": mean_util(later),
+            f"{prefix}gpu_samples": len(self.samples),
+            f"{prefix}gpu_allocated_peak_mb": self.peak_allocated_mb,
+            f"{prefix}gpu_reserved_peak_mb": self.peak_reserved_mb,
+            f"{prefix}gpu_used_peak_mb": max((r[2] for r in self.samples), default=math.nan),
+        }
+
+
 # --------------------------------------------------------------------------- epoch timing
 class EpochClock:
     """Timestamps of every training-mode forward call of the top-level module.
@@ -231,6 +337,12 @@ class EpochClock:
             self._global_handle = None
         for h in self._handles:
             h.remove()
+
+    def steady_start(self, n_epochs: int) -> float | None:
+        """The time the second epoch began (None with one epoch or an uneven step count)."""
+        if n_epochs < 2 or not self.times or len(self.times) % n_epochs:
+            return None
+        return self.times[len(self.times) // n_epochs]
 
     def summary(self, n_epochs: int, n_train_cells: int) -> dict[str, Any]:
         """Per-epoch figures; NaN where the step count does not split evenly into epochs."""

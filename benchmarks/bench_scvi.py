@@ -39,7 +39,9 @@ from _common import (
     SEED,
     THREADS,
     EpochClock,
+    GpuMonitor,
     Measure,
+    accelerator_of,
     interleaved,
     print_table,
     results_dir,
@@ -86,13 +88,13 @@ def warmup_options(tool: str, mode: str, epochs: int, n_train: int, batch_size: 
     return {"plan_kwargs": {"n_epochs_kl_warmup": None, "n_steps_kl_warmup": steps}}
 
 
-def scvi_train_kwargs(epochs, batch_size, train, val, extra=None) -> dict:
-    """The scvi-tools ``train`` call used everywhere (the given split, CPU, quiet)."""
+def scvi_train_kwargs(epochs, batch_size, train, val, extra=None, device="cpu") -> dict:
+    """The scvi-tools ``train`` call used everywhere (the given split, ``device``, quiet)."""
     kwargs = {
         "max_epochs": epochs,
         "batch_size": batch_size,
         "train_size": 1.0 - VALIDATION_SIZE,
-        "accelerator": "cpu",
+        "accelerator": accelerator_of(device),
         "devices": 1,
         "enable_progress_bar": False,
         "early_stopping": False,
@@ -152,13 +154,13 @@ def child_train(a) -> dict[str, Any]:
             cellvae.SCVI.setup_anndata(adata, batch_key="batch")
             model = cellvae.SCVI(adata)
             setup_s = time.perf_counter() - t0
-            with EpochClock(VAE) as clock:
+            with EpochClock(VAE) as clock, GpuMonitor(a.device) as gpu:
                 model.train(
                     epochs,
                     batch_size=a.batch_size,
                     validation_size=VALIDATION_SIZE,
                     seed=a.seed,
-                    device="cpu",
+                    device=a.device,
                     progress_bar=False,
                     early_stopping=False,
                     **warm,
@@ -177,8 +179,8 @@ def child_train(a) -> dict[str, Any]:
             scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
             model = scvi.model.SCVI(adata)  # defaults: 128 hidden, 10 latent, 1 layer, zinb
             setup_s = time.perf_counter() - t0
-            with EpochClock(scvi.module.VAE) as clock:
-                model.train(**scvi_train_kwargs(epochs, a.batch_size, train, val, warm))
+            with EpochClock(scvi.module.VAE) as clock, GpuMonitor(a.device) as gpu:
+                model.train(**scvi_train_kwargs(epochs, a.batch_size, train, val, warm, a.device))
         rec["split_matches"] = bool(np.array_equal(np.sort(model.validation_indices), val))
         hist = model.history
         # scvi-tools logs "elbo_*" = reconstruction + KL per cell (the negative ELBO)
@@ -188,6 +190,8 @@ def child_train(a) -> dict[str, Any]:
     train_s = m.seconds - setup_s
     rec.update(m.record())
     rec.update(clock.summary(epochs, len(train)))
+    rec.update(gpu.record(since=clock.steady_start(epochs)))
+    rec["device"] = a.device
     rec["setup_s"] = setup_s
     rec["train_s"] = train_s
     rec["cells_per_s_all"] = len(train) * epochs / train_s
@@ -251,26 +255,31 @@ def child_infer(a) -> dict[str, Any]:
         import cellvae
 
         if have_model:
-            model = cellvae.SCVI.load(a.load, adata, device="cpu")
+            model = cellvae.SCVI.load(a.load, adata, device=a.device)
         else:
             cellvae.SCVI.setup_anndata(adata, batch_key="batch")
-            model = cellvae.SCVI(adata).train(1, device="cpu", progress_bar=False, seed=a.seed)
+            model = cellvae.SCVI(adata).train(1, device=a.device, progress_bar=False, seed=a.seed)
         default_bs = "1024 (cellvae default)"
     else:
         import scvi
 
         scvi.settings.seed = a.seed
         if have_model:
-            model = scvi.model.SCVI.load(a.load, adata=adata, accelerator="cpu")
+            model = scvi.model.SCVI.load(a.load, adata=adata, accelerator=accelerator_of(a.device))
         else:
             scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
             model = scvi.model.SCVI(adata)
-            model.train(max_epochs=1, accelerator="cpu", devices=1, enable_progress_bar=False)
+            model.train(
+                max_epochs=1,
+                accelerator=accelerator_of(a.device),
+                devices=1,
+                enable_progress_bar=False,
+            )
         default_bs = f"{scvi.settings.batch_size} (scvi-tools default)"
     rec["model"] = "loaded" if have_model else "trained 1 epoch in this process"
     kwargs = {} if a.infer_batch_size is None else {"batch_size": a.infer_batch_size}
     rec["infer_batch_size"] = a.infer_batch_size or default_bs
-    with Measure() as m:
+    with Measure() as m, GpuMonitor(a.device) as gpu:
         if a.task == "latent":
             out = model.get_latent_representation(**kwargs)
         else:
@@ -280,6 +289,8 @@ def child_infer(a) -> dict[str, Any]:
     rec["output_shape"] = "x".join(map(str, out.shape))
     rec["output_mb"] = out.nbytes / 2**20
     rec.update(m.record())
+    rec.update(gpu.record())
+    rec["device"] = a.device
     rec["cells_per_s"] = n / m.seconds
     return rec
 
@@ -503,6 +514,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--threads", type=int, default=THREADS)
+    parser.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"], help="both tools train / infer here"
+    )
     parser.add_argument("--out-dir", type=Path, default=None, help="default benchmarks/results")
     parser.add_argument("--timeout-min", type=float, default=30.0, help="per child process")
     parser.add_argument("--mem-limit-gb", type=float, default=20.0, help="per child process")
@@ -551,7 +565,10 @@ def parent(a) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     timeout = a.timeout_min * 60
     tmp = Path(tempfile.mkdtemp(prefix="cvbench-scvi-"))
-    print(f"versions: {tool_versions()}; torch threads {a.threads}; temp {tmp}", flush=True)
+    print(
+        f"versions: {tool_versions()}; torch threads {a.threads}; device {a.device}; temp {tmp}",
+        flush=True,
+    )
 
     def epochs_for(name: str) -> int:
         if a.epochs:
@@ -571,7 +588,7 @@ def parent(a) -> int:
         make_split(splits[name], n_obs_of(paths[name]), a.seed)
         print(f"data {name}: {paths[name].name} ready ({time.perf_counter() - t0:.1f} s)")
 
-    common = {"seed": a.seed, "threads": a.threads, "batch_size": a.batch_size}
+    common = {"seed": a.seed, "threads": a.threads, "batch_size": a.batch_size, "device": a.device}
     train_rows, infer_rows, quality_rows, scib_rows = [], [], [], []
     models: dict[str, Path] = {}
     try:
@@ -651,6 +668,7 @@ def parent(a) -> int:
                             infer_batch_size=a.infer_batch_size,
                             seed=a.seed,
                             threads=a.threads,
+                            device=a.device,
                         ),
                         timeout_s=timeout,
                         mem_limit_gb=a.mem_limit_gb,
@@ -722,17 +740,21 @@ def parent(a) -> int:
     return 0
 
 
+GPU_COLUMNS = [
+    "device", "gpu", "gpu_util_steady", "gpu_util_mean", "gpu_samples", "gpu_allocated_peak_mb",
+    "gpu_reserved_peak_mb", "gpu_used_peak_mb",
+]  # fmt: skip
 TRAIN_COLUMNS = [
     "dataset", "tool", "repeat", "status", "n_obs", "n_vars", "density", "n_train", "epochs",
     "batch_size", "cells_per_s_steady", "cells_per_s_all", "first_epoch_s", "steady_epoch_s",
     "setup_s", "train_s", "peak_delta_mb", "peak_mb", "baseline_mb", "ru_maxrss_mb",
     "mem_method", "final_train_neg_elbo", "final_val_neg_elbo", "final_kl_weight",
-    "split_matches", "child_wall_s", "error",
+    "split_matches", "child_wall_s", "error", *GPU_COLUMNS,
 ]  # fmt: skip
 INFER_COLUMNS = [
     "dataset", "tool", "task", "repeat", "status", "n_obs", "n_vars", "cells_per_s", "seconds",
     "peak_delta_mb", "peak_mb", "baseline_mb", "output_mb", "output_shape", "infer_batch_size",
-    "model", "mem_method", "ru_maxrss_mb", "child_wall_s", "error",
+    "model", "mem_method", "ru_maxrss_mb", "child_wall_s", "error", *GPU_COLUMNS,
 ]  # fmt: skip
 QUALITY_COLUMNS = [
     "dataset", "tool", "kl_warmup", "status", "n_obs", "n_train", "n_val", "epochs",
@@ -743,8 +765,16 @@ QUALITY_COLUMNS = [
 ]  # fmt: skip
 
 
+# the GPU's columns in the console tables, where a row ran on one
+GPU_TABLE = [
+    ("gpu_util_steady", "GPU util %"), ("gpu_allocated_peak_mb", "GPU alloc MB"),
+    ("gpu_used_peak_mb", "GPU used MB"),
+]  # fmt: skip
+
+
 def report(train_rows, infer_rows, quality_rows, scib_rows) -> None:
     if train_rows:
+        on_gpu = any(r.get("gpu") for r in train_rows)
         print("\nTraining (cells/s over epochs 2..E; peak RSS above the loaded data)")
         print_table(
             train_rows,
@@ -752,16 +782,19 @@ def report(train_rows, infer_rows, quality_rows, scib_rows) -> None:
                 ("dataset", "data"), ("tool", "tool"), ("status", "status"),
                 ("epochs", "epochs"), ("cells_per_s_steady", "cells/s"),
                 ("cells_per_s_all", "cells/s all"), ("first_epoch_s", "epoch1 s"),
-                ("peak_delta_mb", "peak +MB"), ("peak_mb", "peak MB"),
+                ("steady_epoch_s", "epoch s"), ("peak_delta_mb", "peak +MB"),
+                ("peak_mb", "peak MB"), *(GPU_TABLE if on_gpu else ()),
             ],
         )  # fmt: skip
     if infer_rows:
+        on_gpu = any(r.get("gpu") for r in infer_rows)
         print("\nInference")
         print_table(
             infer_rows,
             [
                 ("dataset", "data"), ("task", "task"), ("tool", "tool"), ("status", "status"),
                 ("cells_per_s", "cells/s"), ("seconds", "s"), ("peak_delta_mb", "peak +MB"),
+                *(GPU_TABLE[1:] if on_gpu else ()),
             ],
         )  # fmt: skip
     if quality_rows:

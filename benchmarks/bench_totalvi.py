@@ -35,7 +35,9 @@ from _common import (
     SEED,
     THREADS,
     EpochClock,
+    GpuMonitor,
     Measure,
+    accelerator_of,
     interleaved,
     print_table,
     results_dir,
@@ -45,6 +47,8 @@ from _common import (
     write_csv,
 )
 from bench_scvi import (
+    GPU_COLUMNS,
+    GPU_TABLE,
     KL_WARMUP_FRACTION,
     VALIDATION_SIZE,
     child_args,
@@ -106,14 +110,14 @@ def child_train(a) -> dict[str, Any]:
             )
             model = cellvae.TOTALVI(adata, **HPARAMS)
             setup_s = time.perf_counter() - t0
-            with EpochClock(TOTALVAE) as clock:
+            with EpochClock(TOTALVAE) as clock, GpuMonitor(a.device) as gpu:
                 model.train(
                     epochs,
                     batch_size=a.batch_size,
                     validation_size=VALIDATION_SIZE,
                     early_stopping=False,
                     seed=a.seed,
-                    device="cpu",
+                    device=a.device,
                     progress_bar=False,
                     **warm,
                 )
@@ -134,12 +138,12 @@ def child_train(a) -> dict[str, Any]:
             )
             model = scvi.model.TOTALVI(adata, **HPARAMS)
             setup_s = time.perf_counter() - t0
-            with EpochClock(scvi.module.TOTALVAE) as clock:
+            with EpochClock(scvi.module.TOTALVAE) as clock, GpuMonitor(a.device) as gpu:
                 model.train(
                     max_epochs=epochs,
                     batch_size=a.batch_size,
                     train_size=1.0 - VALIDATION_SIZE,
-                    accelerator="cpu",
+                    accelerator=accelerator_of(a.device),
                     devices=1,
                     enable_progress_bar=False,
                     early_stopping=False,
@@ -154,6 +158,8 @@ def child_train(a) -> dict[str, Any]:
         rec["final_lr"] = last(hist, "lr-Adam")
     rec.update(m.record())
     rec.update(clock.summary(epochs, len(train)))
+    rec.update(gpu.record(since=clock.steady_start(epochs)))
+    rec["device"] = a.device
     rec["setup_s"] = setup_s
     rec["train_s"] = m.seconds - setup_s
     rec["cells_per_s_all"] = len(train) * epochs / rec["train_s"]
@@ -168,7 +174,7 @@ COLUMNS = [
     "peak_mb", "baseline_mb", "ru_maxrss_mb", "heldout_neg_elbo", "heldout_neg_elbo_sd",
     "heldout_reconstruction", "heldout_kl", "get_elbo_raw", "sign_check_ok", "final_val_neg_elbo",
     "final_train_neg_elbo", "final_kl_weight", "final_lr", "split_matches", "mem_method",
-    "child_wall_s", "error",
+    "child_wall_s", "error", *GPU_COLUMNS,
 ]  # fmt: skip
 
 
@@ -188,6 +194,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--threads", type=int, default=THREADS)
+    parser.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"], help="both tools train here"
+    )
     parser.add_argument("--out-dir", type=Path, default=None, help="default benchmarks/results")
     parser.add_argument("--timeout-min", type=float, default=30.0)
     parser.add_argument("--mem-limit-gb", type=float, default=20.0)
@@ -211,7 +220,7 @@ def main(argv=None) -> int:
     out_dir = a.out_dir or results_dir(a.quick)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="cvbench-totalvi-"))
-    print(f"versions: {tool_versions()}; torch threads {a.threads}", flush=True)
+    print(f"versions: {tool_versions()}; torch threads {a.threads}; device {a.device}", flush=True)
     try:
         import cellvae
 
@@ -243,6 +252,7 @@ def main(argv=None) -> int:
                             batch_size=a.batch_size,
                             seed=a.seed,
                             threads=a.threads,
+                            device=a.device,
                         ),
                         timeout_s=a.timeout_min * 60,
                         mem_limit_gb=a.mem_limit_gb,
@@ -263,6 +273,7 @@ def main(argv=None) -> int:
             ("cells_per_s_steady", "cells/s"), ("peak_delta_mb", "peak +MB"),
             ("heldout_neg_elbo", "-ELBO"), ("heldout_reconstruction", "rec"),
             ("final_val_neg_elbo", "tool val -ELBO"),
+            *(GPU_TABLE if any(r.get("gpu") for r in rows) else ()),
         ],
     )  # fmt: skip
     return 0
