@@ -61,6 +61,9 @@ class TensorData:
     size_factor: torch.Tensor | None = None
     protein: torch.Tensor | None = None
     backed: BackedCSR | None = None
+    # the row pointers in host memory, kept by .to() for data moved off the CPU: minibatches
+    # sum their numbers of stored entries there instead of reading them back from the device
+    _host_indptr = None
 
     @classmethod
     def from_adata(cls, adata, registry: Registry | None = None) -> TensorData:
@@ -172,7 +175,35 @@ class TensorData:
         for f in fields(self):
             v = getattr(self, f.name)
             kw[f.name] = v.to(device) if isinstance(v, torch.Tensor) else v
-        return TensorData(**kw)
+        out = TensorData(**kw)
+        if self.indptr is not None:
+            out._host_indptr = (
+                self.indptr if self.indptr.device.type == "cpu" else self._host_indptr
+            )
+        return out
+
+    def _device_batches(self, chunks: list[torch.Tensor]) -> Iterator[Batch]:
+        """The minibatches ``chunks`` (index tensors) of data off the CPU, never waiting for it.
+
+        The indices go to the device in one copy per pass, and each minibatch's number of
+        stored entries is summed on the host from the row pointers there, so gathering a
+        minibatch reads nothing back from the device: the host queues the next steps' work while
+        the device runs.
+        """
+        if not chunks:
+            return
+        sizes = [len(c) for c in chunks]
+        order = torch.cat(chunks)
+        on_device = torch.split(self._index(order), sizes)  # one copy either way
+        totals: list[int | None] = [None] * len(chunks)
+        ptr = self._host_indptr
+        if self.indptr is not None and ptr is not None:
+            order_np, ptr_np = order.cpu().numpy(), ptr.numpy()
+            lengths = ptr_np.take(order_np + 1).astype(np.int64) - ptr_np.take(order_np)
+            sums = np.concatenate([[0], np.cumsum(lengths)])[np.cumsum(sizes)]
+            totals = np.diff(sums, prepend=0).tolist()
+        for idx, total in zip(on_device, totals, strict=True):
+            yield self._minibatch(idx, total)
 
     def nbytes(self) -> int:
         """Bytes held in memory by all tensors (and by the row pointers of counts on disk)."""
@@ -183,15 +214,17 @@ class TensorData:
         )
         return held + (self.backed.nbytes if self.backed is not None else 0)
 
-    def counts(self, idx: torch.Tensor) -> torch.Tensor | CSRBatch:
+    def counts(self, idx: torch.Tensor, *, n_entries: int | None = None) -> torch.Tensor | CSRBatch:
         """Counts of rows ``idx``: a :class:`~cellvae._sparse.CSRBatch`, or dense rows.
 
         CSR entries come row by row in the order of ``idx``; columns are int64, values float32.
         On CPU the gather runs in single-threaded numpy: the same chain of small torch ops waits
         on torch's thread pool for every op, which made it 20x slower on a busy machine.
-        Elsewhere it runs in torch, with one host sync for the number of entries. No dense
-        ``cells × genes`` array is built: the models read the entries directly. Counts on disk
-        are read for each call: iterate with :meth:`batches` to read each cell once per pass.
+        Elsewhere it runs in torch; ``n_entries``, the number of stored entries of the rows
+        when the caller knows it (:meth:`batches` does), saves reading it back from the device.
+        No dense ``cells × genes`` array is built: the models read the entries directly. Counts
+        on disk are read for each call: iterate with :meth:`batches` to read each cell once per
+        pass.
         """
         idx = self._index(idx)
         if self.dense is not None:
@@ -218,7 +251,9 @@ class TensorData:
                 parts = (row, col, val, offsets)
             row, col, val, offsets = (torch.from_numpy(a) for a in parts)
         else:
-            row, col, val, offsets = gather_rows(self.indptr, self.indices, self.values, idx)
+            row, col, val, offsets = gather_rows(
+                self.indptr, self.indices, self.values, idx, n_entries=n_entries
+            )
         return CSRBatch(row, col, val, offsets, (len(idx), self.n_vars))
 
     def _index(self, idx) -> torch.Tensor:
@@ -241,9 +276,12 @@ class TensorData:
         cells × covariates), ``"cont_covs"`` (float32), ``"size_factor"`` (float32) and
         ``"protein"`` (float32).
         """
-        idx = self._index(idx)
+        return self._minibatch(self._index(idx))
+
+    def _minibatch(self, idx: torch.Tensor, n_entries: int | None = None) -> Batch:
+        """``self[idx]`` for ``idx`` already on this data's device (see :meth:`counts`)."""
         out: Batch = {
-            "x": self.counts(idx),
+            "x": self.counts(idx, n_entries=n_entries),
             "batch": self.batch.index_select(0, idx).long(),
             "labels": self.labels.index_select(0, idx).long(),
         }
@@ -287,8 +325,12 @@ class TensorData:
             Counts on disk only: see :class:`WindowSampler`.
         """
         if self.backed is None:
-            for idx in BatchSampler(indices, batch_size, shuffle=shuffle, generator=generator):
-                yield self[idx]
+            sampler = BatchSampler(indices, batch_size, shuffle=shuffle, generator=generator)
+            if self.device.type == "cpu":
+                for idx in sampler:
+                    yield self[idx]
+            else:
+                yield from self._device_batches(list(sampler))
             return
         sampler = WindowSampler(
             indices.cpu(),

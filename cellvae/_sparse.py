@@ -118,17 +118,21 @@ class CSRBatch:
         return CSRBatch(row, col, val, offsets, (len(rows), self.shape[1]))
 
 
-def gather_rows(indptr, indices, values, idx):
+def gather_rows(indptr, indices, values, idx, *, n_entries: int | None = None):
     """``(row, col, val, offsets)`` of the CSR rows ``idx``, with torch ops (any device).
 
     ``row`` is each entry's position in ``idx``, ``col`` the int64 columns, ``val`` the values,
-    ``offsets`` where each selected row starts; one host sync (the number of entries).
+    ``offsets`` where each selected row starts. ``n_entries``: the number of entries of those
+    rows if known; otherwise it is read back from ``idx``'s device (a host sync).
     """
     starts = indptr.index_select(0, idx).long()  # int32 or int64 row pointers
     lengths = indptr.index_select(0, idx + 1) - starts
     ends = torch.cumsum(lengths, 0)
     offsets = ends - lengths
-    total = int(ends[-1]) if len(idx) else 0
+    if n_entries is not None:
+        total = n_entries
+    else:
+        total = int(ends[-1]) if len(idx) else 0
     # entry j, the k-th of selected row r, sits at starts[r] + k = (starts[r] - offsets[r]) + j
     pos = torch.repeat_interleave(starts - offsets, lengths, output_size=total)
     pos += torch.arange(total, device=idx.device)

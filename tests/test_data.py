@@ -189,8 +189,43 @@ def test_torch_gather_path_matches_numpy_path(ptr_dtype):
         for a, b in zip((x.row, x.col, x.val, x.offsets), (row, col, val, offsets)):
             assert a.dtype == b.dtype == (torch.float32 if a is x.val else torch.int64)
             assert torch.equal(a, b)
+        # the number of entries given by the caller (summed on the host) instead of read back
+        given = gather_rows(td.indptr, td.indices, td.values, idx, n_entries=len(val))
+        assert all(torch.equal(a, b) for a, b in zip(given, (row, col, val, offsets)))
         rng = td.counts(torch.arange(5, 40))  # consecutive cells: the slice path
         assert rng.offsets.dtype == rng.row.dtype == rng.col.dtype == torch.int64
+
+
+@pytest.mark.parametrize("ptr_dtype", [np.int32, np.int64])
+def test_device_minibatches_count_entries_on_the_host(ptr_dtype, monkeypatch):
+    # off the CPU, batches() gathers each minibatch with its number of entries summed on the
+    # host (no read-back from the device); checked on CPU against plain indexing
+    adata = make()
+    pp.setup_anndata(adata, **SETUP)
+    adata.X = sp.csr_matrix(adata.X)
+    adata.X.indptr = adata.X.indptr.astype(ptr_dtype)
+    td = TensorData.from_adata(adata)
+    moved = td.to("cpu")
+    assert moved._host_indptr is td.indptr  # .to() keeps the host row pointers, uncopied
+    reads = []
+    minibatch = TensorData._minibatch
+
+    def gather(self, idx, n_entries=None):
+        reads.append(n_entries)
+        return minibatch(self, idx, n_entries)
+
+    monkeypatch.setattr(TensorData, "_minibatch", gather)
+    gen = torch.Generator().manual_seed(3)
+    chunks = list(BatchSampler(torch.arange(adata.n_obs), 32, shuffle=True, generator=gen))
+    got = list(moved._device_batches(chunks))
+    counted = list(reads)
+    assert len(got) == len(chunks) == len(counted) and None not in counted
+    for idx, batch, n in zip(chunks, got, counted, strict=True):
+        want = td[idx]
+        assert n == int(want["x"].val.numel())  # the host sum is the stored entries' count
+        for key, value in want.items():
+            assert torch.equal(as_dense(batch[key]), as_dense(value))
+    assert list(moved._device_batches([])) == []
 
 
 def test_csr_shares_the_anndata_arrays():

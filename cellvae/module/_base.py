@@ -39,7 +39,9 @@ class LossOutput:
 
 def kl_normal_elementwise(q_m, q_v, p_m=0.0, p_v=1.0) -> torch.Tensor:
     """Elementwise KL(N(q_m, q_v) ‖ N(p_m, p_v)) (variances, not scales)."""
-    p_v = torch.as_tensor(p_v, dtype=q_v.dtype, device=q_v.device)
+    # a number becomes a 0-d CPU tensor, which torch reads as a scalar on any device: making
+    # it on q_v's device would copy it there and wait for that device at every call
+    p_v = torch.as_tensor(p_v, dtype=q_v.dtype)
     return 0.5 * (torch.log(p_v) - torch.log(q_v) + (q_v + (q_m - p_m) ** 2) / p_v - 1.0)
 
 
