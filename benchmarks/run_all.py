@@ -263,7 +263,51 @@ def summarise(out_dir: Path) -> list[dict]:
             ):
                 row = _row(metric, where, {"cellvae": float(r[key])}, better, unit)
                 rows.append({**row, "note": "cellvae only (bench_backed.py)"})
+    return rows + gpu_rows(out_dir / "gpu")
+
+
+def gpu_rows(gpu_dir: Path) -> list[dict]:
+    """Rows of the runs on a GPU (``run_gpu.sh`` writes ``gpu/``), each labelled with the GPU.
+
+    Every ``scvi_train*.csv`` there (one per run: the 100k / Kang stage, the 1M one per tool,
+    reruns) gives training throughput and GPU utilisation; inference and TOTALVI likewise.
+    """
+    rows: list[dict] = []
+    tagged = [(p.stem, r) for p in sorted(gpu_dir.glob("scvi_train*.csv")) for r in read_csv(p)]
+    for d in _datasets([r for _, r in tagged]):
+        for stem in dict.fromkeys(t for t, r in tagged if r["dataset"] == d):
+            sub = [r for t, r in tagged if t == stem and r["dataset"] == d]
+            if "_1m_" in stem:  # the 1M stage runs each tool alone: pair both files
+                sub = [r for t, r in tagged if "_1m_" in t and r["dataset"] == d]
+                if stem.endswith("scvi-tools"):
+                    continue
+            where = f"{d}, {_gpu_of(sub)}" + (", rerun" if "after" in stem else "")
+            speed = _pair(sub, "cells_per_s_steady")
+            note = "epochs 2..E"
+            if all(math.isnan(v) for v in speed.values()):
+                speed, note = _pair(sub, "cells_per_s_all"), "one epoch, validation included"
+            rows.append(_row("SCVI train throughput (GPU)", where, speed, "higher", "cells/s"))
+            rows[-1]["note"] = f"{note}; {stem}.csv"
+            rows.append(_row("GPU utilisation", where, _pair(sub, "gpu_util_mean"), "-", "%"))
+    infer = read_csv(gpu_dir / "scvi_inference.csv")
+    for d in _datasets(infer):
+        for task in ("latent", "normalized"):
+            sub = [r for r in infer if r["dataset"] == d and r["task"] == task]
+            values = _pair(sub, "cells_per_s")
+            label = f"{d}, {_gpu_of(sub)}"
+            rows.append(_row(f"SCVI {task} throughput (GPU)", label, values, "higher", "cells/s"))
+    tv = read_csv(gpu_dir / "totalvi.csv")
+    for d in _datasets(tv):
+        sub = [r for r in tv if r["dataset"] == d]
+        speed = _pair(sub, "cells_per_s_steady")
+        label = f"{d}, {_gpu_of(sub)}"
+        rows.append(_row("TOTALVI train throughput (GPU)", label, speed, "higher", "cells/s"))
     return rows
+
+
+def _gpu_of(rows) -> str:
+    names = {str(r.get("gpu")) for r in rows if r.get("gpu")}
+    return " / ".join(sorted(names)) or "GPU"
 
 
 # --------------------------------------------------------------------------- plots
