@@ -6,6 +6,7 @@
 #   bash benchmarks/run_gpu.sh 1m         # SCVI side by side on CUDA at 1M x 2,000 (18% nonzero)
 #   bash benchmarks/run_gpu.sh totalvi    # TOTALVI side by side on CUDA (CITE-seq simulation, 20k)
 #   bash benchmarks/run_gpu.sh profile    # where a training step's time goes (torch.profiler)
+#   bash benchmarks/run_gpu.sh graph      # the CUDA-graph prototype (proto_cuda_graph.py)
 #   bash benchmarks/run_gpu.sh simulate   # make the 1M data set only (the `1m` stage does it if missing)
 #
 # The packages that machine lacks (anndata, scanpy, scvi-tools, ...) travel as wheels in .whl/
@@ -69,8 +70,13 @@ EOF
         python3 benchmarks/profile_gpu_step.py 2>&1 | tee "$RES/profile.log"
         out "$RES/profile.log"
         ;;
+    graph)  # the CUDA-graph prototype: eager vs graphed step time, and their losses
+        python3 benchmarks/proto_cuda_graph.py 2>&1 | tee "$RES/graph.log"
+        python3 benchmarks/proto_cuda_graph.py --batch-size 512 2>&1 | tee -a "$RES/graph.log"
+        out "$RES/graph.log"
+        ;;
     *)
-        echo "unknown stage $stage (check, scvi, simulate, 1m, totalvi, profile)" >&2
+        echo "unknown stage $stage (check, scvi, simulate, 1m, totalvi, profile, graph)" >&2
         exit 2
         ;;
     esac
