@@ -19,8 +19,10 @@ import time
 from pathlib import Path
 
 import torch
+from _common import EpochClock
 
 import cellvae
+from cellvae.module import VAE
 
 
 def synthetic(n_cells: int, n_genes: int, density: float, seed: int = 0):
@@ -38,24 +40,16 @@ def synthetic(n_cells: int, n_genes: int, density: float, seed: int = 0):
 
 
 def steps_of(model, device, batch_size, epochs=1) -> tuple[float, int]:
-    """Seconds per training step of ``epochs`` epochs without validation (after a warm-up)."""
-    steps = []
-
-    def count(module, args):
-        if module.training:
-            steps.append(time.perf_counter())
-
-    handle = model.module.register_forward_pre_hook(count) if model.is_trained_ else None
-    t0 = time.perf_counter()
-    model.train(
-        epochs, batch_size=batch_size, validation_size=0.0, device=device, progress_bar=False
-    )
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    if handle is not None:
-        handle.remove()
-    return seconds / max(len(steps), 1), len(steps)
+    """Seconds per training step of ``epochs`` epochs without validation, and the step count."""
+    with EpochClock(VAE) as clock:  # a timestamp per training step, module built or not
+        t0 = time.perf_counter()
+        model.train(
+            epochs, batch_size=batch_size, validation_size=0.0, device=device, progress_bar=False
+        )
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    return seconds / max(len(clock.times), 1), len(clock.times)
 
 
 def sync_sites(model, device: str, n_steps: int = 20) -> None:
