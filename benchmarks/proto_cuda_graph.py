@@ -8,11 +8,12 @@ today's, and over 5x scvi-tools. That is a prediction, to be measured with this 
 How: a graph replays fixed shapes, but a minibatch's number of stored counts varies. The
 minibatch is therefore gathered as usual (outside the graph, with its entry count summed on the
 host, no sync) and copied into static buffers of a fixed ``capacity``. The capacity is the most
-entries any ``batch_size`` cells can hold. The unused tail holds zeros in the last cell's row.
-The likelihoods and the sparse first layer ignore stored zeros (``--check`` verifies that,
-also on the CPU). The KL weight is a device scalar filled before each replay. Adam
-(``cellvae.train.Adam``, fused, with its step counts on the device) runs inside the graph. The
-default CUDA generator keeps dropout random across replays.
+entries any ``batch_size`` cells can hold. The unused tail holds zeros at positions where the
+minibatch stores nothing, which the likelihoods and the sparse first layer ignore (``--check``
+verifies that, also on the CPU; zeros at a stored entry's position would not be ignored). The
+KL weight is a device scalar filled before each replay. Adam (``cellvae.train.Adam``, fused,
+with its step counts on the device) runs inside the graph. The default CUDA generator keeps
+dropout random across replays.
 
     python benchmarks/proto_cuda_graph.py --check  # padded == unpadded loss, gradients (CPU too)
     python benchmarks/proto_cuda_graph.py          # on CUDA: eager vs graph step time, losses
@@ -43,17 +44,34 @@ def capacity_of(data: TensorData, batch_size: int) -> int:
     return int(np.sort(lengths)[::-1][:batch_size].sum())
 
 
-def pad(x: CSRBatch, capacity: int) -> CSRBatch:
-    """``x`` with its entries padded to ``capacity`` by zeros in the last row (column 0)."""
-    n = len(x.val)
-    extra = capacity - n
+def padding(x: CSRBatch, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(row, col)`` of ``capacity − len(x.val)`` positions where ``x`` stores no entry.
+
+    Zeros at such positions change nothing; at a stored entry's position they would (the
+    likelihoods' gradients are written per position). The free positions come first in a
+    stable sort of the occupancy map: no host synchronisation, since their number is known.
+    """
+    n_rows, n_cols = x.shape
+    extra = capacity - len(x.val)
     if extra < 0:
-        raise ValueError(f"{n} entries do not fit a capacity of {capacity}.")
-    last = x.shape[0] - 1
+        raise ValueError(f"{len(x.val)} entries do not fit a capacity of {capacity}.")
+    occupied = torch.zeros(n_rows * n_cols, dtype=torch.int8, device=x.val.device)
+    occupied.index_fill_(0, x.row * n_cols + x.col, 1)
+    free = torch.argsort(occupied, stable=True)[:extra]
+    return free // n_cols, free % n_cols
+
+
+def pad(x: CSRBatch, capacity: int) -> CSRBatch:
+    """``x`` with zeros at free positions up to ``capacity`` entries, appended after the last.
+
+    The appended zeros fall in the last row's bag of the sparse first layer, where their weight
+    0 adds nothing; the likelihoods place them by their own (row, col).
+    """
+    row, col = padding(x, capacity)
     return CSRBatch(
-        torch.cat([x.row, x.row.new_full((extra,), last)]),
-        torch.cat([x.col, x.col.new_zeros(extra)]),
-        torch.cat([x.val, x.val.new_zeros(extra)]),
+        torch.cat([x.row, row]),
+        torch.cat([x.col, col]),
+        torch.cat([x.val, x.val.new_zeros(len(row))]),
         x.offsets,
         x.shape,
     )
@@ -65,9 +83,8 @@ def check_padding(model, data: TensorData, batch_size: int, device: str) -> None
     gen = torch.Generator().manual_seed(0)
     cap = capacity_of(data, batch_size)
     worst = 0.0
-    for idx in list(
-        BatchSampler(torch.arange(data.n_obs), batch_size, shuffle=True, generator=gen)
-    )[:5]:
+    sampler = BatchSampler(torch.arange(data.n_obs), batch_size, shuffle=True, generator=gen)
+    for idx in list(sampler)[:20]:
         batch = data[idx]
         results = []
         for x in (batch["x"], pad(batch["x"], cap)):
@@ -99,10 +116,11 @@ def graphed_steps(module, data, chunks, cap, kl, lr=1e-3):
         b = next(batches)
         n = len(b["x"].val)
         x = static["x"]
+        row, col = padding(b["x"], cap)
         x.row[:n].copy_(b["x"].row)
-        x.row[n:].fill_(x.shape[0] - 1)
+        x.row[n:].copy_(row)
         x.col[:n].copy_(b["x"].col)
-        x.col[n:].zero_()
+        x.col[n:].copy_(col)
         x.val[:n].copy_(b["x"].val)
         x.val[n:].zero_()
         x.offsets.copy_(b["x"].offsets)
