@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(BIN)/pip install --upgrade pip setuptools wheel
 
 # torch first, pinned, so that no extra pulls the CUDA build.
-$(VENV)/.installed-%: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-%: pyproject.toml setup.py cellvae/_kernels.c | $(BIN)/python
 	$(BIN)/pip install $(TORCH)
 	$(BIN)/pip install -e ".[$*]"
 	touch $@
@@ -35,4 +35,4 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/python benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) demo_output docs/_build
+	rm -rf $(VENV) demo_output docs/_build build cellvae/_ckernels*.so

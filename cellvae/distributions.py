@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.distributions import Distribution, constraints
 
+from . import _kernels
 from ._sparse import CSRBatch, as_dense
 
 __all__ = [
@@ -436,11 +437,58 @@ def _overwrite(dense: torch.Tensor, lin: torch.Tensor, positive: torch.Tensor, v
     flat.index_copy_(0, lin, torch.where(positive, values, flat.index_select(0, lin)))
 
 
+class _FusedLogProbSum(torch.autograd.Function):
+    """Row sums of log NB (``pi`` None) or log ZINB by the compiled kernels of :mod:`._kernels`.
+
+    The same quantities as :class:`_NBLogProbSum` / :class:`_ZINBLogProbSum` (which the tests
+    hold it to), for float32 CPU tensors and a per-gene ``theta``: the forward pass computes the
+    gradients of a unit row gradient, the backward pass scales them.
+    """
+
+    @staticmethod
+    def forward(ctx, mu, theta, pi, x_nz, row, col, eps, with_grad):
+        out, gmu, gpi, gth = _kernels.nb_zinb_log_prob_sum(
+            mu.detach(),
+            theta.detach(),
+            None if pi is None else pi.detach(),
+            x_nz.to(torch.float32).contiguous(),
+            row.contiguous(),
+            col.contiguous(),
+            eps,
+            with_grad,
+        )
+        if with_grad:
+            ctx.save_for_backward(gmu, gpi, gth)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        gmu, gpi, gth = ctx.saved_tensors
+        g = grad_out[:, None]
+        grad_mu = gmu * g if ctx.needs_input_grad[0] else None
+        grad_theta = torch.mv(gth.t(), grad_out) if ctx.needs_input_grad[1] else None
+        grad_pi = gpi * g if gpi is not None and ctx.needs_input_grad[2] else None
+        return grad_mu, grad_theta, grad_pi, None, None, None, None, None
+
+
+def _fused(mu: torch.Tensor, theta: torch.Tensor, pi: torch.Tensor | None) -> bool:
+    """Whether the compiled kernels handle these parameters (float32 on CPU, per-gene θ)."""
+    tensors = (mu, theta) if pi is None else (mu, theta, pi)
+    return (
+        _kernels.available()
+        and theta.dim() == 1
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+    )
+
+
 def _nb_log_prob_sum(x, mu, theta, eps, nz):
     row, col, lin, x_nz, shape = _nonzeros(x, nz)
     mu = mu.expand(shape).contiguous()
     theta = _param_view(theta.clamp_min(eps), shape)
     grad = _wants_grad(mu, theta)
+    if _fused(mu, theta, None):
+        return _FusedLogProbSum.apply(mu, theta, None, x_nz, row, col, eps, grad)
     return _NBLogProbSum.apply(mu, theta, x_nz.to(mu.dtype), row, col, lin, eps, grad)
 
 
@@ -449,6 +497,8 @@ def _zinb_log_prob_sum(x, mu, theta, pi, eps, nz):
     mu, pi = mu.expand(shape).contiguous(), pi.expand(shape).contiguous()
     theta = _param_view(theta.clamp_min(eps), shape)
     grad = _wants_grad(mu, theta, pi)
+    if _fused(mu, theta, pi):
+        return _FusedLogProbSum.apply(mu, theta, pi, x_nz, row, col, eps, grad)
     return _ZINBLogProbSum.apply(mu, theta, pi, x_nz.to(mu.dtype), row, col, lin, eps, grad)
 
 

@@ -1,0 +1,278 @@
+/* Fused CPU kernels for the NB and ZINB log-likelihood row sums and their gradients.
+ *
+ * Plain C, loaded with ctypes by cellvae/_kernels.py (no Python API, no torch headers). The
+ * maths is that of
+ * cellvae/distributions.py (see the docstrings of _NBLogProbSum and _ZINBLogProbSum there):
+ *
+ *   t = log(1 + mu/theta), q = theta/(theta + mu)
+ *   NB   log p(x) = -theta t + [x > 0] rest,  rest = lgamma(x+theta) - lgamma(theta)
+ *                                                    - lgamma(x+1) - x log(1 + theta/mu)
+ *   ZINB log p(0) = log(w + (1 - w) exp(-theta t)), w = sigmoid(pi)
+ *        log p(x) = -softplus(pi) - theta t + rest                       (x > 0)
+ *
+ * One pass over the dense (B, G) entries evaluates the x = 0 branch and its gradients for a
+ * unit row gradient, in float32 with the vector maths of glibc's libmvec (the loops are
+ * vectorised by the compiler; the __simd__ declarations below tell it those functions exist).
+ * A second pass over the stored nonzeros, gathered into contiguous double arrays, evaluates
+ * the x > 0 terms in float64 (lgamma and digamma by shift and Stirling series) and overwrites
+ * the dense values at those positions. theta is per gene (G values) here; other shapes are
+ * left to the torch code.
+ *
+ * The gradient outputs (each (B, G)) hold, for a unit gradient of each row sum:
+ *   gmu = d/dmu, gpi = d/dpi (ZINB), gth = d/dtheta (summed over rows by the caller).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+extern float expf(float) __attribute__((__simd__("notinbranch")));
+extern float logf(float) __attribute__((__simd__("notinbranch")));
+extern float log1pf(float) __attribute__((__simd__("notinbranch")));
+extern double exp(double) __attribute__((__simd__("notinbranch")));
+extern double log(double) __attribute__((__simd__("notinbranch")));
+extern double log1p(double) __attribute__((__simd__("notinbranch")));
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CLONES
+#endif
+
+#define TINY 1e-30f /* below this p(0) the ZINB zero branch switches to its softplus form */
+#define HALF_LOG_2PI 0.91893853320467274178
+
+/* lgamma(z) and digamma(z) for z > 0, float64. Below 8, z is shifted to z + 8 with
+ * lgamma(z) = lgamma(z + 8) - log P and digamma(z) = digamma(z + 8) - D / P, where
+ * P = z (z+1) ... (z+7) and D = P * sum 1/(z+k) (its derivative: one division instead of
+ * eight); then Stirling's series (truncation error below 1e-11 at z >= 8). Written without
+ * branches so that the loops calling them vectorise. */
+static inline void lgamma_digamma_pos(double z, double *lg, double *dg) {
+    int small = z < 8.0;
+    double zs = small ? z : 1.0; /* P and D stay small where they are not used */
+    double P = 1.0, D = 0.0;
+    for (int k = 0; k < 8; k++) {
+        D = D * (zs + k) + P;
+        P = P * (zs + k);
+    }
+    double zz = small ? z + 8.0 : z;
+    double r = 1.0 / zz, r2 = r * r, lz = log(zz);
+    double lser = r * (1.0 / 12 - r2 * (1.0 / 360 - r2 * (1.0 / 1260 - r2 * (1.0 / 1680))));
+    double dser = r2 * (1.0 / 12 - r2 * (1.0 / 120 - r2 * (1.0 / 252 - r2 * (1.0 / 240 - r2 / 132))));
+    *lg = (zz - 0.5) * lz - zz + HALF_LOG_2PI + lser - (small ? log(P) : 0.0);
+    *dg = lz - 0.5 * r - dser - (small ? D / P : 0.0);
+}
+
+static inline double lgamma_pos(double z) {
+    double lg, dg;
+    lgamma_digamma_pos(z, &lg, &dg);
+    return lg;
+}
+
+/* The softplus form of the ZINB zero branch for one entry, where w + (1-w) r underflows. */
+static void zinb_zero_stable(float m, float th, float pi, float *lp0, float *gmu, float *gpi,
+                             float *gth) {
+    double t = log1p((double)m / th), b = -(double)pi - th * t;
+    double sp_b = (b > 0 ? b : 0.0) + log1p(exp(-fabs(b)));
+    double sp_mpi = (pi < 0 ? -(double)pi : 0.0) + log1p(exp(-fabs((double)pi)));
+    double s = 1.0 / (1.0 + exp(-b)), w = 1.0 / (1.0 + exp(-(double)pi));
+    double q = th / ((double)th + m);
+    *lp0 = (float)(sp_b - sp_mpi);
+    if (gmu) {
+        *gpi = (float)((1.0 - w) - s);
+        *gmu = (float)(-s * q);
+        *gth = (float)(-s * (t + q - 1.0));
+    }
+}
+
+/* Scratch for the gathered nonzeros of a row range. */
+typedef struct {
+    double *x, *m, *th, *pi, *lgth, *dgth, *out, *gmu, *gpi, *gth;
+} nz_buf;
+
+static int nz_alloc(nz_buf *b, int64_t n) {
+    double *base = malloc(sizeof(double) * 10 * (size_t)(n > 0 ? n : 1));
+    if (!base) return -1;
+    double **f[] = {&b->x, &b->m, &b->th, &b->pi, &b->lgth, &b->dgth,
+                    &b->out, &b->gmu, &b->gpi, &b->gth};
+    for (int i = 0; i < 10; i++) *f[i] = base + (size_t)i * (size_t)(n > 0 ? n : 1);
+    return 0;
+}
+
+/* x > 0 terms of the NB at the gathered nonzeros, float64: what they add to the dense pass. */
+#define NZ_ARGS                                                                                   \
+    int64_t n, double eps, const double *restrict x_, const double *restrict m_,                   \
+        const double *restrict th_, const double *restrict pi_, const double *restrict lgth,      \
+        const double *restrict dgth, double *restrict out, double *restrict gmu,                   \
+        double *restrict gpi, double *restrict gth
+
+CLONES static void nz_terms_nb(NZ_ARGS) {
+    (void)pi_, (void)gpi;
+    for (int64_t k = 0; k < n; k++) {
+        double x = x_[k], m = m_[k], th = th_[k];
+        double mc = m >= eps ? m : eps, x_over = x / (mc + th), lg, dg;
+        lgamma_digamma_pos(x + th, &lg, &dg);
+        out[k] = lg - lgth[k] - lgamma_pos(x + 1.0) - x * log1p(th / mc);
+        gmu[k] = m >= eps ? x_over * th / mc : 0.0;
+        gth[k] = dg - dgth[k] - x_over;
+    }
+}
+
+/* ZINB at the gathered nonzeros, float64: the positive branch minus the zero branch (for the
+ * row sums), and the positive branch's gradients, which replace the dense pass's. */
+CLONES static void nz_terms_zinb(NZ_ARGS) {
+    for (int64_t k = 0; k < n; k++) {
+        double x = x_[k], m = m_[k], th = th_[k], pi = pi_[k];
+        double mc = m >= eps ? m : eps, x_over = x / (mc + th), lg, dg;
+        double t = log1p(m / th), q = th / (th + m);
+        lgamma_digamma_pos(x + th, &lg, &dg);
+        double rest = lg - lgth[k] - lgamma_pos(x + 1.0) - x * log1p(th / mc);
+        double e = exp(-fabs(pi));
+        double sp_pi = (pi > 0 ? pi : 0.0) + log1p(e); /* softplus(pi) */
+        double w = (pi >= 0 ? 1.0 : e) / (1.0 + e);   /* sigmoid(pi) */
+        double bb = -pi - th * t;                      /* log p(0), softplus form */
+        double lp0 = (bb > 0 ? bb : 0.0) + log1p(exp(-fabs(bb))) - (sp_pi - pi);
+        out[k] = rest - th * t - sp_pi - lp0; /* the caller skips stored zeros */
+        gpi[k] = -w;
+        gmu[k] = (m >= eps ? x_over * th / mc : 0.0) - q;
+        gth[k] = dg - dgth[k] - x_over - (t + q - 1.0);
+    }
+}
+
+/* Dense x = 0 pass of the ZINB; returns how many p(0) fell below TINY. */
+CLONES static int64_t zinb_dense(int64_t B, int64_t G, const float *restrict mu,
+                               const float *restrict theta, const float *restrict pi,
+                               float *restrict out, float *restrict gmu, float *restrict gpi,
+                               float *restrict gth) {
+    int64_t n_small = 0;
+    for (int64_t r = 0; r < B; r++) {
+        const float *m_ = mu + r * G, *pi_ = pi + r * G;
+        float acc = 0.0f;
+        if (gmu) {
+            float *gm = gmu + r * G, *gp = gpi + r * G, *gt = gth + r * G;
+            for (int64_t g = 0; g < G; g++) {
+                float m = m_[g], th = theta[g];
+                float t = log1pf(m / th), rr = expf(-th * t);
+                float w = 1.0f / (1.0f + expf(-pi_[g])), omw = 1.0f - w;
+                float p0 = w + omw * rr;
+                acc += logf(p0);
+                n_small += p0 < TINY;
+                float s = omw * rr / p0, q = th / (th + m);
+                gp[g] = omw - s;
+                gm[g] = -s * q;
+                gt[g] = -s * (t + q - 1.0f);
+            }
+        } else {
+            for (int64_t g = 0; g < G; g++) {
+                float m = m_[g], th = theta[g];
+                float t = log1pf(m / th), rr = expf(-th * t);
+                float w = 1.0f / (1.0f + expf(-pi_[g]));
+                float p0 = w + (1.0f - w) * rr;
+                acc += logf(p0);
+                n_small += p0 < TINY;
+            }
+        }
+        out[r] = acc;
+    }
+    return n_small;
+}
+
+/* Dense -theta t pass of the NB. */
+CLONES static void nb_dense(int64_t B, int64_t G, const float *restrict mu,
+                            const float *restrict theta, float *restrict out,
+                            float *restrict gmu, float *restrict gth) {
+    for (int64_t r = 0; r < B; r++) {
+        const float *m_ = mu + r * G;
+        float acc = 0.0f;
+        if (gmu) {
+            float *gm = gmu + r * G, *gt = gth + r * G;
+            for (int64_t g = 0; g < G; g++) {
+                float m = m_[g], th = theta[g];
+                float t = log1pf(m / th), q = th / (th + m);
+                acc -= th * t;
+                gm[g] = -q;
+                gt[g] = 1.0f - t - q;
+            }
+        } else {
+            for (int64_t g = 0; g < G; g++) acc -= theta[g] * log1pf(m_[g] / theta[g]);
+        }
+        out[r] = acc;
+    }
+}
+
+/* Row sums of the log-likelihood of a (B, G) minibatch and, when gmu is not NULL, the
+ * gradients of a unit row gradient. (row, col, val) are its n stored entries, in any order;
+ * pi and gpi are NULL for the NB. theta is floored at eps by the caller;
+ * lgth / dgth are lgamma / digamma of theta (G values, float64). Returns 0; -1 when out of
+ * memory; -2 when an entry lies outside the (B, G) minibatch. */
+int cv_nb_zinb(int64_t B, int64_t G, const float *mu, const float *theta, const float *pi,
+               int64_t n, const int64_t *row, const int64_t *col, const float *val,
+               const double *lgth, const double *dgth, double eps, float *out, float *gmu,
+               float *gpi, float *gth) {
+    int zinb = pi != NULL, with_grad = gmu != NULL;
+    if (zinb) {
+        int64_t n_small = zinb_dense(B, G, mu, theta, pi, out, gmu, gpi, gth);
+        if (n_small) { /* rare: both probabilities underflow somewhere; fix those entries */
+            for (int64_t r = 0; r < B; r++) {
+                double acc = 0.0;
+                int fixed = 0;
+                for (int64_t g = 0; g < G; g++) {
+                    int64_t i = r * G + g;
+                    float m = mu[i], th = theta[g];
+                    float t = log1pf(m / th), rr = expf(-th * t);
+                    float w = 1.0f / (1.0f + expf(-pi[i]));
+                    float p0 = w + (1.0f - w) * rr, lp0 = logf(p0);
+                    if (p0 < TINY) {
+                        zinb_zero_stable(m, th, pi[i], &lp0, with_grad ? gmu + i : NULL,
+                                         with_grad ? gpi + i : NULL, with_grad ? gth + i : NULL);
+                        fixed = 1;
+                    }
+                    acc += lp0;
+                }
+                if (fixed) out[r] = (float)acc;
+            }
+        }
+    } else {
+        nb_dense(B, G, mu, theta, out, gmu, gth);
+    }
+    if (n <= 0) return 0;
+    nz_buf b;
+    if (nz_alloc(&b, n)) return -1;
+    for (int64_t k = 0; k < n; k++) {
+        int64_t c = col[k], i = row[k] * G + c;
+        if (row[k] < 0 || row[k] >= B || c < 0 || c >= G) {
+            free(b.x);
+            return -2;
+        }
+        b.x[k] = val[k];
+        b.m[k] = mu[i];
+        b.th[k] = theta[c];
+        b.pi[k] = zinb ? pi[i] : 0.0;
+        b.lgth[k] = lgth[c];
+        b.dgth[k] = dgth[c];
+    }
+    (zinb ? nz_terms_zinb : nz_terms_nb)(n, eps, b.x, b.m, b.th, b.pi, b.lgth, b.dgth, b.out,
+                                         b.gmu, b.gpi, b.gth);
+    for (int64_t k = 0; k < n; k++) {
+        int64_t r = row[k], i = r * G + col[k];
+        if (zinb && !(b.x[k] > 0)) continue; /* stored zeros keep the zero branch */
+        out[r] += (float)b.out[k];
+        if (!with_grad) continue;
+        if (zinb) {
+            gmu[i] = (float)b.gmu[k];
+            gpi[i] = (float)b.gpi[k];
+            gth[i] = (float)b.gth[k];
+        } else {
+            gmu[i] += (float)b.gmu[k];
+            gth[i] += (float)b.gth[k];
+        }
+    }
+    free(b.x);
+    return 0;
+}
+
+/* lgamma and digamma of n positive float32 values, in float64 (theta's G values). */
+void cv_lgamma_digamma(int64_t n, const float *z, double *lg, double *dg) {
+    for (int64_t k = 0; k < n; k++) {
+        lgamma_digamma_pos(z[k], lg + k, dg + k);
+    }
+}

@@ -1,0 +1,102 @@
+"""Fused CPU kernels for the NB / ZINB log-likelihood row sums, when they were built.
+
+``_kernels.c`` is compiled at install time into ``cellvae/_ckernels*.so`` (``setup.py``; an
+optional extension: where no C compiler or no glibc vector maths is found, the install goes on
+without it) and loaded here with :mod:`ctypes`. It evaluates the whole likelihood and its
+gradients in two passes (dense zero branch in float32 vector maths, then the nonzeros in
+float64), where the torch code in :mod:`cellvae.distributions` runs ~25 separate operators over
+the cells × genes entries. One thread: splitting the rows between two Python threads (ctypes
+releases the GIL) gained nothing in the training step, whose other core is busy with torch's
+OpenMP workers.
+
+Used by :mod:`cellvae.distributions` for float32 CPU tensors with a per-gene dispersion; every
+other case (GPU, float64, per-cell dispersion) runs the torch code, which is also the reference
+the tests hold these kernels to. ``CELLVAE_NO_KERNELS=1`` in the environment, or
+``_kernels.enabled = False``, turns them off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+
+import torch
+
+__all__ = ["available", "nb_zinb_log_prob_sum"]
+
+
+def _load() -> ctypes.CDLL | None:
+    if os.environ.get("CELLVAE_NO_KERNELS", "") not in ("", "0"):
+        return None
+    spec = importlib.util.find_spec("cellvae._ckernels")
+    if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+        return None
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError:
+        return None
+    i64, ptr, f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
+    lib.cv_nb_zinb.restype = ctypes.c_int
+    lib.cv_nb_zinb.argtypes = [i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, f64]
+    lib.cv_nb_zinb.argtypes += [ptr, ptr, ptr, ptr]
+    lib.cv_lgamma_digamma.restype = None
+    lib.cv_lgamma_digamma.argtypes = [i64, ptr, ptr, ptr]
+    return lib
+
+
+_lib = _load()
+enabled = True
+
+
+def available() -> bool:
+    """Whether the compiled kernels are loaded and enabled."""
+    return enabled and _lib is not None
+
+
+def lgamma_digamma(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lgamma(z)`` and ``digamma(z)`` of positive float32 values, in float64 (for tests)."""
+    z = z.detach().contiguous()
+    lg = torch.empty(z.shape, dtype=torch.float64)
+    dg = torch.empty(z.shape, dtype=torch.float64)
+    _lib.cv_lgamma_digamma(z.numel(), z.data_ptr(), lg.data_ptr(), dg.data_ptr())
+    return lg, dg
+
+
+def nb_zinb_log_prob_sum(
+    mu: torch.Tensor,
+    theta: torch.Tensor,
+    pi: torch.Tensor | None,
+    x_nz: torch.Tensor,
+    row: torch.Tensor,
+    col: torch.Tensor,
+    eps: float,
+    with_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Row sums of the NB (``pi`` None) or ZINB log-likelihood, and their unit-row gradients.
+
+    ``mu`` and ``pi`` are contiguous float32 ``(B, G)``, ``theta`` float32 ``(G,)`` floored at
+    ``eps``; ``(row, col, x_nz)`` are the stored entries (contiguous int64, int64, float32), in
+    any order. Returns the ``(B,)`` row sums and, with ``with_grad``, the ``(B, G)`` derivatives
+    of each row sum with respect to ``mu``, ``pi`` (None for the NB) and the per-entry ``theta``
+    (otherwise three Nones).
+    """
+    n_rows, n_genes = mu.shape
+    lgth, dgth = lgamma_digamma(theta)
+    out = torch.empty(n_rows, dtype=torch.float32)
+    gmu = gpi = gth = None
+    if with_grad:
+        gmu, gth = torch.empty_like(mu), torch.empty_like(mu)
+        gpi = None if pi is None else torch.empty_like(mu)
+    tensors = (mu, theta, pi, row, col, x_nz, lgth, dgth, out, gmu, gpi, gth)
+    m, th, p, rw, cl, xv, lg, dg, o, gm, gp, gt = (
+        None if t is None else t.data_ptr() for t in tensors
+    )
+    status = _lib.cv_nb_zinb(
+        n_rows, n_genes, m, th, p, row.numel(), rw, cl, xv, lg, dg, eps, o, gm, gp, gt
+    )
+    if status == -2:
+        raise IndexError(f"a stored entry lies outside the {n_rows} x {n_genes} minibatch.")
+    if status != 0:
+        raise MemoryError("cellvae's likelihood kernel could not allocate its buffers.")
+    return out, gmu, gpi, gth
