@@ -1,0 +1,165 @@
+"""The compiled likelihood kernels (cellvae/_kernels.c) against float64 references.
+
+test_distributions.py runs its row-sum tests through both the torch code and these kernels; here
+they are held to scipy at the extremes of every parameter, entry by entry.
+"""
+
+import platform
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy import special
+from test_distributions import _inputs, _nb_mag, _ref_nb, _ref_zinb, _softplus_mag
+
+import cellvae
+from cellvae import _kernels
+from cellvae._sparse import CSRBatch
+from cellvae.distributions import (
+    NegativeBinomial,
+    ZeroInflatedNegativeBinomial,
+    log_nb_positive,
+    log_zinb_positive,
+)
+
+built = pytest.mark.skipif(_kernels._lib is None, reason="kernels not built (checked below)")
+
+
+def test_built_on_linux_x86_64():
+    # setup.py builds them wherever gcc and glibc's libmvec exist, as on CI
+    if sys.platform.startswith("linux") and platform.machine() == "x86_64":
+        assert _kernels._lib is not None and _kernels.available()
+
+
+def _dist(name, mu, theta, pi):
+    if name == "nb":
+        return NegativeBinomial(mu, theta)
+    return ZeroInflatedNegativeBinomial(mu, theta, pi)
+
+
+def _float32_inputs():
+    """The wide-range inputs of test_distributions, rounded to float32, and in float64."""
+    a32 = {k: np.asarray(v, dtype=np.float32) for k, v in _inputs(seed=4).items()}
+    return a32, {k: v.astype(np.float64) for k, v in a32.items()}
+
+
+@built
+def test_lgamma_digamma_match_scipy():
+    rng = np.random.default_rng(0)
+    z = torch.tensor(10 ** rng.uniform(-6, 7, 5000), dtype=torch.float32)
+    z = torch.cat([z, torch.tensor([1.0, 2.0, 7.999999, 8.0, 8.000001, 1e-8])])
+    lg, dg = _kernels.lgamma_digamma(z)
+    z64 = z.double().numpy()
+    np.testing.assert_allclose(lg.numpy(), special.gammaln(z64), rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(dg.numpy(), special.digamma(z64), rtol=1e-11, atol=1e-11)
+
+
+@built
+@pytest.mark.parametrize("name", ["nb", "zinb"])
+def test_each_entry_matches_scipy(name):
+    # one entry per call (a 1 x 1 minibatch): value against scipy, at float32 precision of the
+    # terms that cancel (as in test_distributions)
+    a32, a64 = _float32_inputs()
+    values = []
+    for k in range(len(a32["x"])):
+        one = {n: torch.tensor(a32[n][k : k + 1]) for n in ("x", "mu", "theta", "pi")}
+        dist = _dist(name, one["mu"][None], one["theta"], one["pi"][None])
+        values.append(dist.log_prob_sum(one["x"][None]).item())
+    if name == "nb":
+        ref = _ref_nb(a64["x"], a64["mu"], a64["theta"])
+        mag = _nb_mag(a64["x"], a64["mu"], a64["theta"])
+    else:
+        ref = _ref_zinb(a64["x"], a64["mu"], a64["theta"], a64["pi"])
+        mag = _nb_mag(a64["x"], a64["mu"], a64["theta"]) + _softplus_mag(a64["pi"])
+    assert np.isfinite(values).all()
+    assert (np.abs(np.array(values) - ref) <= 1e-6 * (mag + 1)).all()
+
+
+@built
+@pytest.mark.parametrize("name", ["nb", "zinb"])
+def test_gradients_match_float64_autograd(name):
+    # one cell of all entries: the gradient of its row sum is each entry's own derivative
+    a32, a64 = _float32_inputs()
+    ref = {n: torch.tensor(a64[n]).requires_grad_() for n in ("mu", "theta", "pi")}
+    x64 = torch.tensor(a64["x"])
+    if name == "nb":
+        value = log_nb_positive(x64, ref["mu"], ref["theta"])
+    else:
+        value = log_zinb_positive(x64, ref["mu"], ref["theta"], ref["pi"])
+    wrt = ["mu", "theta"] if name == "nb" else ["mu", "theta", "pi"]
+    expected = torch.autograd.grad(value.sum(), [ref[n] for n in wrt])
+    got = {n: torch.tensor(a32[n]).requires_grad_() for n in ("mu", "theta", "pi")}
+    dist = _dist(name, got["mu"][None], got["theta"], got["pi"][None])
+    assert _kernels.available()
+    out = dist.log_prob_sum(torch.tensor(a32["x"])[None])
+    assert out.grad_fn.name() == "_FusedLogProbSumBackward"
+    for n, e in zip(wrt, expected):
+        (g,) = torch.autograd.grad(out.sum(), got[n], retain_graph=True)
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g.double(), e, rtol=1e-3, atol=1e-3)
+
+
+@built
+@pytest.mark.parametrize("name", ["nb", "zinb"])
+def test_stored_zeros_and_any_order_of_entries(name, monkeypatch):
+    # a CSR may store zeros, and nz may list the entries in any order: same as the torch code
+    g = torch.Generator().manual_seed(2)
+    mu = torch.exp(torch.randn(16, 50, generator=g) * 2)
+    theta = torch.exp(torch.randn(50, generator=g))
+    pi = torch.randn(16, 50, generator=g) * 2
+    x = torch.poisson(mu * (torch.rand(16, 50, generator=g) < 0.2), generator=g)
+    row, col = torch.nonzero(x, as_tuple=True)
+    zr, zc = torch.nonzero(x == 0, as_tuple=True)
+    perm = torch.randperm(len(row) + len(zr[::5]), generator=g)
+    nz = (torch.cat([row, zr[::5]])[perm], torch.cat([col, zc[::5]])[perm])
+    weights = torch.rand(16, generator=g) + 0.5
+
+    def run():
+        params = [p.clone().requires_grad_() for p in (mu, theta, pi)]
+        out = _dist(name, *params).log_prob_sum(x, nz)
+        wrt = params[:2] if name == "nb" else params
+        return [out.detach(), *torch.autograd.grad((out * weights).sum(), wrt)], out.grad_fn
+
+    fused, fn = run()
+    assert fn.name() == "_FusedLogProbSumBackward"
+    monkeypatch.setattr(_kernels, "enabled", False)
+    plain, fn = run()
+    assert fn.name() != "_FusedLogProbSumBackward"
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4 * b.abs().max().item())
+
+
+@built
+def test_entries_outside_the_minibatch_raise():
+    # (0, 3) of a 2 x 3 minibatch has a valid flat position (1, 0): only the kernel's check sees it
+    ones = torch.ones(2, 3)
+    for r, c in [(2, 1), (0, 3), (-1, 0)]:
+        row, col = torch.tensor([r]), torch.tensor([c])
+        with pytest.raises(IndexError, match="outside the 2 x 3 minibatch"):
+            _kernels.nb_zinb_log_prob_sum(ones, ones[0], None, ones[0, :1], row, col, 1e-8, True)
+
+
+def test_other_cases_use_the_torch_code():
+    # per-cell dispersion and float64 are left to the torch code
+    mu, x = torch.ones(3, 4, requires_grad=True), CSRBatch.from_dense(torch.eye(3, 4))
+    assert "Fused" not in NegativeBinomial(mu, torch.ones(3, 4)).log_prob_sum(x).grad_fn.name()
+    mu64 = torch.ones(3, 4, dtype=torch.float64, requires_grad=True)
+    out = NegativeBinomial(mu64, torch.ones(4, dtype=torch.float64)).log_prob_sum(x)
+    assert "Fused" not in out.grad_fn.name() and out.dtype == torch.float64
+
+
+@built
+def test_scvi_trains_the_same_with_and_without_kernels(monkeypatch):
+    # the training losses of a few epochs agree (not bit for bit: float64 lgamma at the nonzeros)
+    adata = cellvae.datasets.kang_ifnb()[:400, :300]
+    adata = adata[:, np.asarray(adata.X.sum(0)).ravel() > 0].copy()
+    histories = []
+    for enabled in (True, False):
+        monkeypatch.setattr(_kernels, "enabled", enabled)
+        bdata = adata.copy()
+        cellvae.pp.setup_anndata(bdata, batch_key="stim")
+        model = cellvae.SCVI(bdata, n_latent=5)
+        model.train(max_epochs=3, seed=0, progress_bar=False)
+        histories.append(model.history["validation_elbo"].to_numpy())
+    np.testing.assert_allclose(histories[0], histories[1], rtol=1e-4)
