@@ -84,7 +84,7 @@ static void zinb_zero_stable(float m, float th, float pi, float *lp0, float *gmu
     }
 }
 
-/* Scratch for the gathered nonzeros of a row range. */
+/* Scratch for the gathered nonzeros of a minibatch: ten arrays in one allocation. */
 typedef struct {
     double *x, *m, *th, *pi, *lgth, *dgth, *out, *gmu, *gpi, *gth;
 } nz_buf;
@@ -98,13 +98,14 @@ static int nz_alloc(nz_buf *b, int64_t n) {
     return 0;
 }
 
-/* x > 0 terms of the NB at the gathered nonzeros, float64: what they add to the dense pass. */
+/* The arguments of the nonzero passes: inputs gathered at the n nonzeros, outputs per nonzero. */
 #define NZ_ARGS                                                                                   \
     int64_t n, double eps, const double *restrict x_, const double *restrict m_,                   \
         const double *restrict th_, const double *restrict pi_, const double *restrict lgth,      \
         const double *restrict dgth, double *restrict out, double *restrict gmu,                   \
         double *restrict gpi, double *restrict gth
 
+/* x > 0 terms of the NB at the gathered nonzeros, float64: what they add to the dense pass. */
 CLONES static void nz_terms_nb(NZ_ARGS) {
     (void)pi_, (void)gpi;
     for (int64_t k = 0; k < n; k++) {
