@@ -163,3 +163,17 @@ def test_scvi_trains_the_same_with_and_without_kernels(monkeypatch):
         model.train(max_epochs=3, seed=0, progress_bar=False)
         histories.append(model.history["validation_elbo"].to_numpy())
     np.testing.assert_allclose(histories[0], histories[1], rtol=1e-4)
+
+
+@built
+@pytest.mark.parametrize("name", ["nb", "zinb"])
+def test_non_finite_parameters_stay_non_finite(name):
+    # the dense pass clamps expf's arguments (for speed); a NaN must still reach the row sum
+    mu, theta, pi = torch.rand(3, 40) + 0.5, torch.rand(40) + 0.5, torch.randn(3, 40) * 100
+    x = CSRBatch.from_dense(torch.poisson(torch.ones(3, 40)))
+    mu[0, 5] = float("nan")
+    if name == "zinb":
+        pi[1, 7] = float("nan")
+    out = _dist(name, mu, theta, pi).log_prob_sum(x)
+    assert torch.isnan(out[0]) and torch.isnan(out[1]) == (name == "zinb")
+    assert torch.isfinite(out[2])
