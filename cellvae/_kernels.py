@@ -55,7 +55,7 @@ def available() -> bool:
 
 
 def lgamma_digamma(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``lgamma(z)`` and ``digamma(z)`` of positive float32 values, in float64 (for tests)."""
+    """``lgamma(z)`` and ``digamma(z)`` of positive float32 values, computed in float64."""
     z = z.detach().contiguous()
     lg = torch.empty(z.shape, dtype=torch.float64)
     dg = torch.empty(z.shape, dtype=torch.float64)
