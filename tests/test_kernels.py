@@ -24,7 +24,9 @@ from cellvae.distributions import (
     log_zinb_positive,
 )
 
-built = pytest.mark.skipif(_kernels._lib is None, reason="kernels not built (test_built_where_required)")
+built = pytest.mark.skipif(
+    _kernels._lib is None, reason="kernels not built (test_built_where_required)"
+)
 
 
 @pytest.mark.skipif(
