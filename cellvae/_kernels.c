@@ -105,16 +105,26 @@ static int nz_alloc(nz_buf *b, int64_t n) {
         const double *restrict dgth, double *restrict out, double *restrict gmu,                   \
         double *restrict gpi, double *restrict gth
 
-/* x > 0 terms of the NB at the gathered nonzeros, float64: what they add to the dense pass. */
+/* The NB's terms that vanish at x = 0, for one nonzero, float64: returns lgamma(x + theta) -
+ * lgamma(theta) - lgamma(x + 1) - x log(1 + theta/mu), and its derivatives by mu and theta.
+ * lgth, dgth: lgamma and digamma of theta. */
+static inline double nb_rest(double x, double m, double th, double lgth, double dgth, double eps,
+                             double *d_mu, double *d_th) {
+    double mc = m >= eps ? m : eps, x_over = x / (mc + th), lg, dg;
+    lgamma_digamma_pos(x + th, &lg, &dg);
+    *d_mu = m >= eps ? x_over * th / mc : 0.0;
+    *d_th = dg - dgth - x_over;
+    return lg - lgth - lgamma_pos(x + 1.0) - x * log1p(th / mc);
+}
+
+/* x > 0 terms of the NB at the gathered nonzeros: what they add to the dense pass. */
 CLONES static void nz_terms_nb(NZ_ARGS) {
     (void)pi_, (void)gpi;
     for (int64_t k = 0; k < n; k++) {
-        double x = x_[k], m = m_[k], th = th_[k];
-        double mc = m >= eps ? m : eps, x_over = x / (mc + th), lg, dg;
-        lgamma_digamma_pos(x + th, &lg, &dg);
-        out[k] = lg - lgth[k] - lgamma_pos(x + 1.0) - x * log1p(th / mc);
-        gmu[k] = m >= eps ? x_over * th / mc : 0.0;
-        gth[k] = dg - dgth[k] - x_over;
+        double d_mu, d_th;
+        out[k] = nb_rest(x_[k], m_[k], th_[k], lgth[k], dgth[k], eps, &d_mu, &d_th);
+        gmu[k] = d_mu;
+        gth[k] = d_th;
     }
 }
 
@@ -122,11 +132,9 @@ CLONES static void nz_terms_nb(NZ_ARGS) {
  * row sums), and the positive branch's gradients, which replace the dense pass's. */
 CLONES static void nz_terms_zinb(NZ_ARGS) {
     for (int64_t k = 0; k < n; k++) {
-        double x = x_[k], m = m_[k], th = th_[k], pi = pi_[k];
-        double mc = m >= eps ? m : eps, x_over = x / (mc + th), lg, dg;
+        double m = m_[k], th = th_[k], pi = pi_[k], d_mu, d_th;
+        double rest = nb_rest(x_[k], m, th, lgth[k], dgth[k], eps, &d_mu, &d_th);
         double t = log1p(m / th), q = th / (th + m);
-        lgamma_digamma_pos(x + th, &lg, &dg);
-        double rest = lg - lgth[k] - lgamma_pos(x + 1.0) - x * log1p(th / mc);
         double e = exp(-fabs(pi));
         double sp_pi = (pi > 0 ? pi : 0.0) + log1p(e); /* softplus(pi) */
         double w = (pi >= 0 ? 1.0 : e) / (1.0 + e);   /* sigmoid(pi) */
@@ -134,8 +142,8 @@ CLONES static void nz_terms_zinb(NZ_ARGS) {
         double lp0 = (bb > 0 ? bb : 0.0) + log1p(exp(-fabs(bb))) - (sp_pi - pi);
         out[k] = rest - th * t - sp_pi - lp0; /* the caller skips stored zeros */
         gpi[k] = -w;
-        gmu[k] = (m >= eps ? x_over * th / mc : 0.0) - q;
-        gth[k] = dg - dgth[k] - x_over - (t + q - 1.0);
+        gmu[k] = d_mu - q;
+        gth[k] = d_th - (t + q - 1.0);
     }
 }
 

@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 import torch
 from scipy import special
-from test_distributions import _inputs, _nb_mag, _ref_nb, _ref_zinb, _softplus_mag
+from test_distributions import _inputs, _make, _nb_mag, _ref_nb, _ref_zinb, _softplus_mag
 
 import cellvae
 from cellvae import _kernels
 from cellvae._sparse import CSRBatch
 from cellvae.distributions import (
     NegativeBinomial,
-    ZeroInflatedNegativeBinomial,
     log_nb_positive,
     log_zinb_positive,
 )
@@ -37,12 +36,6 @@ def test_built_where_required():
     # (gcc and glibc's libmvec), and a build that silently failed must not go unnoticed
     assert sys.platform.startswith("linux") and platform.machine() == "x86_64"
     assert _kernels._lib is not None and _kernels.available()
-
-
-def _dist(name, mu, theta, pi):
-    if name == "nb":
-        return NegativeBinomial(mu, theta)
-    return ZeroInflatedNegativeBinomial(mu, theta, pi)
 
 
 def _float32_inputs():
@@ -71,7 +64,7 @@ def test_each_entry_matches_scipy(name):
     values = []
     for k in range(len(a32["x"])):
         one = {n: torch.tensor(a32[n][k : k + 1]) for n in ("x", "mu", "theta", "pi")}
-        dist = _dist(name, one["mu"][None], one["theta"], one["pi"][None])
+        dist, _ = _make(name, one["mu"][None], one["theta"], one["pi"][None])
         values.append(dist.log_prob_sum(one["x"][None]).item())
     if name == "nb":
         ref = _ref_nb(a64["x"], a64["mu"], a64["theta"])
@@ -97,7 +90,7 @@ def test_gradients_match_float64_autograd(name):
     wrt = ["mu", "theta"] if name == "nb" else ["mu", "theta", "pi"]
     expected = torch.autograd.grad(value.sum(), [ref[n] for n in wrt])
     got = {n: torch.tensor(a32[n]).requires_grad_() for n in ("mu", "theta", "pi")}
-    dist = _dist(name, got["mu"][None], got["theta"], got["pi"][None])
+    dist, _ = _make(name, got["mu"][None], got["theta"], got["pi"][None])
     assert _kernels.available()
     out = dist.log_prob_sum(torch.tensor(a32["x"])[None])
     assert out.grad_fn.name() == "_FusedLogProbSumBackward"
@@ -124,7 +117,7 @@ def test_stored_zeros_and_any_order_of_entries(name, monkeypatch):
 
     def run():
         params = [p.clone().requires_grad_() for p in (mu, theta, pi)]
-        out = _dist(name, *params).log_prob_sum(x, nz)
+        out = _make(name, *params)[0].log_prob_sum(x, nz)
         wrt = params[:2] if name == "nb" else params
         return [out.detach(), *torch.autograd.grad((out * weights).sum(), wrt)], out.grad_fn
 
@@ -181,6 +174,6 @@ def test_non_finite_parameters_stay_non_finite(name):
     mu[0, 5] = float("nan")
     if name == "zinb":
         pi[1, 7] = float("nan")
-    out = _dist(name, mu, theta, pi).log_prob_sum(x)
+    out = _make(name, mu, theta, pi)[0].log_prob_sum(x)
     assert torch.isnan(out[0]) and torch.isnan(out[1]) == (name == "zinb")
     assert torch.isfinite(out[2])
