@@ -690,6 +690,13 @@ def test_getters_follow_in_place_changes_of_the_models_anndata():
     adata.X = adata.X * 2
     doubled = model.get_normalized_expression(library_size="latent", return_numpy=True)
     np.testing.assert_allclose(doubled.sum(1), np.asarray(adata.X.sum(1)).ravel(), rtol=1e-4)
+    # normalised in place: scanpy keeps the sparse matrix but replaces its arrays
+    matrix = adata.X
+    sc.pp.normalize_total(adata, target_sum=100.0)
+    assert adata.X is matrix
+    with pytest.warns(UserWarning, match="non-integer"):
+        scaled = model.get_normalized_expression(library_size="latent", return_numpy=True)
+    np.testing.assert_allclose(scaled.sum(1), 100.0, rtol=1e-4)
     # genes filtered in place: a clear error, not the old genes
     sc.pp.filter_genes(adata, min_counts=int(np.asarray(adata.X.sum(0)).min()) + 1)
     assert adata.n_vars < 20

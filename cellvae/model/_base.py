@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 
 from .. import pp
@@ -929,17 +930,21 @@ def _sources(adata, reg: Registry) -> list:
 
     scanpy's in-place functions (``sc.pp.filter_cells(adata)``, ``filter_genes``) and
     assignments such as ``adata.X = ...`` or ``adata.obs_names = ...`` replace them, so
-    comparing them by identity tells when cached tensors are stale. The registered ``obs``
-    columns (a few bytes per cell) are compared by a digest of their values, which also catches
-    a column reassigned or edited in place. Values changed inside the same matrices
-    (``adata.X.data[:] = ...``) are not detected.
+    comparing them by identity tells when cached tensors are stale. A sparse matrix's arrays are
+    compared too: ``sc.pp.normalize_total`` and ``sc.pp.log1p`` keep the matrix but replace its
+    ``data``. The registered ``obs`` columns (a few bytes per cell) are compared by a digest of
+    their values, which also catches a column reassigned or edited in place. Values changed
+    inside the same arrays (``adata.X.data[:] = ...``) are not detected.
     """
     counts = ("backed", str(adata.filename), reg.layer) if adata.isbacked else None
     if counts is None:
         counts = get_counts(adata, reg.layer)
+    parts = [getattr(counts, name, None) for name in ("data", "indices", "indptr")]
+    if not sp.issparse(counts):
+        parts = [None, None, None]  # a dense array's .data is a new buffer object at each access
     key = reg.protein_expression_obsm_key
     protein = adata.obsm[key] if key is not None and key in adata.obsm else None
-    return [adata.obs_names, adata.var_names, counts, protein, _obs_digest(adata, reg)]
+    return [adata.obs_names, adata.var_names, counts, *parts, protein, _obs_digest(adata, reg)]
 
 
 def _obs_digest(adata, reg: Registry) -> tuple:
