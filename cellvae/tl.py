@@ -7,12 +7,14 @@ None, or a new AnnData with ``copy=True``, like ``scanpy.tl``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
 from . import pp
+from ._registry import UNS_KEY
 from .model import SCVI, TOTALVI
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,24 @@ def _check_train_kwargs(train_kwargs: dict[str, Any] | None) -> None:
             + ", ".join(f"{_OWN_TRAIN_ARGUMENTS[k]}=..." for k in twice)
             + " instead."
         )
+
+
+@contextmanager
+def _setup_kept_on_error(adata) -> Iterator[None]:
+    """Put back ``adata``'s previous setup record if what follows its new setup raises.
+
+    These functions register the data before the model checks its options and trains; a
+    mistyped option or an interrupted training must not leave the user's own setup replaced.
+    """
+    had, previous = UNS_KEY in adata.uns, adata.uns.get(UNS_KEY)
+    try:
+        yield
+    except BaseException:
+        if had:
+            adata.uns[UNS_KEY] = previous
+        else:
+            adata.uns.pop(UNS_KEY, None)
+        raise
 
 
 def _fit(model, max_epochs, random_state, progress_bar, device, train_kwargs):
@@ -167,17 +187,18 @@ def scvi(
     """
     _check_train_kwargs(train_kwargs)
     adata = _target(adata, copy)
-    pp.setup_anndata(
-        adata,
-        layer=layer,
-        batch_key=batch_key,
-        labels_key=labels_key,
-        size_factor_key=size_factor_key,
-        categorical_covariate_keys=categorical_covariate_keys,
-        continuous_covariate_keys=continuous_covariate_keys,
-    )
-    model = SCVI(adata, n_latent=n_latent, **model_kwargs)
-    _fit(model, max_epochs, random_state, progress_bar, device, train_kwargs)
+    with _setup_kept_on_error(adata):
+        pp.setup_anndata(
+            adata,
+            layer=layer,
+            batch_key=batch_key,
+            labels_key=labels_key,
+            size_factor_key=size_factor_key,
+            categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys,
+        )
+        model = SCVI(adata, n_latent=n_latent, **model_kwargs)
+        _fit(model, max_epochs, random_state, progress_bar, device, train_kwargs)
     adata.obsm[key_added] = model.get_latent_representation()
     added = [f"obsm[{key_added!r}]"]
     if layer_added is not None:
@@ -276,18 +297,19 @@ def totalvi(
     """
     _check_train_kwargs(train_kwargs)
     adata = _target(adata, copy)
-    TOTALVI.setup_anndata(
-        adata,
-        layer=layer,
-        batch_key=batch_key,
-        protein_expression_obsm_key=protein_expression_obsm_key,
-        labels_key=labels_key,
-        size_factor_key=size_factor_key,
-        categorical_covariate_keys=categorical_covariate_keys,
-        continuous_covariate_keys=continuous_covariate_keys,
-    )
-    model = TOTALVI(adata, n_latent=n_latent, **model_kwargs)
-    _fit(model, max_epochs, random_state, progress_bar, device, train_kwargs)
+    with _setup_kept_on_error(adata):
+        TOTALVI.setup_anndata(
+            adata,
+            layer=layer,
+            batch_key=batch_key,
+            protein_expression_obsm_key=protein_expression_obsm_key,
+            labels_key=labels_key,
+            size_factor_key=size_factor_key,
+            categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys,
+        )
+        model = TOTALVI(adata, n_latent=n_latent, **model_kwargs)
+        _fit(model, max_epochs, random_state, progress_bar, device, train_kwargs)
     adata.obsm[key_added] = model.get_latent_representation()
     added = [f"obsm[{key_added!r}]"]
     if protein_key_added is not None:

@@ -10,6 +10,7 @@ from sklearn.neighbors import NearestNeighbors
 
 import cellvae
 from cellvae._data import TensorData
+from cellvae._registry import UNS_KEY
 from cellvae._sparse import (
     CSRBatch,
     _column_order,
@@ -1091,6 +1092,29 @@ def test_getter_and_train_options_out_of_range_raise_clear_errors(trained):
         model.get_latent_representation(np.ones((3, 40)))
     with pytest.raises(TypeError, match="batch_key must be one name.*categorical_covariate_keys"):
         cellvae.SCVI.setup_anndata(cellvae.datasets.synthetic(20, 5), batch_key=["batch"])
+
+
+@pytest.mark.parametrize("tool", ["scvi", "totalvi"])
+def test_tl_keeps_the_setup_when_it_fails(tool, monkeypatch):
+    # the tl functions register the data before the model checks its options and trains: an
+    # error after that must leave the user's own setup (or none) in place
+    adata = cellvae.datasets.synthetic(60, 12, n_batches=2, n_proteins=4)
+    fn = getattr(cellvae.tl, tool)
+    with pytest.raises(TypeError, match="n_hiden"):
+        fn(adata, batch_key="batch", max_epochs=1, progress_bar=False, n_hiden=3)
+    assert UNS_KEY not in adata.uns
+    proteins = {"protein_expression_obsm_key": "protein_expression"} if tool == "totalvi" else {}
+    cellvae.pp.setup_anndata(adata, labels_key="cell_type", **proteins)
+    before, obsm_keys = dict(adata.uns[UNS_KEY]), set(adata.obsm)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cellvae.train, "train_module", interrupted)
+    monkeypatch.setattr(cellvae.model._base, "train_module", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fn(adata, batch_key="batch", max_epochs=1, progress_bar=False)
+    assert adata.uns[UNS_KEY] == before and set(adata.obsm) == obsm_keys
 
 
 def test_nan_in_data_rejected():
