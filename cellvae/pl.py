@@ -204,6 +204,22 @@ def history(
 
 
 # ---------------------------------------------------------------------- latent
+def _check_colors(adata, color, gene_symbols: str | None) -> None:
+    """Raise before any computation for a colour that is neither an obs column nor a gene."""
+    colors = [] if color is None else [color] if isinstance(color, str) else list(color)
+    known = set(adata.obs.columns) | set(adata.var_names)
+    if adata.raw is not None:
+        known |= set(adata.raw.var_names)
+    if gene_symbols is not None and gene_symbols in adata.var:
+        known |= set(adata.var[gene_symbols].astype(str))
+    missing = [c for c in colors if c is not None and c not in known]
+    if missing:
+        raise KeyError(
+            f"color {missing} is neither a column of adata.obs nor a gene of adata.var_names "
+            f"(obs columns: {list(adata.obs.columns)})."
+        )
+
+
 def latent(
     adata,
     *,
@@ -276,6 +292,7 @@ def latent(
         )
     if ax is not None and not isinstance(color, str | None) and len(color) > 1:
         raise ValueError("Pass ax only with a single color; scanpy draws several in new axes.")
+    _check_colors(adata, color, kwargs.get("gene_symbols"))
     import scanpy as sc
 
     name = _basis_name(key)

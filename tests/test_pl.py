@@ -128,6 +128,15 @@ def test_latent_custom_key_given_axes_and_errors(scvi_trained):
         cellvae.pl.latent(adata, key="X_missing", show=False)
     with pytest.raises(ValueError, match="copy"):
         cellvae.pl.latent(adata[:50], show=False)
+    # an unknown colour is caught before the neighbours and the UMAP are computed and written
+    fresh = adata.copy()
+    del fresh.obsm["X_umap_latent"], fresh.uns["neighbors_latent"]
+    with pytest.raises(KeyError, match=r"color \['nope'\] is neither"):
+        cellvae.pl.latent(fresh, key="latent", color=["batch", "nope"], show=False)
+    assert "X_umap_latent" not in fresh.obsm and "neighbors_latent" not in fresh.uns
+    gene = str(fresh.var_names[0])
+    cellvae.pl.latent(fresh, key="latent", color=[gene, "batch"], show=False, n_neighbors=5)
+    plt.close("all")
 
 
 def test_latent_keys_survive_write_h5ad(scvi_trained, tmp_path):
