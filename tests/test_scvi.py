@@ -10,7 +10,7 @@ from sklearn.neighbors import NearestNeighbors
 
 import cellvae
 from cellvae._data import TensorData
-from cellvae._registry import UNS_KEY
+from cellvae._registry import UNS_KEY, Registry
 from cellvae._sparse import (
     CSRBatch,
     _column_order,
@@ -1209,6 +1209,15 @@ def test_load_checks_the_attached_data_like_a_getters(trained, tmp_path):
         loaded.get_latent_representation(), model.get_latent_representation(query)
     )
     assert query.uns["cellvae"]["batch_categories"] == list(model.registry_.batch_categories)
+    # a subset that kept its parent's record in uns (equal to the model's): checked all the same
+    subset = adata[adata.obs["batch"] == "batch1"].copy()
+    del subset.obs["cell_type"]
+    assert Registry.from_adata(subset) == model.registry_
+    loaded = cellvae.SCVI.load(tmp_path / "m", subset)
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(), model.get_latent_representation(subset)
+    )
+    assert subset.uns["cellvae"]["n_obs"] == subset.n_obs
     # an unseen batch: the getters' advice, not an option load does not have
     new = cellvae.datasets.synthetic(50, 40, n_batches=3, random_state=5)
     with pytest.raises(ValueError, match="cannot encode") as err:

@@ -291,10 +291,12 @@ class BaseModel:
         """The registry of the attached AnnData, at its first use.
 
         The model's own for its training data as set up; otherwise (data attached by ``load``,
-        a setup changed since) the data's, checked against the model.
+        a setup changed since, or a subset that kept its parent's record in ``uns``) the
+        data's, checked against the model.
         """
         try:
-            if Registry.from_adata(adata) == self.registry_:
+            stored = Registry.from_adata(adata)
+            if stored == self.registry_ and stored.n_obs == adata.n_obs:
                 return self.registry_
         except ValueError:  # no setup stored
             pass
@@ -819,7 +821,7 @@ class BaseModel:
                 stored = Registry.from_adata(adata)
             except ValueError:
                 stored = None
-            if stored is None or stored.setup_kwargs() != reg.setup_kwargs():
+            if stored != reg:  # none, another setup, or a record of other cells (a subset's)
                 adata.uns[UNS_KEY] = reg.to_dict()
         return model
 
