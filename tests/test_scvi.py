@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy import special
 from sklearn.neighbors import NearestNeighbors
 
 import cellvae
@@ -361,6 +362,17 @@ def test_logistic_normal_latent_mean_does_not_depend_on_the_global_rng():
     torch.manual_seed(2)
     np.testing.assert_array_equal(first, model.get_latent_representation())
     np.testing.assert_allclose(first.sum(1), 1.0, rtol=1e-5)
+    # a cell's mean does not depend on the other cells of its minibatch
+    np.testing.assert_allclose(model.get_latent_representation(indices=[5])[0], first[5], atol=1e-6)
+    np.testing.assert_allclose(model.get_latent_representation(batch_size=7), first, atol=1e-6)
+    # and it is the mean of the softmax of q(z | x): against 200,000 float64 draws
+    mean, var = (
+        v[:8].astype(np.float64) for v in model.get_latent_representation(return_dist=True)
+    )
+    draws = np.random.default_rng(0).standard_normal((200_000, 1, 3))
+    logits = mean + np.sqrt(var) * draws
+    want = special.softmax(logits, axis=-1).mean(0)
+    np.testing.assert_allclose(first[:8], want, atol=3e-3)
 
 
 def test_bad_options_raise_early():
