@@ -349,8 +349,12 @@ def test_latent_library_and_covariates():
         cells = TensorData.from_adata(adata).to(model.device)[torch.arange(60)]
         inf = model.module.inference(cells)
     scale = model.get_normalized_expression(return_numpy=True)
-    want = scale * np.exp(inf["ql_m"].cpu().numpy())
+    want = scale * np.exp(inf["ql_m"].cpu().numpy() + inf["ql_v"].cpu().numpy() / 2)
     np.testing.assert_allclose(got, want, rtol=1e-5)
+    # the library decoded is the one get_latent_library_size reports (log-normal mean)
+    np.testing.assert_allclose(got.sum(1), model.get_latent_library_size().ravel(), rtol=1e-4)
+    mean = model.get_likelihood_parameters()["mean"]
+    np.testing.assert_allclose(mean.sum(1), model.get_latent_library_size().ravel(), rtol=1e-4)
 
 
 def test_logistic_normal_latent_mean_does_not_depend_on_the_global_rng():

@@ -375,7 +375,10 @@ def test_eccite_getter_options(eccite):
     with torch.no_grad():
         inf = model.module.inference(_tensors(adata, model.device))
     ql_m, ql_v = (inf[k].squeeze(-1).cpu().numpy() for k in ("ql_m", "ql_v"))
-    np.testing.assert_allclose(lat.sum(1), np.exp(np.minimum(ql_m, 15.0)), rtol=1e-3)  # clamped
+    # the log-normal mean exp(m + v/2), as get_latent_library_size reports it (clamped at e^15)
+    want = np.exp(np.minimum(ql_m + ql_v / 2, 15.0))
+    np.testing.assert_allclose(lat.sum(1), want, rtol=1e-3)
+    np.testing.assert_allclose(lat.sum(1), model.get_latent_library_size().ravel(), rtol=1e-3)
     np.testing.assert_allclose(model.get_latent_library_size()[:, 0], np.exp(ql_m + ql_v / 2), 1e-4)
     lat, sampled = model.get_normalized_expression(
         library_size="latent", n_samples=3, sample_protein_mixing=True, return_numpy=True

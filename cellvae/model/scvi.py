@@ -150,14 +150,18 @@ class SCVI(BaseModel):
         """The z and log library to decode: the samples, or with one sample the posterior means.
 
         The posterior means make ``n_samples=1`` deterministic: z's mean (its softmax for the
-        logistic normal) and the mean of a latent log library, not one sample of either.
+        logistic normal) and the mean of a latent library, not one sample of either. The
+        library's is the log-normal mean ``exp(m + v/2)``, which :meth:`get_latent_library_size`
+        reports (returned here as its log, ``m + v/2``).
         """
         if n_samples > 1:
             return inf["z"], inf["library"]
         z = inf["qz_m"]
         if self.module.latent_distribution == "ln":
             z = torch.softmax(z, -1)
-        return z, inf["library"] if inf["ql_m"] is None else inf["ql_m"]
+        if inf["ql_m"] is None:
+            return z, inf["library"]
+        return z, inf["ql_m"] + inf["ql_v"] / 2
 
     @getter_doc
     @torch.no_grad()

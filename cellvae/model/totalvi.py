@@ -359,8 +359,8 @@ class TOTALVI(BaseModel):
             if n_samples == 1:  # the posterior means: deterministic output
                 z = module.encoder.z_transformation(inf["qz_m"])
                 library = inf["library"]
-                if inf["ql_m"] is not None:
-                    library = torch.exp(inf["ql_m"].clamp(max=15.0))
+                if inf["ql_m"] is not None:  # the log-normal mean, as get_latent_library_size
+                    library = torch.exp((inf["ql_m"] + inf["ql_v"] / 2).clamp(max=15.0))
             else:
                 z, library = inf["z"], inf["library"]
             acc: dict[str, torch.Tensor] = {}
