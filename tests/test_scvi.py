@@ -383,8 +383,10 @@ def test_bad_options_raise_early():
     adata = _setup(40, 10)
     with pytest.raises(ValueError, match="gene_likelihood must be one of"):
         cellvae.SCVI(adata, gene_likelihood="zip")
-    with pytest.raises(TypeError, match="Unknown SCVI options"):
+    with pytest.raises(TypeError, match="Unknown SCVI options") as err:
         cellvae.SCVI(adata, n_hiden=3)
+    # the constructor's named parameters are among the allowed, the closest one suggested
+    assert "did you mean 'n_hidden'" in str(err.value) and "'n_latent'" in str(err.value)
 
 
 # ---------------------------------------------------------------- training

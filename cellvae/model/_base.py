@@ -5,7 +5,9 @@ Subclasses (SCVI, TOTALVI) say which module to build from the registry and add g
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import inspect
 import json
 import logging
 import numbers
@@ -865,14 +867,24 @@ def _renamed_hint(unknown: set[str]) -> str:
     return " Instead of scvi-tools' " + "; ".join(hints) + "." if hints else ""
 
 
-def check_model_options(model: str, given: Iterable[str], allowed: set[str]) -> None:
-    """Raise a TypeError for a model's unknown options, naming training options passed to it."""
+def check_model_options(cls: type, given: Iterable[str], allowed: set[str]) -> None:
+    """Raise a TypeError for a model's unknown options, naming training options passed to it.
+
+    ``allowed`` are the options ``cls`` takes through ``**kwargs``; the message lists them with
+    the named parameters of its constructor, and the closest names to a mistyped one.
+    """
     unknown = set(given) - allowed
     if not unknown:
         return
+    named = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "adata")]
+    options = sorted({p for p in named if p != "module_kwargs"} | allowed)
+    close = {k: difflib.get_close_matches(k, options, n=1) for k in sorted(unknown)}
+    close_hint = "; ".join(f"{k!r}: did you mean {m[0]!r}?" for k, m in close.items() if m)
     training = sorted(unknown & (set(TrainConfig.__dataclass_fields__) | set(_SCVI_TOOLS_OPTIONS)))
     raise TypeError(
-        f"Unknown {model} options {sorted(unknown)}; allowed: {sorted(allowed)}."
+        f"Unknown {cls.__name__} options {sorted(unknown)}"
+        + (f" ({close_hint})" if close_hint else "")
+        + f"; allowed: {options}."
         + _renamed_hint(unknown)
         + (
             f" {training} go to training: model.train(...), or train_kwargs=dict(...) in tl."

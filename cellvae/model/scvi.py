@@ -83,7 +83,7 @@ class SCVI(BaseModel):
             "use_layer_norm",
             "log_variational",
         }
-        check_model_options("SCVI", module_kwargs, allowed)
+        check_model_options(SCVI, module_kwargs, allowed)
         super().__init__(
             adata,
             n_hidden=n_hidden,

@@ -107,7 +107,7 @@ class TOTALVI(BaseModel):
         **module_kwargs: Any,
     ):
         allowed = {"use_batch_norm", "use_layer_norm", "adversarial_weight"}
-        check_model_options("TOTALVI", module_kwargs, allowed)
+        check_model_options(TOTALVI, module_kwargs, allowed)
         TOTALVAE.check_options(
             gene_dispersion, protein_dispersion, gene_likelihood, latent_distribution
         )
