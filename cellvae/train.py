@@ -100,11 +100,29 @@ class TrainConfig:
     eval_batch_size: int = 128  # validation: larger batches raise peak memory, not speed
 
     def validate(self) -> None:
-        """Raise a ValueError for options out of range (a TypeError for non-integer counts)."""
-        for name in ("max_epochs", "batch_size"):
+        """Raise a ValueError for options out of range, a TypeError for options of a wrong type."""
+        for name in ("max_epochs", "batch_size", "seed", "n_epochs_kl_warmup"):
             value = getattr(self, name)
+            if value is None and name in ("seed", "n_epochs_kl_warmup"):
+                continue
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{name} must be an integer, got {value!r}.")
+        for name in (
+            "lr",
+            "weight_decay",
+            "eps",
+            "validation_size",
+            "kl_warmup_fraction",
+            "early_stopping_min_delta",
+            "lr_factor",
+            "lr_min",
+            "gradient_clip_val",
+        ):
+            value = getattr(self, name)
+            if value is None and name in ("kl_warmup_fraction", "gradient_clip_val"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a number, got {value!r}.")
         patience = self.early_stopping_patience
         if not isinstance(patience, numbers.Integral) or patience < 1:
             raise ValueError(

@@ -1081,7 +1081,7 @@ def test_getter_and_train_options_out_of_range_raise_clear_errors(trained):
     with pytest.raises(ValueError, match="selects no cells"):
         model.get_elbo(indices=[])
     fresh = cellvae.SCVI(_setup(40, 8))
-    with pytest.raises(ValueError, match="validation_size"):
+    with pytest.raises(TypeError, match="validation_size must be a number, got None"):
         fresh.train(max_epochs=1, validation_size=None, progress_bar=False)
     with pytest.raises(ValueError, match="early_stopping_patience must be a positive integer"):
         fresh.train(max_epochs=1, early_stopping_patience=1.5, progress_bar=False)
@@ -1098,6 +1098,17 @@ def test_getter_and_train_options_out_of_range_raise_clear_errors(trained):
     for value in (None, 0, "False"):  # not read by truthiness
         with pytest.raises(TypeError, match="return_mean must be True or False"):
             model.get_elbo(return_mean=value)
+    for option, message in [
+        ({"lr": "1e-3"}, "lr must be a number, got '1e-3'"),
+        ({"seed": "3"}, "seed must be an integer"),
+        ({"n_epochs_kl_warmup": 2.5}, "n_epochs_kl_warmup must be an integer"),
+        ({"gradient_clip_val": True}, "gradient_clip_val must be a number"),
+    ]:
+        with pytest.raises(TypeError, match=message):
+            fresh.train(max_epochs=1, progress_bar=False, **option)
+    for value in (0, "False"):  # None: arrays only where a DataFrame cannot hold the output
+        with pytest.raises(TypeError, match="return_numpy must be True or False"):
+            model.get_normalized_expression(return_numpy=value)
     with pytest.raises(ValueError, match="float32's range"):
         model.get_normalized_expression(library_size=1e40)  # would be inf in float32
     with pytest.raises(TypeError, match=r"train_size: validation_size.*go to training"):

@@ -136,6 +136,8 @@ def samples_kept(n_samples: int, return_mean: bool, return_numpy: bool | None) -
     """
     check_count("n_samples", n_samples)
     check_bool("return_mean", return_mean)
+    if return_numpy is not None:
+        check_bool("return_numpy", return_numpy)
     keep = n_samples > 1 and not return_mean
     if keep and return_numpy is False:
         warn_user(
