@@ -490,13 +490,15 @@ def registry_like(
     if reg.protein_names != ref.protein_names:
         missing = [p for p in ref.protein_names if p not in set(reg.protein_names)]
         extra = [p for p in reg.protein_names if p not in set(ref.protein_names)]
+        how = (
+            f"{len(missing)} missing (e.g. {missing[:5]}), {len(extra)} extra (e.g. {extra[:5]})"
+            if missing or extra
+            else "the same names in a different order"
+        )
         raise ValueError(
             f"The proteins in obsm[{ref.protein_expression_obsm_key!r}] differ from the "
-            f"reference's: {len(missing)} missing (e.g. {missing[:5]}), {len(extra)} extra "
-            f"(e.g. {extra[:5]})"
-            + ("" if missing or extra else ", same names in a different order")
-            + ". Reorder the columns to the reference's protein names (adding absent proteins "
-            "as zero columns)."
+            f"reference's: {how}. Reorder the columns to the reference's protein names (adding "
+            "absent proteins as zero columns)."
         )
     if kwargs["labels_key"] is None and ref.labels_key is not None:
         reg = dataclasses.replace(reg, label_categories=ref.label_categories)

@@ -571,6 +571,13 @@ def test_bad_inputs_give_clear_errors():
     }
 
 
+def test_setup_mudata_rejects_unknown_modalities_keys():
+    # checked before mudata is needed: scvi-tools' form would otherwise be silently ignored
+    scvi_tools_form = {"rna_layer": "rna", "protein_layer": "protein", "batch_key": "rna"}
+    with pytest.raises(KeyError, match=r"Unknown modalities keys \['batch_key', 'protein_layer'"):
+        cellvae.TOTALVI.setup_mudata(object(), modalities=scvi_tools_form)
+
+
 def test_setup_mudata_aligns_cells_and_rejects_missing_rows():
     mudata = pytest.importorskip("mudata")
     adata = cellvae.datasets.synthetic(50, 20, n_proteins=3)

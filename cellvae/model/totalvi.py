@@ -214,6 +214,13 @@ class TOTALVI(BaseModel):
         >>> rna.obsm["protein_expression"].shape
         (100, 4)
         """
+        unknown = sorted(set(modalities or {}) - {"rna", "protein"})
+        if unknown:  # e.g. scvi-tools' {"rna_layer": ..., "protein_layer": ..., "batch_key": ...}
+            raise KeyError(
+                f"Unknown modalities keys {unknown}: modalities maps 'rna' and 'protein' to the "
+                "names of the MuData's modalities, e.g. {'rna': 'rna', 'protein': 'prot'}. "
+                "Layers and the batch go to rna_layer=..., protein_layer=... and batch_key=...."
+            )
         try:
             import mudata  # noqa: F401
         except ImportError as err:
