@@ -268,6 +268,13 @@ def _build_registry(
             f"{n_empty_genes} genes have zero counts in every cell; they carry no information. "
             "Consider sc.pp.filter_genes(adata, min_counts=1)."
         )
+    if not against_reference and not adata.var_names.is_unique:
+        dup = adata.var_names[adata.var_names.duplicated()].unique()
+        warn_user(
+            f"{len(dup)} gene names occur more than once (e.g. {list(dup[:5])}): selecting genes "
+            "by name (gene_list=...) and matching new data to this setup by name are ambiguous. "
+            "Consider adata.var_names_make_unique() before setup."
+        )
 
     reg = Registry(var_names=(), batch_categories=batch_cats)
     batch_codes = reg.codes(adata, batch_key, batch_cats)

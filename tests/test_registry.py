@@ -659,6 +659,19 @@ def test_zero_count_genes_warn():
     assert reg.n_vars == 20
 
 
+def test_duplicate_gene_names_warn():
+    adata = make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata's own warning at the assignment
+        adata.var_names = ["g0", "g1", "g0", *adata.var_names[3:]]
+    with pytest.warns(UserWarning, match=r"^1 gene names occur more than once \(e.g. \['g0'\]\)"):
+        setup_ok(adata)
+    adata.var_names_make_unique()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        setup_ok(adata)
+
+
 def test_warnings_name_the_users_line_however_deep_the_call():
     # the user's line, not cellvae's, whether through pp, the model class or the tl one-liner
     import cellvae
