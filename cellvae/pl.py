@@ -87,7 +87,7 @@ def _axes_list(ax, n: int, panel_size: tuple[float, float]) -> tuple[list[Axes],
     return axs, axs[0].figure
 
 
-def _history_frame(source) -> pd.DataFrame:
+def _history_frame(source, uns_key: str | None = None) -> pd.DataFrame:
     """The per-epoch history of a model, a DataFrame, or an AnnData written by ``cellvae.tl``."""
     if isinstance(source, pd.DataFrame):
         return source
@@ -101,14 +101,20 @@ def _history_frame(source) -> pd.DataFrame:
     uns = getattr(source, "uns", None)
     if uns is not None:
         found = [k for k, v in uns.items() if isinstance(v, dict) and "history" in v]
+        if uns_key is not None:
+            if uns_key not in found:
+                raise KeyError(
+                    f"adata.uns[{uns_key!r}] holds no training history; those that do: {found}."
+                )
+            found = [uns_key]
         if len(found) == 1:
             record = {k: np.asarray(v) for k, v in uns[found[0]]["history"].items()}
             frame = pd.DataFrame(record)
             return frame.set_index("epoch") if "epoch" in frame else frame
         if len(found) > 1:
             raise ValueError(
-                f"adata.uns has several training histories ({found}): pass the DataFrame, "
-                f"e.g. pd.DataFrame(dict(adata.uns[{found[0]!r}]['history'])).set_index('epoch')."
+                f"adata.uns has several training histories ({found}): choose one with "
+                f"uns_key=..., e.g. cellvae.pl.history(adata, uns_key={found[0]!r})."
             )
         raise ValueError(
             "adata.uns holds no training history: run cellvae.tl.scvi(adata, ...) first, or pass "
@@ -129,6 +135,7 @@ def history(
     model,
     *,
     keys: str | Sequence[str] = ("elbo", "reconstruction", "kl_local"),
+    uns_key: str | None = None,
     ax: Axes | Sequence[Axes] | None = None,
     show: bool | None = None,
     save: bool | str | None = None,
@@ -148,6 +155,9 @@ def history(
         Terms to plot: ``"elbo"`` (negative ELBO), ``"reconstruction"``, ``"kl_local"``,
         ``"loss"`` (the KL-weighted training objective), ``"kl_weight"``, ``"lr"``, or any other
         term of the model's history (without the ``train_`` / ``validation_`` prefix).
+    uns_key
+        With an AnnData: the ``uns`` record whose history to draw (``"scvi"``, ``"totalvi"``,
+        or a ``key_added``). Default: the only record with a history.
     ax
         Axes to draw on: one per key (a single Axes when ``keys`` is one key). Default: a new
         figure with one panel per key.
@@ -173,7 +183,7 @@ def history(
     ['negative ELBO per cell', 'reconstruction loss per cell', 'KL divergence (local) per cell']
     >>> ax = cellvae.pl.history(model, keys="kl_weight", show=False)
     """
-    hist = _history_frame(model)
+    hist = _history_frame(model, uns_key)
     single = isinstance(keys, str)
     keys = [keys] if single else list(keys)
     if not keys:

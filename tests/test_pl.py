@@ -76,6 +76,17 @@ def test_history_from_tl_record():
     axes = cellvae.pl.history(adata, keys=["elbo"], show=False)
     assert len(axes) == 1 and len(axes[0].lines) == 2
     assert list(axes[0].lines[0].get_xdata()) == [0, 1]
+    # a second record: the choice is the user's, by uns_key
+    cellvae.tl.scvi(
+        adata, batch_key="batch", max_epochs=3, progress_bar=False, n_hidden=16, key_added="X_b"
+    )
+    with pytest.raises(ValueError, match=r"several training histories.*uns_key='scvi'"):
+        cellvae.pl.history(adata, show=False)
+    ax = cellvae.pl.history(adata, keys="elbo", uns_key="X_b", show=False)
+    assert list(ax.lines[0].get_xdata()) == [0, 1, 2]
+    with pytest.raises(KeyError, match=r"uns\['nope'\] holds no training history"):
+        cellvae.pl.history(adata, uns_key="nope", show=False)
+    plt.close("all")
 
 
 def test_history_save(scvi_trained, tmp_path):
