@@ -20,6 +20,12 @@ __all__ = ["setup_anndata", "transfer_setup", "view_setup"]
 def check_anndata(adata) -> None:
     """Raise a TypeError, saying how to make one, unless ``adata`` is an AnnData."""
     if not isinstance(adata, ad.AnnData):
+        if type(adata).__name__ == "MuData":
+            raise TypeError(
+                "Expected an AnnData, got a MuData: for RNA and proteins, build the AnnData "
+                "with cellvae.TOTALVI.setup_mudata(mdata, ...) and pass that; for RNA alone, "
+                "pass mdata.mod['rna']."
+            )
         raise TypeError(
             f"Expected an AnnData, got {type(adata).__name__}. Wrap raw counts (cells × genes) "
             "as anndata.AnnData(counts), with obs and var for the cells and genes."

@@ -760,6 +760,12 @@ def test_indices_as_boolean_mask(trained):
     with pytest.raises(TypeError, match="get_indexer"):
         model.get_latent_representation(indices=adata.obs_names[:3])
     assert model.get_latent_representation(indices=[]).shape == (0, 4)
+    # negative positions count from the end, as in numpy; beyond either end: a clear error
+    full = model.get_latent_representation()
+    np.testing.assert_array_equal(model.get_latent_representation(indices=[-1, 0]), full[[-1, 0]])
+    for bad in ([adata.n_obs], [-adata.n_obs - 1]):
+        with pytest.raises(IndexError, match=rf"indices must be in \[-{adata.n_obs}, "):
+            model.get_latent_representation(indices=bad)
     # no cells: empty outputs of the right shape, or a clear error for a mean
     assert model.posterior_predictive_sample(indices=[], n_samples=3).shape == (0, 40, 3)
     assert model.get_normalized_expression(indices=[], n_samples=2).shape == (0, 40)

@@ -593,6 +593,8 @@ def test_setup_mudata_aligns_cells_and_rejects_missing_rows():
         cellvae.TOTALVI.setup_mudata(short)
     with pytest.raises(KeyError, match="modality 'protein' is not in the MuData"):
         cellvae.TOTALVI.setup_mudata(mdata)
+    with pytest.raises(TypeError, match=r"got a MuData.*TOTALVI.setup_mudata\(mdata"):
+        cellvae.TOTALVI(mdata)
 
 
 # ---------------------------------------------------------------- scanpy style

@@ -331,9 +331,10 @@ class BaseModel:
                 f"values of dtype {arr.dtype}. For cell names use "
                 "adata.obs_names.get_indexer(names)."
             )
-        idx = torch.as_tensor(arr.astype(np.int64, copy=False))
-        if len(idx) and (idx.min() < 0 or idx.max() >= td.n_obs):
-            raise IndexError(f"indices must be in [0, {td.n_obs}).")
+        arr = arr.astype(np.int64, copy=False)
+        if len(arr) and (arr.min() < -td.n_obs or arr.max() >= td.n_obs):
+            raise IndexError(f"indices must be in [-{td.n_obs}, {td.n_obs}).")
+        idx = torch.as_tensor(np.where(arr < 0, arr + td.n_obs, arr))  # numpy's negative positions
         return idx
 
     def _batches(self, td: TensorData, indices, batch_size: int | None):
