@@ -599,8 +599,9 @@ class BaseModel:
             Stop when the validation ELBO has not improved for ``early_stopping_patience``.
         seed
             Seeds the split, the shuffling, the initialisation, dropout and sampling: the same
-            seed gives the same model on CPU. None: all of them are drawn afresh. Global random
-            state is left untouched.
+            seed gives the same model on CPU from the same kind of data (a backed AnnData is
+            shuffled in chunks read from disk, so its model differs from the in-memory one's).
+            None: all of them are drawn afresh. Global random state is left untouched.
         device
             ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``.
         progress_bar
