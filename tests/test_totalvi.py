@@ -475,15 +475,16 @@ def test_missing_proteins_masked_and_decoded_from_other_batch(missing):
     rna_mean, prot_mean = model.get_normalized_expression(return_numpy=True, **kw)
     torch.manual_seed(5)
     rna_s, prot_s = model.get_normalized_expression(return_mean=False, **kw)
-    assert rna_s.shape == (4, 40, 40) and prot_s.shape == (4, 40, 6)
-    np.testing.assert_allclose(rna_s.mean(0), rna_mean, rtol=1e-4)
-    np.testing.assert_allclose(prot_s.mean(0), prot_mean, rtol=1e-4)
+    # cells × features × samples, as scvi-tools' TOTALVI (SCVI: samples first)
+    assert rna_s.shape == (40, 40, 4) and prot_s.shape == (40, 6, 4)
+    np.testing.assert_allclose(rna_s.mean(-1), rna_mean, rtol=1e-4)
+    np.testing.assert_allclose(prot_s.mean(-1), prot_mean, rtol=1e-4)
     torch.manual_seed(5)
     fg_mean = model.get_protein_foreground_probability(return_numpy=True, **kw)
     torch.manual_seed(5)
     fg_s = model.get_protein_foreground_probability(return_mean=False, protein_list="prot4", **kw)
-    assert fg_s.shape == (4, 40, 1)
-    np.testing.assert_allclose(fg_s.mean(0), fg_mean[:, [4]], rtol=1e-4)
+    assert fg_s.shape == (40, 1, 4)
+    np.testing.assert_allclose(fg_s.mean(-1), fg_mean[:, [4]], rtol=1e-4)
     # the background mean, by the other getters: σ(mixing) · rate_back is what
     # include_protein_background adds, and σ(mixing) is 1 − the foreground probability
     _, fore = model.get_normalized_expression(transform_batch="batch0", return_numpy=True)
@@ -498,8 +499,8 @@ def test_missing_proteins_masked_and_decoded_from_other_batch(missing):
     bg_s = model.get_protein_background_mean(return_mean=False, **kw)
     torch.manual_seed(5)
     bg_mean = model.get_protein_background_mean(return_numpy=True, **kw)
-    assert bg_s.shape == (4, 40, 6)
-    np.testing.assert_allclose(bg_s.mean(0), bg_mean, rtol=1e-4)
+    assert bg_s.shape == (40, 6, 4)
+    np.testing.assert_allclose(bg_s.mean(-1), bg_mean, rtol=1e-4)
     # proteins scaled to sum to 1 still do after the masked average over batches
     _, scaled = model.get_normalized_expression(
         transform_batch=["batch0", "batch1"], scale_protein=True, return_numpy=True

@@ -107,8 +107,9 @@ _GETTER_DOC = {
     "{return_mean_cells}": "return_mean\n            The mean over the cells (default), or one "
     "float32 value per cell.",
     "{return_mean_samples}": "return_mean\n            With ``n_samples > 1``, False returns "
-    "every sample instead of their mean: a float32\n            array of samples × cells × "
-    "features (as scvi-tools; ``n_samples`` times the memory).",
+    "every sample instead of their mean: a float32\n            array, ``n_samples`` times the "
+    "memory, in scvi-tools' layout: samples × cells ×\n            features for SCVI, cells × "
+    "features × samples for TOTALVI.",
     "{return_numpy}": "return_numpy\n            Return a float32 array instead of a DataFrame "
     "(default: only for the samples of\n            ``return_mean=False``).",
 }

@@ -454,8 +454,9 @@ class TOTALVI(BaseModel):
 
         Returns
         -------
-        ``(rna, protein)``: cells × genes and cells × proteins; samples × cells × genes and
-        samples × cells × proteins with ``n_samples > 1`` and ``return_mean=False``.
+        ``(rna, protein)``: cells × genes and cells × proteins; cells × genes × samples and
+        cells × proteins × samples with ``n_samples > 1`` and ``return_mean=False`` (the
+        layout of scvi-tools' TOTALVI; SCVI's getters put the samples first).
 
         Examples
         --------
@@ -499,6 +500,8 @@ class TOTALVI(BaseModel):
         if scale_protein:  # the per-protein averages over the batches that measured each protein
             out["proteins"] /= out["proteins"].sum(-1, keepdims=True)  # need not sum to 1
         rna, protein = out["genes"], out["proteins"][..., protein_idx]
+        if keep_samples:  # cells × features × samples, as scvi-tools' TOTALVI returns them
+            return np.moveaxis(rna, 0, -1), np.moveaxis(protein, 0, -1)
         if return_numpy:
             return rna, protein
         names = self._obs_names(adata, idx)
@@ -628,6 +631,8 @@ class TOTALVI(BaseModel):
         widths = {"proteins": reg.n_proteins}
         out = self._decode(td, idx, codes, n_samples, batch_size, fn, widths, keep_samples)
         values = out["proteins"][..., protein_idx]
+        if keep_samples:  # cells × proteins × samples, as scvi-tools' TOTALVI
+            return np.moveaxis(values, 0, -1)
         if return_numpy:
             return values
         return pd.DataFrame(values, index=self._obs_names(adata, idx), columns=proteins)
