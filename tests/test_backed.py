@@ -269,3 +269,18 @@ def test_tl_copy_of_backed_data_says_what_to_do_instead(tmp_path):
     with pytest.raises(ValueError, match="copy=True of a backed AnnData"):
         cellvae.tl.scvi(backed, batch_key="batch", copy=True, max_epochs=1, progress_bar=False)
     assert "X_scVI" not in backed.obsm and "cellvae" not in backed.uns  # nothing written
+
+
+def test_getters_follow_a_replaced_layer_of_a_backed_anndata(tmp_path):
+    # a backed AnnData keeps X in its file, but its layers in memory: replacing the registered
+    # layer must make the getters read it again, as with an in-memory AnnData
+    adata = cellvae.datasets.synthetic(120, 20, n_batches=2)
+    adata.layers["counts"] = sp.csr_matrix(adata.X)
+    adata.write_h5ad(tmp_path / "layer.h5ad")
+    backed = ad.read_h5ad(tmp_path / "layer.h5ad", backed="r")
+    cellvae.SCVI.setup_anndata(backed, layer="counts", batch_key="batch")
+    model = cellvae.SCVI(backed, use_observed_lib_size=True).train(1, progress_bar=False)
+    before = model.get_latent_library_size().ravel()
+    np.testing.assert_allclose(before, np.asarray(adata.X.sum(1)).ravel(), rtol=1e-5)
+    backed.layers["counts"] = backed.layers["counts"] * 3
+    np.testing.assert_allclose(model.get_latent_library_size().ravel(), 3 * before, rtol=1e-5)

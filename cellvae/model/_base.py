@@ -965,9 +965,9 @@ def _sources(adata, reg: Registry) -> list:
     their values, which also catches a column reassigned or edited in place. Values changed
     inside the same arrays (``adata.X.data[:] = ...``) are not detected.
     """
-    counts = ("backed", str(adata.filename), reg.layer) if adata.isbacked else None
-    if counts is None:
-        counts = get_counts(adata, reg.layer)
+    # a backed AnnData's X stays in its file; its layers are in memory and can be replaced
+    backed_x = adata.isbacked and reg.layer is None
+    counts = ("backed", str(adata.filename)) if backed_x else get_counts(adata, reg.layer)
     parts = [getattr(counts, name, None) for name in ("data", "indices", "indptr")]
     if not sp.issparse(counts):
         parts = [None, None, None]  # a dense array's .data is a new buffer object at each access
