@@ -499,7 +499,18 @@ def registry_like(
     for key, known in zip(ref.categorical_covariate_keys, ref.categorical_covariate_categories):
         new = _categories(adata, key, "categorical covariate")
         cats[f"cat:{key}"] = _extend(known, new, key, extend_categories, unseen_hint)
+    names_key = ref.protein_names_uns_key
+    if names_key is not None and names_key not in adata.uns:
+        kwargs["protein_names_uns_key"] = None  # then named by a DataFrame's columns
     reg = _build_registry(adata, **kwargs, categories=cats)
+    obsm_key = ref.protein_expression_obsm_key
+    unnamed = (
+        obsm_key is not None
+        and kwargs["protein_names_uns_key"] is None
+        and not isinstance(adata.obsm[obsm_key], pd.DataFrame)
+    )
+    if unnamed and reg.n_proteins == ref.n_proteins:  # a plain array: the reference's, by position
+        reg = dataclasses.replace(reg, protein_names=ref.protein_names)
     if reg.protein_names != ref.protein_names:
         missing = [p for p in ref.protein_names if p not in set(reg.protein_names)]
         extra = [p for p in reg.protein_names if p not in set(ref.protein_names)]

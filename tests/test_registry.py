@@ -876,6 +876,29 @@ def test_transfer_protein_panel_must_match(reference):
     assert_unchanged(query, before)
 
 
+def test_transfer_protein_names_from_uns_columns_or_position():
+    # a reference named its proteins by an uns key; a query names them by its DataFrame's
+    # columns (no such uns key), or gives a plain array in the reference's order
+    ref = make(40, 20, n_proteins=3, seed=1)
+    frame = ref.obsm["protein_expression"]
+    ref.obsm["protein_expression"] = frame.to_numpy()
+    ref.uns["names"] = list(frame.columns)
+    pp.setup_anndata(
+        ref, protein_expression_obsm_key="protein_expression", protein_names_uns_key="names"
+    )
+    query = make(40, 20, n_proteins=3, seed=2)
+    assert isinstance(query.obsm["protein_expression"], pd.DataFrame)
+    assert pp.transfer_setup(query, ref).protein_names == tuple(frame.columns)
+    query.obsm["protein_expression"] = query.obsm["protein_expression"].iloc[:, ::-1]
+    with pytest.raises(ValueError, match="same names in a different order"):
+        pp.transfer_setup(query, ref)
+    query.obsm["protein_expression"] = query.obsm["protein_expression"].iloc[:, ::-1].to_numpy()
+    assert pp.transfer_setup(query, ref).protein_names == tuple(frame.columns)
+    query.obsm["protein_expression"] = query.obsm["protein_expression"][:, :2]
+    with pytest.raises(ValueError, match="proteins .* differ"):
+        pp.transfer_setup(query, ref)
+
+
 def test_transfer_view_rejected(reference):
     query = make(40, 20, n_proteins=3, seed=2)
     with pytest.raises(ValueError, match=r"adata\.copy\(\)"):
