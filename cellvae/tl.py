@@ -104,7 +104,7 @@ def _record(adata, uns_key: str, model, params: dict[str, Any]) -> str:
             {
                 **model.registry_.setup_kwargs(),
                 **params,
-                "max_epochs": n_epochs,
+                "n_epochs": n_epochs,  # trained; fewer than max_epochs after early stopping
                 **model.hparams,
             }
         ),
@@ -210,6 +210,7 @@ def scvi(
         added.append(f"layers[{layer_added!r}]")
     params = {
         "n_latent": n_latent,
+        "max_epochs": max_epochs,
         "random_state": random_state,
         "key_added": key_added,
         "layer_added": layer_added,
@@ -225,6 +226,7 @@ def totalvi(
     batch_key: str | None = None,
     layer: str | None = None,
     protein_expression_obsm_key: str = "protein_expression",
+    protein_names_uns_key: str | None = None,
     labels_key: str | None = None,
     size_factor_key: str | None = None,
     categorical_covariate_keys: str | Sequence[str] | None = None,
@@ -259,6 +261,9 @@ def totalvi(
         Layer with raw RNA counts (default ``X``).
     protein_expression_obsm_key
         ``obsm`` key with the raw protein counts.
+    protein_names_uns_key
+        ``uns`` key with the protein names, for proteins stored as an array (a DataFrame's
+        columns name them otherwise).
     labels_key, size_factor_key, categorical_covariate_keys, continuous_covariate_keys
         Passed to :meth:`cellvae.TOTALVI.setup_anndata`.
     n_latent
@@ -303,6 +308,7 @@ def totalvi(
             layer=layer,
             batch_key=batch_key,
             protein_expression_obsm_key=protein_expression_obsm_key,
+            protein_names_uns_key=protein_names_uns_key,
             labels_key=labels_key,
             size_factor_key=size_factor_key,
             categorical_covariate_keys=categorical_covariate_keys,
@@ -320,6 +326,7 @@ def totalvi(
         added.append(f"obsm[{protein_key_added!r}]")
     params = {
         "n_latent": n_latent,
+        "max_epochs": max_epochs,
         "random_state": random_state,
         "key_added": key_added,
         "protein_key_added": protein_key_added,

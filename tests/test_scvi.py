@@ -1324,6 +1324,9 @@ def test_tl_scvi_writes_results_and_survives_h5ad(tmp_path):
     back = ad.read_h5ad(tmp_path / "a.h5ad")
     np.testing.assert_array_equal(back.obsm["X_scVI"], adata.obsm["X_scVI"])
     assert back.uns["scvi"]["params"]["n_latent"] == 10
+    # the epochs asked for and those trained (fewer after early stopping) are both recorded
+    assert back.uns["scvi"]["params"]["max_epochs"] == 2
+    assert back.uns["scvi"]["params"]["n_epochs"] == 2
 
 
 def test_tl_one_liners_register_size_factors_labels_and_covariates():

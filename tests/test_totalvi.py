@@ -621,3 +621,9 @@ def test_tl_totalvi_writes_results_and_survives_h5ad(tmp_path):
         adata, max_epochs=1, progress_bar=False, key_added="X_t", copy=True, **SMALL
     )
     assert "X_t" in out.obsm and "X_t" in out.uns and "X_t" not in adata.obsm
+    # proteins as an array, named by an uns key: the denoised proteins keep the names
+    arr = adata.copy()
+    arr.obsm["protein_expression"] = adata.obsm["protein_expression"].to_numpy()
+    arr.uns["adt_names"] = [f"p{i}" for i in range(6)]
+    cellvae.tl.totalvi(arr, max_epochs=1, progress_bar=False, protein_names_uns_key="adt_names")
+    assert list(arr.obsm["protein_denoised"].columns) == arr.uns["adt_names"]

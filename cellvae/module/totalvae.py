@@ -87,7 +87,8 @@ class TOTALVAE(nn.Module):
     latent_distribution
         ``"normal"`` or ``"ln"`` (logistic normal).
     use_observed_lib_size
-        Use the observed gene library instead of the latent one (default: latent, as totalVI).
+        Use the observed gene library instead of the latent one (the module's default:
+        latent; :class:`cellvae.TOTALVI`'s, as scvi-tools 1.4's: observed).
     use_size_factor_key
         Use the ``"size_factor"`` tensor as the gene library (softplus gene scale).
     library_log_means, library_log_vars
