@@ -575,7 +575,7 @@ class DecoderTOTALVI(nn.Module):
       zero-inflation logits ``dropout``.
     * Protein background: ``log β ~ N(α, σ)`` per cell and protein with ``α`` =
       ``back_alpha`` and ``σ`` = ``back_beta`` ``= exp(·) + 1e-8``; the background rate is
-      ``exp`` of a sample (or of ``α`` with ``sample_background=False``).
+      ``exp`` of a sample (with ``sample_background=False``, its mean ``exp(α + σ²/2)``).
     * Protein foreground: ``rate_fore = rate_back · fore_scale`` with ``fore_scale = 1 +
       ReLU(·) + 1e-8 ≥ 1``.
     * ``mixing``: logit of the probability that a protein count is background.
@@ -675,8 +675,9 @@ class DecoderTOTALVI(nn.Module):
     ):
         """Return ``(px, py, log_pro_back_mean)``; ``library_gene`` is on the count scale.
 
-        ``sample_background=False`` uses the mean ``α`` of ``log β`` instead of a sample (for
-        deterministic getters); ``compute_dropout=False`` skips the zero-inflation head.
+        ``sample_background=False`` uses the mean of ``β``, ``exp(α + σ²/2)``, instead of a
+        sample (for deterministic getters); ``compute_dropout=False`` skips the
+        zero-inflation head.
         """
         if compute_dropout and self.px_dropout_decoder is None:
             raise ValueError("compute_dropout needs a decoder built with zero_inflation=True.")
@@ -698,8 +699,8 @@ class DecoderTOTALVI(nn.Module):
         back_beta = torch.exp(self.py_back_log_beta(hz)) + 1e-8
         if sample_background:
             log_pro_back_mean = back_alpha + back_beta * torch.randn_like(back_alpha)
-        else:
-            log_pro_back_mean = back_alpha
+        else:  # the log of the log-normal mean: what the samples average to
+            log_pro_back_mean = back_alpha + back_beta**2 / 2
         rate_back = torch.exp(log_pro_back_mean)
 
         hz = torch.cat([self.py_fore_decoder(z, *cat_list), z], dim=-1)

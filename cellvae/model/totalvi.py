@@ -574,9 +574,9 @@ class TOTALVI(BaseModel):
     ) -> pd.DataFrame | np.ndarray:
         """Return the mean of each protein's background component (counts, cells × proteins).
 
-        The background rate ``rate_back`` of the protein mixture: ``exp`` of the background's
-        mean log rate with ``n_samples=1``, averaged over that many samples of it otherwise,
-        and over the batches of ``transform_batch`` as the foreground probability is.
+        The background rate ``rate_back`` of the protein mixture: the mean of its log-normal,
+        ``exp(α + σ²/2)``, with ``n_samples=1``, averaged over that many samples of it
+        otherwise, and over the batches of ``transform_batch`` as the foreground probability is.
 
         Parameters
         ----------
