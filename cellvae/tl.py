@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from . import pp
 from ._registry import UNS_KEY
 from .model import SCVI, TOTALVI
 
@@ -86,14 +85,22 @@ def _setup_kept_on_error(adata) -> Iterator[None]:
         raise
 
 
-def _fit(model, max_epochs, random_state, progress_bar, device, train_kwargs):
-    return model.train(
-        max_epochs,
-        seed=random_state,
-        progress_bar=progress_bar,
-        device=device,
-        **(train_kwargs or {}),
-    )
+def _fit(adata, cls, setup, model_kwargs, max_epochs, random_state, progress_bar, device, train_kw):
+    """Register ``adata`` for ``cls``, build the model and train it; return the model.
+
+    On any error the previous setup record is put back.
+    """
+    with _setup_kept_on_error(adata):
+        cls.setup_anndata(adata, **setup)
+        model = cls(adata, **model_kwargs)
+        model.train(
+            max_epochs,
+            seed=random_state,
+            progress_bar=progress_bar,
+            device=device,
+            **(train_kw or {}),
+        )
+    return model
 
 
 def _record(adata, uns_key: str, model, params: dict[str, Any]) -> str:
@@ -187,18 +194,17 @@ def scvi(
     """
     _check_train_kwargs(train_kwargs)
     adata = _target(adata, copy)
-    with _setup_kept_on_error(adata):
-        pp.setup_anndata(
-            adata,
-            layer=layer,
-            batch_key=batch_key,
-            labels_key=labels_key,
-            size_factor_key=size_factor_key,
-            categorical_covariate_keys=categorical_covariate_keys,
-            continuous_covariate_keys=continuous_covariate_keys,
-        )
-        model = SCVI(adata, n_latent=n_latent, **model_kwargs)
-        _fit(model, max_epochs, random_state, progress_bar, device, train_kwargs)
+    setup = {
+        "layer": layer,
+        "batch_key": batch_key,
+        "labels_key": labels_key,
+        "size_factor_key": size_factor_key,
+        "categorical_covariate_keys": categorical_covariate_keys,
+        "continuous_covariate_keys": continuous_covariate_keys,
+    }
+    model_kwargs = {"n_latent": n_latent, **model_kwargs}
+    fit = (max_epochs, random_state, progress_bar, device, train_kwargs)
+    model = _fit(adata, SCVI, setup, model_kwargs, *fit)
     adata.obsm[key_added] = model.get_latent_representation()
     added = [f"obsm[{key_added!r}]"]
     if layer_added is not None:
@@ -302,20 +308,19 @@ def totalvi(
     """
     _check_train_kwargs(train_kwargs)
     adata = _target(adata, copy)
-    with _setup_kept_on_error(adata):
-        TOTALVI.setup_anndata(
-            adata,
-            layer=layer,
-            batch_key=batch_key,
-            protein_expression_obsm_key=protein_expression_obsm_key,
-            protein_names_uns_key=protein_names_uns_key,
-            labels_key=labels_key,
-            size_factor_key=size_factor_key,
-            categorical_covariate_keys=categorical_covariate_keys,
-            continuous_covariate_keys=continuous_covariate_keys,
-        )
-        model = TOTALVI(adata, n_latent=n_latent, **model_kwargs)
-        _fit(model, max_epochs, random_state, progress_bar, device, train_kwargs)
+    setup = {
+        "layer": layer,
+        "batch_key": batch_key,
+        "protein_expression_obsm_key": protein_expression_obsm_key,
+        "protein_names_uns_key": protein_names_uns_key,
+        "labels_key": labels_key,
+        "size_factor_key": size_factor_key,
+        "categorical_covariate_keys": categorical_covariate_keys,
+        "continuous_covariate_keys": continuous_covariate_keys,
+    }
+    model_kwargs = {"n_latent": n_latent, **model_kwargs}
+    fit = (max_epochs, random_state, progress_bar, device, train_kwargs)
+    model = _fit(adata, TOTALVI, setup, model_kwargs, *fit)
     adata.obsm[key_added] = model.get_latent_representation()
     added = [f"obsm[{key_added!r}]"]
     if protein_key_added is not None:
