@@ -23,6 +23,7 @@ except ImportError:
     from tqdm import tqdm
 
 from ._data import BatchSampler, TensorData, seeded_generator
+from .module._base import check_flags
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,11 @@ class TrainConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"{name} must be a number, got {value!r}.")
+        check_flags(
+            early_stopping=self.early_stopping,
+            reduce_lr_on_plateau=self.reduce_lr_on_plateau,
+            progress_bar=self.progress_bar,
+        )
         patience = self.early_stopping_patience
         if not isinstance(patience, numbers.Integral) or patience < 1:
             raise ValueError(

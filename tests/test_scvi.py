@@ -1112,6 +1112,29 @@ def test_getter_and_train_options_out_of_range_raise_clear_errors(trained):
     ]:
         with pytest.raises(TypeError, match=message):
             fresh.train(max_epochs=1, progress_bar=False, **option)
+    # flags: a string "False" would read as true
+    for build, message in [
+        (
+            lambda: cellvae.SCVI(fresh.adata, use_observed_lib_size="False").train(max_epochs=1),
+            "use_observed_lib_size must be True or False",
+        ),
+        (
+            lambda: cellvae.SCVI(fresh.adata, encode_covariates="False").train(max_epochs=1),
+            "encode_covariates must be True or False",
+        ),
+        (
+            lambda: fresh.train(max_epochs=1, early_stopping="False"),
+            "early_stopping must be True or False",
+        ),
+        (lambda: fresh.train(max_epochs=1, progress_bar=1), "progress_bar must be True or False"),
+        (
+            lambda: model.get_latent_representation(give_mean="False"),
+            "give_mean must be True or False",
+        ),
+        (lambda: model.get_latent_library_size(give_mean=None), "give_mean must be True or False"),
+    ]:
+        with pytest.raises(TypeError, match=message):
+            build()
     for value in (0, "False"):  # None: arrays only where a DataFrame cannot hold the output
         with pytest.raises(TypeError, match="return_numpy must be True or False"):
             model.get_normalized_expression(return_numpy=value)

@@ -566,6 +566,8 @@ def test_bad_inputs_give_clear_errors():
     cellvae.TOTALVI.setup_anndata(adata, protein_expression_obsm_key="protein_expression")
     with pytest.raises(ValueError, match="protein_dispersion must be one of"):
         cellvae.TOTALVI(adata, protein_dispersion="protein-cell")
+    with pytest.raises(TypeError, match="use_batch_norm must be True or False, got 'both'"):
+        cellvae.TOTALVI(adata, use_batch_norm="both").train(max_epochs=1, progress_bar=False)
     with pytest.raises(TypeError, match="Unknown TOTALVI options"):
         cellvae.TOTALVI(adata, n_hiden=3)
     assert cellvae.TOTALVI._train_defaults == {

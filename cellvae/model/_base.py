@@ -27,6 +27,7 @@ import torch
 from .. import pp
 from .._data import TensorData, split_indices
 from .._registry import UNS_KEY, Registry, get_counts, warn_user
+from ..module._base import check_flags
 from ..train import TrainConfig, default_max_epochs, resolve_device, train_module
 
 logger = logging.getLogger(__name__)
@@ -79,8 +80,7 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 def check_bool(name: str, value) -> None:
     """Raise unless ``value`` is True or False (a string "False" would read as true)."""
-    if not isinstance(value, bool | np.bool_):
-        raise TypeError(f"{name} must be True or False, got {value!r}.")
+    check_flags(**{name: value})
 
 
 def library_scale(library_size) -> float | None:
@@ -382,6 +382,7 @@ class BaseModel:
         >>> model.get_latent_representation(indices=[0, 1, 2]).shape
         (3, 10)
         """
+        check_flags(give_mean=give_mean, return_dist=return_dist)
         noise = _ln_points(self.module.n_latent, self.device)
 
         def latent(batch):
@@ -435,6 +436,7 @@ class BaseModel:
         >>> np.allclose(model.get_latent_library_size()[:, 0], adata.X.sum(1).A1, rtol=1e-5)
         True
         """
+        check_flags(give_mean=give_mean)
 
         def library(batch):
             inf = self.module.inference(batch)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -80,6 +81,13 @@ def decoder_input(z: torch.Tensor, tensors: dict[str, torch.Tensor], batch=None)
     s, n = z.shape[:2]
     unflat = lambda t: None if t is None else t.reshape(s, n, *t.shape[1:])  # also for 0 cells
     return dec_in.reshape(s * n, dec_in.shape[-1]), [c.repeat(s) for c in cats], unflat
+
+
+def check_flags(**flags) -> None:
+    """Raise a TypeError for an option that is not True or False (a string "False" reads true)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool | np.bool_):
+            raise TypeError(f"{name} must be True or False, got {value!r}.")
 
 
 def check_choice(name: str, value, options) -> None:

@@ -25,6 +25,7 @@ from ..nn import DecoderTOTALVI, EncoderTOTALVI
 from ._base import (
     LossOutput,
     check_choice,
+    check_flags,
     covariate_codes,
     decoder_input,
     kl_normal,
@@ -151,6 +152,13 @@ class TOTALVAE(nn.Module):
         super().__init__()
         self.check_options(
             gene_dispersion, protein_dispersion, gene_likelihood, latent_distribution
+        )
+        check_flags(
+            use_observed_lib_size=use_observed_lib_size,
+            use_size_factor_key=use_size_factor_key,
+            use_batch_norm=use_batch_norm,
+            use_layer_norm=use_layer_norm,
+            adversarial_classifier=adversarial_classifier,
         )
         self.n_input_genes, self.n_input_proteins = n_input_genes, n_input_proteins
         self.n_batch, self.n_labels, self.n_latent = n_batch, n_labels, n_latent

@@ -18,7 +18,14 @@ from torch import nn
 from .._sparse import as_dense, hstack, log1p, row_sums
 from ..distributions import NegativeBinomial, Normal, Poisson, ZeroInflatedNegativeBinomial
 from ..nn import DecoderSCVI, Encoder
-from ._base import LossOutput, check_choice, covariate_codes, decoder_input, kl_normal
+from ._base import (
+    LossOutput,
+    check_choice,
+    check_flags,
+    covariate_codes,
+    decoder_input,
+    kl_normal,
+)
 
 Dispersion = Literal["gene", "gene-batch", "gene-label", "gene-cell"]
 Likelihood = Literal["zinb", "nb", "poisson", "normal"]
@@ -90,6 +97,13 @@ class VAE(nn.Module):
     ):
         super().__init__()
         self._check_options(dispersion, gene_likelihood, latent_distribution)
+        check_flags(
+            log_variational=log_variational,
+            encode_covariates=encode_covariates,
+            deeply_inject_covariates=deeply_inject_covariates,
+            use_size_factor_key=use_size_factor_key,
+            use_observed_lib_size=use_observed_lib_size,
+        )
         for name, value in (("use_batch_norm", use_batch_norm), ("use_layer_norm", use_layer_norm)):
             check_choice(name, value, ("encoder", "decoder", "none", "both"))
         self.n_input, self.n_batch, self.n_labels = n_input, n_batch, n_labels
