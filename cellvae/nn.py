@@ -196,7 +196,7 @@ class FCLayers(nn.Module):
                 post.append(nn.LayerNorm(b, elementwise_affine=False))
             if use_activation:
                 post.append(nn.ReLU())
-            if dropout_rate > 0:
+            if dropout_rate != 0:  # Dropout checks the range: a negative rate is an error
                 post.append(Dropout(dropout_rate))
             self.post.append(nn.Sequential(*post))
 

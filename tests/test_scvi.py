@@ -1112,6 +1112,8 @@ def test_getter_and_train_options_out_of_range_raise_clear_errors(trained):
     ]:
         with pytest.raises(TypeError, match=message):
             fresh.train(max_epochs=1, progress_bar=False, **option)
+    with pytest.raises(ValueError, match=r"Dropout probability must be in \[0, 1\), got -0.1"):
+        cellvae.SCVI(fresh.adata, dropout_rate=-0.1).train(max_epochs=1)  # was: no dropout
     # flags: a string "False" would read as true
     for build, message in [
         (

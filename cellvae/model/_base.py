@@ -613,7 +613,10 @@ class BaseModel:
             Further :class:`~cellvae.train.TrainConfig` fields: ``weight_decay``, ``eps``,
             ``kl_warmup_fraction``, ``n_epochs_kl_warmup``, ``early_stopping_patience``,
             ``early_stopping_min_delta``, ``reduce_lr_on_plateau``, ``lr_factor``,
-            ``lr_patience``, ``gradient_clip_val``.
+            ``lr_patience``, ``gradient_clip_val``. The KL weight rises linearly to 1 over
+            ``kl_warmup_fraction`` (default 0.75) of ``max_epochs``, or over
+            ``n_epochs_kl_warmup`` epochs when given; scvi-tools' default is a fixed 400 epochs
+            (``n_epochs_kl_warmup=400`` reproduces it).
 
         Raises
         ------
