@@ -615,8 +615,8 @@ class BaseModel:
             ``early_stopping_min_delta``, ``reduce_lr_on_plateau``, ``lr_factor``,
             ``lr_patience``, ``gradient_clip_val``. The KL weight rises linearly to 1 over
             ``kl_warmup_fraction`` (default 0.75) of ``max_epochs``, or over
-            ``n_epochs_kl_warmup`` epochs when given; scvi-tools' default is a fixed 400 epochs
-            (``n_epochs_kl_warmup=400`` reproduces it).
+            ``n_epochs_kl_warmup`` epochs when given, step by step; scvi-tools' default is a
+            fixed 400 epochs, raised once per epoch (``n_epochs_kl_warmup=400`` comes closest).
 
         Raises
         ------
