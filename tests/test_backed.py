@@ -284,3 +284,5 @@ def test_getters_follow_a_replaced_layer_of_a_backed_anndata(tmp_path):
     np.testing.assert_allclose(before, np.asarray(adata.X.sum(1)).ravel(), rtol=1e-5)
     backed.layers["counts"] = backed.layers["counts"] * 3
     np.testing.assert_allclose(model.get_latent_library_size().ravel(), 3 * before, rtol=1e-5)
+    with pytest.raises(ValueError, match="save_anndata=True with a backed AnnData"):
+        model.save(tmp_path / "m", save_anndata=True)  # its data are already on disk

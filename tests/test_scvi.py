@@ -1235,6 +1235,24 @@ def test_save_load_identical_latent(trained, tmp_path):
     assert len(list((tmp_path / "m").glob("weights-*.pt"))) == 1
 
 
+def test_save_anndata_and_load_it_back(tmp_path):
+    adata = _setup(80, 15)
+    model = cellvae.SCVI(adata, n_latent=3).train(max_epochs=1, progress_bar=False)
+    model.save(tmp_path / "m", save_anndata=True)
+    loaded = cellvae.SCVI.load(tmp_path / "m")  # attaches the saved AnnData
+    assert loaded.adata is not None and loaded.adata.n_obs == 80
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(), model.get_latent_representation()
+    )
+    model.save(tmp_path / "m", overwrite=True)  # without: the earlier data are not this save's
+    assert not (tmp_path / "m" / "adata.h5ad").exists()
+    assert cellvae.SCVI.load(tmp_path / "m").adata is None
+    with pytest.raises(ValueError, match="save_anndata=True with no AnnData attached"):
+        cellvae.SCVI.load(tmp_path / "m").save(tmp_path / "n", save_anndata=True)
+    with pytest.raises(TypeError, match="save_anndata must be True or False"):
+        model.save(tmp_path / "n", save_anndata="yes")
+
+
 def test_load_rejects_corrupted_and_truncated(trained, tmp_path):
     adata, model = trained
     model.save(tmp_path / "m")

@@ -699,7 +699,9 @@ class BaseModel:
             "is_trained": self.is_trained_,
         }
 
-    def save(self, dir_path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    def save(
+        self, dir_path: str | os.PathLike, *, overwrite: bool = False, save_anndata: bool = False
+    ) -> None:
         """Save weights (``torch.save`` of the state dict) and setup (JSON) into ``dir_path``.
 
         The save is atomic: weights go to a new file named by their hash, then ``model.json``
@@ -712,6 +714,10 @@ class BaseModel:
             Folder to write (created if missing).
         overwrite
             Replace a model already saved there.
+        save_anndata
+            Also write the model's AnnData to ``dir_path/adata.h5ad`` (as scvi-tools does), which
+            :meth:`load` then attaches when given no AnnData. Not for a backed AnnData, which
+            is already on disk.
 
         Examples
         --------
@@ -723,10 +729,17 @@ class BaseModel:
         >>> model.save(folder, overwrite=True)
         """
         self._check_trained()
+        check_flags(overwrite=overwrite, save_anndata=save_anndata)
         path = Path(dir_path)
         config_file = path / "model.json"
         if config_file.exists() and not overwrite:
             raise FileExistsError(f"{config_file} exists; pass overwrite=True to replace it.")
+        if save_anndata and (self.adata is None or self.adata.isbacked):
+            where = "no AnnData attached" if self.adata is None else "a backed AnnData"
+            raise ValueError(
+                f"save_anndata=True with {where}: save the model alone and pass the data to "
+                f"{type(self).__name__}.load(dir_path, adata)."
+            )
         try:  # before anything is written: a setting JSON cannot hold leaves no partial save
             json.dumps(self._config())
         except TypeError as err:
@@ -754,6 +767,13 @@ class BaseModel:
         os.replace(tmp, config_file)
         if old and old != weights_name and (path / old).exists():
             (path / old).unlink()
+        if save_anndata:  # written aside, then renamed: a failed write leaves the old file
+            fd, tmp = tempfile.mkstemp(dir=path, prefix=".adata-", suffix=".h5ad")
+            os.close(fd)
+            self.adata.write_h5ad(tmp)
+            os.replace(tmp, path / "adata.h5ad")
+        elif (path / "adata.h5ad").exists():  # an earlier save's data: not this model's
+            (path / "adata.h5ad").unlink()
         logger.info("Saved %s to %s.", type(self).__name__, path)
 
     @classmethod
@@ -766,7 +786,8 @@ class BaseModel:
             Folder written by :meth:`save`.
         adata
             Data to attach. If it has no cellvae setup (or another one), it is registered with
-            the saved model's setup; the genes must be the same, in the same order.
+            the saved model's setup; the genes must be the same, in the same order. Default:
+            the ``adata.h5ad`` that ``save(..., save_anndata=True)`` wrote, if any.
         device
             Where to put the weights (a model saved on GPU loads on CPU and vice versa).
 
@@ -820,6 +841,10 @@ class BaseModel:
         model.module_.eval()
         model.history_ = {k: list(v) for k, v in config.get("history", {}).items()}
         model.is_trained_ = bool(config.get("is_trained", True))
+        if adata is None and (path / "adata.h5ad").exists():
+            import anndata
+
+            adata = anndata.read_h5ad(path / "adata.h5ad")
         if adata is not None:
             pp.check_anndata(adata)
             pp.check_not_view(adata)
