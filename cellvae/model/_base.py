@@ -767,13 +767,17 @@ class BaseModel:
         os.replace(tmp, config_file)
         if old and old != weights_name and (path / old).exists():
             (path / old).unlink()
-        if save_anndata:  # written aside, then renamed: a failed write leaves the old file
+        if (path / "adata.h5ad").exists():  # an earlier save's data: not this model's
+            (path / "adata.h5ad").unlink()
+        if save_anndata:  # written aside, then renamed: never a partial adata.h5ad
             fd, tmp = tempfile.mkstemp(dir=path, prefix=".adata-", suffix=".h5ad")
             os.close(fd)
-            self.adata.write_h5ad(tmp)
+            try:
+                self.adata.write_h5ad(tmp)
+            except BaseException:
+                os.unlink(tmp)
+                raise
             os.replace(tmp, path / "adata.h5ad")
-        elif (path / "adata.h5ad").exists():  # an earlier save's data: not this model's
-            (path / "adata.h5ad").unlink()
         logger.info("Saved %s to %s.", type(self).__name__, path)
 
     @classmethod
