@@ -274,9 +274,7 @@ int cv_nb_zinb(int64_t B, int64_t G, const float *mu, const float *theta, const 
     if (nz_alloc(&b, n)) return -1;
     for (int64_t k = 0; k < n; k++) {
         int64_t c = col[k], i = row[k] * G + c;
-        if (row[k] < 0 || row[k] >= B || c < 0 || c >= G) {
-            return -2;
-        }
+        if (row[k] < 0 || row[k] >= B || c < 0 || c >= G) return -2;
         b.x[k] = val[k];
         b.m[k] = mu[i];
         b.th[k] = theta[c];

@@ -102,28 +102,20 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise a ValueError for options out of range, a TypeError for options of a wrong type."""
-        for name in ("max_epochs", "batch_size", "seed", "n_epochs_kl_warmup"):
-            value = getattr(self, name)
-            if value is None and name in ("seed", "n_epochs_kl_warmup"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise TypeError(f"{name} must be an integer, got {value!r}.")
-        for name in (
-            "lr",
-            "weight_decay",
-            "eps",
-            "validation_size",
-            "kl_warmup_fraction",
-            "early_stopping_min_delta",
-            "lr_factor",
-            "lr_min",
-            "gradient_clip_val",
+        integers = ("max_epochs", "batch_size", "seed", "n_epochs_kl_warmup")
+        reals = ("lr", "weight_decay", "eps", "validation_size", "kl_warmup_fraction")
+        reals += ("early_stopping_min_delta", "lr_factor", "lr_min", "gradient_clip_val")
+        optional = {"seed", "n_epochs_kl_warmup", "kl_warmup_fraction", "gradient_clip_val"}
+        for names, kind, what in (
+            (integers, numbers.Integral, "an integer"),
+            (reals, numbers.Real, "a number"),
         ):
-            value = getattr(self, name)
-            if value is None and name in ("kl_warmup_fraction", "gradient_clip_val"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise TypeError(f"{name} must be a number, got {value!r}.")
+            for name in names:
+                value = getattr(self, name)
+                if value is None and name in optional:
+                    continue
+                if isinstance(value, bool) or not isinstance(value, kind):
+                    raise TypeError(f"{name} must be {what}, got {value!r}.")
         check_flags(
             early_stopping=self.early_stopping,
             reduce_lr_on_plateau=self.reduce_lr_on_plateau,

@@ -78,11 +78,6 @@ def check_count(name: str, value, *, allow_none: bool = False) -> None:
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def check_bool(name: str, value) -> None:
-    """Raise unless ``value`` is True or False (a string "False" would read as true)."""
-    check_flags(**{name: value})
-
-
 def library_scale(library_size) -> float | None:
     """The factor for a numeric ``library_size``, None for ``"latent"``; raises otherwise."""
     if isinstance(library_size, str) and library_size == "latent":
@@ -136,9 +131,9 @@ def samples_kept(n_samples: int, return_mean: bool, return_numpy: bool | None) -
     ((True, True), (False, False), (False, True))
     """
     check_count("n_samples", n_samples)
-    check_bool("return_mean", return_mean)
+    check_flags(return_mean=return_mean)
     if return_numpy is not None:
-        check_bool("return_numpy", return_numpy)
+        check_flags(return_numpy=return_numpy)
     keep = n_samples > 1 and not return_mean
     if keep and return_numpy is False:
         warn_user(
@@ -968,7 +963,7 @@ def _batch_name(batch, categories: Sequence[str]) -> str | None:
 
 def mean_or_rows(values: np.ndarray | None, return_mean: bool) -> float | np.ndarray:
     """A getter's per-cell ``values`` (None: no cells), or their mean with ``return_mean``."""
-    check_bool("return_mean", return_mean)
+    check_flags(return_mean=return_mean)
     if not return_mean:
         return np.empty(0, np.float32) if values is None else values
     if values is None or not len(values):
@@ -1002,9 +997,9 @@ def _sources(adata, reg: Registry) -> list:
     # a backed AnnData's X stays in its file; its layers are in memory and can be replaced
     backed_x = adata.isbacked and reg.layer is None
     counts = ("backed", str(adata.filename)) if backed_x else get_counts(adata, reg.layer)
-    parts = [getattr(counts, name, None) for name in ("data", "indices", "indptr")]
-    if not sp.issparse(counts):
-        parts = [None, None, None]  # a dense array's .data is a new buffer object at each access
+    # (a dense array's .data is a new buffer object at each access: not compared)
+    sparse = sp.issparse(counts)
+    parts = [getattr(counts, n, None) if sparse else None for n in ("data", "indices", "indptr")]
     key = reg.protein_expression_obsm_key
     protein = adata.obsm[key] if key is not None and key in adata.obsm else None
     return [adata.obs_names, adata.var_names, counts, *parts, protein, _obs_digest(adata, reg)]
