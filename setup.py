@@ -22,7 +22,9 @@ if sys.platform.startswith("linux"):
                 "-fno-math-errno",
                 "-funsafe-math-optimizations",
                 "-ffp-contract=off",  # the same roundings with and without gradients
+                "-fopenmp",
             ],
+            extra_link_args=["-fopenmp"],
             libraries=["mvec", "m"],
             optional=True,
         )

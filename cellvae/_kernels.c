@@ -22,6 +22,9 @@
  *   gmu = d/dmu, gpi = d/dpi (ZINB), gth = d/dtheta (summed over rows by the caller).
  */
 #include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -178,124 +181,154 @@ static inline float zinb_p0(float m, float th, float pi, float lim, float *t, fl
     return *w + (1.0f - *w) * *rr;
 }
 
-/* Dense x = 0 pass of the ZINB; returns how many p(0) fell below TINY. */
-CLONES static int64_t zinb_dense(int64_t B, int64_t G, const float *restrict mu,
-                               const float *restrict theta, const float *restrict pi,
-                               float *restrict out, float *restrict gmu, float *restrict gpi,
-                               float *restrict gth) {
+/* Dense x = 0 pass of the ZINB over one row of G entries: stores its sum in *out and returns
+ * how many p(0) fell below TINY. */
+CLONES static int64_t zinb_dense_row(int64_t G, const float *restrict m_,
+                                   const float *restrict theta, const float *restrict pi_,
+                                   float *restrict out, float *restrict gm, float *restrict gp,
+                                   float *restrict gt) {
     int64_t n_small = 0;
     const float lim = cv_exp_arg_max;
-    for (int64_t r = 0; r < B; r++) {
-        const float *m_ = mu + r * G, *pi_ = pi + r * G;
-        float acc = 0.0f;
-        if (gmu) {
-            float *gm = gmu + r * G, *gp = gpi + r * G, *gt = gth + r * G;
-            for (int64_t g = 0; g < G; g++) {
-                float m = m_[g], th = theta[g], t, rr, w;
-                float p0 = zinb_p0(m, th, pi_[g], lim, &t, &rr, &w), omw = 1.0f - w;
-                acc += logf(p0);
-                n_small += p0 < TINY;
-                float s = omw * rr / p0, q = th / (th + m);
-                gp[g] = omw - s;
-                gm[g] = -s * q;
-                gt[g] = -s * (t + q - 1.0f);
-            }
-        } else {
-            for (int64_t g = 0; g < G; g++) {
-                float t, rr, w, p0 = zinb_p0(m_[g], theta[g], pi_[g], lim, &t, &rr, &w);
-                acc += logf(p0);
-                n_small += p0 < TINY;
-            }
+    float acc = 0.0f;
+    if (gm) {
+        for (int64_t g = 0; g < G; g++) {
+            float m = m_[g], th = theta[g], t, rr, w;
+            float p0 = zinb_p0(m, th, pi_[g], lim, &t, &rr, &w), omw = 1.0f - w;
+            acc += logf(p0);
+            n_small += p0 < TINY;
+            float s = omw * rr / p0, q = th / (th + m);
+            gp[g] = omw - s;
+            gm[g] = -s * q;
+            gt[g] = -s * (t + q - 1.0f);
         }
-        out[r] = acc;
+    } else {
+        for (int64_t g = 0; g < G; g++) {
+            float t, rr, w, p0 = zinb_p0(m_[g], theta[g], pi_[g], lim, &t, &rr, &w);
+            acc += logf(p0);
+            n_small += p0 < TINY;
+        }
     }
+    *out = acc;
     return n_small;
 }
 
-/* Dense -theta t pass of the NB. */
-CLONES static void nb_dense(int64_t B, int64_t G, const float *restrict mu,
-                            const float *restrict theta, float *restrict out,
-                            float *restrict gmu, float *restrict gth) {
-    for (int64_t r = 0; r < B; r++) {
-        const float *m_ = mu + r * G;
-        float acc = 0.0f;
-        if (gmu) {
-            float *gm = gmu + r * G, *gt = gth + r * G;
-            for (int64_t g = 0; g < G; g++) {
-                float m = m_[g], th = theta[g];
-                float t = log1pf(m / th), q = th / (th + m);
-                acc -= th * t;
-                gm[g] = -q;
-                gt[g] = 1.0f - t - q;
-            }
-        } else {
-            for (int64_t g = 0; g < G; g++) acc -= theta[g] * log1pf(m_[g] / theta[g]);
+/* Dense -theta t pass of the NB over one row. */
+CLONES static void nb_dense_row(int64_t G, const float *restrict m_, const float *restrict theta,
+                                float *restrict out, float *restrict gm, float *restrict gt) {
+    float acc = 0.0f;
+    if (gm) {
+        for (int64_t g = 0; g < G; g++) {
+            float m = m_[g], th = theta[g];
+            float t = log1pf(m / th), q = th / (th + m);
+            acc -= th * t;
+            gm[g] = -q;
+            gt[g] = 1.0f - t - q;
         }
-        out[r] = acc;
+    } else {
+        for (int64_t g = 0; g < G; g++) acc -= theta[g] * log1pf(m_[g] / theta[g]);
     }
+    *out = acc;
+}
+
+/* Gathers the stored entries [k0, k1) into the scratch and evaluates their x > 0 terms; returns
+ * 1 (and evaluates nothing) when one of them lies outside the (B, G) minibatch. */
+static int nz_range(int64_t k0, int64_t k1, int64_t B, int64_t G, const float *mu,
+                    const float *theta, const float *pi, const int64_t *row, const int64_t *col,
+                    const float *val, const double *lgth, const double *dgth, double eps,
+                    const nz_buf *b) {
+    for (int64_t k = k0; k < k1; k++) {
+        int64_t c = col[k], i = row[k] * G + c;
+        if (row[k] < 0 || row[k] >= B || c < 0 || c >= G) return 1;
+        b->x[k] = val[k];
+        b->m[k] = mu[i];
+        b->th[k] = theta[c];
+        b->pi[k] = pi ? pi[i] : 0.0;
+        b->lgth[k] = lgth[c];
+        b->dgth[k] = dgth[c];
+    }
+    (pi ? nz_terms_zinb : nz_terms_nb)(k1 - k0, eps, b->x + k0, b->m + k0, b->th + k0,
+                                       b->pi + k0, b->lgth + k0, b->dgth + k0, b->out + k0,
+                                       b->gmu + k0, b->gpi + k0, b->gth + k0);
+    return 0;
 }
 
 /* Row sums of the log-likelihood of a (B, G) minibatch and, when gmu is not NULL, the
  * gradients of a unit row gradient. (row, col, val) are its n stored entries, in any order;
  * pi and gpi are NULL for the NB. theta is floored at eps by the caller;
- * lgth / dgth are lgamma / digamma of theta (G values, float64). Returns 0; -1 when out of
- * memory; -2 when an entry lies outside the (B, G) minibatch. */
+ * lgth / dgth are lgamma / digamma of theta (G values, float64). The dense pass (by rows) and
+ * the nonzeros' terms (by ranges of entries) run on n_threads OpenMP threads: torch's own
+ * runtime and thread pool, since torch loaded its libgomp.so.1 first. Each output is computed
+ * by one thread in a fixed order, so the results do not depend on n_threads. Returns 0; -1
+ * when out of memory; -2 when an entry lies outside the (B, G) minibatch. */
 int cv_nb_zinb(int64_t B, int64_t G, const float *mu, const float *theta, const float *pi,
                int64_t n, const int64_t *row, const int64_t *col, const float *val,
                const double *lgth, const double *dgth, double eps, float *out, float *gmu,
-               float *gpi, float *gth) {
+               float *gpi, float *gth, int n_threads) {
     int zinb = pi != NULL, with_grad = gmu != NULL;
-    if (zinb) {
-        int64_t n_small = zinb_dense(B, G, mu, theta, pi, out, gmu, gpi, gth);
-        if (n_small) { /* rare: both probabilities underflow somewhere; fix those entries */
-            const float lim = cv_exp_arg_max;
-            for (int64_t r = 0; r < B; r++) {
-                double acc = 0.0;
-                int fixed = 0;
-                for (int64_t g = 0; g < G; g++) {
-                    int64_t i = r * G + g;
-                    float m = mu[i], th = theta[g], t, rr, w;
-                    float p0 = zinb_p0(m, th, pi[i], lim, &t, &rr, &w), lp0 = logf(p0);
-                    if (p0 < TINY) {
-                        zinb_zero_stable(m, th, pi[i], &lp0, with_grad ? gmu + i : NULL,
-                                         with_grad ? gpi + i : NULL, with_grad ? gth + i : NULL);
-                        fixed = 1;
-                    }
-                    acc += lp0;
+    int64_t n_small = 0;
+#pragma omp parallel for num_threads(n_threads) schedule(static) reduction(+ : n_small)
+    for (int64_t r = 0; r < B; r++) {
+        int64_t o = r * G;
+        if (zinb)
+            n_small += zinb_dense_row(G, mu + o, theta, pi + o, out + r, with_grad ? gmu + o : NULL,
+                                      with_grad ? gpi + o : NULL, with_grad ? gth + o : NULL);
+        else
+            nb_dense_row(G, mu + o, theta, out + r, with_grad ? gmu + o : NULL,
+                         with_grad ? gth + o : NULL);
+    }
+    if (n_small) { /* rare: both ZINB probabilities underflow somewhere; fix those entries */
+        const float lim = cv_exp_arg_max;
+        for (int64_t r = 0; r < B; r++) {
+            double acc = 0.0;
+            int fixed = 0;
+            for (int64_t g = 0; g < G; g++) {
+                int64_t i = r * G + g;
+                float m = mu[i], th = theta[g], t, rr, w;
+                float p0 = zinb_p0(m, th, pi[i], lim, &t, &rr, &w), lp0 = logf(p0);
+                if (p0 < TINY) {
+                    zinb_zero_stable(m, th, pi[i], &lp0, with_grad ? gmu + i : NULL,
+                                     with_grad ? gpi + i : NULL, with_grad ? gth + i : NULL);
+                    fixed = 1;
                 }
-                if (fixed) out[r] = (float)acc;
+                acc += lp0;
             }
+            if (fixed) out[r] = (float)acc;
         }
-    } else {
-        nb_dense(B, G, mu, theta, out, gmu, gth);
     }
     if (n <= 0) return 0;
     nz_buf b;
     if (nz_alloc(&b, n)) return -1;
-    for (int64_t k = 0; k < n; k++) {
-        int64_t c = col[k], i = row[k] * G + c;
-        if (row[k] < 0 || row[k] >= B || c < 0 || c >= G) return -2;
-        b.x[k] = val[k];
-        b.m[k] = mu[i];
-        b.th[k] = theta[c];
-        b.pi[k] = zinb ? pi[i] : 0.0;
-        b.lgth[k] = lgth[c];
-        b.dgth[k] = dgth[c];
+    int bad = 0;
+    int64_t chunk = 4096; /* entries per task: a few tasks per thread, none too small */
+#pragma omp parallel for num_threads(n_threads) schedule(static) reduction(| : bad)
+    for (int64_t k0 = 0; k0 < n; k0 += chunk) {
+        int64_t k1 = k0 + chunk < n ? k0 + chunk : n;
+        bad |= nz_range(k0, k1, B, G, mu, theta, pi, row, col, val, lgth, dgth, eps, &b);
     }
-    (zinb ? nz_terms_zinb : nz_terms_nb)(n, eps, b.x, b.m, b.th, b.pi, b.lgth, b.dgth, b.out,
-                                         b.gmu, b.gpi, b.gth);
-    for (int64_t k = 0; k < n; k++) {
-        int64_t r = row[k], i = r * G + col[k];
-        if (zinb && !(b.x[k] > 0)) continue; /* stored zeros keep the zero branch */
-        out[r] += (float)b.out[k];
-        if (!with_grad) continue;
-        if (zinb) {
-            gmu[i] = (float)b.gmu[k];
-            gpi[i] = (float)b.gpi[k];
-            gth[i] = (float)b.gth[k];
-        } else {
-            gmu[i] += (float)b.gmu[k];
-            gth[i] += (float)b.gth[k];
+    if (bad) return -2;
+    /* Scatter: each thread owns a range of rows and takes their entries in order, so every
+     * output is written by one thread in the serial order, whatever the order of the entries. */
+#pragma omp parallel num_threads(n_threads)
+    {
+        int64_t r0 = 0, r1 = B;
+#ifdef _OPENMP
+        int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+        r0 = B * t / nt, r1 = B * (t + 1) / nt;
+#endif
+        for (int64_t k = 0; k < n; k++) {
+            int64_t r = row[k], i = r * G + col[k];
+            if (r < r0 || r >= r1) continue;
+            if (zinb && !(b.x[k] > 0)) continue; /* stored zeros keep the zero branch */
+            out[r] += (float)b.out[k];
+            if (!with_grad) continue;
+            if (zinb) {
+                gmu[i] = (float)b.gmu[k];
+                gpi[i] = (float)b.gpi[k];
+                gth[i] = (float)b.gth[k];
+            } else {
+                gmu[i] += (float)b.gmu[k];
+                gth[i] += (float)b.gth[k];
+            }
         }
     }
     return 0;

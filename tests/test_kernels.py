@@ -198,3 +198,36 @@ def test_scratch_is_not_faulted_in_at_every_call():
     for _ in range(3):
         _kernels.nb_zinb_log_prob_sum(mu, theta, None, x, row, col, 1e-8, False)
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3 < 1000
+
+
+@built
+@pytest.mark.parametrize("name", ["nb", "zinb"])
+def test_results_do_not_depend_on_the_number_of_threads(name, monkeypatch):
+    # the dense pass runs by rows and the nonzeros by ranges on torch's OpenMP threads: every
+    # output must still be the serial one bit for bit, entries in any order, stored zeros and
+    # underflowing zero branches included
+    monkeypatch.setattr(_kernels, "_MIN_PARALLEL", 0)
+    gen = torch.Generator().manual_seed(3)
+    mu = torch.exp(torch.randn(37, 300, generator=gen) * 2)
+    theta = torch.exp(torch.randn(300, generator=gen))
+    pi = None if name == "nb" else torch.randn(37, 300, generator=gen) * 3
+    if pi is not None:
+        pi[5, :20] = -120.0  # p(0) underflows: the stable branch fixes row 5
+    x = torch.poisson(mu * (torch.rand(37, 300, generator=gen) < 0.3), generator=gen)
+    row, col = torch.nonzero(x, as_tuple=True)
+    zr, zc = torch.nonzero(x == 0, as_tuple=True)
+    perm = torch.randperm(len(row) + 50, generator=gen)
+    row, col = torch.cat([row, zr[:50]])[perm], torch.cat([col, zc[:50]])[perm]
+    val = x[row, col]
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(_kernels.nb_zinb_log_prob_sum(mu, theta, pi, val, row, col, 1e-8, True))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.isfinite(results[0][0]).all()
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert (a is None and b is None) or torch.equal(a, b)
