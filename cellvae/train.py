@@ -23,7 +23,8 @@ except ImportError:
     from tqdm import tqdm
 
 from ._data import BatchSampler, TensorData, seeded_generator
-from .module._base import check_flags
+from .module._base import check_choice, check_flags
+from .nn import bf16_products
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ __all__ = [
     "TrainingError",
     "default_max_epochs",
     "resolve_device",
+    "resolve_precision",
     "train_module",
 ]
 
@@ -70,6 +72,30 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed")
+
+
+def _native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX)."""
+    cpu = torch.cpu
+    try:
+        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    except AttributeError:  # another torch: no way to tell, so no bfloat16
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"auto"`` → ``"bf16-mixed"`` on a CPU with bfloat16 instructions, else ``"32-true"``.
+
+    ``"32"`` is read as ``"32-true"`` (Lightning's names, which scvi-tools users pass to
+    ``train``). Elsewhere (a CPU without those instructions emulates bfloat16 products, slower
+    than float32; a GPU is left in float32 until measured there) ``"auto"`` keeps float32.
+    """
+    if precision == "auto":
+        return "bf16-mixed" if device.type == "cpu" and _native_bf16() else "32-true"
+    return "32-true" if precision == "32" else precision
+
+
 def default_max_epochs(n_obs: int) -> int:
     """scvi-tools' rule: ``min(400, round(20000 / n_obs · 400))``, at least 1."""
     return max(1, min(400, round(20_000 / max(n_obs, 1) * 400)))
@@ -99,6 +125,7 @@ class TrainConfig:
     device: str = "auto"
     progress_bar: bool = True
     eval_batch_size: int = 128  # validation: larger batches raise peak memory, not speed
+    precision: str = "auto"
 
     def validate(self) -> None:
         """Raise a ValueError for options out of range, a TypeError for options of a wrong type."""
@@ -116,6 +143,7 @@ class TrainConfig:
                     continue
                 if isinstance(value, bool) or not isinstance(value, kind):
                     raise TypeError(f"{name} must be {what}, got {value!r}.")
+        check_choice("precision", self.precision, PRECISIONS)
         check_flags(
             early_stopping=self.early_stopping,
             reduce_lr_on_plateau=self.reduce_lr_on_plateau,
@@ -338,9 +366,16 @@ def train_module(
     of the epoch), ``elbo`` (negative ELBO per cell), ``reconstruction`` and ``kl_local``, plus
     ``kl_weight`` and ``lr``; modules that report more terms (TOTALVI's protein
     reconstruction and background KL) get ``train_*`` and ``validation_*`` entries for them too.
+
+    With ``config.precision`` ``"bf16-mixed"`` (``"auto"`` on a CPU with bfloat16 instructions)
+    the training steps' forward passes run inside :func:`cellvae.nn.bf16_products`: the
+    decoders' hidden-to-genes products take bfloat16 operands. Validation, and every getter,
+    run in float32.
     """
     config.validate()
     device = resolve_device(config.device)
+    bf16 = resolve_precision(config.precision, device) == "bf16-mixed"
+    logger.info("Training in %s precision.", "bf16-mixed" if bf16 else "32-true")
     _keep_freed_memory_in_heap()
     history = history if history is not None else {}
     module.to(device)
@@ -389,7 +424,8 @@ def train_module(
             kl_weight = _kl_weight(step, warmup_steps)
             for batch in data.batches(train_idx, config.batch_size, shuffle=True, generator=gen):
                 kl_weight = _kl_weight(step, warmup_steps)
-                out = module(batch, kl_weight=kl_weight)
+                with bf16_products(bf16):
+                    out = module(batch, kl_weight=kl_weight)
                 out.loss.backward()
                 if config.gradient_clip_val:
                     nn.utils.clip_grad_norm_(params, config.gradient_clip_val)
