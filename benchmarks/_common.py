@@ -191,6 +191,15 @@ class Measure:
 
 
 # --------------------------------------------------------------------------- GPU
+def precision_of(tool: str, model, options: dict, device: str) -> str:
+    """The precision a trained model's last ``train()`` ran in (Lightning's names)."""
+    if tool != "cellvae":
+        return str(model.trainer.precision)
+    from cellvae.train import resolve_device, resolve_precision
+
+    return resolve_precision(options.get("precision", "auto"), resolve_device(device))
+
+
 def accelerator_of(device: str) -> str:
     """scvi-tools' (Lightning's) ``accelerator`` for a torch device string."""
     return "gpu" if device.startswith("cuda") else "cpu"

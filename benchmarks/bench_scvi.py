@@ -43,6 +43,7 @@ from _common import (
     Measure,
     accelerator_of,
     interleaved,
+    precision_of,
     print_table,
     results_dir,
     run_child,
@@ -145,6 +146,8 @@ def child_train(a) -> dict[str, Any]:
         "kl_warmup": a.warmup,
     }
     warm = warmup_options(a.tool, a.warmup, epochs, len(train), a.batch_size)
+    if a.precision != "default":  # Lightning's names: both tools take them in train()
+        warm = {**warm, "precision": a.precision}
     if a.tool == "cellvae":
         import cellvae
         from cellvae.module import VAE
@@ -188,6 +191,7 @@ def child_train(a) -> dict[str, Any]:
         rec["final_val_neg_elbo"] = last(hist, "elbo_validation")
         rec["final_kl_weight"] = last(hist, "kl_weight")
     train_s = m.seconds - setup_s
+    rec["precision"] = precision_of(a.tool, model, warm, a.device)
     rec.update(m.record())
     rec.update(clock.summary(epochs, len(train)))
     rec.update(gpu.record(since=clock.steady_start(epochs)))
@@ -511,6 +515,13 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
     parser.add_argument("--skip", nargs="*", default=[], choices=["train", "quality", "inference"])
+    parser.add_argument(
+        "--precision",
+        default="default",
+        choices=["default", "32-true", "bf16-mixed"],
+        help="training precision of both tools; default: each tool's own (cellvae 'auto': "
+        "bf16-mixed on CPUs with AVX512-BF16 / AMX; scvi-tools '32-true')",
+    )
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--threads", type=int, default=THREADS)
@@ -589,6 +600,7 @@ def parent(a) -> int:
         print(f"data {name}: {paths[name].name} ready ({time.perf_counter() - t0:.1f} s)")
 
     common = {"seed": a.seed, "threads": a.threads, "batch_size": a.batch_size, "device": a.device}
+    common["precision"] = a.precision
     train_rows, infer_rows, quality_rows, scib_rows = [], [], [], []
     models: dict[str, Path] = {}
     try:
@@ -746,9 +758,9 @@ GPU_COLUMNS = [
 ]  # fmt: skip
 TRAIN_COLUMNS = [
     "dataset", "tool", "repeat", "status", "n_obs", "n_vars", "density", "n_train", "epochs",
-    "batch_size", "cells_per_s_steady", "cells_per_s_all", "first_epoch_s", "steady_epoch_s",
-    "setup_s", "train_s", "peak_delta_mb", "peak_mb", "baseline_mb", "ru_maxrss_mb",
-    "mem_method", "final_train_neg_elbo", "final_val_neg_elbo", "final_kl_weight",
+    "batch_size", "precision", "cells_per_s_steady", "cells_per_s_all", "first_epoch_s",
+    "steady_epoch_s", "setup_s", "train_s", "peak_delta_mb", "peak_mb", "baseline_mb",
+    "ru_maxrss_mb", "mem_method", "final_train_neg_elbo", "final_val_neg_elbo", "final_kl_weight",
     "split_matches", "child_wall_s", "error", *GPU_COLUMNS,
 ]  # fmt: skip
 INFER_COLUMNS = [

@@ -39,6 +39,7 @@ from _common import (
     Measure,
     accelerator_of,
     interleaved,
+    precision_of,
     print_table,
     results_dir,
     run_child,
@@ -98,6 +99,8 @@ def child_train(a) -> dict[str, Any]:
         "kl_warmup": a.warmup,
     }
     warm = warmup_options(a.tool, a.warmup, epochs, len(train), a.batch_size)
+    if a.precision != "default":  # Lightning's names: both tools take them in train()
+        warm = {**warm, "precision": a.precision}
     batch_key = "batch" if n_batches > 1 else None
     if a.tool == "cellvae":
         import cellvae
@@ -156,6 +159,7 @@ def child_train(a) -> dict[str, Any]:
         rec["final_val_neg_elbo"] = last(hist, "elbo_validation")
         rec["final_kl_weight"] = last(hist, "kl_weight")
         rec["final_lr"] = last(hist, "lr-Adam")
+    rec["precision"] = precision_of(a.tool, model, warm, a.device)
     rec.update(m.record())
     rec.update(clock.summary(epochs, len(train)))
     rec.update(gpu.record(since=clock.steady_start(epochs)))
@@ -169,7 +173,7 @@ def child_train(a) -> dict[str, Any]:
 
 COLUMNS = [
     "dataset", "tool", "kl_warmup", "repeat", "status", "n_obs", "n_vars", "n_proteins",
-    "n_batches", "n_train", "n_val", "epochs", "batch_size", "cells_per_s_steady",
+    "n_batches", "n_train", "n_val", "epochs", "batch_size", "precision", "cells_per_s_steady",
     "cells_per_s_all", "first_epoch_s", "steady_epoch_s", "setup_s", "train_s", "peak_delta_mb",
     "peak_mb", "baseline_mb", "ru_maxrss_mb", "heldout_neg_elbo", "heldout_neg_elbo_sd",
     "heldout_reconstruction", "heldout_kl", "get_elbo_raw", "sign_check_ok", "final_val_neg_elbo",
@@ -191,6 +195,12 @@ def main(argv=None) -> int:
         "--repeats", type=int, default=1, help="training runs per tool and data set, interleaved"
     )
     parser.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
+    parser.add_argument(
+        "--precision",
+        default="default",
+        choices=["default", "32-true", "bf16-mixed"],
+        help="training precision of both tools; default: each tool's own",
+    )
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--threads", type=int, default=THREADS)
@@ -250,6 +260,7 @@ def main(argv=None) -> int:
                             warmup=warm,
                             elbo_repeats=a.elbo_repeats,
                             batch_size=a.batch_size,
+                            precision=a.precision,
                             seed=a.seed,
                             threads=a.threads,
                             device=a.device,
