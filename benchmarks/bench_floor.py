@@ -12,7 +12,11 @@ the same minibatches of 128 cells and 2 threads:
 3. the fused Adam update of the default network's parameters;
 4. one full training step of each tool's module (forward, loss, backward, Adam), without data
    loading: a lower bound of scvi-tools' ``train()`` step, which also densifies the minibatch
-   in scipy and slices pandas.
+   in scipy and slices pandas;
+5. the same two steps in bf16 mixed precision: cellvae's ``bf16_products`` (what
+   ``train(precision="bf16-mixed")``, and ``"auto"`` on CPUs with AVX512-BF16 / AMX, run) and
+   scvi-tools' forward pass under ``torch.autocast("cpu", torch.bfloat16)`` (what Lightning's
+   ``precision="bf16-mixed"`` runs).
 
 The "ceiling" column is how fast a step could run if everything but the matrix products and
 the Adam update were free. Its ratio to scvi-tools' module step bounds the speed-up any
@@ -102,10 +106,14 @@ def minibatches(adata: ad.AnnData, n: int, seed: int) -> list[np.ndarray]:
     return [rng.choice(adata.n_obs, BATCH, replace=False) for _ in range(n)]
 
 
-def cellvae_step(adata: ad.AnnData, batches: list[np.ndarray]):
-    """A step of cellvae's module: forward, loss, backward and Adam (as in ``train_module``)."""
+def cellvae_step(adata: ad.AnnData, batches: list[np.ndarray], bf16: bool = False):
+    """A step of cellvae's module: forward, loss, backward and Adam (as in ``train_module``).
+
+    ``bf16``: the forward pass inside ``bf16_products``, as ``train(precision="bf16-mixed")``.
+    """
     import cellvae
     from cellvae._data import TensorData
+    from cellvae.nn import bf16_products
     from cellvae.train import Adam
 
     cellvae.pp.setup_anndata(adata, batch_key="batch")
@@ -118,7 +126,8 @@ def cellvae_step(adata: ad.AnnData, batches: list[np.ndarray]):
     state = {"i": 0}
 
     def step():
-        out = module(data[state["i"] % len(data)], kl_weight=0.5)
+        with bf16_products(bf16):
+            out = module(data[state["i"] % len(data)], kl_weight=0.5)
         module.zero_grad()
         out.loss.backward()
         opt.step()
@@ -131,8 +140,12 @@ def cellvae_step(adata: ad.AnnData, batches: list[np.ndarray]):
     return step, adam
 
 
-def scvi_tools_step(adata: ad.AnnData, batches: list[np.ndarray]):
-    """A step of scvi-tools' module on the same cells (dense minibatches, as its loader gives)."""
+def scvi_tools_step(adata: ad.AnnData, batches: list[np.ndarray], bf16: bool = False):
+    """A step of scvi-tools' module on the same cells (dense minibatches, as its loader gives).
+
+    ``bf16``: the forward pass under ``torch.autocast("cpu", torch.bfloat16)``, which is what
+    Lightning's ``precision="bf16-mixed"`` does on the CPU.
+    """
     from scvi.module import VAE
 
     module = VAE(n_input=adata.n_vars, n_batch=N_BATCH)
@@ -146,7 +159,8 @@ def scvi_tools_step(adata: ad.AnnData, batches: list[np.ndarray]):
     state = {"i": 0}
 
     def step():
-        _, _, losses = module(data[state["i"] % len(data)], loss_kwargs={"kl_weight": 0.5})
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            _, _, losses = module(data[state["i"] % len(data)], loss_kwargs={"kl_weight": 0.5})
         opt.zero_grad(set_to_none=True)
         losses.loss.backward()
         opt.step()
@@ -174,20 +188,25 @@ def main(argv=None) -> int:
     gemm_c, flops_c = gemm_step(adata.n_vars, dense_first_layer=False)
     gemm_s, _ = gemm_step(adata.n_vars, dense_first_layer=True)
     step_c, adam = cellvae_step(adata, batches)
+    step_c16, _ = cellvae_step(adata, batches, bf16=True)
     try:
         step_s = scvi_tools_step(adata, batches)
+        step_s16 = scvi_tools_step(adata, batches, bf16=True)
     except ImportError:  # the bench extra is not installed
-        step_s = None
+        step_s = step_s16 = None
 
     # alternate the measurements so that a slow phase of the machine hits all of them
-    t = {k: [] for k in ("gemm_c", "gemm_s", "adam", "cellvae", "scvi-tools")}
+    keys = ("gemm_c", "gemm_s", "adam", "cellvae", "cellvae16", "scvi-tools", "scvi-tools16")
+    t = {k: [] for k in keys}
     for _ in range(reps):
         t["gemm_c"].append(timed(gemm_c, n))
         t["gemm_s"].append(timed(gemm_s, n))
         t["adam"].append(timed(adam, n))
         t["cellvae"].append(timed(step_c, n))
+        t["cellvae16"].append(timed(step_c16, n))
         if step_s is not None:
             t["scvi-tools"].append(timed(step_s, n))
+            t["scvi-tools16"].append(timed(step_s16, n))
     ms = {k: statistics.median(v) * 1e3 if v else float("nan") for k, v in t.items()}
     floor_c, floor_s = ms["gemm_c"] + ms["adam"], ms["gemm_s"] + ms["adam"]
     ref = ms["scvi-tools"]
@@ -208,8 +227,15 @@ def main(argv=None) -> int:
         row("adam_cellvae", "cellvae: Adam update", ms["adam"]),
         row("ceiling_cellvae", "cellvae: ceiling (products + Adam)", floor_c),
         row("step_cellvae", "cellvae: module step, measured", ms["cellvae"]),
+        row("step16_cellvae", "cellvae: module step, bf16-mixed", ms["cellvae16"], "bf16 products"),
         row("ceiling_scvi-tools", "scvi-tools: ceiling", floor_s, "dense first layer"),
         row("step_scvi-tools", "scvi-tools: module step, measured", ref, "no data loading"),
+        row(
+            "step16_scvi-tools",
+            "scvi-tools: module step, bf16-mixed",
+            ms["scvi-tools16"],
+            "autocast",
+        ),
     ]
     columns = [
         ("what", "what"),

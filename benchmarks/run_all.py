@@ -149,8 +149,9 @@ def summarise(out_dir: Path) -> list[dict]:
             )
     floor = {r["key"]: r for r in read_csv(out_dir / "floor.csv")}
     steps = (
-        ("module only, no data loading", "step", None),
-        ("ceiling", "ceiling", "matrix products + Adam alone (bench_floor.py)"),
+        ("module only, no data loading", "step", "float32"),
+        ("module only, bf16-mixed", "step16", "cellvae: bf16 products; scvi-tools: autocast"),
+        ("ceiling", "ceiling", "float32 matrix products + Adam alone (bench_floor.py)"),
     )
     label = f"sim ({fmt(next(iter(floor.values()))['n_obs'])} cells)" if floor else ""
     for what, key, note in steps:
