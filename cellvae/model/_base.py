@@ -618,7 +618,7 @@ class BaseModel:
             hidden-to-genes products, most of a step's arithmetic, in bfloat16 during training
             (weights, optimiser and every other operator stay float32; validation and the
             getters run in float32). ``"auto"`` chooses it on a CPU with bfloat16 instructions
-            (AVX512-BF16 or AMX), where it trains ~25% faster with the same held-out ELBO
+            (AVX512-BF16 or AMX), where it trains 25–45% faster with the same held-out ELBO
             (``benchmarks/README.md``), and float32 everywhere else.
 
         Raises
