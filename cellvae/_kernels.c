@@ -299,7 +299,7 @@ int cv_nb_zinb(int64_t B, int64_t G, const float *mu, const float *theta, const 
     nz_buf b;
     if (nz_alloc(&b, n)) return -1;
     int bad = 0;
-    int64_t chunk = 4096; /* entries per task: a few tasks per thread, none too small */
+    const int64_t chunk = 4096; /* entries per task: a few tasks per thread, none too small */
 #pragma omp parallel for num_threads(n_threads) schedule(static) reduction(| : bad)
     for (int64_t k0 = 0; k0 < n; k0 += chunk) {
         int64_t k1 = k0 + chunk < n ? k0 + chunk : n;

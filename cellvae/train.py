@@ -77,9 +77,8 @@ PRECISIONS = ("auto", "32-true", "32", "bf16-mixed")
 
 def _native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX)."""
-    cpu = torch.cpu
     try:
-        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:  # another torch: no way to tell, so no bfloat16
         return False
 
@@ -374,8 +373,9 @@ def train_module(
     """
     config.validate()
     device = resolve_device(config.device)
-    bf16 = resolve_precision(config.precision, device) == "bf16-mixed"
-    logger.info("Training in %s precision.", "bf16-mixed" if bf16 else "32-true")
+    precision = resolve_precision(config.precision, device)
+    logger.info("Training in %s precision.", precision)
+    bf16 = precision == "bf16-mixed"
     _keep_freed_memory_in_heap()
     history = history if history is not None else {}
     module.to(device)
