@@ -340,3 +340,44 @@ void cv_lgamma_digamma(int64_t n, const float *z, double *lg, double *dg) {
         lgamma_digamma_pos(z[k], lg + k, dg + k);
     }
 }
+
+/* out (n_cols, n_out) = X^T dy for a CSR minibatch X with n stored entries (row, col, val) and
+ * dy (n_rows, n_out), both float32 and contiguous: the weight gradient of the sparse first
+ * layer. Each thread owns a range of output rows (columns of X), zeroes them and adds, for every
+ * stored entry in its range, val * (that entry's row of dy), taking the entries in the order
+ * given: every output is summed by one thread in the serial order, so the result does not depend
+ * on n_threads. Returns 0; -2 when an entry lies outside the (n_rows, n_cols) minibatch (out is
+ * then undefined). */
+/* fused multiply-adds here (the file is built with -ffp-contract=off): each output is then
+ * rounded as in torch's embedding_bag, which the torch code uses for this product */
+CLONES __attribute__((optimize("fp-contract=fast"))) static void axpy_row(int64_t n_out, float a, const float *restrict x, float *restrict y) {
+    for (int64_t j = 0; j < n_out; j++) y[j] += a * x[j];
+}
+
+int cv_csr_t_dense(int64_t n_rows, int64_t n_cols, int64_t n_out, int64_t n,
+                   const int64_t *row, const int64_t *col, const float *val, const float *dy,
+                   float *out, int n_threads) {
+    int bad = 0;
+#pragma omp parallel num_threads(n_threads) reduction(| : bad)
+    {
+        int64_t c0 = 0, c1 = n_cols;
+#ifdef _OPENMP
+        int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+        c0 = n_cols * t / nt, c1 = n_cols * (t + 1) / nt;
+#endif
+        for (int64_t i = c0 * n_out; i < c1 * n_out; i++) out[i] = 0.0f;
+        for (int64_t k = 0; k < n; k++) {
+            int64_t c = col[k], r = row[k];
+            if (c < c0 || c >= c1) {
+                bad |= c < 0 || c >= n_cols;
+                continue;
+            }
+            if (r < 0 || r >= n_rows) {
+                bad = 1;
+                continue;
+            }
+            axpy_row(n_out, val[k], dy + r * n_out, out + c * n_out);
+        }
+    }
+    return bad ? -2 : 0;
+}

@@ -1,5 +1,8 @@
 """Fused CPU kernels for the NB / ZINB log-likelihood row sums, when they were built.
 
+(Also :func:`csr_t_dense`, the weight gradient ``Xᵀ dY`` of the sparse first layer, which
+:mod:`cellvae._sparse` uses in place of sorting the entries by gene.)
+
 ``_kernels.c`` is compiled at install time into ``cellvae/_ckernels*.so`` (``setup.py``; an
 optional extension: where no C compiler or no glibc vector maths is found, the install goes on
 without it) and loaded here with :mod:`ctypes`. It evaluates the whole likelihood and its
@@ -26,7 +29,7 @@ import os
 
 import torch
 
-__all__ = ["available", "nb_zinb_log_prob_sum"]
+__all__ = ["available", "csr_t_dense", "nb_zinb_log_prob_sum"]
 
 
 def _load() -> ctypes.CDLL | None:
@@ -45,6 +48,8 @@ def _load() -> ctypes.CDLL | None:
     lib.cv_nb_zinb.argtypes += [ptr, ptr, ptr, ptr, ctypes.c_int]
     lib.cv_lgamma_digamma.restype = None
     lib.cv_lgamma_digamma.argtypes = [i64, ptr, ptr, ptr]
+    lib.cv_csr_t_dense.restype = ctypes.c_int
+    lib.cv_csr_t_dense.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
     return lib
 
 
@@ -107,3 +112,25 @@ def nb_zinb_log_prob_sum(
     if status != 0:
         raise MemoryError("cellvae's likelihood kernel could not allocate its buffers.")
     return out, gmu, gpi, gth
+
+
+def csr_t_dense(
+    row: torch.Tensor, col: torch.Tensor, val: torch.Tensor, dy: torch.Tensor, n_cols: int
+) -> torch.Tensor:
+    """``Xᵀ dy`` for the ``(len(dy), n_cols)`` matrix ``X`` with stored entries ``(row, col, val)``.
+
+    ``row`` and ``col`` are int64, ``val`` and ``dy`` float32 (made contiguous here); the entries
+    may come in any order and repeat (repeats add up). Returns ``(n_cols, dy.shape[1])`` float32.
+    """
+    row, col = row.to(torch.int64).contiguous(), col.to(torch.int64).contiguous()
+    val, dy = val.contiguous(), dy.contiguous()
+    n_rows, n_out = dy.shape
+    out = torch.empty(n_cols, n_out, dtype=torch.float32)
+    threads = torch.get_num_threads() if out.numel() >= _MIN_PARALLEL else 1
+    status = _lib.cv_csr_t_dense(
+        n_rows, n_cols, n_out, row.numel(), row.data_ptr(), col.data_ptr(), val.data_ptr(),
+        dy.data_ptr(), out.data_ptr(), threads,
+    )  # fmt: skip
+    if status == -2:
+        raise IndexError(f"a stored entry lies outside the {n_rows} x {n_cols} matrix.")
+    return out
