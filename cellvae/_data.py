@@ -23,6 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from . import _kernels
 from ._backed import BackedCSR
 from ._registry import Registry, get_counts, iter_row_chunks
 from ._sparse import CSRBatch, gather_rows
@@ -218,8 +219,9 @@ class TensorData:
         """Counts of rows ``idx``: a :class:`~cellvae._sparse.CSRBatch`, or dense rows.
 
         CSR entries come row by row in the order of ``idx``; columns are int64, values float32.
-        On CPU the gather runs in single-threaded numpy: the same chain of small torch ops waits
-        on torch's thread pool for every op, which made it 20x slower on a busy machine.
+        On CPU the gather runs in the compiled kernel (one copy per row) or, without it, in
+        single-threaded numpy: the same chain of small torch ops waits on torch's thread pool
+        for every op, which made it 20x slower on a busy machine.
         Elsewhere it runs in torch; ``n_entries``, the number of stored entries of the rows
         when the caller knows it (:meth:`batches` does), saves reading it back from the device.
         No dense ``cells × genes`` array is built: the models read the entries directly. Counts
@@ -242,14 +244,9 @@ class TensorData:
                 col = self.indices.numpy()[lo:hi].astype(np.int64)
                 # a copy, not a view: a view would keep a whole window read from disk alive
                 parts = (row, col, self.values.numpy()[lo:hi].copy(), ptr[:-1] - np.int64(lo))
+                row, col, val, offsets = (torch.from_numpy(a) for a in parts)
             else:
-                starts = indptr.take(idx_np).astype(np.int64)
-                lengths = indptr.take(idx_np + 1) - starts
-                row, pos, offsets = _positions(starts, lengths)
-                col = self.indices.numpy().take(pos).astype(np.int64)
-                val = self.values.numpy().take(pos)
-                parts = (row, col, val, offsets)
-            row, col, val, offsets = (torch.from_numpy(a) for a in parts)
+                row, col, val, offsets = _gather(indptr, self.indices, self.values, idx_np)
         else:
             row, col, val, offsets = gather_rows(
                 self.indptr, self.indices, self.values, idx, n_entries=n_entries
@@ -383,6 +380,33 @@ def _is_range(idx: np.ndarray) -> bool:
     if n == 0 or int(idx[-1]) - int(idx[0]) + 1 != n:
         return False
     return n == 1 or bool(np.all(np.diff(idx) == 1))
+
+
+def _gather(
+    indptr: np.ndarray, indices: torch.Tensor, values: torch.Tensor, idx: np.ndarray
+) -> tuple[torch.Tensor, ...]:
+    """``(row, col, val, offsets)`` of the CSR rows ``idx`` (int64), on the CPU.
+
+    With the compiled kernels, one copy per row (:func:`cellvae._kernels.gather_csr`: 35 instead
+    of 110 µs for 128 random cells of 100,000 × 2,000 at 8%, session 18); otherwise numpy gathers
+    at the rows' positions.
+    """
+    if len(idx) and idx.min() < 0:
+        raise IndexError(f"cell index {idx.min()} is negative.")
+    starts = indptr.take(idx).astype(np.int64)  # raises past the last cell
+    lengths = indptr.take(idx + 1) - starts
+    if _kernels.available() and values.dtype == torch.float32:
+        ends = lengths.cumsum()
+        offsets = ends - lengths
+        total = int(ends[-1]) if len(ends) else 0
+        row, col, val = _kernels.gather_csr(
+            idx, indptr, indices.numpy(), values.numpy(), offsets, total
+        )
+        return row, col, val, torch.from_numpy(offsets)
+    row, pos, offsets = _positions(starts, lengths)
+    col = indices.numpy().take(pos).astype(np.int64)
+    val = values.numpy().take(pos)
+    return tuple(torch.from_numpy(a) for a in (row, col, val, offsets))
 
 
 def _positions(

@@ -381,3 +381,31 @@ int cv_csr_t_dense(int64_t n_rows, int64_t n_cols, int64_t n_out, int64_t n,
     }
     return bad ? -2 : 0;
 }
+
+/* The stored entries of CSR rows idx[0 .. n_sel): for the r-th selected row, its entries go to
+ * out_row (= r), out_col (int64) and out_val from position offsets[r] on, in their stored order.
+ * indptr and indices are int32 or int64 (ptr64, ind64); offsets (int64) comes from the caller,
+ * which knows the rows' lengths. One contiguous copy per row, rows split between n_threads
+ * threads: the reads of 128 random rows of a large matrix wait on memory, so each row's first
+ * lines are prefetched a few rows ahead. */
+void cv_gather_csr(int64_t n_sel, const int64_t *idx, const void *indptr, int ptr64,
+                   const void *indices, int ind64, const float *values, const int64_t *offsets,
+                   int64_t *out_row, int64_t *out_col, float *out_val, int n_threads) {
+    const int32_t *p32 = indptr, *i32 = indices;
+    const int64_t *p64 = indptr, *i64 = indices;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t r = 0; r < n_sel; r++) {
+        if (r + 4 < n_sel) {
+            int64_t ahead = ptr64 ? p64[idx[r + 4]] : p32[idx[r + 4]];
+            __builtin_prefetch(values + ahead);
+            __builtin_prefetch(ind64 ? (const void *)(i64 + ahead) : (const void *)(i32 + ahead));
+        }
+        int64_t i = idx[r], s = ptr64 ? p64[i] : p32[i], e = ptr64 ? p64[i + 1] : p32[i + 1];
+        int64_t o = offsets[r] - s;
+        for (int64_t k = s; k < e; k++) {
+            out_row[o + k] = r;
+            out_col[o + k] = ind64 ? i64[k] : i32[k];
+            out_val[o + k] = values[k];
+        }
+    }
+}

@@ -27,9 +27,10 @@ import ctypes
 import importlib.util
 import os
 
+import numpy as np
 import torch
 
-__all__ = ["available", "csr_t_dense", "nb_zinb_log_prob_sum"]
+__all__ = ["available", "csr_t_dense", "gather_csr", "nb_zinb_log_prob_sum"]
 
 
 def _load() -> ctypes.CDLL | None:
@@ -50,6 +51,9 @@ def _load() -> ctypes.CDLL | None:
     lib.cv_lgamma_digamma.argtypes = [i64, ptr, ptr, ptr]
     lib.cv_csr_t_dense.restype = ctypes.c_int
     lib.cv_csr_t_dense.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.cv_gather_csr.restype = None
+    lib.cv_gather_csr.argtypes = [i64, ptr, ptr, ctypes.c_int, ptr, ctypes.c_int, ptr, ptr]
+    lib.cv_gather_csr.argtypes += [ptr, ptr, ptr, ctypes.c_int]
     return lib
 
 
@@ -134,3 +138,31 @@ def csr_t_dense(
     if status == -2:
         raise IndexError(f"a stored entry lies outside the {n_rows} x {n_cols} matrix.")
     return out
+
+
+def gather_csr(
+    idx: np.ndarray,
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    values: np.ndarray,
+    offsets: np.ndarray,
+    total: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(row, col, val)`` of the stored entries of CSR rows ``idx``, row after row.
+
+    ``idx`` and ``offsets`` (where each selected row starts in the output; ``total`` entries in
+    all) are int64, ``indptr`` and ``indices`` int32 or int64, ``values`` float32; the caller
+    checks that ``idx`` is in range. Returns int64 ``row`` (position in ``idx``) and ``col``,
+    float32 ``val``.
+    """
+    row = torch.empty(total, dtype=torch.int64)
+    col = torch.empty(total, dtype=torch.int64)
+    val = torch.empty(total, dtype=torch.float32)
+    arrays = [np.ascontiguousarray(a) for a in (idx, indptr, indices, values, offsets)]
+    threads = torch.get_num_threads() if total >= _MIN_PARALLEL else 1
+    _lib.cv_gather_csr(
+        len(idx), arrays[0].ctypes.data, arrays[1].ctypes.data, arrays[1].dtype == np.int64,
+        arrays[2].ctypes.data, arrays[2].dtype == np.int64, arrays[3].ctypes.data,
+        arrays[4].ctypes.data, row.data_ptr(), col.data_ptr(), val.data_ptr(), threads,
+    )  # fmt: skip
+    return row, col, val

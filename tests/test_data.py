@@ -402,3 +402,51 @@ def test_int32_randperm_draws_the_int64_permutation():
             a = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
             b = torch.randperm(n, generator=torch.Generator().manual_seed(seed), dtype=torch.int32)
             assert b.dtype == torch.int32 and torch.equal(a, b.long())
+
+
+@pytest.mark.parametrize("ptr_dtype", [np.int32, np.int64])
+def test_compiled_gather_matches_numpy(ptr_dtype, monkeypatch):
+    # on the CPU, minibatches are gathered by the compiled kernel where it was built: the same
+    # entries as numpy's gathers for int32 / int64 pointers and columns, one-entry rows, repeated
+    # and out-of-order cells; out-of-range cells raise on both paths
+    from cellvae import _kernels
+
+    if _kernels._lib is None:
+        pytest.skip("the compiled kernels were not built here (test_kernels.py)")
+    monkeypatch.setattr(_kernels, "_MIN_PARALLEL", 0)  # both threads, even on small batches
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(0.3, (60, 50)).astype(np.float32)
+    counts[[4, 17]] = 0
+    counts[[4, 17], [3, 49]] = 2  # one entry each
+    x = sp.csr_matrix(counts)
+    x.indptr = x.indptr.astype(ptr_dtype)
+    adata = ad.AnnData(x)
+    pp.setup_anndata(adata)
+    td = TensorData.from_adata(adata)
+    assert td.indptr.numpy().dtype == ptr_dtype
+    calls, kernel = [], _kernels.gather_csr
+    monkeypatch.setattr(_kernels, "gather_csr", lambda *a: calls.append(1) or kernel(*a))
+    for idx in ([4, 17], [59, 0, 4, 33, 33, 17, 2], list(rng.permutation(60))):
+        got = []
+        for enabled in (True, False):
+            monkeypatch.setattr(_kernels, "enabled", enabled)
+            got.append(td.counts(torch.tensor(idx)))
+        for name in ("row", "col", "val", "offsets"):
+            a, b = getattr(got[0], name), getattr(got[1], name)
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        np.testing.assert_array_equal(as_dense(got[0]).numpy(), counts[idx])
+    assert len(calls) == 3
+    # int64 columns (TensorData stores them as int32 where they fit): the kernel alone
+    idx = np.array([5, 0, 5, 59])
+    ptr = x.indptr.astype(np.int64)
+    lengths = ptr[idx + 1] - ptr[idx]
+    offsets = np.cumsum(lengths) - lengths
+    row, col, val = kernel(idx, ptr, x.indices.astype(np.int64), x.data, offsets, lengths.sum())
+    want = td.counts(torch.from_numpy(idx))
+    assert torch.equal(row, want.row) and torch.equal(col, want.col)
+    assert torch.equal(val, want.val)
+    for enabled in (True, False):
+        monkeypatch.setattr(_kernels, "enabled", enabled)
+        for bad in ([0, 60], [3, -1]):
+            with pytest.raises(IndexError):
+                td.counts(torch.tensor(bad))
