@@ -430,7 +430,8 @@ def train_module(
                 if config.gradient_clip_val:
                     nn.utils.clip_grad_norm_(params, config.gradient_clip_val)
                 skipped = optimizer.step()  # 1.0 when a gradient was not finite
-                module.zero_grad()  # set to None: freed before the next forward pass
+                for p in params:  # freed before the next forward pass (module.zero_grad()
+                    p.grad = None  # walks the module tree: ~50 µs a step)
                 step += 1
                 n = len(batch["batch"])
                 n_cells += n
