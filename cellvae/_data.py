@@ -388,7 +388,7 @@ def _gather(
     """``(row, col, val, offsets)`` of the CSR rows ``idx`` (int64), on the CPU.
 
     With the compiled kernels, one copy per row (:func:`cellvae._kernels.gather_csr`: 35 instead
-    of 110 µs for 128 random cells of 100,000 × 2,000 at 8%, session 18); otherwise numpy gathers
+    of 103 µs for 128 random cells of 100,000 × 2,000 at 8%, session 18); otherwise numpy gathers
     at the rows' positions.
     """
     if len(idx) and idx.min() < 0:

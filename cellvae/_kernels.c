@@ -341,6 +341,13 @@ void cv_lgamma_digamma(int64_t n, const float *z, double *lg, double *dg) {
     }
 }
 
+/* fused multiply-adds here (the file is built with -ffp-contract=off): each output is then
+ * rounded as in torch's embedding_bag, which the torch code uses for this product */
+CLONES __attribute__((optimize("fp-contract=fast"))) static void
+axpy_row(int64_t n_out, float a, const float *restrict x, float *restrict y) {
+    for (int64_t j = 0; j < n_out; j++) y[j] += a * x[j];
+}
+
 /* out (n_cols, n_out) = X^T dy for a CSR minibatch X with n stored entries (row, col, val) and
  * dy (n_rows, n_out), both float32 and contiguous: the weight gradient of the sparse first
  * layer. Each thread owns a range of output rows (columns of X), zeroes them and adds, for every
@@ -348,12 +355,6 @@ void cv_lgamma_digamma(int64_t n, const float *z, double *lg, double *dg) {
  * given: every output is summed by one thread in the serial order, so the result does not depend
  * on n_threads. Returns 0; -2 when an entry lies outside the (n_rows, n_cols) minibatch (out is
  * then undefined). */
-/* fused multiply-adds here (the file is built with -ffp-contract=off): each output is then
- * rounded as in torch's embedding_bag, which the torch code uses for this product */
-CLONES __attribute__((optimize("fp-contract=fast"))) static void axpy_row(int64_t n_out, float a, const float *restrict x, float *restrict y) {
-    for (int64_t j = 0; j < n_out; j++) y[j] += a * x[j];
-}
-
 int cv_csr_t_dense(int64_t n_rows, int64_t n_cols, int64_t n_out, int64_t n,
                    const int64_t *row, const int64_t *col, const float *val, const float *dy,
                    float *out, int n_threads) {
