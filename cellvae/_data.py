@@ -396,9 +396,7 @@ def _gather(
     starts = indptr.take(idx).astype(np.int64)  # raises past the last cell
     lengths = indptr.take(idx + 1) - starts
     if _kernels.available() and values.dtype == torch.float32:
-        ends = lengths.cumsum()
-        offsets = ends - lengths
-        total = int(ends[-1]) if len(ends) else 0
+        offsets, total = _offsets(lengths)
         row, col, val = _kernels.gather_csr(
             idx, indptr, indices.numpy(), values.numpy(), offsets, total
         )
@@ -409,14 +407,18 @@ def _gather(
     return tuple(torch.from_numpy(a) for a in (row, col, val, offsets))
 
 
+def _offsets(lengths: np.ndarray) -> tuple[np.ndarray, int]:
+    """Where each of the rows of these lengths begins in the batch, and the batch's entries."""
+    ends = lengths.cumsum()
+    return ends - lengths, int(ends[-1]) if len(ends) else 0
+
+
 def _positions(
     starts: np.ndarray, lengths: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Batch row and CSR position of every stored entry of the rows, and where each row starts."""
     # ndarray methods and C-level numpy functions only: no Python-level numpy wrapper per batch
-    ends = lengths.cumsum()
-    offsets = ends - lengths  # where row r begins in the batch
-    total = int(ends[-1]) if len(ends) else 0
+    offsets, total = _offsets(lengths)
     # entry j of the batch, the k-th of batch row r, sits at starts[r] + k = (starts[r] -
     # offsets[r]) + j
     pos = (starts - offsets).repeat(lengths)
