@@ -30,7 +30,14 @@ import os
 import numpy as np
 import torch
 
-__all__ = ["available", "csr_t_dense", "gather_csr", "nb_zinb_log_prob_sum"]
+__all__ = [
+    "available",
+    "bn_relu_drop_backward",
+    "bn_relu_drop_forward",
+    "csr_t_dense",
+    "gather_csr",
+    "nb_zinb_log_prob_sum",
+]
 
 
 def _load() -> ctypes.CDLL | None:
@@ -54,6 +61,13 @@ def _load() -> ctypes.CDLL | None:
     lib.cv_gather_csr.restype = None
     lib.cv_gather_csr.argtypes = [i64, ptr, ptr, ctypes.c_int, ptr, ctypes.c_int, ptr, ptr]
     lib.cv_gather_csr.argtypes += [ptr, ptr, ptr, ctypes.c_int]
+    c_int, f32 = ctypes.c_int, ctypes.c_float
+    lib.cv_bn_relu_drop_fwd.restype = None
+    lib.cv_bn_relu_drop_fwd.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, f64, f64, ptr, c_int]
+    lib.cv_bn_relu_drop_fwd.argtypes += [f32, ptr, ptr, ptr, c_int]
+    lib.cv_bn_relu_drop_bwd.restype = None
+    lib.cv_bn_relu_drop_bwd.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, f32, ptr, ptr, ptr]
+    lib.cv_bn_relu_drop_bwd.argtypes += [ptr, c_int]
     return lib
 
 
@@ -166,3 +180,63 @@ def gather_csr(
         arrays[4].ctypes.data, row.data_ptr(), col.data_ptr(), val.data_ptr(), threads,
     )  # fmt: skip
     return row, col, val
+
+
+def bn_relu_drop_forward(
+    y: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    momentum: float,
+    eps: float,
+    lanes: torch.Tensor | None,
+    threshold: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``relu(batch_norm(y)) * drop`` in training mode, for float32 ``(B, H)`` ``y``.
+
+    Batch norm with the minibatch's statistics (``running_mean`` / ``running_var`` updated in
+    place with ``momentum``), then ReLU, then dropout: an entry is kept (times ``scale``) where
+    its int16 ``lanes`` value is at least ``threshold`` (``lanes`` None: no dropout). Every tensor
+    is float32 and contiguous. Returns ``out`` and the ``(H,)`` mean and inverse standard
+    deviation that :func:`bn_relu_drop_backward` takes.
+    """
+    n_rows, n_cols = y.shape
+    out = torch.empty_like(y)
+    mean, invstd = torch.empty(n_cols), torch.empty(n_cols)
+    threads = torch.get_num_threads() if y.numel() >= _MIN_PARALLEL else 1
+    _lib.cv_bn_relu_drop_fwd(
+        n_rows, n_cols, y.data_ptr(), gamma.data_ptr(), beta.data_ptr(),
+        running_mean.data_ptr(), running_var.data_ptr(), momentum, eps,
+        None if lanes is None else lanes.data_ptr(), threshold, scale, out.data_ptr(),
+        mean.data_ptr(), invstd.data_ptr(), threads,
+    )  # fmt: skip
+    return out, mean, invstd
+
+
+def bn_relu_drop_backward(
+    y: torch.Tensor,
+    out: torch.Tensor,
+    gamma: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    scale: float,
+    dout: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dy, dgamma, dbeta)`` of :func:`bn_relu_drop_forward` from ``dout``.
+
+    ``y`` and ``out`` are that function's input and output (an entry passed the ReLU and the
+    dropout where ``out`` is positive), ``scale`` the dropout's (1.0 without dropout).
+    """
+    n_rows, n_cols = y.shape
+    dout = dout.contiguous()
+    dy = torch.empty_like(y)
+    dgamma, dbeta = torch.empty(n_cols), torch.empty(n_cols)
+    threads = torch.get_num_threads() if y.numel() >= _MIN_PARALLEL else 1
+    _lib.cv_bn_relu_drop_bwd(
+        n_rows, n_cols, y.data_ptr(), out.data_ptr(), gamma.data_ptr(), mean.data_ptr(),
+        invstd.data_ptr(), scale, dout.data_ptr(), dy.data_ptr(), dgamma.data_ptr(),
+        dbeta.data_ptr(), threads,
+    )  # fmt: skip
+    return dy, dgamma, dbeta

@@ -16,12 +16,14 @@ from test_distributions import _inputs, _make, _nb_mag, _ref_nb, _ref_zinb, _sof
 
 import cellvae
 from cellvae import _kernels
+from cellvae import nn as nn_module
 from cellvae._sparse import CSRBatch
 from cellvae.distributions import (
     NegativeBinomial,
     log_nb_positive,
     log_zinb_positive,
 )
+from cellvae.nn import FCLayers
 
 built = pytest.mark.skipif(
     _kernels._lib is None, reason="kernels not built (test_built_where_required)"
@@ -282,3 +284,102 @@ def test_sparse_linear_uses_the_kernel_for_its_weight_gradient(monkeypatch):
         grads.append(w.grad)
     assert len(calls) == 1
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+
+
+def _bn_relu_drop_reference(y, gamma, beta, keep, scale, momentum, eps):
+    """float64 torch: BatchNorm1d (training) → ReLU → dropout with the mask ``keep``."""
+    y64, g64, b64 = (t.double().requires_grad_() for t in (y, gamma, beta))
+    rm, rv = (
+        torch.zeros(y.shape[1], dtype=torch.float64),
+        torch.ones(y.shape[1], dtype=torch.float64),
+    )
+    bn = torch.nn.functional.batch_norm(y64, rm, rv, g64, b64, True, momentum, eps)
+    out = torch.relu(bn) * (keep.double() * float(torch.tensor(scale, dtype=torch.float32)))
+    return out, (y64, g64, b64), rm, rv
+
+
+@built
+@pytest.mark.parametrize("shape", [(64, 48), (130, 100), (96, 200)])
+@pytest.mark.parametrize("dropout", [True, False])
+def test_bn_relu_dropout_matches_float64(shape, dropout, monkeypatch):
+    # output, running statistics and the three gradients against float64 torch, on 1, 2 and 3
+    # threads (columns not a multiple of the kernel's chunk of 64), bit for bit across threads
+    monkeypatch.setattr(_kernels, "_MIN_PARALLEL", 0)
+    gen = torch.Generator().manual_seed(5)
+    n, h = shape
+    y = torch.randn(n, h, generator=gen) * 3 + torch.randn(h, generator=gen)
+    gamma, beta = torch.rand(h, generator=gen) + 0.5, torch.randn(h, generator=gen) * 0.5
+    dout = torch.randn(n, h, generator=gen)
+    lanes = torch.randint(-(2**15), 2**15, (n, h), dtype=torch.int16, generator=gen)
+    threshold, scale = (-26214, 65536 / 58982) if dropout else (0, 1.0)
+    keep = lanes >= threshold if dropout else torch.ones(n, h, dtype=torch.bool)
+    ref, leaves, rm_ref, rv_ref = _bn_relu_drop_reference(y, gamma, beta, keep, scale, 0.1, 1e-3)
+    ref.backward(dout.double())
+    threads, results = torch.get_num_threads(), []
+    try:
+        for k in (1, 2, 3):
+            torch.set_num_threads(k)
+            rm, rv = torch.zeros(h), torch.ones(h)
+            out, mean, invstd = _kernels.bn_relu_drop_forward(
+                y, gamma, beta, rm, rv, 0.1, 1e-3, lanes if dropout else None, threshold, scale
+            )
+            grads = _kernels.bn_relu_drop_backward(y, out, gamma, mean, invstd, scale, dout)
+            results.append((out, rm, rv, *grads))
+    finally:
+        torch.set_num_threads(threads)
+    out, rm, rv, *grads = results[0]
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rm.double(), rm_ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(rv.double(), rv_ref, rtol=1e-6, atol=1e-7)
+    for got, leaf in zip(grads, leaves):
+        torch.testing.assert_close(
+            got.double(), leaf.grad, rtol=1e-4, atol=1e-5 * leaf.grad.abs().max()
+        )
+    assert (out == 0).float().mean() > 0.3  # the ReLU (and dropout) did zero entries
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@built
+@pytest.mark.parametrize("dropout_rate", [0.1, 0.0])
+def test_fc_layers_fused_block_matches_torch_modules(dropout_rate):
+    # FCLayers in training runs BatchNorm1d → ReLU → Dropout in one compiled pass (float32 on
+    # the CPU): the same outputs, gradients, running statistics and batch counts as the torch
+    # modules in float64 (which the fused pass does not take), with the same dropout masks
+    def run(fused, dtype):
+        torch.manual_seed(0)
+        fc = FCLayers(30, 16, n_cat_list=[3], n_layers=2, n_hidden=40, dropout_rate=dropout_rate)
+        fc._fusable = fused
+        fc.to(dtype)
+        x = torch.randn(50, 30).to(dtype)
+        out = fc(x, torch.randint(3, (50,)))
+        (out * torch.linspace(-1, 1, 16, dtype=dtype)).sum().backward()
+        return out, [p.grad for p in fc.parameters()], list(fc.buffers())
+
+    calls = []
+    original = nn_module._BatchNormReLUDropout.apply
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            nn_module._BatchNormReLUDropout, "apply", lambda *a: calls.append(1) or original(*a)
+        )
+        fused = run(True, torch.float32)
+        assert len(calls) == 2  # both layers
+        reference = run(True, torch.float64)
+        assert len(calls) == 2  # float64 runs the torch modules
+    torch.testing.assert_close(fused[0].double(), reference[0], rtol=1e-5, atol=1e-5)
+    # gradients of O(1) (the biases before batch norm: 0 up to rounding)
+    for a, b in zip(fused[1], reference[1]):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+    for a, b in zip(fused[2], reference[2]):  # running statistics, and num_batches_tracked
+        torch.testing.assert_close(a.to(b.dtype), b, rtol=1e-5, atol=1e-6)
+
+
+def test_fc_layers_fused_block_leaves_the_other_cases_to_torch():
+    fc = FCLayers(10, 8, n_hidden=8)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        fc(torch.randn(1, 10))  # torch's own error for a batch of one in training
+    fc.eval()
+    x = torch.randn(5, 10)
+    bn, lin = fc.post[0][0], fc.linears[0]
+    expected = torch.relu(bn(x @ lin.weight + lin.bias))
+    torch.testing.assert_close(fc(x), expected)
