@@ -27,6 +27,7 @@
 #endif
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 extern float expf(float) __attribute__((__simd__("notinbranch")));
 extern float logf(float) __attribute__((__simd__("notinbranch")));
@@ -538,4 +539,25 @@ void cv_bn_relu_drop_bwd(int64_t B, int64_t H, const float *y, const float *out,
             bn_bwd_chunk(B, H, j0, c1 - j0 < BN_CHUNK ? c1 - j0 : BN_CHUNK, y, out, gamma, mean,
                          invstd, scale, dout, dy, dgamma, dbeta);
     }
+}
+
+/* Output k (from 0) of SplitMix64 (Steele, Lea and Flood, OOPSLA 2014) started at seed. */
+static inline uint64_t splitmix64(uint64_t seed, int64_t k) {
+    uint64_t z = seed + (uint64_t)(k + 1) * 0x9e3779b97f4a7c15ULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+/* n random int16 values for the dropout masks: the four 16-bit lanes of each output of
+ * SplitMix64, in the machine's byte order (lowest lane first on x86). Counter-based (output k
+ * depends only on seed and k), so the loop vectorises. */
+CLONES void cv_random_lanes(int64_t n, uint64_t seed, int16_t *out) {
+    int64_t words = n / 4;
+    for (int64_t k = 0; k < words; k++) {
+        uint64_t z = splitmix64(seed, k);
+        memcpy(out + 4 * k, &z, sizeof z);
+    }
+    uint64_t z = splitmix64(seed, words);
+    memcpy(out + 4 * words, &z, sizeof(int16_t) * (size_t)(n % 4));
 }

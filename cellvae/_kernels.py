@@ -37,6 +37,7 @@ __all__ = [
     "csr_t_dense",
     "gather_csr",
     "nb_zinb_log_prob_sum",
+    "random_lanes",
 ]
 
 
@@ -68,6 +69,8 @@ def _load() -> ctypes.CDLL | None:
     lib.cv_bn_relu_drop_bwd.restype = None
     lib.cv_bn_relu_drop_bwd.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, f32, ptr, ptr, ptr]
     lib.cv_bn_relu_drop_bwd.argtypes += [ptr, c_int]
+    lib.cv_random_lanes.restype = None
+    lib.cv_random_lanes.argtypes = [i64, ctypes.c_uint64, ptr]
     return lib
 
 
@@ -240,3 +243,10 @@ def bn_relu_drop_backward(
         dbeta.data_ptr(), threads,
     )  # fmt: skip
     return dy, dgamma, dbeta
+
+
+def random_lanes(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Uniform random int16 values of ``shape`` from the 64-bit ``seed`` (SplitMix64)."""
+    out = torch.empty(shape, dtype=torch.int16)
+    _lib.cv_random_lanes(out.numel(), seed & (2**64 - 1), out.data_ptr())
+    return out

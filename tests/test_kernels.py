@@ -153,7 +153,9 @@ def test_other_cases_use_the_torch_code():
 
 @built
 def test_scvi_trains_the_same_with_and_without_kernels(monkeypatch):
-    # the training losses of a few epochs agree (not bit for bit: float64 lgamma at the nonzeros)
+    # the training losses of a few epochs agree (not bit for bit: float64 lgamma at the nonzeros,
+    # float64 sums in batch norm); without dropout, whose masks the kernels draw from another
+    # stream (test_random_lanes_are_splitmix64)
     adata = cellvae.datasets.kang_ifnb()[:400, :300]
     adata = adata[:, np.asarray(adata.X.sum(0)).ravel() > 0].copy()
     histories = []
@@ -161,7 +163,7 @@ def test_scvi_trains_the_same_with_and_without_kernels(monkeypatch):
         monkeypatch.setattr(_kernels, "enabled", enabled)
         bdata = adata.copy()
         cellvae.pp.setup_anndata(bdata, batch_key="stim")
-        model = cellvae.SCVI(bdata, n_latent=5)
+        model = cellvae.SCVI(bdata, n_latent=5, dropout_rate=0.0)
         model.train(max_epochs=3, seed=0, progress_bar=False)
         histories.append(model.history["validation_elbo"].to_numpy())
     np.testing.assert_allclose(histories[0], histories[1], rtol=1e-4)
@@ -383,3 +385,23 @@ def test_fc_layers_fused_block_leaves_the_other_cases_to_torch():
     bn, lin = fc.post[0][0], fc.linears[0]
     expected = torch.relu(bn(x @ lin.weight + lin.bias))
     torch.testing.assert_close(fc(x), expected)
+
+
+def _splitmix64(seed: int, k: int) -> int:
+    """Output k of SplitMix64 from ``seed``, in Python integers (Steele, Lea and Flood 2014)."""
+    mask = 2**64 - 1
+    z = (seed + (k + 1) * 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+@built
+@pytest.mark.parametrize("n", [1, 4, 7, 4099])
+def test_random_lanes_are_splitmix64(n):
+    seed = -1234567890123456789  # a negative int64 seed is taken modulo 2^64
+    lanes = _kernels.random_lanes((n,), seed).numpy().astype(np.int64)
+    words = [_splitmix64(seed % 2**64, k) for k in range((n + 3) // 4)]
+    expected = [(words[i // 4] >> (16 * (i % 4))) & 0xFFFF for i in range(n)]
+    expected = [v - 2**16 if v >= 2**15 else v for v in expected]  # as int16
+    assert lanes.tolist() == expected

@@ -10,6 +10,7 @@ from scipy import special
 from sklearn.neighbors import NearestNeighbors
 
 import cellvae
+from cellvae import _kernels
 from cellvae._data import TensorData
 from cellvae._registry import UNS_KEY, Registry
 from cellvae._sparse import (
@@ -48,8 +49,10 @@ def trained():
 
 
 # ---------------------------------------------------------------- layers
+@pytest.mark.parametrize("compiled", [True, False])  # the kernels' SplitMix64 lanes, or randint
 @pytest.mark.parametrize("p", [0.1, 0.2, 0.5])
-def test_dropout_rate_scaling_and_independence(p):
+def test_dropout_rate_scaling_and_independence(p, compiled, monkeypatch):
+    monkeypatch.setattr(_kernels, "enabled", compiled)
     torch.manual_seed(0)
     drop = Dropout(p).train()
     x = torch.rand(1000, 1001, dtype=torch.float64) + 0.5  # an odd size: partial 64-bit words
