@@ -472,3 +472,24 @@ def test_sample_shape_broadcasts_parameters():
     assert nb.sample((2,)).shape == (2, 5, 4)
     zinb = ZeroInflatedNegativeBinomial(torch.ones(5, 4), torch.ones(4), torch.zeros(1, 4))
     assert zinb.sample((3,)).shape == (3, 5, 4)
+
+
+@pytest.mark.parametrize("prior", ["standard", "general"])
+def test_kl_normal_matches_torch_distributions_float64(prior):
+    # the standard normal prior takes a shorter formula; both against torch's closed form
+    from cellvae.module import kl_normal
+
+    gen = torch.Generator().manual_seed(11)
+    q_m = torch.randn(40, 6, generator=gen, dtype=torch.float64) * 3
+    q_v = torch.exp(torch.randn(40, 6, generator=gen, dtype=torch.float64) * 2)
+    if prior == "standard":
+        p_m, p_v, args = torch.zeros(()), torch.ones(()), ()
+    else:
+        p_m = torch.randn(40, 1, generator=gen, dtype=torch.float64)
+        p_v = torch.exp(torch.randn(40, 1, generator=gen, dtype=torch.float64))
+        args = (p_m, p_v)
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.Normal(q_m, q_v.sqrt()),
+        torch.distributions.Normal(p_m.double().expand_as(q_m), p_v.double().sqrt().expand_as(q_m)),
+    ).sum(-1)
+    torch.testing.assert_close(kl_normal(q_m, q_v, *args), expected, rtol=1e-12, atol=1e-12)

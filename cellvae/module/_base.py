@@ -40,6 +40,10 @@ class LossOutput:
 
 def kl_normal_elementwise(q_m, q_v, p_m=0.0, p_v=1.0) -> torch.Tensor:
     """Elementwise KL(N(q_m, q_v) ‖ N(p_m, p_v)) (variances, not scales)."""
+    if isinstance(p_m, float | int) and isinstance(p_v, float | int) and p_m == 0 and p_v == 1:
+        # the standard normal prior: 5 operators instead of 10 (128 x 10 in a training step,
+        # forward and backward: 74 -> 40 us)
+        return 0.5 * (q_v + q_m.square() - q_v.log() - 1.0)
     # a number becomes a 0-d CPU tensor, which torch reads as a scalar on any device: making
     # it on q_v's device would copy it there and wait for that device at every call
     p_v = torch.as_tensor(p_v, dtype=q_v.dtype)

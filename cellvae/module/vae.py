@@ -276,15 +276,16 @@ class VAE(nn.Module):
         """Negative ELBO of the minibatch with the KL of z weighted by ``kl_weight``."""
         reconstruction = -gen["px"].log_prob_sum(tensors["x"])
         kl_z = kl_normal(inf["qz_m"], inf["qz_v"])
-        kl_l = torch.zeros_like(kl_z)
-        if inf["ql_m"] is not None:
-            b = tensors["batch"]
-            kl_l = kl_normal(
-                inf["ql_m"],
-                inf["ql_v"],
-                self.library_log_means[b].unsqueeze(-1),
-                self.library_log_vars[b].unsqueeze(-1),
-            )
+        if inf["ql_m"] is None:  # observed library: no KL term for it
+            loss = torch.mean(reconstruction + kl_weight * kl_z)
+            return LossOutput(loss=loss, reconstruction=reconstruction, kl_local=kl_z)
+        b = tensors["batch"]
+        kl_l = kl_normal(
+            inf["ql_m"],
+            inf["ql_v"],
+            self.library_log_means[b].unsqueeze(-1),
+            self.library_log_vars[b].unsqueeze(-1),
+        )
         loss = torch.mean(reconstruction + kl_weight * kl_z + kl_l)
         return LossOutput(loss=loss, reconstruction=reconstruction, kl_local=kl_z + kl_l)
 
