@@ -90,7 +90,7 @@ static void zinb_zero_stable(float m, float th, float pi, float *lp0, float *gmu
 
 /* Scratch for the gathered nonzeros of a minibatch: ten arrays in one allocation. */
 typedef struct {
-    double *x, *m, *th, *pi, *lgth, *dgth, *out, *gmu, *gpi, *gth;
+    double *x, *m, *th, *pi, *lgc, *dgth, *out, *gmu, *gpi, *gth;
 } nz_buf;
 
 /* The scratch is kept from call to call, one per thread, and only grows. Allocated and freed
@@ -107,7 +107,7 @@ static int nz_alloc(nz_buf *b, int64_t n) {
         nz_scratch = grown;
         nz_capacity = 10 * len;
     }
-    double **f[] = {&b->x, &b->m, &b->th, &b->pi, &b->lgth, &b->dgth,
+    double **f[] = {&b->x, &b->m, &b->th, &b->pi, &b->lgc, &b->dgth,
                     &b->out, &b->gmu, &b->gpi, &b->gth};
     for (int i = 0; i < 10; i++) *f[i] = nz_scratch + (size_t)i * len;
     return 0;
@@ -116,20 +116,35 @@ static int nz_alloc(nz_buf *b, int64_t n) {
 /* The arguments of the nonzero passes: inputs gathered at the n nonzeros, outputs per nonzero. */
 #define NZ_ARGS                                                                                   \
     int64_t n, double eps, const double *restrict x_, const double *restrict m_,                   \
-        const double *restrict th_, const double *restrict pi_, const double *restrict lgth,      \
+        const double *restrict th_, const double *restrict pi_, const double *restrict lgc,       \
         const double *restrict dgth, double *restrict out, double *restrict gmu,                   \
         double *restrict gpi, double *restrict gth
 
 /* The NB's terms that vanish at x = 0, for one nonzero, float64: returns lgamma(x + theta) -
  * lgamma(theta) - lgamma(x + 1) - x log(1 + theta/mu), and its derivatives by mu and theta.
- * lgth, dgth: lgamma and digamma of theta. */
-static inline double nb_rest(double x, double m, double th, double lgth, double dgth, double eps,
+ * lgc: lgamma(theta) + lgamma(x + 1); dgth: digamma(theta). */
+static inline double nb_rest(double x, double m, double th, double lgc, double dgth, double eps,
                              double *d_mu, double *d_th) {
     double mc = m >= eps ? m : eps, x_over = x / (mc + th), lg, dg;
     lgamma_digamma_pos(x + th, &lg, &dg);
     *d_mu = m >= eps ? x_over * th / mc : 0.0;
     *d_th = dg - dgth - x_over;
-    return lg - lgth - lgamma_pos(x + 1.0) - x * log1p(th / mc);
+    return lg - lgc - x * log1p(th / mc);
+}
+
+/* log(x!) = lgamma(x + 1) of the counts below LOG_FACT_N, filled when the library is loaded:
+ * counts are integers, and a lookup while gathering the nonzeros spares the vectorised pass
+ * one of its two lgamma evaluations. */
+#define LOG_FACT_N 4096
+static double log_fact[LOG_FACT_N];
+
+__attribute__((constructor)) static void fill_log_fact(void) {
+    for (int i = 0; i < LOG_FACT_N; i++) log_fact[i] = lgamma_pos(i + 1.0);
+}
+
+static inline double lgamma_x_plus_1(double x) {
+    int table = x >= 0 && x < LOG_FACT_N && x == (double)(int)x;
+    return table ? log_fact[(int)x] : lgamma_pos(x + 1.0);
 }
 
 /* x > 0 terms of the NB at the gathered nonzeros: what they add to the dense pass. */
@@ -137,7 +152,7 @@ CLONES static void nz_terms_nb(NZ_ARGS) {
     (void)pi_, (void)gpi;
     for (int64_t k = 0; k < n; k++) {
         double d_mu, d_th;
-        out[k] = nb_rest(x_[k], m_[k], th_[k], lgth[k], dgth[k], eps, &d_mu, &d_th);
+        out[k] = nb_rest(x_[k], m_[k], th_[k], lgc[k], dgth[k], eps, &d_mu, &d_th);
         gmu[k] = d_mu;
         gth[k] = d_th;
     }
@@ -148,7 +163,7 @@ CLONES static void nz_terms_nb(NZ_ARGS) {
 CLONES static void nz_terms_zinb(NZ_ARGS) {
     for (int64_t k = 0; k < n; k++) {
         double m = m_[k], th = th_[k], pi = pi_[k], d_mu, d_th;
-        double rest = nb_rest(x_[k], m, th, lgth[k], dgth[k], eps, &d_mu, &d_th);
+        double rest = nb_rest(x_[k], m, th, lgc[k], dgth[k], eps, &d_mu, &d_th);
         double t = log1p(m / th), q = th / (th + m);
         double e = exp(-fabs(pi));
         double sp_pi = (pi > 0 ? pi : 0.0) + log1p(e); /* softplus(pi) */
@@ -244,11 +259,11 @@ static int nz_range(int64_t k0, int64_t k1, int64_t B, int64_t G, const float *m
         b->m[k] = mu[i];
         b->th[k] = theta[c];
         b->pi[k] = pi ? pi[i] : 0.0;
-        b->lgth[k] = lgth[c];
+        b->lgc[k] = lgth[c] + lgamma_x_plus_1(val[k]);
         b->dgth[k] = dgth[c];
     }
     (pi ? nz_terms_zinb : nz_terms_nb)(k1 - k0, eps, b->x + k0, b->m + k0, b->th + k0,
-                                       b->pi + k0, b->lgth + k0, b->dgth + k0, b->out + k0,
+                                       b->pi + k0, b->lgc + k0, b->dgth + k0, b->out + k0,
                                        b->gmu + k0, b->gpi + k0, b->gth + k0);
     return 0;
 }

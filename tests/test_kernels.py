@@ -405,3 +405,25 @@ def test_random_lanes_are_splitmix64(n):
     expected = [(words[i // 4] >> (16 * (i % 4))) & 0xFFFF for i in range(n)]
     expected = [v - 2**16 if v >= 2**15 else v for v in expected]  # as int16
     assert lanes.tolist() == expected
+
+
+@built
+@pytest.mark.parametrize("x", [0.3, 1.0, 2.5, 4095.0, 4095.5, 4096.0, 1e4 + 0.25])
+def test_counts_beyond_the_log_factorial_table_and_non_integers(x):
+    # log(x!) comes from a table for integer counts below 4,096, from lgamma otherwise; the
+    # reference is the gamma-function form in float64 (scipy's pmf is -inf at non-integers)
+    mu, theta, pi = 0.7 * x + 1.0, 2.0, -1.5
+    x32 = float(np.float32(x))
+    log_nb = (
+        special.gammaln(x32 + theta)
+        - special.gammaln(theta)
+        - special.gammaln(x32 + 1)
+        + theta * np.log(theta / (theta + mu))
+        + x32 * np.log(mu / (theta + mu))
+    )
+    val, idx = torch.tensor([x32]), torch.zeros(1, dtype=torch.int64)
+    for zi, ref in ((None, log_nb), (torch.tensor([[pi]]), log_nb - np.logaddexp(0, pi))):
+        out = _kernels.nb_zinb_log_prob_sum(
+            torch.tensor([[mu]]), torch.tensor([theta]), zi, val, idx, idx, 1e-8, False
+        )[0]
+        np.testing.assert_allclose(out.item(), ref, rtol=1e-6)
