@@ -42,6 +42,15 @@ extern double log1p(double) __attribute__((__simd__("notinbranch")));
 #define CLONES
 #endif
 
+/* This thread's share [*lo, *hi) of n items, inside a parallel region (all of them outside). */
+static void thread_range(int64_t n, int64_t *lo, int64_t *hi) {
+    int64_t nt = 1, t = 0;
+#ifdef _OPENMP
+    nt = omp_get_num_threads(), t = omp_get_thread_num();
+#endif
+    *lo = n * t / nt, *hi = n * (t + 1) / nt;
+}
+
 #define TINY 1e-30f /* below this p(0) the ZINB zero branch switches to its softplus form */
 #define HALF_LOG_2PI 0.91893853320467274178
 
@@ -326,11 +335,8 @@ int cv_nb_zinb(int64_t B, int64_t G, const float *mu, const float *theta, const 
      * output is written by one thread in the serial order, whatever the order of the entries. */
 #pragma omp parallel num_threads(n_threads)
     {
-        int64_t r0 = 0, r1 = B;
-#ifdef _OPENMP
-        int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-        r0 = B * t / nt, r1 = B * (t + 1) / nt;
-#endif
+        int64_t r0, r1;
+        thread_range(B, &r0, &r1);
         for (int64_t k = 0; k < n; k++) {
             int64_t r = row[k], i = r * G + col[k];
             if (r < r0 || r >= r1) continue;
@@ -355,15 +361,6 @@ void cv_lgamma_digamma(int64_t n, const float *z, double *lg, double *dg) {
     for (int64_t k = 0; k < n; k++) {
         lgamma_digamma_pos(z[k], lg + k, dg + k);
     }
-}
-
-/* This thread's share [*lo, *hi) of n items, inside a parallel region (all of them outside). */
-static void thread_range(int64_t n, int64_t *lo, int64_t *hi) {
-    int64_t nt = 1, t = 0;
-#ifdef _OPENMP
-    nt = omp_get_num_threads(), t = omp_get_thread_num();
-#endif
-    *lo = n * t / nt, *hi = n * (t + 1) / nt;
 }
 
 /* fused multiply-adds here (the file is built with -ffp-contract=off): each output is then
