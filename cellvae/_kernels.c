@@ -255,6 +255,55 @@ CLONES static void nb_dense_row(int64_t G, const float *restrict m_, const float
     *out = acc;
 }
 
+/* The largest of G > 0 values, in vector registers: finite maths here only, which lets gcc use
+ * vmaxps (a chain of scalar comparisons took most of softmax_row's time). A NaN among the
+ * values may or may not be returned; the softmax of its row is NaN either way. */
+CLONES __attribute__((optimize("finite-math-only", "no-signed-zeros"))) static float
+row_max(int64_t G, const float *restrict h) {
+    float mx = h[0];
+    for (int64_t g = 1; g < G; g++) mx = fmaxf(mx, h[g]);
+    return mx;
+}
+
+/* mu = lib * softmax(h) over one row of G logits (the decoder's gene proportions times the
+ * library size). The arguments of expf are clamped at -lim as in zinb_p0: a proportion below
+ * e^-80 (about 2e-35) of a row's largest is raised to that, which the likelihood cannot see,
+ * since the NB's log takes mu floored at eps (1e-8) and lib stays far below 1e27. */
+CLONES static void softmax_row(int64_t G, const float *restrict h, float lib, float *restrict m) {
+    const float lim = cv_exp_arg_max;
+    float mx = row_max(G, h), s = 0.0f;
+    for (int64_t g = 0; g < G; g++) {
+        float u = mx - h[g];
+        m[g] = expf(-(u > lim ? lim : u));
+        s += m[g];
+    }
+    float c = lib / s;
+    for (int64_t g = 0; g < G; g++) m[g] *= c;
+}
+
+/* The unit row gradient by mu turned into the one by the logits h, in place, for
+ * mu = lib * s with s = softmax(h): d/dh_k = mu_k (gmu_k - c) with c = sum_j s_j gmu_j, the
+ * derivative by lib, which is returned. c is dot(mu, gmu) / lib, or, for a library of 0 (mu
+ * and the logits' gradient vanish, c does not), summed from the softmax again. */
+CLONES static float softmax_grad_row(int64_t G, float lib, const float *restrict h,
+                                     const float *restrict m, float *restrict gm) {
+    double dot = 0.0, total = 0.0;
+    if (lib > 0.0f) {
+        for (int64_t g = 0; g < G; g++) dot += (double)m[g] * gm[g];
+        total = lib;
+    } else {
+        const float lim = cv_exp_arg_max, mx = row_max(G, h);
+        for (int64_t g = 0; g < G; g++) {
+            float u = mx - h[g], e = expf(-(u > lim ? lim : u));
+            total += e;
+            dot += (double)e * gm[g];
+        }
+    }
+    float c = (float)(dot / total);
+    for (int64_t g = 0; g < G; g++) gm[g] = m[g] * (gm[g] - c);
+    return c;
+}
+
 /* Gathers the stored entries [k0, k1) into the scratch and evaluates their x > 0 terms; returns
  * 1 (and evaluates nothing) when one of them lies outside the (B, G) minibatch. */
 static int nz_range(int64_t k0, int64_t k1, int64_t B, int64_t G, const float *mu,
@@ -277,50 +326,12 @@ static int nz_range(int64_t k0, int64_t k1, int64_t B, int64_t G, const float *m
     return 0;
 }
 
-/* Row sums of the log-likelihood of a (B, G) minibatch and, when gmu is not NULL, the
- * gradients of a unit row gradient. (row, col, val) are its n stored entries, in any order;
- * pi and gpi are NULL for the NB. theta is floored at eps by the caller;
- * lgth / dgth are lgamma / digamma of theta (G values, float64). The dense pass (by rows) and
- * the nonzeros' terms (by ranges of entries) run on n_threads OpenMP threads: torch's own
- * runtime and thread pool, since torch loaded its libgomp.so.1 first. Each output is computed
- * by one thread in a fixed order, so the results do not depend on n_threads. Returns 0; -1
- * when out of memory; -2 when an entry lies outside the (B, G) minibatch. */
-int cv_nb_zinb(int64_t B, int64_t G, const float *mu, const float *theta, const float *pi,
-               int64_t n, const int64_t *row, const int64_t *col, const float *val,
-               const double *lgth, const double *dgth, double eps, float *out, float *gmu,
-               float *gpi, float *gth, int n_threads) {
+/* The nonzeros' part of cv_nb_zinb: gather, evaluate, scatter into out and the gradients. */
+static int nz_pass(int64_t B, int64_t G, const float *mu, const float *theta, const float *pi,
+                   int64_t n, const int64_t *row, const int64_t *col, const float *val,
+                   const double *lgth, const double *dgth, double eps, float *out, float *gmu,
+                   float *gpi, float *gth, int n_threads) {
     int zinb = pi != NULL, with_grad = gmu != NULL;
-    int64_t n_small = 0;
-#pragma omp parallel for num_threads(n_threads) schedule(static) reduction(+ : n_small)
-    for (int64_t r = 0; r < B; r++) {
-        int64_t o = r * G;
-        if (zinb)
-            n_small += zinb_dense_row(G, mu + o, theta, pi + o, out + r, with_grad ? gmu + o : NULL,
-                                      with_grad ? gpi + o : NULL, with_grad ? gth + o : NULL);
-        else
-            nb_dense_row(G, mu + o, theta, out + r, with_grad ? gmu + o : NULL,
-                         with_grad ? gth + o : NULL);
-    }
-    if (n_small) { /* rare: both ZINB probabilities underflow somewhere; fix those entries */
-        const float lim = cv_exp_arg_max;
-        for (int64_t r = 0; r < B; r++) {
-            double acc = 0.0;
-            int fixed = 0;
-            for (int64_t g = 0; g < G; g++) {
-                int64_t i = r * G + g;
-                float m = mu[i], th = theta[g], t, rr, w;
-                float p0 = zinb_p0(m, th, pi[i], lim, &t, &rr, &w), lp0 = logf(p0);
-                if (p0 < TINY) {
-                    zinb_zero_stable(m, th, pi[i], &lp0, with_grad ? gmu + i : NULL,
-                                     with_grad ? gpi + i : NULL, with_grad ? gth + i : NULL);
-                    fixed = 1;
-                }
-                acc += lp0;
-            }
-            if (fixed) out[r] = (float)acc;
-        }
-    }
-    if (n <= 0) return 0;
     nz_buf b;
     if (nz_alloc(&b, n)) return -1;
     int bad = 0;
@@ -352,6 +363,68 @@ int cv_nb_zinb(int64_t B, int64_t G, const float *mu, const float *theta, const 
                 gth[i] += (float)b.gth[k];
             }
         }
+    }
+    return 0;
+}
+
+/* Row sums of the log-likelihood of a (B, G) minibatch and, when gmu is not NULL, the
+ * gradients of a unit row gradient. (row, col, val) are its n stored entries, in any order;
+ * pi and gpi are NULL for the NB. theta is floored at eps by the caller;
+ * lgth / dgth are lgamma / digamma of theta (G values, float64). The dense pass (by rows) and
+ * the nonzeros' terms (by ranges of entries) run on n_threads OpenMP threads: torch's own
+ * runtime and thread pool, since torch loaded its libgomp.so.1 first. Each output is computed
+ * by one thread in a fixed order, so the results do not depend on n_threads.
+ * With logits (B, G) and lib (B) not NULL, mu is an output: lib * softmax(logits) by rows,
+ * computed in the dense pass, and gmu comes back as the gradient by the logits, glib (B) as the
+ * one by lib (the decoder's softmax and its backward fused with the likelihood: each row's
+ * values stay in cache between the steps). Returns 0; -1 when out of memory; -2 when an entry
+ * lies outside the (B, G) minibatch. */
+int cv_nb_zinb(int64_t B, int64_t G, float *mu, const float *theta, const float *pi,
+               int64_t n, const int64_t *row, const int64_t *col, const float *val,
+               const double *lgth, const double *dgth, double eps, float *out, float *gmu,
+               float *gpi, float *gth, const float *logits, const float *lib, float *glib,
+               int n_threads) {
+    int zinb = pi != NULL, with_grad = gmu != NULL;
+    int64_t n_small = 0;
+#pragma omp parallel for num_threads(n_threads) schedule(static) reduction(+ : n_small)
+    for (int64_t r = 0; r < B; r++) {
+        int64_t o = r * G;
+        if (logits) softmax_row(G, logits + o, lib[r], mu + o);
+        if (zinb)
+            n_small += zinb_dense_row(G, mu + o, theta, pi + o, out + r, with_grad ? gmu + o : NULL,
+                                      with_grad ? gpi + o : NULL, with_grad ? gth + o : NULL);
+        else
+            nb_dense_row(G, mu + o, theta, out + r, with_grad ? gmu + o : NULL,
+                         with_grad ? gth + o : NULL);
+    }
+    if (n_small) { /* rare: both ZINB probabilities underflow somewhere; fix those entries */
+        const float lim = cv_exp_arg_max;
+        for (int64_t r = 0; r < B; r++) {
+            double acc = 0.0;
+            int fixed = 0;
+            for (int64_t g = 0; g < G; g++) {
+                int64_t i = r * G + g;
+                float m = mu[i], th = theta[g], t, rr, w;
+                float p0 = zinb_p0(m, th, pi[i], lim, &t, &rr, &w), lp0 = logf(p0);
+                if (p0 < TINY) {
+                    zinb_zero_stable(m, th, pi[i], &lp0, with_grad ? gmu + i : NULL,
+                                     with_grad ? gpi + i : NULL, with_grad ? gth + i : NULL);
+                    fixed = 1;
+                }
+                acc += lp0;
+            }
+            if (fixed) out[r] = (float)acc;
+        }
+    }
+    if (n > 0) {
+        int status = nz_pass(B, G, mu, theta, pi, n, row, col, val, lgth, dgth, eps, out, gmu,
+                             gpi, gth, n_threads);
+        if (status) return status;
+    }
+    if (logits && with_grad) {
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+        for (int64_t r = 0; r < B; r++)
+            glib[r] = softmax_grad_row(G, lib[r], logits + r * G, mu + r * G, gmu + r * G);
     }
     return 0;
 }

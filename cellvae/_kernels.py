@@ -38,6 +38,7 @@ __all__ = [
     "gather_csr",
     "nb_zinb_log_prob_sum",
     "random_lanes",
+    "softmax_nb_zinb_log_prob_sum",
 ]
 
 
@@ -54,7 +55,7 @@ def _load() -> ctypes.CDLL | None:
     i64, ptr, f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
     lib.cv_nb_zinb.restype = ctypes.c_int
     lib.cv_nb_zinb.argtypes = [i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, f64]
-    lib.cv_nb_zinb.argtypes += [ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.cv_nb_zinb.argtypes += [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
     lib.cv_lgamma_digamma.restype = None
     lib.cv_lgamma_digamma.argtypes = [i64, ptr, ptr, ptr]
     lib.cv_csr_t_dense.restype = ctypes.c_int
@@ -113,26 +114,62 @@ def nb_zinb_log_prob_sum(
     of each row sum with respect to ``mu``, ``pi`` (None for the NB) and the per-entry ``theta``
     (otherwise three Nones).
     """
-    n_rows, n_genes = mu.shape
-    threads = torch.get_num_threads() if mu.numel() >= _MIN_PARALLEL else 1
+    out, gmu, gpi, gth, _ = _nb_zinb(mu, None, theta, pi, x_nz, row, col, eps, with_grad)
+    return out, gmu, gpi, gth
+
+
+def softmax_nb_zinb_log_prob_sum(
+    logits: torch.Tensor,
+    library: torch.Tensor,
+    theta: torch.Tensor,
+    pi: torch.Tensor | None,
+    x_nz: torch.Tensor,
+    row: torch.Tensor,
+    col: torch.Tensor,
+    eps: float,
+    with_grad: bool,
+) -> tuple[torch.Tensor, ...]:
+    """:func:`nb_zinb_log_prob_sum` at ``mu = library * softmax(logits, -1)``, in one call.
+
+    ``logits`` is contiguous float32 ``(B, G)`` and ``library`` float32 ``(B,)``. Returns the
+    row sums, then (with ``with_grad``, else Nones) the unit-row derivatives by ``logits``,
+    ``pi`` and the per-entry ``theta``, and the ``(B,)`` ones by ``library``.
+    """
+    out, glog, gpi, gth, glib = _nb_zinb(
+        logits, library.contiguous(), theta, pi, x_nz, row, col, eps, with_grad
+    )
+    return out, glog, gpi, gth, glib
+
+
+def _nb_zinb(mu_or_logits, library, theta, pi, x_nz, row, col, eps, with_grad):
+    """Call ``cv_nb_zinb``: ``library`` None means the first argument is ``mu``."""
+    n_rows, n_genes = mu_or_logits.shape
+    threads = torch.get_num_threads() if mu_or_logits.numel() >= _MIN_PARALLEL else 1
     lgth, dgth = lgamma_digamma(theta)
     out = torch.empty(n_rows, dtype=torch.float32)
+    mu, logits = mu_or_logits, None
+    glib = None
+    if library is not None:
+        mu, logits = torch.empty_like(mu_or_logits), mu_or_logits
+        glib = torch.empty(n_rows, dtype=torch.float32) if with_grad else None
     gmu = gpi = gth = None
     if with_grad:
         gmu, gth = torch.empty_like(mu), torch.empty_like(mu)
         gpi = None if pi is None else torch.empty_like(mu)
-    tensors = (mu, theta, pi, row, col, x_nz, lgth, dgth, out, gmu, gpi, gth)
-    m, th, p, rw, cl, xv, lg, dg, o, gm, gp, gt = (
+    tensors = (mu, theta, pi, row, col, x_nz, lgth, dgth, out, gmu, gpi, gth, logits, library)
+    m, th, p, rw, cl, xv, lg, dg, o, gm, gp, gt, lo, lb = (
         None if t is None else t.data_ptr() for t in tensors
     )
+    glb = None if glib is None else glib.data_ptr()
     status = _lib.cv_nb_zinb(
-        n_rows, n_genes, m, th, p, row.numel(), rw, cl, xv, lg, dg, eps, o, gm, gp, gt, threads
-    )
+        n_rows, n_genes, m, th, p, row.numel(), rw, cl, xv, lg, dg, eps, o, gm, gp, gt, lo, lb,
+        glb, threads,
+    )  # fmt: skip
     if status == -2:
         raise IndexError(f"a stored entry lies outside the {n_rows} x {n_genes} minibatch.")
     if status != 0:
         raise MemoryError("cellvae's likelihood kernel could not allocate its buffers.")
-    return out, gmu, gpi, gth
+    return out, gmu, gpi, gth, glib
 
 
 def csr_t_dense(

@@ -445,28 +445,38 @@ class _FusedLogProbSum(torch.autograd.Function):
 
     The same quantities as :class:`_NBLogProbSum` / :class:`_ZINBLogProbSum` (which the tests
     hold it to), for float32 CPU tensors and a per-gene ``theta``: the forward pass computes the
-    gradients of a unit row gradient, the backward pass scales them.
+    gradients of a unit row gradient, the backward pass scales them. With ``library`` (one value
+    per row), the first argument holds logits and ``mu = library * softmax(logits, -1)``: the
+    kernel evaluates the softmax with the likelihood and returns the gradients by the logits and
+    the library, so neither the proportions nor ``mu`` become autograd nodes of their own.
     """
 
     @staticmethod
-    def forward(ctx, mu, theta, pi, x_nz, row, col, eps, with_grad):
+    def forward(ctx, mu, library, theta, pi, x_nz, row, col, eps, with_grad):
         x_nz, row, col = x_nz.to(torch.float32).contiguous(), row.contiguous(), col.contiguous()
-        out, gmu, gpi, gth = _kernels.nb_zinb_log_prob_sum(
-            mu, theta, pi, x_nz, row, col, eps, with_grad
-        )
+        args = (theta, pi, x_nz, row, col, eps, with_grad)
+        if library is None:
+            out, gmu, gpi, gth = _kernels.nb_zinb_log_prob_sum(mu, *args)
+            glib = None
+        else:
+            flat = library.reshape(-1)
+            out, gmu, gpi, gth, glib = _kernels.softmax_nb_zinb_log_prob_sum(mu, flat, *args)
+            ctx.library_shape = library.shape
         if with_grad:
-            ctx.save_for_backward(gmu, gpi, gth)
+            ctx.save_for_backward(gmu, gpi, gth, glib)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        gmu, gpi, gth = ctx.saved_tensors
+        gmu, gpi, gth, glib = ctx.saved_tensors
         g = grad_out[:, None]
-        grad_mu = gmu * g if ctx.needs_input_grad[0] else None
-        grad_theta = torch.mv(gth.t(), grad_out) if ctx.needs_input_grad[1] else None
-        grad_pi = gpi * g if gpi is not None and ctx.needs_input_grad[2] else None
-        return grad_mu, grad_theta, grad_pi, None, None, None, None, None
+        needs = ctx.needs_input_grad
+        grad_mu = gmu * g if needs[0] else None
+        grad_lib = (glib * grad_out).reshape(ctx.library_shape) if needs[1] else None
+        grad_theta = torch.mv(gth.t(), grad_out) if needs[2] else None
+        grad_pi = gpi * g if gpi is not None and needs[3] else None
+        return grad_mu, grad_lib, grad_theta, grad_pi, None, None, None, None, None
 
 
 def _fused(mu: torch.Tensor, theta: torch.Tensor, pi: torch.Tensor | None) -> bool:
@@ -479,24 +489,38 @@ def _fused(mu: torch.Tensor, theta: torch.Tensor, pi: torch.Tensor | None) -> bo
     )
 
 
-def _nb_log_prob_sum(x, mu, theta, eps, nz):
+def _nb_log_prob_sum(x, mu, theta, eps, nz, pi=None, library=None):
+    """NB (``pi`` None) or ZINB row sums; with ``library``, ``mu`` holds the scale logits."""
     row, col, lin, x_nz, shape = _nonzeros(x, nz)
+    theta = _param_view(theta.clamp_min(eps), shape)
     mu = mu.expand(shape).contiguous()
-    theta = _param_view(theta.clamp_min(eps), shape)
-    grad = _wants_grad(mu, theta)
-    if _fused(mu, theta, None):
-        return _FusedLogProbSum.apply(mu, theta, None, x_nz, row, col, eps, grad)
-    return _NBLogProbSum.apply(mu, theta, x_nz.to(mu.dtype), row, col, lin, eps, grad)
-
-
-def _zinb_log_prob_sum(x, mu, theta, pi, eps, nz):
-    row, col, lin, x_nz, shape = _nonzeros(x, nz)
-    mu, pi = mu.expand(shape).contiguous(), pi.expand(shape).contiguous()
-    theta = _param_view(theta.clamp_min(eps), shape)
-    grad = _wants_grad(mu, theta, pi)
+    pi = None if pi is None else pi.expand(shape).contiguous()
+    params = (mu, theta) if pi is None else (mu, theta, pi)
+    if library is not None:  # only where _softmax_fusable said yes
+        library = library.to(torch.float32)
+        grad = _wants_grad(*params, library)
+        return _FusedLogProbSum.apply(mu, library, theta, pi, x_nz, row, col, eps, grad)
+    grad = _wants_grad(*params)
     if _fused(mu, theta, pi):
-        return _FusedLogProbSum.apply(mu, theta, pi, x_nz, row, col, eps, grad)
+        return _FusedLogProbSum.apply(mu, None, theta, pi, x_nz, row, col, eps, grad)
+    if pi is None:
+        return _NBLogProbSum.apply(mu, theta, x_nz.to(mu.dtype), row, col, lin, eps, grad)
     return _ZINBLogProbSum.apply(mu, theta, pi, x_nz.to(mu.dtype), row, col, lin, eps, grad)
+
+
+def _softmax_fusable(logits, library, theta, pi, x) -> bool:
+    """Whether the kernels can take ``mu = library * softmax(logits)`` in the likelihood call."""
+    n_cells = logits.shape[0]
+    return (
+        logits.dim() == 2
+        and tuple(x.shape) == tuple(logits.shape)
+        and library.numel() == n_cells
+        and library.shape[0] == n_cells
+        and library.device.type == "cpu"
+        and _per_gene(theta, logits.shape[1])
+        and (pi is None or pi.shape[-1] == logits.shape[1])
+        and _fused(logits, theta.reshape(-1), pi)
+    )
 
 
 def _poisson_log_prob_sum(x, rate, eps, nz):
@@ -524,6 +548,30 @@ def _nb_sample(
     return torch.poisson(rate)
 
 
+def _mean_from(mu, theta, scale_logits, library) -> torch.Tensor | None:
+    """Check that ``mu`` or ``scale_logits`` and ``library`` are given; return ``mu`` (or None)."""
+    if theta is None:
+        raise ValueError("theta (the inverse dispersion) is required.")
+    if (mu is None) == (scale_logits is None) or (scale_logits is None) != (library is None):
+        raise ValueError("Give either mu, or scale_logits together with library.")
+    return mu
+
+
+def _mu_of(dist) -> torch.Tensor:
+    """``dist.mu``, computed once from its scale logits and library when it was built so."""
+    if dist._mu is None:
+        dist._mu = dist.library * torch.softmax(dist.scale_logits, dim=-1)
+    return dist._mu
+
+
+def _log_prob_sum(dist, x, nz, pi=None) -> torch.Tensor:
+    """The NB / ZINB ``log_prob_sum``: softmax and likelihood in one kernel call when possible."""
+    logits, library = dist.scale_logits, dist.library
+    if dist._mu is None and _softmax_fusable(logits, library, dist.theta, pi, x):
+        return _nb_log_prob_sum(x, logits, dist.theta, dist.eps, nz, pi, library)
+    return _nb_log_prob_sum(x, dist.mu, dist.theta, dist.eps, nz, pi)
+
+
 class NegativeBinomial(Distribution):
     """Negative binomial parametrised by its mean and inverse dispersion.
 
@@ -532,13 +580,18 @@ class NegativeBinomial(Distribution):
     Parameters
     ----------
     mu
-        Mean, ``>= 0``.
+        Mean, ``>= 0``. Or None, with ``scale_logits`` and ``library``.
     theta
         Inverse dispersion, ``> 0`` (broadcastable with ``mu``, e.g. per gene ``(G,)``).
     eps
         Floor applied to ``theta`` and to ``mu`` inside ``log mu``.
     validate_args
         Passed to :class:`torch.distributions.Distribution`.
+    scale_logits, library
+        The mean as ``mu = library * softmax(scale_logits, -1)``: a decoder's gene logits
+        ``(cells, genes)`` and the library size ``(cells, 1)`` (count scale). ``mu`` is computed
+        when first used; :meth:`log_prob_sum` evaluates the softmax inside the compiled
+        likelihood kernel where it can (float32 on the CPU, per-gene ``theta``), without it.
 
     Examples
     --------
@@ -557,15 +610,25 @@ class NegativeBinomial(Distribution):
 
     def __init__(
         self,
-        mu: torch.Tensor,
-        theta: torch.Tensor,
+        mu: torch.Tensor | None = None,
+        theta: torch.Tensor | None = None,
         eps: float = 1e-8,
         validate_args: bool = False,
+        *,
+        scale_logits: torch.Tensor | None = None,
+        library: torch.Tensor | None = None,
     ):
-        self.mu = mu
+        self._mu = _mean_from(mu, theta, scale_logits, library)
+        self.scale_logits, self.library = scale_logits, library
         self.theta = theta
         self.eps = eps
-        super().__init__(_broadcast_shapes(mu.shape, theta.shape), validate_args=validate_args)
+        shape = (mu if mu is not None else scale_logits).shape
+        super().__init__(_broadcast_shapes(shape, theta.shape), validate_args=validate_args)
+
+    @property
+    def mu(self) -> torch.Tensor:
+        """Mean ``μ`` as given, or ``library * softmax(scale_logits)``."""
+        return _mu_of(self)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -604,7 +667,7 @@ class NegativeBinomial(Distribution):
         torch.Tensor
             Shape ``(cells,)``, equal to ``log_prob(x).sum(-1)``.
         """
-        return _nb_log_prob_sum(x, self.mu, self.theta, self.eps, nz)
+        return _log_prob_sum(self, x, nz)
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:  # noqa: B008
         """Draw counts by the Gamma-Poisson construction; shape ``sample_shape + batch_shape``."""
@@ -618,7 +681,7 @@ class ZeroInflatedNegativeBinomial(Distribution):
     Parameters
     ----------
     mu
-        NB mean, ``>= 0``.
+        NB mean, ``>= 0``. Or None, with ``scale_logits`` and ``library``.
     theta
         NB inverse dispersion, ``> 0``.
     zi_logits
@@ -627,6 +690,9 @@ class ZeroInflatedNegativeBinomial(Distribution):
         Floor applied to ``theta`` and to ``mu`` inside ``log mu``.
     validate_args
         Passed to :class:`torch.distributions.Distribution`.
+    scale_logits, library
+        The NB mean as ``mu = library * softmax(scale_logits, -1)``, as in
+        :class:`NegativeBinomial`.
 
     Examples
     --------
@@ -651,18 +717,30 @@ class ZeroInflatedNegativeBinomial(Distribution):
 
     def __init__(
         self,
-        mu: torch.Tensor,
-        theta: torch.Tensor,
-        zi_logits: torch.Tensor,
+        mu: torch.Tensor | None = None,
+        theta: torch.Tensor | None = None,
+        zi_logits: torch.Tensor | None = None,
         eps: float = 1e-8,
         validate_args: bool = False,
+        *,
+        scale_logits: torch.Tensor | None = None,
+        library: torch.Tensor | None = None,
     ):
-        self.mu = mu
+        self._mu = _mean_from(mu, theta, scale_logits, library)
+        if zi_logits is None:
+            raise ValueError("zi_logits (the dropout logits) is required.")
+        self.scale_logits, self.library = scale_logits, library
         self.theta = theta
         self.zi_logits = zi_logits
         self.eps = eps
-        batch_shape = _broadcast_shapes(mu.shape, theta.shape, zi_logits.shape)
+        shape = (mu if mu is not None else scale_logits).shape
+        batch_shape = _broadcast_shapes(shape, theta.shape, zi_logits.shape)
         super().__init__(batch_shape, validate_args=validate_args)
+
+    @property
+    def mu(self) -> torch.Tensor:
+        """NB mean ``μ`` as given, or ``library * softmax(scale_logits)``."""
+        return _mu_of(self)
 
     @property
     def zi_probs(self) -> torch.Tensor:
@@ -707,7 +785,7 @@ class ZeroInflatedNegativeBinomial(Distribution):
         torch.Tensor
             Shape ``(cells,)``, equal to ``log_prob(x).sum(-1)``.
         """
-        return _zinb_log_prob_sum(x, self.mu, self.theta, self.zi_logits, self.eps, nz)
+        return _log_prob_sum(self, x, nz, self.zi_logits)
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:  # noqa: B008
         """Draw an NB count, set to zero with probability ``σ(π)``."""

@@ -554,6 +554,7 @@ class DecoderSCVI(nn.Module):
         library: torch.Tensor,
         *cat_list: torch.Tensor,
         gene_idx: torch.Tensor | None = None,
+        scale_logits: bool = False,
     ):
         """Return ``(px_scale, px_r, px_rate, px_dropout)``.
 
@@ -562,17 +563,24 @@ class DecoderSCVI(nn.Module):
 
         ``library`` is the log library size (cells × 1). ``gene_idx`` restricts the outputs to
         those genes: only their rows of the output layers are computed (with softmax, the
-        normaliser still needs every gene's logit).
+        normaliser still needs every gene's logit). ``scale_logits=True`` (softmax activation,
+        all genes) returns the logits of ``px_scale`` in its place and None for ``px_rate``, for
+        a likelihood that applies the softmax itself (``scale_logits`` of
+        :class:`~cellvae.distributions.NegativeBinomial`).
         """
         if dispersion == "gene-cell" and self.px_r_decoder is None:
             raise ValueError(
                 "dispersion='gene-cell' needs a decoder built with gene_cell_dispersion=True."
             )
+        if scale_logits and (self.scale_activation != "softmax" or gene_idx is not None):
+            raise ValueError("scale_logits needs the softmax activation and all genes.")
         h = self.px_decoder(z, *cat_list)
-        px_scale = self._scale(h, gene_idx)
         px_dropout = self._head(self.px_dropout_decoder, h, gene_idx)
-        px_rate = torch.exp(library) * px_scale
         px_r = self._head(self.px_r_decoder, h, gene_idx) if dispersion == "gene-cell" else None
+        if scale_logits:
+            return self.px_scale_decoder(h), px_r, None, px_dropout
+        px_scale = self._scale(h, gene_idx)
+        px_rate = torch.exp(library) * px_scale
         return px_scale, px_r, px_rate, px_dropout
 
 
@@ -819,27 +827,30 @@ class DecoderTOTALVI(nn.Module):
         *cat_list: torch.Tensor,
         sample_background: bool = True,
         compute_dropout: bool = True,
+        scale_logits: bool = False,
     ):
         """Return ``(px, py, log_pro_back_mean)``; ``library_gene`` is on the count scale.
 
         ``sample_background=False`` uses the mean of ``β``, ``exp(α + σ²/2)``, instead of a
         sample (for deterministic getters); ``compute_dropout=False`` skips the
-        zero-inflation head.
+        zero-inflation head. ``scale_logits=True`` (softmax activation) puts the logits of
+        ``scale`` in ``px["scale_logits"]`` and None in ``px["scale"]`` and ``px["rate"]``, for a
+        likelihood that applies the softmax itself.
         """
         if compute_dropout and self.px_dropout_decoder is None:
             raise ValueError("compute_dropout needs a decoder built with zero_inflation=True.")
+        if scale_logits and self.scale_activation != "softmax":
+            raise ValueError("scale_logits needs the softmax activation.")
         h = self.px_decoder(z, *cat_list)
         hz = torch.cat([h, z], dim=-1)
         logits = self.px_scale_decoder(hz)
-        if self.scale_activation == "softmax":
-            scale = torch.softmax(logits, dim=-1)
+        px = {"dropout": self.px_dropout_decoder(hz) if compute_dropout else None}
+        if scale_logits:
+            px.update(scale_logits=logits, scale=None, rate=None)
         else:
-            scale = F.softplus(logits)
-        px = {
-            "scale": scale,
-            "rate": library_gene * scale,
-            "dropout": self.px_dropout_decoder(hz) if compute_dropout else None,
-        }
+            scale = torch.softmax(logits, -1) if self.scale_activation == "softmax" else None
+            scale = F.softplus(logits) if scale is None else scale
+            px.update(scale=scale, rate=library_gene * scale)
 
         hz = torch.cat([self.py_back_decoder(z, *cat_list), z], dim=-1)
         back_alpha = self.py_back_alpha(hz)

@@ -493,3 +493,26 @@ def test_kl_normal_matches_torch_distributions_float64(prior):
         torch.distributions.Normal(p_m.double().expand_as(q_m), p_v.double().sqrt().expand_as(q_m)),
     ).sum(-1)
     torch.testing.assert_close(kl_normal(q_m, q_v, *args), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_mean_from_scale_logits_and_argument_errors():
+    logits, library = torch.randn(3, 5), torch.tensor([[10.0], [0.0], [3.0]])
+    theta, pi = torch.rand(5) + 0.5, torch.randn(3, 5)
+    nb = NegativeBinomial(scale_logits=logits, library=library, theta=theta)
+    torch.testing.assert_close(nb.mu, library * torch.softmax(logits, -1))
+    assert nb.batch_shape == (3, 5) and nb.mu is nb.mu  # computed once
+    zinb = ZeroInflatedNegativeBinomial(
+        scale_logits=logits, library=library, theta=theta, zi_logits=pi
+    )
+    torch.testing.assert_close(zinb.mean, (1 - torch.sigmoid(pi)) * nb.mu)
+    mu = torch.ones(3, 5)
+    for bad in (
+        {"theta": theta},  # no mean
+        {"mu": mu, "scale_logits": logits, "library": library, "theta": theta},  # both
+        {"scale_logits": logits, "theta": theta},  # logits without library
+        {"mu": mu},  # no theta
+    ):
+        with pytest.raises(ValueError, match="mu|theta"):
+            NegativeBinomial(**bad)
+    with pytest.raises(ValueError, match="zi_logits"):
+        ZeroInflatedNegativeBinomial(mu=mu, theta=theta)

@@ -20,6 +20,7 @@ from cellvae import nn as nn_module
 from cellvae._sparse import CSRBatch
 from cellvae.distributions import (
     NegativeBinomial,
+    ZeroInflatedNegativeBinomial,
     log_nb_positive,
     log_zinb_positive,
 )
@@ -427,3 +428,69 @@ def test_counts_beyond_the_log_factorial_table_and_non_integers(x):
             torch.tensor([[mu]]), torch.tensor([theta]), zi, val, idx, idx, 1e-8, False
         )[0]
         np.testing.assert_allclose(out.item(), ref, rtol=1e-6)
+
+
+def _softmax_inputs(seed, n_cells=12, n_genes=300):
+    """Logits with a wide spread (some proportions below e^-80 of the row's largest), libraries
+    (one cell without counts), per-gene theta, dropout logits and counts drawn from them."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n_cells, n_genes, generator=g) * 3
+    logits[0, :10] -= 120.0  # below the clamp of the exponent
+    logits[1] += 50.0  # a shift the softmax must not see
+    library = torch.exp(torch.randn(n_cells, 1, generator=g) + 7)
+    library[2] = 0.0  # a cell without counts
+    theta = torch.exp(torch.randn(n_genes, generator=g))
+    pi = torch.randn(n_cells, n_genes, generator=g) * 2
+    mu = library * torch.softmax(logits.double(), -1).float()
+    x = torch.poisson(mu, generator=g)
+    return logits, library, theta, pi, x
+
+
+@built
+@pytest.mark.parametrize("name", ["nb", "zinb"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_softmax_in_the_kernel_matches_float64_torch(name, seed):
+    # mu = library * softmax(logits) evaluated inside the kernel: row sums and the gradients by
+    # the logits, the library, theta and pi, against the torch code in float64
+    logits, library, theta, pi, x = _softmax_inputs(seed)
+    weights = torch.rand(len(x), generator=torch.Generator().manual_seed(seed)) + 0.5
+    nz = torch.nonzero(x, as_tuple=True)
+    cls = NegativeBinomial if name == "nb" else ZeroInflatedNegativeBinomial
+
+    def run(dtype, fused):
+        params = [p.to(dtype).clone().requires_grad_() for p in (logits, library, theta, pi)]
+        extra = {} if name == "nb" else {"zi_logits": params[3]}
+        dist = cls(scale_logits=params[0], library=params[1], theta=params[2], **extra)
+        if not fused:
+            dist.mu  # noqa: B018 (computing mu first sends log_prob_sum to the torch code)
+        out = dist.log_prob_sum(x.to(dtype), nz)
+        wrt = params if name == "zinb" else params[:3]
+        grads = torch.autograd.grad((out * weights.to(dtype)).sum(), wrt)
+        return out, grads
+
+    out, grads = run(torch.float32, fused=True)
+    assert out.grad_fn.name() == "_FusedLogProbSumBackward"
+    ref, ref_grads = run(torch.float64, fused=False)
+    assert "Fused" not in ref.grad_fn.name()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-3)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4 * r.abs().max().item())
+    # the cell without counts: mu and the logits' gradient vanish, the library's does not
+    assert (grads[0][2] == 0).all() and grads[1][2].item() < 0
+
+
+@built
+def test_softmax_kernel_without_gradients_and_its_mu():
+    logits, library, theta, pi, x = _softmax_inputs(3)
+    nz = torch.nonzero(x, as_tuple=True)
+    dist = ZeroInflatedNegativeBinomial(
+        scale_logits=logits, library=library, theta=theta, zi_logits=pi
+    )
+    with torch.no_grad():
+        plain = dist.log_prob_sum(x, nz)
+    assert plain.grad_fn is None
+    mu = dist.mu  # computed once, by torch, and kept
+    assert dist.mu is mu
+    torch.testing.assert_close(mu, library * torch.softmax(logits, -1))
+    torch.testing.assert_close(plain, dist.log_prob(x).sum(-1), rtol=1e-5, atol=1e-3)

@@ -328,6 +328,42 @@ def test_vae_shapes_all_options(dispersion, likelihood, latent):
     out.loss.backward()
 
 
+@pytest.mark.parametrize("dispersion", ["gene", "gene-cell"])
+@pytest.mark.parametrize("likelihood", ["zinb", "nb", "poisson"])
+@pytest.mark.parametrize("size_factor", [False, True])
+def test_lazy_mean_gives_the_same_loss_and_gradients(dispersion, likelihood, size_factor):
+    # the training loss builds px from the decoder's logits (softmax inside the likelihood
+    # kernel where it applies); the getters' eager px_rate / px_scale path must agree with it
+    adata = _setup(40, 15, n_batches=2)
+    adata.obs["sf"] = np.linspace(0.5, 2.0, 40)
+    kwargs = {"size_factor_key": "sf"} if size_factor else {}
+    cellvae.SCVI.setup_anndata(adata, batch_key="batch", **kwargs)
+    batch = TensorData.from_adata(adata)[torch.arange(40)]
+    torch.manual_seed(0)
+    module = VAE(
+        15, n_batch=2, dispersion=dispersion, gene_likelihood=likelihood,
+        use_size_factor_key=size_factor,
+    )  # fmt: skip
+    module.eval()  # no dropout, running batch-norm statistics: both passes see the same network
+    inf = module.inference(batch)
+    results = []
+    for lazy in (False, True):
+        gen = module.generative(inf["z"], inf["library"], batch, lazy_mean=lazy)
+        softmax_kernel = lazy and likelihood != "poisson" and not size_factor
+        assert (gen["px_scale"] is None) == softmax_kernel
+        loss = module.loss(batch, inf, gen).loss
+        params = list(module.parameters())
+        grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+        results.append((loss, grads, gen["px"].mean))
+    (loss0, grads0, mean0), (loss1, grads1, mean1) = results
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(mean1, mean0)
+    for a, b in zip(grads1, grads0, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_latent_library_and_covariates():
     adata = cellvae.datasets.synthetic(60, 12, n_batches=3)
     adata.obs["donor"] = ["a", "b", "c"] * 20

@@ -241,6 +241,39 @@ def test_module_options_forward_backward(options):
     assert gen["px"].log_prob(as_dense(t["x"])).shape == (3, 40, 40)
 
 
+@pytest.mark.parametrize("likelihood", ["nb", "zinb"])
+@pytest.mark.parametrize("observed", [False, True])
+def test_lazy_gene_mean_gives_the_same_loss_and_gradients(likelihood, observed):
+    # training builds px from the gene logits (softmax inside the likelihood kernel); the eager
+    # scale / rate of the getters must give the same loss and gradients, the library's included
+    adata = _synthetic_missing(40)
+    t = _tensors(adata)
+    torch.manual_seed(0)
+    module = TOTALVAE(
+        40, 6, n_batch=2, n_hidden=16, n_latent=3, gene_likelihood=likelihood,
+        use_observed_lib_size=observed, library_log_means=[5.0, 5.0],
+        library_log_vars=[0.5, 0.5],
+    ).eval()  # fmt: skip
+    inf = module.inference(t)
+    params = list(module.parameters())
+    results = []
+    for lazy in (False, True):
+        gen = module.generative(
+            inf["z"], inf["library"], t, sample_background=False, lazy_mean=lazy
+        )
+        assert (gen["px_"]["rate"] is None) == lazy
+        loss = module.loss(t, inf, gen).loss
+        grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+        results.append((loss, grads, gen["px"].mu))
+    (loss0, grads0, mu0), (loss1, grads1, mu1) = results
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(mu1, mu0)
+    for a, b in zip(grads1, grads0, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_sparse_counts_give_the_dense_encoding_and_gradients():
     """A CSR batch (counts kept sparse next to the dense proteins) = the densified batch."""
     adata = _synthetic_missing(50)

@@ -324,14 +324,19 @@ class TOTALVAE(nn.Module):
         *,
         batch: torch.Tensor | None = None,
         sample_background: bool = True,
+        lazy_mean: bool = False,
     ) -> dict:
         """Decode z into ``px`` (genes) and ``py`` (protein mixture) distributions.
 
         ``batch`` overrides the cells' batch (decode as if from that batch);
         ``sample_background=False`` uses the mean of the background instead of a sample.
         Returns ``px``, ``py`` (distributions), ``px_`` and ``py_`` (the decoder outputs) and
-        ``log_pro_back_mean``.
+        ``log_pro_back_mean``. With ``lazy_mean`` (the training loss) and a softmax decoder,
+        ``px`` is built from the decoder's logits and the library, ``px_["scale"]`` and
+        ``px_["rate"]`` are None, and ``px.log_prob_sum`` evaluates the softmax inside the
+        likelihood kernel (see :meth:`cellvae.module.VAE.generative`).
         """
+        lazy = lazy_mean and z.dim() == 2 and self.decoder.scale_activation == "softmax"
         dec_in, cats, unflat = decoder_input(z, tensors, batch)
         if z.dim() == 3:
             library = library.reshape(-1, 1)
@@ -341,6 +346,7 @@ class TOTALVAE(nn.Module):
             *cats,
             sample_background=sample_background,
             compute_dropout=self.gene_likelihood == "zinb",
+            scale_logits=lazy,
         )
         px_ = {k: unflat(v) for k, v in px_.items()}
         py_ = {k: unflat(v) for k, v in py_.items()}
@@ -356,12 +362,13 @@ class TOTALVAE(nn.Module):
             px_r = unflat(px_r) if px_r.dim() == 2 else px_r
             py_r = unflat(py_r) if py_r.dim() == 2 else py_r
         theta_x, theta_y = torch.exp(px_r), torch.exp(py_r)
+        mean = {"mu": px_["rate"]}
+        if lazy:
+            mean = {"scale_logits": px_["scale_logits"], "library": library}
         if self.gene_likelihood == "zinb":
-            px = ZeroInflatedNegativeBinomial(
-                mu=px_["rate"], theta=theta_x, zi_logits=px_["dropout"]
-            )
+            px = ZeroInflatedNegativeBinomial(theta=theta_x, zi_logits=px_["dropout"], **mean)
         else:
-            px = NegativeBinomial(mu=px_["rate"], theta=theta_x)
+            px = NegativeBinomial(theta=theta_x, **mean)
         py = NegativeBinomialMixture(
             mu1=py_["rate_back"], mu2=py_["rate_fore"], theta1=theta_y, mixture_logits=py_["mixing"]
         )
@@ -421,5 +428,5 @@ class TOTALVAE(nn.Module):
     def forward(self, tensors: dict[str, torch.Tensor], kl_weight: float = 1.0) -> LossOutput:
         """Inference, generative and loss for one minibatch."""
         inf = self.inference(tensors)
-        gen = self.generative(inf["z"], inf["library"], tensors)
+        gen = self.generative(inf["z"], inf["library"], tensors, lazy_mean=True)
         return self.loss(tensors, inf, gen, kl_weight)

@@ -226,11 +226,27 @@ class VAE(nn.Module):
         *,
         batch: torch.Tensor | None = None,
         gene_idx: torch.Tensor | None = None,
+        lazy_mean: bool = False,
     ) -> dict:
-        """Decode z into the count distribution ``px`` (``batch`` overrides the cells' batch)."""
+        """Decode z into the count distribution ``px`` (``batch`` overrides the cells' batch).
+
+        Returns ``px``, ``px_scale`` and ``px_rate``. With ``lazy_mean`` (the training loss), an
+        NB or ZINB ``px`` of a softmax decoder is built from the decoder's logits and the
+        library, ``px_scale`` and ``px_rate`` are None, and ``px.log_prob_sum`` evaluates the
+        softmax inside the likelihood kernel (elsewhere ``px.mu`` computes it when first used).
+        """
+        lazy = (
+            lazy_mean
+            and z.dim() == 2
+            and gene_idx is None
+            and self.decoder.scale_activation == "softmax"
+            and self.gene_likelihood in ("nb", "zinb")
+        )
         dec_in, cats, unflat = decoder_input(z, tensors, batch)
         lib = library if z.dim() == 2 else library.reshape(-1, 1)
-        outputs = self.decoder(self.dispersion, dec_in, lib, *cats, gene_idx=gene_idx)
+        outputs = self.decoder(
+            self.dispersion, dec_in, lib, *cats, gene_idx=gene_idx, scale_logits=lazy
+        )
         px_scale, px_r, px_rate, px_dropout = map(unflat, outputs)
         if self.dispersion == "gene":
             px_r = self.px_r
@@ -241,10 +257,14 @@ class VAE(nn.Module):
         if gene_idx is not None and self.dispersion != "gene-cell":
             px_r = px_r[..., gene_idx]
         theta = torch.exp(px_r)
+        mean = {"mu": px_rate}
+        if lazy:  # px_scale holds the logits
+            mean = {"scale_logits": px_scale, "library": torch.exp(library)}
+            px_scale = None
         if self.gene_likelihood == "zinb":
-            px = ZeroInflatedNegativeBinomial(mu=px_rate, theta=theta, zi_logits=px_dropout)
+            px = ZeroInflatedNegativeBinomial(theta=theta, zi_logits=px_dropout, **mean)
         elif self.gene_likelihood == "nb":
-            px = NegativeBinomial(mu=px_rate, theta=theta)
+            px = NegativeBinomial(theta=theta, **mean)
         elif self.gene_likelihood == "poisson":
             px = Poisson(rate=px_rate)
         else:
@@ -292,7 +312,7 @@ class VAE(nn.Module):
     def forward(self, tensors: dict[str, torch.Tensor], kl_weight: float = 1.0) -> LossOutput:
         """Inference, generative and loss for one minibatch."""
         inf = self.inference(tensors)
-        gen = self.generative(inf["z"], inf["library"], tensors)
+        gen = self.generative(inf["z"], inf["library"], tensors, lazy_mean=True)
         return self.loss(tensors, inf, gen, kl_weight)
 
     @torch.no_grad()
