@@ -429,6 +429,85 @@ int cv_nb_zinb(int64_t B, int64_t G, float *mu, const float *theta, const float 
     return 0;
 }
 
+#define MIXTURE_CHUNK 256
+
+/* One NB component of the protein mixture, float64: returns
+ * a = -theta log(1 + mu/theta) - x log(1 + theta/max(mu, eps)) and its derivatives by mu
+ * (none through the floor) and theta. */
+static inline double mixture_part(double x, double m, double th, double eps, double *d_mu,
+                                  double *d_th) {
+    double mc = m >= eps ? m : eps, t = log1p(m / th);
+    *d_mu = -th / (th + m) + (m >= eps ? x * th / (mc * (mc + th)) : 0.0);
+    *d_th = -t + m / (th + m) - x / (mc + th);
+    return -th * t - x * log1p(th / mc);
+}
+
+/* The totalVI protein likelihood, a two-component NB mixture with a shared theta per protein,
+ * for each of the B x P entries (float64 inside, float32 out):
+ *   log p(x) = lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)
+ *              + logaddexp(a1, a2 - pi) - softplus(-pi)
+ * with a_k the component terms of mixture_part (mu1 background, mu2 foreground, pi the logit
+ * of the background). With g1 not NULL, also the derivatives of each entry by mu1, mu2, pi and
+ * theta. lgth / dgth: lgamma / digamma of theta (P values; theta floored at eps by the caller).
+ * Rows are split among n_threads OpenMP threads; each entry is computed alone, so the results
+ * do not depend on n_threads. */
+CLONES static void mixture_terms(int64_t P, const float *restrict mu1, const float *restrict mu2,
+                                 const float *restrict theta, const float *restrict pi,
+                                 const float *restrict x, const double *restrict lgx,
+                                 const double *restrict lgth, const double *restrict dgth,
+                                 double eps, float *restrict out, float *restrict g1,
+                                 float *restrict g2, float *restrict gpi, float *restrict gth) {
+    for (int64_t p = 0; p < P; p++) {
+        double xv = x[p], th = theta[p], lg, dg, d1, d2, t1, t2;
+        lgamma_digamma_pos(xv + th, &lg, &dg);
+        double a1 = mixture_part(xv, mu1[p], th, eps, &d1, &t1);
+        double b = mixture_part(xv, mu2[p], th, eps, &d2, &t2) - pi[p];
+        double hi = a1 > b ? a1 : b, lo = a1 > b ? b : a1;
+        double e = exp(lo - hi), lse = hi + log1p(e);
+        double w_hi = 1.0 / (1.0 + e), w_lo = e / (1.0 + e);
+        double w1 = a1 > b ? w_hi : w_lo, w2 = a1 > b ? w_lo : w_hi;
+        double q = pi[p], ea = exp(-fabs(q));
+        double sp = (q < 0 ? -q : 0.0) + log1p(ea); /* softplus(-pi) */
+        double sig = (q <= 0 ? 1.0 : ea) / (1.0 + ea); /* sigmoid(-pi) */
+        out[p] = (float)(lg - lgth[p] - lgx[p] + lse - sp);
+        if (g1) {
+            g1[p] = (float)(w1 * d1);
+            g2[p] = (float)(w2 * d2);
+            gpi[p] = (float)(sig - w2);
+            gth[p] = (float)(dg - dgth[p] + w1 * t1 + w2 * t2);
+        }
+    }
+}
+
+static void mixture_row(int64_t P, const float *restrict mu1, const float *restrict mu2,
+                               const float *restrict theta, const float *restrict pi,
+                               const float *restrict x, const double *restrict lgth,
+                               const double *restrict dgth, double eps, float *restrict out,
+                               float *restrict g1, float *restrict g2, float *restrict gpi,
+                               float *restrict gth) {
+    double lgx[MIXTURE_CHUNK]; /* lgamma(x + 1), looked up first: the loop below vectorises */
+    for (int64_t p0 = 0; p0 < P; p0 += MIXTURE_CHUNK) {
+        int64_t n = P - p0 < MIXTURE_CHUNK ? P - p0 : MIXTURE_CHUNK;
+        for (int64_t k = 0; k < n; k++) lgx[k] = lgamma_x_plus_1(x[p0 + k]);
+        mixture_terms(n, mu1 + p0, mu2 + p0, theta + p0, pi + p0, x + p0, lgx, lgth + p0,
+                      dgth + p0, eps, out + p0, g1 ? g1 + p0 : NULL, g1 ? g2 + p0 : NULL,
+                      g1 ? gpi + p0 : NULL, g1 ? gth + p0 : NULL);
+    }
+}
+
+void cv_nb_mixture(int64_t B, int64_t P, const float *mu1, const float *mu2, const float *theta,
+                   const float *pi, const float *x, const double *lgth, const double *dgth,
+                   double eps, float *out, float *g1, float *g2, float *gpi, float *gth,
+                   int n_threads) {
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t r = 0; r < B; r++) {
+        int64_t o = r * P;
+        mixture_row(P, mu1 + o, mu2 + o, theta, pi + o, x + o, lgth, dgth, eps, out + o,
+                    g1 ? g1 + o : NULL, g1 ? g2 + o : NULL, g1 ? gpi + o : NULL,
+                    g1 ? gth + o : NULL);
+    }
+}
+
 /* lgamma and digamma of n positive float32 values, in float64 (theta's G values). */
 void cv_lgamma_digamma(int64_t n, const float *z, double *lg, double *dg) {
     for (int64_t k = 0; k < n; k++) {

@@ -1,7 +1,8 @@
 """Fused CPU kernels for the NB / ZINB log-likelihood row sums, when they were built.
 
 (Also :func:`csr_t_dense`, the weight gradient ``Xᵀ dY`` of the sparse first layer, which
-:mod:`cellvae._sparse` uses in place of sorting the entries by gene.)
+:mod:`cellvae._sparse` uses in place of sorting the entries by gene, and
+:func:`nb_mixture_log_prob`, totalVI's protein likelihood with its gradients in one call.)
 
 ``_kernels.c`` is compiled at install time into ``cellvae/_ckernels*.so`` (``setup.py``; an
 optional extension: where no C compiler or no glibc vector maths is found, the install goes on
@@ -36,6 +37,7 @@ __all__ = [
     "bn_relu_drop_forward",
     "csr_t_dense",
     "gather_csr",
+    "nb_mixture_log_prob",
     "nb_zinb_log_prob_sum",
     "random_lanes",
     "softmax_nb_zinb_log_prob_sum",
@@ -70,6 +72,9 @@ def _load() -> ctypes.CDLL | None:
     lib.cv_bn_relu_drop_bwd.restype = None
     lib.cv_bn_relu_drop_bwd.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, f32, ptr, ptr, ptr]
     lib.cv_bn_relu_drop_bwd.argtypes += [ptr, c_int]
+    lib.cv_nb_mixture.restype = None
+    lib.cv_nb_mixture.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, f64, ptr, ptr]
+    lib.cv_nb_mixture.argtypes += [ptr, ptr, ptr, ctypes.c_int]
     lib.cv_random_lanes.restype = None
     lib.cv_random_lanes.argtypes = [i64, ctypes.c_uint64, ptr]
     return lib
@@ -170,6 +175,34 @@ def _nb_zinb(mu_or_logits, library, theta, pi, x_nz, row, col, eps, with_grad):
     if status != 0:
         raise MemoryError("cellvae's likelihood kernel could not allocate its buffers.")
     return out, gmu, gpi, gth, glib
+
+
+def nb_mixture_log_prob(
+    mu1: torch.Tensor,
+    mu2: torch.Tensor,
+    theta: torch.Tensor,
+    pi: torch.Tensor,
+    x: torch.Tensor,
+    eps: float,
+    with_grad: bool,
+) -> tuple[torch.Tensor, ...]:
+    """Elementwise log-likelihood of the totalVI protein mixture (shared ``theta``).
+
+    ``mu1``, ``mu2``, ``pi`` and ``x`` are contiguous float32 ``(B, P)``, ``theta`` float32
+    ``(P,)`` floored at ``eps``. Returns ``log p`` ``(B, P)`` and, with ``with_grad``, its
+    derivatives by ``mu1``, ``mu2``, ``pi`` and the per-entry ``theta`` (otherwise four Nones).
+    """
+    n_rows, n_cols = x.shape
+    threads = torch.get_num_threads() if x.numel() >= _MIN_PARALLEL else 1
+    lgth, dgth = lgamma_digamma(theta)
+    out = torch.empty_like(x)
+    grads = [torch.empty_like(x) for _ in range(4)] if with_grad else [None] * 4
+    ptrs = [None if t is None else t.data_ptr() for t in grads]
+    _lib.cv_nb_mixture(
+        n_rows, n_cols, mu1.data_ptr(), mu2.data_ptr(), theta.data_ptr(), pi.data_ptr(),
+        x.data_ptr(), lgth.data_ptr(), dgth.data_ptr(), eps, out.data_ptr(), *ptrs, threads,
+    )  # fmt: skip
+    return out, *grads
 
 
 def csr_t_dense(

@@ -530,6 +530,54 @@ def _poisson_log_prob_sum(x, rate, eps, nz):
     return (-rate.expand(shape).sum(-1)).index_add(0, row, rest.to(rate.dtype))
 
 
+class _FusedMixtureLogProb(torch.autograd.Function):
+    """:func:`log_mixture_nb` with a shared per-protein ``theta`` by the compiled kernel.
+
+    One call evaluates every entry and, when autograd will need them, its derivatives (about 60
+    torch operators forward and backward on small cells × proteins tensors otherwise).
+    """
+
+    @staticmethod
+    def forward(ctx, mu1, mu2, theta, pi, x, eps, with_grad):
+        out, g1, g2, gpi, gth = _kernels.nb_mixture_log_prob(mu1, mu2, theta, pi, x, eps, with_grad)
+        if with_grad:
+            ctx.save_for_backward(g1, g2, gpi, gth)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        g1, g2, gpi, gth = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        return (
+            g1 * grad if needs[0] else None,
+            g2 * grad if needs[1] else None,
+            (gth * grad).sum(0) if needs[2] else None,
+            gpi * grad if needs[3] else None,
+            None,
+            None,
+            None,
+        )
+
+
+def _mixture_log_prob(x, mu1, mu2, theta1, theta2, pi, eps) -> torch.Tensor:
+    """:func:`log_mixture_nb`, by the compiled kernel for 2-D float32 CPU data and a shared θ."""
+    shape = _broadcast_shapes(x.shape, mu1.shape, mu2.shape, pi.shape)
+    if (
+        theta2 is None
+        and len(shape) == 2
+        and theta1.dim() == 1
+        and theta1.shape[0] == shape[1]
+        and _fused(mu1, theta1, mu2)
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (pi, x))
+    ):
+        args = [t.expand(shape).contiguous() for t in (mu1, mu2, pi, x)]
+        theta = theta1.clamp_min(eps)
+        grad = _wants_grad(mu1, mu2, theta, pi)
+        return _FusedMixtureLogProb.apply(args[0], args[1], theta, args[2], args[3], eps, grad)
+    return log_mixture_nb(x, mu1, mu2, theta1, theta2, pi, eps)
+
+
 # --------------------------------------------------------------------------------------------------
 # distributions
 # --------------------------------------------------------------------------------------------------
@@ -998,10 +1046,13 @@ class NegativeBinomialMixture(Distribution):
         return (p * second1 + (1 - p) * second2 - mean**2).expand(self.batch_shape)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        """Elementwise log-likelihood, see :func:`log_mixture_nb`."""
+        """Elementwise log-likelihood, see :func:`log_mixture_nb`.
+
+        Evaluated by the compiled kernel for 2-D float32 CPU tensors and a shared ``theta1``.
+        """
         if self._validate_args:
             self._validate_sample(value)
-        return log_mixture_nb(
+        return _mixture_log_prob(
             value, self.mu1, self.mu2, self.theta1, self.theta2, self.mixture_logits, self.eps
         )
 

@@ -20,6 +20,7 @@ from cellvae import nn as nn_module
 from cellvae._sparse import CSRBatch
 from cellvae.distributions import (
     NegativeBinomial,
+    NegativeBinomialMixture,
     ZeroInflatedNegativeBinomial,
     log_nb_positive,
     log_zinb_positive,
@@ -494,3 +495,41 @@ def test_softmax_kernel_without_gradients_and_its_mu():
     assert dist.mu is mu
     torch.testing.assert_close(mu, library * torch.softmax(logits, -1))
     torch.testing.assert_close(plain, dist.log_prob(x).sum(-1), rtol=1e-5, atol=1e-3)
+
+
+@built
+@pytest.mark.parametrize("seed", [0, 1])
+def test_protein_mixture_kernel_matches_float64_torch(seed):
+    # totalVI's NB mixture with a shared per-protein theta: values and the gradients by both
+    # means, the mixing logits and theta, against the torch code in float64, at extremes too
+    g = torch.Generator().manual_seed(seed)
+    n_cells, n_proteins = 40, 30
+    mu1 = torch.exp(torch.randn(n_cells, n_proteins, generator=g) * 2)
+    fore = torch.rand(n_cells, n_proteins, generator=g) * 5 + 1
+    pi = torch.randn(n_cells, n_proteins, generator=g) * 3
+    theta = torch.exp(torch.randn(n_proteins, generator=g) * 2)
+    mu1[0, :3] = torch.tensor([0.0, 1e-12, 1e6])  # an underflowed, a floored and a huge mean
+    pi[1, :2] = torch.tensor([-60.0, 60.0])  # all foreground, all background
+    theta[4] = 1e-10  # below the floor: no gradient
+    y = torch.poisson(torch.where(torch.rand(mu1.shape, generator=g) < 0.5, mu1, mu1 * fore))
+    y[2, :2] = torch.tensor([5000.0, 2.5])  # past the log-factorial table; not an integer
+    weights = torch.rand(mu1.shape, generator=g)
+
+    def run(dtype):
+        params = [t.to(dtype).clone().requires_grad_() for t in (mu1, fore, pi, theta)]
+        mix = NegativeBinomialMixture(params[0], params[0] * params[1], params[3], params[2])
+        lp = mix.log_prob(y.to(dtype))
+        return lp, torch.autograd.grad((lp * weights.to(dtype)).sum(), params)
+
+    lp, grads = run(torch.float32)
+    assert lp.grad_fn.name() == "_FusedMixtureLogProbBackward"
+    ref, ref_grads = run(torch.float64)  # float64: the torch code, log_mixture_nb
+    assert "Fused" not in ref.grad_fn.name()
+    torch.testing.assert_close(lp.double(), ref, rtol=1e-5, atol=1e-4)
+    for got, exp in zip(grads, ref_grads, strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), exp, rtol=1e-4, atol=1e-5 * exp.abs().max())
+    assert grads[3][4] == 0.0
+    with torch.no_grad():  # no gradients asked: the same values
+        mix = NegativeBinomialMixture(mu1, mu1 * fore, theta, pi)
+        torch.testing.assert_close(mix.log_prob(y), lp.detach())
