@@ -479,13 +479,16 @@ class _FusedLogProbSum(torch.autograd.Function):
         return grad_mu, grad_lib, grad_theta, grad_pi, None, None, None, None, None
 
 
-def _fused(mu: torch.Tensor, theta: torch.Tensor, pi: torch.Tensor | None) -> bool:
-    """Whether the compiled kernels handle these parameters (float32 on CPU, per-gene θ)."""
-    tensors = (mu, theta) if pi is None else (mu, theta, pi)
+def _fused(theta: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    """Whether the compiled kernels take these tensors (None entries skipped).
+
+    They need a 1-D (per-feature) ``theta`` and every tensor float32 on the CPU.
+    """
+    given = [t for t in (theta, *tensors) if t is not None]
     return (
         _kernels.available()
         and theta.dim() == 1
-        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in given)
     )
 
 
@@ -501,7 +504,7 @@ def _nb_log_prob_sum(x, mu, theta, eps, nz, pi=None, library=None):
         grad = _wants_grad(*params, library)
         return _FusedLogProbSum.apply(mu, library, theta, pi, x_nz, row, col, eps, grad)
     grad = _wants_grad(*params)
-    if _fused(mu, theta, pi):
+    if _fused(theta, mu, pi):
         return _FusedLogProbSum.apply(mu, None, theta, pi, x_nz, row, col, eps, grad)
     if pi is None:
         return _NBLogProbSum.apply(mu, theta, x_nz.to(mu.dtype), row, col, lin, eps, grad)
@@ -519,7 +522,7 @@ def _softmax_fusable(logits, library, theta, pi, x) -> bool:
         and library.device.type == "cpu"
         and _per_gene(theta, logits.shape[1])
         and (pi is None or pi.shape[-1] == logits.shape[1])
-        and _fused(logits, theta.reshape(-1), pi)
+        and _fused(theta.reshape(-1), logits, pi)
     )
 
 
@@ -568,8 +571,7 @@ def _mixture_log_prob(x, mu1, mu2, theta1, theta2, pi, eps) -> torch.Tensor:
         and len(shape) == 2
         and theta1.dim() == 1
         and theta1.shape[0] == shape[1]
-        and _fused(mu1, theta1, mu2)
-        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (pi, x))
+        and _fused(theta1, mu1, mu2, pi, x)
     ):
         args = [t.expand(shape).contiguous() for t in (mu1, mu2, pi, x)]
         theta = theta1.clamp_min(eps)

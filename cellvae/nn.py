@@ -848,8 +848,10 @@ class DecoderTOTALVI(nn.Module):
         if scale_logits:
             px.update(scale_logits=logits, scale=None, rate=None)
         else:
-            scale = torch.softmax(logits, -1) if self.scale_activation == "softmax" else None
-            scale = F.softplus(logits) if scale is None else scale
+            if self.scale_activation == "softmax":
+                scale = torch.softmax(logits, dim=-1)
+            else:
+                scale = F.softplus(logits)
             px.update(scale=scale, rate=library_gene * scale)
 
         hz = torch.cat([self.py_back_decoder(z, *cat_list), z], dim=-1)

@@ -328,6 +328,17 @@ def test_vae_shapes_all_options(dispersion, likelihood, latent):
     out.loss.backward()
 
 
+def assert_same_loss_grads_mean(eager, lazy):
+    """Two ``(loss, parameter gradients, mean)`` results agree (also used by test_totalvi)."""
+    (loss0, grads0, mean0), (loss1, grads1, mean1) = eager, lazy
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(mean1, mean0)
+    for a, b in zip(grads1, grads0, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("dispersion", ["gene", "gene-cell"])
 @pytest.mark.parametrize("likelihood", ["zinb", "nb", "poisson"])
 @pytest.mark.parametrize("size_factor", [False, True])
@@ -355,13 +366,7 @@ def test_lazy_mean_gives_the_same_loss_and_gradients(dispersion, likelihood, siz
         params = list(module.parameters())
         grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
         results.append((loss, grads, gen["px"].mean))
-    (loss0, grads0, mean0), (loss1, grads1, mean1) = results
-    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(mean1, mean0)
-    for a, b in zip(grads1, grads0, strict=True):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert_same_loss_grads_mean(*results)
 
 
 def test_latent_library_and_covariates():
