@@ -245,6 +245,10 @@ class TensorData:
                 # a copy, not a view: a view would keep a whole window read from disk alive
                 parts = (row, col, self.values.numpy()[lo:hi].copy(), ptr[:-1] - np.int64(lo))
                 row, col, val, offsets = (torch.from_numpy(a) for a in parts)
+            elif _kernels.available() and self.values.dtype == torch.float32:
+                row, col, val, offsets = _kernels.gather_csr(
+                    idx, self.indptr, self.indices, self.values
+                )
             else:
                 row, col, val, offsets = _gather(indptr, self.indices, self.values, idx_np)
         else:
@@ -385,22 +389,17 @@ def _is_range(idx: np.ndarray) -> bool:
 def _gather(
     indptr: np.ndarray, indices: torch.Tensor, values: torch.Tensor, idx: np.ndarray
 ) -> tuple[torch.Tensor, ...]:
-    """``(row, col, val, offsets)`` of the CSR rows ``idx`` (int64), on the CPU.
+    """``(row, col, val, offsets)`` of the CSR rows ``idx`` (int64), in numpy, on the CPU.
 
-    With the compiled kernels, one copy per row (:func:`cellvae._kernels.gather_csr`: 35 instead
-    of 103 µs for 128 random cells of 100,000 × 2,000 at 8%, session 18); otherwise numpy gathers
-    at the rows' positions.
+    The path without the compiled kernels, which gather with one copy per row
+    (:func:`cellvae._kernels.gather_csr`: 35 instead of 103 µs for 128 random cells of
+    100,000 × 2,000 at 8%, session 18) and work out the rows' offsets in the same library
+    (session 21: numpy's five calls took ~70 µs of a training step).
     """
     if len(idx) and idx.min() < 0:
         raise IndexError(f"cell index {idx.min()} is negative.")
     starts = indptr.take(idx).astype(np.int64)  # raises past the last cell
     lengths = indptr.take(idx + 1) - starts
-    if _kernels.available() and values.dtype == torch.float32:
-        offsets, total = _offsets(lengths)
-        row, col, val = _kernels.gather_csr(
-            idx, indptr, indices.numpy(), values.numpy(), offsets, total
-        )
-        return row, col, val, torch.from_numpy(offsets)
     row, pos, offsets = _positions(starts, lengths)
     col = indices.numpy().take(pos).astype(np.int64)
     val = values.numpy().take(pos)

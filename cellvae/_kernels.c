@@ -560,6 +560,23 @@ int cv_csr_t_dense(int64_t n_rows, int64_t n_cols, int64_t n_out, int64_t n,
  * which knows the rows' lengths. One contiguous copy per row, rows split between n_threads
  * threads: the reads of 128 random rows of a large matrix wait on memory, so each row's first
  * lines are prefetched a few rows ahead. */
+/* Where each of the n_sel rows idx of a CSR matrix with n_rows rows begins in their gathered
+ * batch (offsets), and the batch's number of entries, returned; -1 when an index lies outside
+ * [0, n_rows). The rows' pointers are independent loads, so their cache misses overlap. */
+int64_t cv_csr_offsets(int64_t n_sel, const int64_t *idx, const void *indptr, int ptr64,
+                       int64_t n_rows, int64_t *offsets) {
+    const int32_t *p32 = indptr;
+    const int64_t *p64 = indptr;
+    int64_t total = 0;
+    for (int64_t r = 0; r < n_sel; r++) {
+        int64_t i = idx[r];
+        if (i < 0 || i >= n_rows) return -1;
+        offsets[r] = total;
+        total += ptr64 ? p64[i + 1] - p64[i] : (int64_t)p32[i + 1] - p32[i];
+    }
+    return total;
+}
+
 void cv_gather_csr(int64_t n_sel, const int64_t *idx, const void *indptr, int ptr64,
                    const void *indices, int ind64, const float *values, const int64_t *offsets,
                    int64_t *out_row, int64_t *out_col, float *out_val, int n_threads) {

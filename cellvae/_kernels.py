@@ -28,7 +28,6 @@ import ctypes
 import importlib.util
 import os
 
-import numpy as np
 import torch
 
 __all__ = [
@@ -62,6 +61,8 @@ def _load() -> ctypes.CDLL | None:
     lib.cv_lgamma_digamma.argtypes = [i64, ptr, ptr, ptr]
     lib.cv_csr_t_dense.restype = ctypes.c_int
     lib.cv_csr_t_dense.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.cv_csr_offsets.restype = i64
+    lib.cv_csr_offsets.argtypes = [i64, ptr, ptr, ctypes.c_int, i64, ptr]
     lib.cv_gather_csr.restype = None
     lib.cv_gather_csr.argtypes = [i64, ptr, ptr, ctypes.c_int, ptr, ctypes.c_int, ptr, ptr]
     lib.cv_gather_csr.argtypes += [ptr, ptr, ptr, ctypes.c_int]
@@ -228,31 +229,35 @@ def csr_t_dense(
 
 
 def gather_csr(
-    idx: np.ndarray,
-    indptr: np.ndarray,
-    indices: np.ndarray,
-    values: np.ndarray,
-    offsets: np.ndarray,
-    total: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(row, col, val)`` of the stored entries of CSR rows ``idx``, row after row.
+    idx: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """``(row, col, val, offsets)`` of the stored entries of CSR rows ``idx``, row after row.
 
-    ``idx`` and ``offsets`` (where each selected row starts in the output; ``total`` entries in
-    all) are int64, ``indptr`` and ``indices`` int32 or int64, ``values`` float32; the caller
-    checks that ``idx`` is in range. Returns int64 ``row`` (position in ``idx``) and ``col``,
-    float32 ``val``.
+    ``idx`` is int64, ``indptr`` and ``indices`` int32 or int64, ``values`` float32, all on the
+    CPU (``indptr``, ``indices`` and ``values`` contiguous). Returns int64 ``row`` (position in
+    ``idx``), ``col`` and ``offsets`` (where each row begins), float32 ``val``. Two calls, no
+    numpy: the rows' lengths and offsets (checking ``idx``), then one copy per row. Raises
+    IndexError for a row outside the matrix.
     """
+    idx = idx.contiguous()
+    n_sel, n_rows, ptr64 = idx.numel(), indptr.numel() - 1, indptr.dtype == torch.int64
+    offsets = torch.empty(n_sel, dtype=torch.int64)
+    total = _lib.cv_csr_offsets(
+        n_sel, idx.data_ptr(), indptr.data_ptr(), ptr64, n_rows, offsets.data_ptr()
+    )
+    if total < 0:
+        bad = idx[(idx < 0) | (idx >= n_rows)][0]
+        raise IndexError(f"cell index {int(bad)} is outside the {n_rows} cells.")
     row = torch.empty(total, dtype=torch.int64)
     col = torch.empty(total, dtype=torch.int64)
     val = torch.empty(total, dtype=torch.float32)
-    arrays = [np.ascontiguousarray(a) for a in (idx, indptr, indices, values, offsets)]
     threads = torch.get_num_threads() if total >= _MIN_PARALLEL else 1
     _lib.cv_gather_csr(
-        len(idx), arrays[0].ctypes.data, arrays[1].ctypes.data, arrays[1].dtype == np.int64,
-        arrays[2].ctypes.data, arrays[2].dtype == np.int64, arrays[3].ctypes.data,
-        arrays[4].ctypes.data, row.data_ptr(), col.data_ptr(), val.data_ptr(), threads,
+        n_sel, idx.data_ptr(), indptr.data_ptr(), ptr64, indices.data_ptr(),
+        indices.dtype == torch.int64, values.data_ptr(), offsets.data_ptr(), row.data_ptr(),
+        col.data_ptr(), val.data_ptr(), threads,
     )  # fmt: skip
-    return row, col, val
+    return row, col, val, offsets
 
 
 def bn_relu_drop_forward(

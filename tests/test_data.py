@@ -437,14 +437,14 @@ def test_compiled_gather_matches_numpy(ptr_dtype, monkeypatch):
         np.testing.assert_array_equal(as_dense(got[0]).numpy(), counts[idx])
     assert len(calls) == 3
     # int64 columns (TensorData stores them as int32 where they fit): the kernel alone
-    idx = np.array([5, 0, 5, 59])
-    ptr = x.indptr.astype(np.int64)
-    lengths = ptr[idx + 1] - ptr[idx]
-    offsets = np.cumsum(lengths) - lengths
-    row, col, val = kernel(idx, ptr, x.indices.astype(np.int64), x.data, offsets, lengths.sum())
-    want = td.counts(torch.from_numpy(idx))
-    assert torch.equal(row, want.row) and torch.equal(col, want.col)
-    assert torch.equal(val, want.val)
+    idx = torch.tensor([5, 0, 5, 59])
+    ptr, cols = (torch.from_numpy(a.astype(np.int64)) for a in (x.indptr, x.indices))
+    row, col, val, offsets = kernel(idx, ptr, cols, torch.from_numpy(x.data))
+    want = td.counts(idx)
+    for name, got in (("row", row), ("col", col), ("val", val), ("offsets", offsets)):
+        assert torch.equal(got, getattr(want, name)), name
+    with pytest.raises(IndexError, match="cell index 60 is outside the 60 cells"):
+        kernel(torch.tensor([1, 60]), ptr, cols, torch.from_numpy(x.data))
     for enabled in (True, False):
         monkeypatch.setattr(_kernels, "enabled", enabled)
         for bad in ([0, 60], [3, -1]):
