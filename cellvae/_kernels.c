@@ -554,12 +554,6 @@ int cv_csr_t_dense(int64_t n_rows, int64_t n_cols, int64_t n_out, int64_t n,
     return bad ? -2 : 0;
 }
 
-/* The stored entries of CSR rows idx[0 .. n_sel): for the r-th selected row, its entries go to
- * out_row (= r), out_col (int64) and out_val from position offsets[r] on, in their stored order.
- * indptr and indices are int32 or int64 (ptr64, ind64); offsets (int64) comes from the caller,
- * which knows the rows' lengths. One contiguous copy per row, rows split between n_threads
- * threads: the reads of 128 random rows of a large matrix wait on memory, so each row's first
- * lines are prefetched a few rows ahead. */
 /* Where each of the n_sel rows idx of a CSR matrix with n_rows rows begins in their gathered
  * batch (offsets), and the batch's number of entries, returned; -1 when an index lies outside
  * [0, n_rows). The rows' pointers are independent loads, so their cache misses overlap. */
@@ -577,6 +571,12 @@ int64_t cv_csr_offsets(int64_t n_sel, const int64_t *idx, const void *indptr, in
     return total;
 }
 
+/* The stored entries of CSR rows idx[0 .. n_sel): for the r-th selected row, its entries go to
+ * out_row (= r), out_col (int64) and out_val from position offsets[r] on, in their stored order.
+ * indptr and indices are int32 or int64 (ptr64, ind64); offsets (int64) come from
+ * cv_csr_offsets. One contiguous copy per row, rows split between n_threads
+ * threads: the reads of 128 random rows of a large matrix wait on memory, so each row's first
+ * lines are prefetched a few rows ahead. */
 void cv_gather_csr(int64_t n_sel, const int64_t *idx, const void *indptr, int ptr64,
                    const void *indices, int ind64, const float *values, const int64_t *offsets,
                    int64_t *out_row, int64_t *out_col, float *out_val, int n_threads) {
