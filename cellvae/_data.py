@@ -245,7 +245,7 @@ class TensorData:
                 # a copy, not a view: a view would keep a whole window read from disk alive
                 parts = (row, col, self.values.numpy()[lo:hi].copy(), ptr[:-1] - np.int64(lo))
                 row, col, val, offsets = (torch.from_numpy(a) for a in parts)
-            elif _kernels.available() and self.values.dtype == torch.float32:
+            elif _kernels.available():  # values are float32 (_set_csr)
                 row, col, val, offsets = _kernels.gather_csr(
                     idx, self.indptr, self.indices, self.values
                 )
