@@ -1,7 +1,8 @@
 """Fused CPU kernels for the NB / ZINB log-likelihood row sums, when they were built.
 
-(Also :func:`csr_t_dense`, the weight gradient ``Xᵀ dY`` of the sparse first layer, which
-:mod:`cellvae._sparse` uses in place of sorting the entries by gene, and
+(Also :func:`csr_dense` and :func:`csr_t_dense`, the product ``b + X W`` of the sparse first
+layer and its weight gradient ``Xᵀ dY``, which :mod:`cellvae._sparse` uses in place of
+``embedding_bag`` and of sorting the entries by gene, :func:`csr_row_sums`, and
 :func:`nb_mixture_log_prob`, totalVI's protein likelihood with its gradients in one call.)
 
 ``_kernels.c`` is compiled at install time into ``cellvae/_ckernels*.so`` (``setup.py``; an
@@ -34,6 +35,8 @@ __all__ = [
     "available",
     "bn_relu_drop_backward",
     "bn_relu_drop_forward",
+    "csr_dense",
+    "csr_row_sums",
     "csr_t_dense",
     "gather_csr",
     "nb_mixture_log_prob",
@@ -61,6 +64,10 @@ def _load() -> ctypes.CDLL | None:
     lib.cv_lgamma_digamma.argtypes = [i64, ptr, ptr, ptr]
     lib.cv_csr_t_dense.restype = ctypes.c_int
     lib.cv_csr_t_dense.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.cv_csr_dense.restype = ctypes.c_int
+    lib.cv_csr_dense.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.cv_csr_row_sums.restype = ctypes.c_int
+    lib.cv_csr_row_sums.argtypes = [i64, i64, ptr, ptr, ptr]
     lib.cv_csr_offsets.restype = i64
     lib.cv_csr_offsets.argtypes = [i64, ptr, ptr, ctypes.c_int, i64, ptr]
     lib.cv_gather_csr.restype = None
@@ -206,18 +213,68 @@ def nb_mixture_log_prob(
     return out, *grads
 
 
+def csr_dense(
+    offsets: torch.Tensor,
+    col: torch.Tensor,
+    val: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``bias + X W`` for the CSR rows ``X`` with stored entries ``(col, val)`` and ``offsets``.
+
+    Row ``r``'s entries are ``offsets[r]`` up to the next row's offset (the last row's up to
+    ``len(col)``); ``offsets`` and ``col`` are int64, ``val``, ``weight`` ``(n_cols, n_out)`` and
+    ``bias`` ``(n_out,)`` (or None) float32. Returns ``(len(offsets), n_out)`` float32; raises
+    IndexError for offsets out of order or a column outside the weight's rows.
+    """
+    offsets, col = offsets.to(torch.int64).contiguous(), col.to(torch.int64).contiguous()
+    val, weight = val.contiguous(), weight.contiguous()
+    (n_rows,), (n_cols, n_out) = offsets.shape, weight.shape
+    bias = None if bias is None else bias.contiguous()
+    out = torch.empty(n_rows, n_out, dtype=torch.float32)
+    threads = torch.get_num_threads() if col.numel() * n_out >= _MIN_PARALLEL else 1
+    status = _lib.cv_csr_dense(
+        n_rows, n_cols, n_out, col.numel(), offsets.data_ptr(), col.data_ptr(), val.data_ptr(),
+        weight.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), threads,
+    )  # fmt: skip
+    if status == -2:
+        raise IndexError(f"the {n_rows} rows' offsets or columns do not fit {n_cols} columns.")
+    return out
+
+
+def csr_row_sums(offsets: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+    """The ``(len(offsets),)`` float32 sums of CSR rows (``offsets`` as in :func:`csr_dense`)."""
+    offsets, val = offsets.to(torch.int64).contiguous(), val.contiguous()
+    out = torch.empty(offsets.numel(), dtype=torch.float32)
+    status = _lib.cv_csr_row_sums(
+        offsets.numel(), val.numel(), offsets.data_ptr(), val.data_ptr(), out.data_ptr()
+    )
+    if status == -2:
+        raise IndexError(f"the {offsets.numel()} rows' offsets do not fit {val.numel()} entries.")
+    return out
+
+
 def csr_t_dense(
-    row: torch.Tensor, col: torch.Tensor, val: torch.Tensor, dy: torch.Tensor, n_cols: int
+    row: torch.Tensor,
+    col: torch.Tensor,
+    val: torch.Tensor,
+    dy: torch.Tensor,
+    n_cols: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``Xᵀ dy`` for the ``(len(dy), n_cols)`` matrix ``X`` with stored entries ``(row, col, val)``.
 
     ``row`` and ``col`` are int64, ``val`` and ``dy`` float32 (made contiguous here); the entries
-    may come in any order and repeat (repeats add up). Returns ``(n_cols, dy.shape[1])`` float32.
+    may come in any order and repeat (repeats add up). Returns ``(n_cols, dy.shape[1])`` float32,
+    written into ``out`` when given (contiguous, of that shape and dtype).
     """
     row, col = row.to(torch.int64).contiguous(), col.to(torch.int64).contiguous()
     val, dy = val.contiguous(), dy.contiguous()
     n_rows, n_out = dy.shape
-    out = torch.empty(n_cols, n_out, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(n_cols, n_out, dtype=torch.float32)
+    elif out.shape != (n_cols, n_out) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 ({n_cols}, {n_out}) tensor.")
     threads = torch.get_num_threads() if out.numel() >= _MIN_PARALLEL else 1
     status = _lib.cv_csr_t_dense(
         n_rows, n_cols, n_out, row.numel(), row.data_ptr(), col.data_ptr(), val.data_ptr(),

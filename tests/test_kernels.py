@@ -253,12 +253,17 @@ def test_sparse_weight_gradient_matches_float64_on_any_number_of_threads(monkeyp
     dense = torch.zeros(41, 301, dtype=torch.float64).index_put_((row, col), val.double(), True)
     dy = torch.randn(41, 19, generator=gen)
     expected = dense.t() @ dy.double()
+    _check_on_1_2_3_threads(lambda: _kernels.csr_t_dense(row, col, val, dy, 301), expected)
+
+
+def _check_on_1_2_3_threads(call, expected):
+    """``call()`` on 1, 2 and 3 threads: close to the float64 ``expected``, the same bits."""
     threads = torch.get_num_threads()
     try:
         results = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            results.append(_kernels.csr_t_dense(row, col, val, dy, 301))
+            results.append(call())
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(results[0].double(), expected, rtol=1e-5, atol=1e-4)
@@ -288,6 +293,100 @@ def test_sparse_linear_uses_the_kernel_for_its_weight_gradient(monkeypatch):
         grads.append(w.grad)
     assert len(calls) == 1
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+
+
+def _csr_with_empty_rows(n_rows, n_cols, seed):
+    """A float32 CSR batch of counts with empty rows (first, middle, last), and its dense form."""
+    gen = torch.Generator().manual_seed(seed)
+    dense = torch.poisson(torch.rand(n_rows, n_cols, generator=gen) * 3)
+    dense[torch.rand(n_rows, n_cols, generator=gen) > 0.1] = 0
+    dense[[0, n_rows // 2, n_rows - 1]] = 0
+    return CSRBatch.from_dense(dense), dense
+
+
+@built
+@pytest.mark.parametrize("n_out", [1, 19, 128, 130, 256])
+def test_sparse_product_matches_float64_on_any_number_of_threads(n_out, monkeypatch):
+    # bias + X W row by row: whole blocks of 128 outputs in registers and the remainder, with and
+    # without a bias, the same bits on 1, 2 and 3 threads (each thread owns a range of rows)
+    monkeypatch.setattr(_kernels, "_MIN_PARALLEL", 0)
+    x, dense = _csr_with_empty_rows(37, 301, seed=n_out)
+    gen = torch.Generator().manual_seed(1)
+    w, b = torch.randn(301, n_out, generator=gen), torch.randn(n_out, generator=gen)
+    for bias in (b, None):
+        expected = dense.double() @ w.double() + (0.0 if bias is None else bias.double())
+        _check_on_1_2_3_threads(
+            lambda bias=bias: _kernels.csr_dense(x.offsets, x.col, x.val, w, bias), expected
+        )
+
+
+@built
+def test_sparse_product_and_row_sums_check_their_entries():
+    w = torch.ones(3, 4)
+    one = torch.ones(1)
+    for offsets, col in [([0], [3]), ([0], [-1]), ([1], [0]), ([-1], [0]), ([0, 2], [0])]:
+        offsets, col = torch.tensor(offsets), torch.tensor(col)
+        with pytest.raises(IndexError, match="do not fit 3 columns"):
+            _kernels.csr_dense(offsets, col, one, w, None)
+    for offsets in ([1], [-1], [0, 2], [1, 0]):
+        with pytest.raises(IndexError, match="do not fit 1 entries"):
+            _kernels.csr_row_sums(torch.tensor(offsets), one)
+
+
+@built
+def test_row_sums_kernel_matches_float64():
+    x, dense = _csr_with_empty_rows(53, 400, seed=3)
+    got = _kernels.csr_row_sums(x.offsets, x.val)
+    assert got.shape == (53,) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), dense.double().sum(1))
+    calls, kernel = [], _kernels.csr_row_sums
+    try:
+        _kernels.csr_row_sums = lambda *a: calls.append(1) or kernel(*a)
+        torch.testing.assert_close(cellvae._sparse.row_sums(x), got.unsqueeze(-1))
+    finally:
+        _kernels.csr_row_sums = kernel
+    assert calls == [1]
+
+
+@built
+def test_sparse_linear_kernels_match_the_torch_code(monkeypatch):
+    # value and the weight, bias and dense-column gradients of [X | D] W + b: compiled product
+    # and weight gradient (written into one tensor with D's rows) against embedding_bag
+    x, dense = _csr_with_empty_rows(30, 200, seed=6)
+    gen = torch.Generator().manual_seed(0)
+    extra, w0 = torch.randn(30, 3, generator=gen), torch.randn(203, 16, generator=gen)
+    b0 = torch.randn(16, generator=gen)
+    calls = []
+
+    def counting(kernel):
+        return lambda *a, **kw: calls.append(1) or kernel(*a, **kw)
+
+    for name in ("csr_dense", "csr_t_dense"):
+        monkeypatch.setattr(_kernels, name, counting(getattr(_kernels, name)))
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(_kernels, "enabled", enabled)
+        w, b, e = (t.clone().requires_grad_() for t in (w0, b0, extra))
+        out = cellvae._sparse.sparse_linear(cellvae._sparse.hstack(x, e), w, b)
+        out.pow(2).sum().backward()
+        results.append((out, w.grad, b.grad, e.grad))
+    assert len(calls) == 2
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    ref = torch.cat([dense, extra], 1).double() @ w0.double() + b0.double()
+    torch.testing.assert_close(results[0][0].double(), ref, rtol=1e-5, atol=1e-4)
+
+
+@built
+def test_sparse_weight_gradient_into_a_given_tensor():
+    x, dense = _csr_with_empty_rows(9, 40, seed=2)
+    dy = torch.randn(9, 5)
+    full = torch.full((42, 5), 7.0)
+    _kernels.csr_t_dense(x.row, x.col, x.val, dy, 40, out=full[:40])
+    torch.testing.assert_close(full[:40].double(), dense.double().t() @ dy.double())
+    assert (full[40:] == 7.0).all()
+    with pytest.raises(ValueError, match="contiguous float32"):
+        _kernels.csr_t_dense(x.row, x.col, x.val, dy, 40, out=torch.empty(5, 40).t())
 
 
 def _bn_relu_drop_reference(y, gamma, beta, keep, scale, momentum, eps):
