@@ -169,6 +169,35 @@ def test_bf16_products_match_float64_within_bfloat16_rounding(shape):
     torch.testing.assert_close(layer.bias.grad, b64.grad.float())  # the bias stays float32
 
 
+def test_gene_layers_reading_one_input_share_one_bf16_product():
+    # gene_linears: the layers' outputs and every gradient against float64 (x's gradient sums
+    # both layers'), a layer without bias, None entries kept in place; outside bf16_products
+    # each layer runs on its own
+    from cellvae.nn import GeneLinear, bf16_products, gene_linears
+
+    g = torch.Generator().manual_seed(2)
+    a, b = GeneLinear(64, 200), GeneLinear(64, 70, bias=False)
+    x = torch.randn(30, 64, generator=g, requires_grad=True)
+    up_a, up_b = torch.randn(30, 200, generator=g), torch.randn(30, 70, generator=g)
+    with bf16_products():
+        ya, none, yb = gene_linears(x, a, None, b)
+    assert none is None and ya.shape == (30, 200) and yb.shape == (30, 70)
+    ((ya * up_a).sum() + (yb * up_b).sum()).backward()
+    params = (x, a.weight, a.bias, b.weight)
+    x64, wa, ba, wb = (t.detach().double().requires_grad_() for t in params)
+    ra, rb = torch.nn.functional.linear(x64, wa, ba), x64 @ wb.t()
+    ((ra * up_a.double()).sum() + (rb * up_b.double()).sum()).backward()
+    pairs = [(ya, ra), (yb, rb), (x.grad, x64.grad), (a.weight.grad, wa.grad)]
+    for got, exp in [*pairs, (b.weight.grad, wb.grad)]:
+        assert got.shape == exp.shape and got.dtype == torch.float32
+        err = (got.double() - exp).abs().max() / exp.abs().max()
+        assert 0 < err < 1e-2  # rounded (not float32), but only by bfloat16's rounding
+    torch.testing.assert_close(a.bias.grad, ba.grad.float())
+    with torch.no_grad():
+        outs = gene_linears(x, a, None, b)
+    assert torch.equal(outs[0], a(x)) and outs[1] is None and torch.equal(outs[2], b(x))
+
+
 def test_precision_option_and_auto_rule(monkeypatch):
     from cellvae import train
     from cellvae.train import TrainConfig, resolve_precision
@@ -197,9 +226,10 @@ def test_training_runs_the_gene_products_in_the_precision_asked(precision, monke
     adata = cellvae.datasets.synthetic(300, 40)
     cellvae.SCVI.setup_anndata(adata, batch_key="batch")
     model = cellvae.SCVI(adata).train(max_epochs=2, precision=precision, progress_bar=False)
-    # two gene heads (scale, dropout) per training step; none in validation or the getters
+    # both gene heads (scale, dropout) in one product per training step; none in validation
+    # or the getters
     n_steps = 2 * -(-len(model.train_indices_) // 128)
-    assert len(calls) == (2 * n_steps if precision == "bf16-mixed" else 0)
+    assert len(calls) == (n_steps if precision == "bf16-mixed" else 0)
     calls.clear()
     model.get_latent_representation(), model.get_normalized_expression()
     assert not calls
