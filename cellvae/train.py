@@ -367,9 +367,9 @@ def train_module(
     reconstruction and background KL) get ``train_*`` and ``validation_*`` entries for them too.
 
     With ``config.precision`` ``"bf16-mixed"`` (``"auto"`` on a CPU with bfloat16 instructions)
-    the training steps' forward passes run inside :func:`cellvae.nn.bf16_products`: the
-    decoders' hidden-to-genes products take bfloat16 operands. Validation, and every getter,
-    run in float32.
+    the training steps' and validation's forward passes run inside
+    :func:`cellvae.nn.bf16_products`: the decoders' hidden-to-genes products take bfloat16
+    operands (Lightning's bf16-mixed validates under autocast too). Every getter runs in float32.
     """
     config.validate()
     device = resolve_device(config.device)
@@ -461,8 +461,9 @@ def train_module(
                 "kl_weight": kl_weight,
                 "lr": optimizer.lr,
             }
-            if len(val_idx):
-                val = evaluate(module, data, val_idx, config.eval_batch_size)
+            if len(val_idx):  # in the training precision, as under Lightning's bf16-mixed
+                with bf16_products(bf16):
+                    val = evaluate(module, data, val_idx, config.eval_batch_size)
                 record.update({f"validation_{k}": v for k, v in val.items()})
             # every column keeps one entry per epoch, NaN where an epoch has no value (e.g. a
             # second train() call with another validation_size)

@@ -226,10 +226,11 @@ def test_training_runs_the_gene_products_in_the_precision_asked(precision, monke
     adata = cellvae.datasets.synthetic(300, 40)
     cellvae.SCVI.setup_anndata(adata, batch_key="batch")
     model = cellvae.SCVI(adata).train(max_epochs=2, precision=precision, progress_bar=False)
-    # both gene heads (scale, dropout) in one product per training step; none in validation
-    # or the getters
+    # both gene heads (scale, dropout) in one product per training step and per validation
+    # batch (Lightning's bf16-mixed validates under autocast too); none in the getters
     n_steps = 2 * -(-len(model.train_indices_) // 128)
-    assert len(calls) == (n_steps if precision == "bf16-mixed" else 0)
+    n_val = 2 * -(-len(model.validation_indices_) // 128)
+    assert len(calls) == (n_steps + n_val if precision == "bf16-mixed" else 0)
     calls.clear()
     model.get_latent_representation(), model.get_normalized_expression()
     assert not calls

@@ -616,10 +616,10 @@ class BaseModel:
             ``precision``: ``"auto"`` (default), ``"32-true"`` (or ``"32"``) or ``"bf16-mixed"``,
             Lightning's names as in scvi-tools. ``"bf16-mixed"`` runs the decoders'
             hidden-to-genes products, most of a step's arithmetic, in bfloat16 during training
-            (weights, optimiser and every other operator stay float32; validation and the
-            getters run in float32). ``"auto"`` chooses it on a CPU with bfloat16 instructions
-            (AVX512-BF16 or AMX), where it trains 25–45% faster with the same held-out ELBO
-            (``benchmarks/README.md``), and float32 everywhere else.
+            and validation, as Lightning does (weights, optimiser and every other operator stay
+            float32; the getters run in float32). ``"auto"`` chooses it on a CPU with bfloat16
+            instructions (AVX512-BF16 or AMX), where it trains 25–45% faster with the same
+            held-out ELBO (``benchmarks/README.md``), and float32 everywhere else.
 
         Raises
         ------
