@@ -225,7 +225,8 @@ def csr_dense(
     Row ``r``'s entries are ``offsets[r]`` up to the next row's offset (the last row's up to
     ``len(col)``); ``offsets`` and ``col`` are int64, ``val``, ``weight`` ``(n_cols, n_out)`` and
     ``bias`` ``(n_out,)`` (or None) float32. Returns ``(len(offsets), n_out)`` float32; raises
-    IndexError for offsets out of order or a column outside the weight's rows.
+    IndexError for offsets that do not start at 0 or go back, or a column outside the weight's
+    rows.
     """
     offsets, col = offsets.to(torch.int64).contiguous(), col.to(torch.int64).contiguous()
     val, weight = val.contiguous(), weight.contiguous()

@@ -8,12 +8,12 @@ A minibatch of a sparse count matrix is a :class:`CSRBatch`: the stored entries 
 :func:`sparse_linear` computes ``X @ W + b`` for a CSR ``X`` (cells × genes) with
 :func:`torch.nn.functional.embedding_bag` (each row is a weighted bag of rows of ``W``), or on the
 CPU the compiled :func:`cellvae._kernels.csr_dense`: it reads only the stored entries, about 12×
-less work than the dense product at 8% nonzero. Its weight
-gradient ``Xᵀ dY`` is the same kind of product with the roles swapped (each gene a bag of rows of
-``dY``), computed after sorting the entries by column; on the CPU, where the compiled kernels
-were built, :func:`cellvae._kernels.csr_t_dense` adds each entry's row of ``dY`` into its gene's
-row of the gradient without the sort (77 instead of 174 µs at 128 × 2,000 with 8% stored, 128
-hidden units, 2 threads: ``benchmarks/README.md``, session 18).
+less work than the dense product at 8% nonzero. Its weight gradient ``Xᵀ dY`` is the same kind
+of product with the roles swapped (each gene a bag of rows of ``dY``), computed after sorting the
+entries by column; on the CPU, where the compiled kernels were built,
+:func:`cellvae._kernels.csr_t_dense` adds each entry's row of ``dY`` into its gene's row of the
+gradient without the sort (77 instead of 174 µs at 128 × 2,000 with 8% stored, 128 hidden
+units, 2 threads: ``benchmarks/README.md``, session 18).
 """
 
 from __future__ import annotations

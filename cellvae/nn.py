@@ -71,8 +71,8 @@ class _BF16Linear(torch.autograd.Function):
     Called as ``apply(x, W_1, b_1, W_2, b_2, ...)``; returns one float32 output per layer. The
     layers' weights are cast into one bfloat16 block, so each of the three products (forward, and
     both gradients) is one ``mm`` for all of them: SCVI's scale and zero-inflation layers read
-    the same hidden units, and two products per step took ~100 µs more in casts, calls and
-    autograd nodes than one of twice the width (session 22). The products accumulate in float32
+    the same hidden units, and their backward took 629 µs per step as two products, 567 µs as one
+    of twice the width (``benchmarks/README.md``, session 22). The products accumulate in float32
     and return bfloat16 values, which are widened to float32 (torch has no float32 output for
     bfloat16 products on the CPU); biases and their gradients stay float32. The weight gradients
     come back as row blocks of one tensor.
