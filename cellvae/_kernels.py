@@ -43,6 +43,7 @@ __all__ = [
     "nb_zinb_log_prob_sum",
     "random_lanes",
     "softmax_nb_zinb_log_prob_sum",
+    "takes",
 ]
 
 
@@ -98,6 +99,17 @@ enabled = True
 def available() -> bool:
     """Whether the compiled kernels are loaded and enabled."""
     return enabled and _lib is not None
+
+
+def takes(*tensors: torch.Tensor | None) -> bool:
+    """Whether the kernels are available and take these tensors: float32 on the CPU.
+
+    None entries are skipped. Index tensors travel with their values (a minibatch moves as a
+    whole), so callers pass the floating ones.
+    """
+    return available() and all(
+        t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors if t is not None
+    )
 
 
 def lgamma_digamma(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -203,7 +203,7 @@ def row_sums(x: torch.Tensor | CSRBatch) -> torch.Tensor:
     [7.0, 0.0, 4.0]
     """
     if isinstance(x, CSRBatch):
-        if _kernel_ready(x.val, x.offsets) and not x.val.requires_grad:
+        if _kernels.takes(x.val) and not x.val.requires_grad:
             return _kernels.csr_row_sums(x.offsets, x.val).unsqueeze(-1)
         return sparse_linear(x, x.val.new_ones(x.shape[1], 1))
     return x.sum(-1, keepdim=True)
@@ -238,22 +238,13 @@ def _starts_in_sorted(sorted_col: torch.Tensor, n_cols: int) -> torch.Tensor:
     return torch.searchsorted(sorted_col, first)
 
 
-def _kernel_ready(*tensors: torch.Tensor | None) -> bool:
-    """Whether the compiled kernels take these tensors: all on the CPU, floating ones float32."""
-    return _kernels.available() and all(
-        t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point())
-        for t in tensors
-        if t is not None
-    )
-
-
 def _weight_grad(grad_out, row, col, val, n_cols, dense=None):
     """``[X | D]ᵀ dY``: each column of ``X`` is a bag of rows of ``dY`` weighted by the values.
 
     With dense columns ``D`` the kernel writes ``Xᵀ dY`` into the first rows of the result and
     ``Dᵀ dY`` goes below it (no concatenation: 2 MB copied at 2,049 x 256 in TOTALVI).
     """
-    if _kernel_ready(grad_out, row, col, val, dense):
+    if _kernels.takes(grad_out, val, dense):
         if dense is None:
             return _kernels.csr_t_dense(row, col, val, grad_out, n_cols)
         grad = grad_out.new_empty(n_cols + dense.shape[1], grad_out.shape[1])
@@ -328,7 +319,7 @@ class _SparseLinearFn(torch.autograd.Function):
         # the weight is needed only for a gradient of the dense columns
         ctx.save_for_backward(row, col, val, weight if ctx.needs_input_grad[7] else None, dense)
         ctx.n_cols = n_cols
-        if n_rows > 0 and _kernel_ready(weight, bias, col, val, offsets):
+        if n_rows > 0 and _kernels.takes(weight, bias, val):
             out = _kernels.csr_dense(offsets, col, val, weight[:n_cols], bias)
         else:
             if n_rows == 0 or len(col) == 0:

@@ -484,12 +484,7 @@ def _fused(theta: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
 
     They need a 1-D (per-feature) ``theta`` and every tensor float32 on the CPU.
     """
-    given = [t for t in (theta, *tensors) if t is not None]
-    return (
-        _kernels.available()
-        and theta.dim() == 1
-        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in given)
-    )
+    return theta.dim() == 1 and _kernels.takes(theta, *tensors)
 
 
 def _nb_log_prob_sum(x, mu, theta, eps, nz, pi=None, library=None):
