@@ -285,17 +285,33 @@ def _fused_post(post: nn.Sequential, y: torch.Tensor) -> torch.Tensor | None:
     return _BatchNormReLUDropout.apply(y, bn.weight, bn.bias, bn, lanes, threshold, scale)
 
 
+# Inside bf16_products, FCLayers' hidden -> hidden layers at least this wide both ways take
+# bfloat16 products: totalVI's 256 -> 256 encoder layer, forward and backward, 648 -> 455 us
+# (benchmarks/README.md, session 23). Narrower layers (the decoders' latent -> hidden, 20 -> 256)
+# spent more on the casts than the products saved; first layers (the counts) stay float32.
+_BF16_MIN_WIDTH = 128
+
+
 class _CovariateLinear(nn.Module):
     """A linear layer plus one learned vector per category of each covariate.
 
     The weight is stored input-major, ``(n_in, n_out)``, so that a sparse input (a
     :class:`~cellvae._sparse.CSRBatch` of counts) multiplies it by gathering rows
-    (:func:`~cellvae._sparse.sparse_linear`); a dense input uses one ``addmm``. Initialised like
+    (:func:`~cellvae._sparse.sparse_linear`); a dense input uses one ``addmm``, in bfloat16
+    products inside :func:`bf16_products` for a layer built with ``bf16=True``. Initialised like
     :class:`torch.nn.Linear` on ``[h; one-hot]``.
     """
 
-    def __init__(self, n_in: int, n_out: int, n_cat_list: Sequence[int], bias: bool = True):
+    def __init__(
+        self,
+        n_in: int,
+        n_out: int,
+        n_cat_list: Sequence[int],
+        bias: bool = True,
+        bf16: bool = False,
+    ):
         super().__init__()
+        self.bf16 = bf16
         bound = 1.0 / math.sqrt(n_in + sum(n_cat_list))  # like nn.Linear on [h; one-hot]
         self.weight = nn.Parameter(torch.empty(n_in, n_out).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(n_out).uniform_(-bound, bound)) if bias else None
@@ -310,6 +326,8 @@ class _CovariateLinear(nn.Module):
     ) -> torch.Tensor:
         if isinstance(x, CSRBatch | HStack):  # [counts | dense]: each part meets its weight rows
             out = sparse_linear(x, self.weight, self.bias)
+        elif self.bf16 and _BF16.get() and x.dim() == 2:
+            (out,) = _BF16Linear.apply(x, self.weight.t(), self.bias)
         elif self.bias is not None:
             out = (
                 torch.addmm(self.bias, x, self.weight)
@@ -379,7 +397,8 @@ class FCLayers(nn.Module):
         self.post = nn.ModuleList()
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
             layer_cats = cats if (i == 0 or inject_covariates) else []
-            self.linears.append(_CovariateLinear(a, b, layer_cats, bias=bias))
+            bf16 = i > 0 and min(a, b) >= _BF16_MIN_WIDTH
+            self.linears.append(_CovariateLinear(a, b, layer_cats, bias=bias, bf16=bf16))
             post: list[nn.Module] = []
             if use_batch_norm:
                 post.append(nn.BatchNorm1d(b, momentum=0.01, eps=1e-3))

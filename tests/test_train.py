@@ -198,6 +198,42 @@ def test_gene_layers_reading_one_input_share_one_bf16_product():
     assert torch.equal(outs[0], a(x)) and outs[1] is None and torch.equal(outs[2], b(x))
 
 
+def test_wide_hidden_layers_take_bf16_products_narrow_ones_stay_float32():
+    # FCLayers' hidden -> hidden layers at least _BF16_MIN_WIDTH wide both ways (totalVI's
+    # 256 -> 256 encoder layer) take bfloat16 products inside bf16_products: output and gradients
+    # against float64 (with the covariate's vector added); first and narrower layers stay float32
+    from cellvae.nn import _BF16_MIN_WIDTH, FCLayers, bf16_products
+
+    w = _BF16_MIN_WIDTH
+    stack = FCLayers(w, w, n_cat_list=[3], n_layers=3, n_hidden=2 * w)  # w -> 2w -> 2w -> w
+    narrow = FCLayers(w, w - 1, n_cat_list=[3], n_layers=2, n_hidden=w)
+    assert [la.bf16 for la in stack.linears] == [False, True, True]
+    assert [la.bf16 for la in narrow.linears] == [False, False]
+
+    g = torch.Generator().manual_seed(3)
+    wide, codes = stack.linears[1], torch.randint(3, (40,), generator=g)
+    x = torch.randn(40, 2 * w, generator=g, requires_grad=True)
+    up = torch.randn(40, 2 * w, generator=g)  # a random upstream gradient
+    with bf16_products():
+        out = wide(x, [codes])
+    (out * up).sum().backward()
+    params = (x, wide.weight, wide.bias, wide.embeddings[0].weight)
+    x64, w64, b64, e64 = (t.detach().double().requires_grad_() for t in params)
+    ref = x64 @ w64 + b64 + e64[codes]
+    (ref * up.double()).sum().backward()
+    for got, exp in [(out, ref), (x.grad, x64.grad), (wide.weight.grad, w64.grad)]:
+        assert got.shape == exp.shape and got.dtype == torch.float32
+        err = (got.double() - exp).abs().max() / exp.abs().max()
+        assert 1e-5 < err < 1e-2  # bfloat16's rounding (float32's would be ~1e-7)
+    torch.testing.assert_close(wide.bias.grad, b64.grad.float())
+    torch.testing.assert_close(params[3].grad, e64.grad.float())
+
+    first, x0 = stack.linears[0], torch.randn(40, w, generator=g)
+    with bf16_products():
+        got = first(x0, [codes])
+    assert torch.equal(got, first(x0, [codes]))
+
+
 def test_precision_option_and_auto_rule(monkeypatch):
     from cellvae import train
     from cellvae.train import TrainConfig, resolve_precision
