@@ -508,6 +508,98 @@ void cv_nb_mixture(int64_t B, int64_t P, const float *mu1, const float *mu2, con
     }
 }
 
+/* totalVI's protein terms per cell: the reconstruction rec = -sum_t m log p(x_t) (the mixture
+ * above) and the KL of the background kl = sum_t m KL(N(alpha, beta^2) || N(pm, exp(2 pls))),
+ *   KL = pls - log beta + (beta^2 + (alpha - pm)^2) / (2 exp(2 pls)) - 1/2,
+ * over the proteins t that the cell's batch measured: m = mask[c, t] for its code c = codes[r];
+ * the prior's mean pm = prior_m[t, c] and log scale pls = prior_ls[t, c] ((P, n_codes) arrays).
+ * lp: (B, P) scratch for log p. With g1 not NULL, stores the derivatives of rec by mu1, mu2,
+ * pi and the per-entry theta (g1, g2, gpi, gth) and of kl by alpha, beta and pls (ga, gb, gls),
+ * all (B, P), zero where m = 0 (the derivative of kl by pm is -ga). Returns -2 for a code
+ * outside [0, n_codes), else 0. Rows are split among n_threads threads, each computed alone. */
+int cv_protein_terms(int64_t B, int64_t P, const float *mu1, const float *mu2,
+                     const float *theta, const float *pi, const float *x, const float *alpha,
+                     const float *beta, const int64_t *codes, int64_t n_codes,
+                     const uint8_t *mask, const float *prior_m, const float *prior_ls,
+                     const double *lgth, const double *dgth, double eps, float *lp, float *rec,
+                     float *kl, float *g1, float *g2, float *gpi, float *gth, float *ga,
+                     float *gb, float *gls, int n_threads) {
+    for (int64_t r = 0; r < B; r++)
+        if (codes[r] < 0 || codes[r] >= n_codes) return -2;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t r = 0; r < B; r++) {
+        int64_t o = r * P, c = codes[r];
+        mixture_row(P, mu1 + o, mu2 + o, theta, pi + o, x + o, lgth, dgth, eps, lp + o,
+                    g1 ? g1 + o : NULL, g1 ? g2 + o : NULL, g1 ? gpi + o : NULL,
+                    g1 ? gth + o : NULL);
+        double rec_r = 0.0, kl_r = 0.0;
+        for (int64_t t = 0; t < P; t++) {
+            int64_t i = o + t;
+            if (!mask[c * P + t]) {
+                if (g1) g1[i] = g2[i] = gpi[i] = gth[i] = ga[i] = gb[i] = gls[i] = 0.0f;
+                continue;
+            }
+            double a = alpha[i], b = beta[i], ls = prior_ls[t * n_codes + c];
+            double d = a - prior_m[t * n_codes + c], iv = exp(-2.0 * ls), s = b * b + d * d;
+            rec_r -= lp[i];
+            kl_r += ls - log(b) + 0.5 * s * iv - 0.5;
+            if (g1) {
+                g1[i] = -g1[i];
+                g2[i] = -g2[i];
+                gpi[i] = -gpi[i];
+                gth[i] = -gth[i];
+                ga[i] = (float)(d * iv);
+                gb[i] = (float)(b * iv - 1.0 / b);
+                gls[i] = (float)(1.0 - s * iv);
+            }
+        }
+        rec[r] = (float)rec_r;
+        kl[r] = (float)kl_r;
+    }
+    return 0;
+}
+
+/* The gradients of cv_protein_terms for the upstream gradients grad_rec and grad_kl (B each):
+ * d_mu1, d_mu2, d_pi = g1, g2, gpi times grad_rec and d_a, d_b = ga, gb times grad_kl per row
+ * ((B, P) each); d_theta (P) = sum_r grad_rec[r] gth[r]; d_pm and d_pls (P, n_codes) sum
+ * -ga grad_kl and gls grad_kl over the rows of each code. Each output is summed by one thread
+ * in row order. */
+void cv_protein_terms_backward(int64_t B, int64_t P, const float *grad_rec, const float *grad_kl,
+                               const int64_t *codes, int64_t n_codes, const float *g1,
+                               const float *g2, const float *gpi, const float *gth,
+                               const float *ga, const float *gb, const float *gls, float *d_mu1,
+                               float *d_mu2, float *d_pi, float *d_a, float *d_b, float *d_theta,
+                               float *d_pm, float *d_pls, int n_threads) {
+#pragma omp parallel num_threads(n_threads)
+    {
+        int64_t t0, t1, r0, r1;
+        thread_range(P, &t0, &t1);
+        for (int64_t t = t0; t < t1; t++) {
+            double dth = 0.0;
+            for (int64_t r = 0; r < B; r++) dth += (double)grad_rec[r] * gth[r * P + t];
+            d_theta[t] = (float)dth;
+            for (int64_t c = 0; c < n_codes; c++) d_pm[t * n_codes + c] = d_pls[t * n_codes + c] = 0;
+            for (int64_t r = 0; r < B; r++) {
+                int64_t i = r * P + t, j = t * n_codes + codes[r];
+                d_pm[j] -= ga[i] * grad_kl[r];
+                d_pls[j] += gls[i] * grad_kl[r];
+            }
+        }
+        thread_range(B, &r0, &r1);
+        for (int64_t r = r0; r < r1; r++) {
+            float gr = grad_rec[r], gk = grad_kl[r];
+            for (int64_t t = 0; t < P; t++) {
+                int64_t i = r * P + t;
+                d_mu1[i] = g1[i] * gr;
+                d_mu2[i] = g2[i] * gr;
+                d_pi[i] = gpi[i] * gr;
+                d_a[i] = ga[i] * gk;
+                d_b[i] = gb[i] * gk;
+            }
+        }
+    }
+}
+
 /* lgamma and digamma of n positive float32 values, in float64 (theta's G values). */
 void cv_lgamma_digamma(int64_t n, const float *z, double *lg, double *dg) {
     for (int64_t k = 0; k < n; k++) {

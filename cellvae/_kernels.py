@@ -84,6 +84,11 @@ def _load() -> ctypes.CDLL | None:
     lib.cv_nb_mixture.restype = None
     lib.cv_nb_mixture.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, f64, ptr, ptr]
     lib.cv_nb_mixture.argtypes += [ptr, ptr, ptr, ctypes.c_int]
+    lib.cv_protein_terms.restype = c_int
+    lib.cv_protein_terms.argtypes = [i64, i64, *[ptr] * 7, ptr, i64, ptr, ptr, ptr, ptr, ptr, f64]
+    lib.cv_protein_terms.argtypes += [*[ptr] * 10, c_int]
+    lib.cv_protein_terms_backward.restype = None
+    lib.cv_protein_terms_backward.argtypes = [i64, i64, ptr, ptr, ptr, i64, *[ptr] * 15, c_int]
     lib.cv_random_lanes.restype = None
     lib.cv_random_lanes.argtypes = [i64, ctypes.c_uint64, ptr]
     return lib
@@ -223,6 +228,70 @@ def nb_mixture_log_prob(
         x.data_ptr(), lgth.data_ptr(), dgth.data_ptr(), eps, out.data_ptr(), *ptrs, threads,
     )  # fmt: skip
     return out, *grads
+
+
+def protein_terms(
+    mu1: torch.Tensor,
+    mu2: torch.Tensor,
+    theta: torch.Tensor,
+    pi: torch.Tensor,
+    x: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    codes: torch.Tensor,
+    mask: torch.Tensor,
+    prior_m: torch.Tensor,
+    prior_ls: torch.Tensor,
+    eps: float,
+    with_grad: bool,
+) -> tuple[torch.Tensor, ...]:
+    """The per-cell protein reconstruction and background KL of totalVI (``cv_protein_terms``).
+
+    ``mu1``, ``mu2``, ``pi``, ``x``, ``alpha`` and ``beta`` are contiguous float32 ``(B, P)``;
+    ``theta`` float32 ``(P,)`` floored at ``eps``; ``codes`` int64 ``(B,)``; ``mask`` bool
+    ``(n_codes, P)``; ``prior_m`` and ``prior_ls`` contiguous float32 ``(P, n_codes)``. Returns
+    ``rec`` and ``kl`` ``(B,)`` and, with ``with_grad``, the seven per-entry derivatives
+    ``(g1, g2, gpi, gth, ga, gb, gls)`` (else Nones). Raises IndexError for a code outside the
+    mask's rows.
+    """
+    n_rows, n_cols = x.shape
+    threads = torch.get_num_threads() if x.numel() >= _MIN_PARALLEL else 1
+    lgth, dgth = lgamma_digamma(theta)
+    lp, rec, kl = torch.empty_like(x), x.new_empty(n_rows), x.new_empty(n_rows)
+    grads = [torch.empty_like(x) for _ in range(7)] if with_grad else [None] * 7
+    ptrs = [None if t is None else t.data_ptr() for t in grads]
+    mask = mask.to(torch.uint8).contiguous()
+    status = _lib.cv_protein_terms(
+        n_rows, n_cols, mu1.data_ptr(), mu2.data_ptr(), theta.data_ptr(), pi.data_ptr(),
+        x.data_ptr(), alpha.data_ptr(), beta.data_ptr(), codes.data_ptr(), mask.shape[0],
+        mask.data_ptr(), prior_m.data_ptr(), prior_ls.data_ptr(), lgth.data_ptr(),
+        dgth.data_ptr(), eps, lp.data_ptr(), rec.data_ptr(), kl.data_ptr(), *ptrs, threads,
+    )  # fmt: skip
+    if status:
+        raise IndexError(f"A batch code is outside [0, {mask.shape[0]}).")
+    return rec, kl, *grads
+
+
+def protein_terms_backward(
+    grad_rec: torch.Tensor, grad_kl: torch.Tensor, codes: torch.Tensor, n_codes: int, grads
+) -> tuple[torch.Tensor, ...]:
+    """The gradients of :func:`protein_terms` for upstream ``grad_rec`` and ``grad_kl``.
+
+    ``grads`` are its seven derivatives. Returns the gradients by ``mu1``, ``mu2``, ``pi``,
+    ``alpha`` and ``beta`` ``(B, P)``, ``theta`` ``(P,)``, ``prior_m`` and ``prior_ls``
+    ``(P, n_codes)``.
+    """
+    g1 = grads[0]
+    n_rows, n_cols = g1.shape
+    threads = torch.get_num_threads() if g1.numel() >= _MIN_PARALLEL else 1
+    outs = [torch.empty_like(g1) for _ in range(5)]
+    outs += [g1.new_empty(n_cols), g1.new_empty(n_cols, n_codes), g1.new_empty(n_cols, n_codes)]
+    grad_rec, grad_kl = grad_rec.contiguous(), grad_kl.contiguous()
+    _lib.cv_protein_terms_backward(
+        n_rows, n_cols, grad_rec.data_ptr(), grad_kl.data_ptr(), codes.data_ptr(), n_codes,
+        *(t.data_ptr() for t in grads), *(t.data_ptr() for t in outs), threads,
+    )  # fmt: skip
+    return tuple(outs)
 
 
 def csr_dense(
