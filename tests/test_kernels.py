@@ -703,5 +703,8 @@ def test_protein_terms_kernel_matches_float64_torch(seed, monkeypatch):
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for r in results[1:] for a, b in zip(results[0], r))
     torch.testing.assert_close(results[0][0], rec.detach())
+    strided = torch.stack([codes, codes.flip(0)], 1)[:, 0]  # a column view: stride 2
+    with torch.no_grad():
+        assert all(map(torch.equal, module.protein_terms(gen, y, strided), results[0]))
     with pytest.raises(IndexError, match="batch code"):
         module.protein_terms(gen, y, codes + n_batch)

@@ -463,7 +463,12 @@ class TOTALVAE(nn.Module):
             with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
             tensors = [t.contiguous() for t in tensors]
             return _ProteinTerms.apply(
-                *tensors, y.contiguous(), b.long(), self.protein_batch_mask, py.eps, with_grad
+                *tensors,
+                y.contiguous(),
+                b.long().contiguous(),
+                self.protein_batch_mask,
+                py.eps,
+                with_grad,
             )
         mask = self.protein_batch_mask[b].to(y.dtype)  # (cells, proteins), 1 = measured
         rec = -(py.log_prob(y) * mask).sum(-1)
