@@ -3,7 +3,8 @@
 (Also :func:`csr_dense` and :func:`csr_t_dense`, the product ``b + X W`` of the sparse first
 layer and its weight gradient ``Xᵀ dY``, which :mod:`cellvae._sparse` uses in place of
 ``embedding_bag`` and of sorting the entries by gene, :func:`csr_row_sums`, and
-:func:`nb_mixture_log_prob`, totalVI's protein likelihood with its gradients in one call.)
+:func:`nb_mixture_log_prob`, totalVI's protein likelihood with its gradients in one call, and
+:func:`protein_terms`, that likelihood with the protein background's KL, summed per cell.)
 
 ``_kernels.c`` is compiled at install time into ``cellvae/_ckernels*.so`` (``setup.py``; an
 optional extension: where no C compiler or no glibc vector maths is found, the install goes on
@@ -41,6 +42,8 @@ __all__ = [
     "gather_csr",
     "nb_mixture_log_prob",
     "nb_zinb_log_prob_sum",
+    "protein_terms",
+    "protein_terms_backward",
     "random_lanes",
     "softmax_nb_zinb_log_prob_sum",
     "takes",
@@ -165,10 +168,7 @@ def softmax_nb_zinb_log_prob_sum(
     row sums, then (with ``with_grad``, else Nones) the unit-row derivatives by ``logits``,
     ``pi`` and the per-entry ``theta``, and the ``(B,)`` ones by ``library``.
     """
-    out, glog, gpi, gth, glib = _nb_zinb(
-        logits, library.contiguous(), theta, pi, x_nz, row, col, eps, with_grad
-    )
-    return out, glog, gpi, gth, glib
+    return _nb_zinb(logits, library.contiguous(), theta, pi, x_nz, row, col, eps, with_grad)
 
 
 def _nb_zinb(mu_or_logits, library, theta, pi, x_nz, row, col, eps, with_grad):
@@ -249,8 +249,9 @@ def protein_terms(
 
     ``mu1``, ``mu2``, ``pi``, ``x``, ``alpha`` and ``beta`` are contiguous float32 ``(B, P)``;
     ``theta`` float32 ``(P,)`` floored at ``eps``; ``codes`` int64 ``(B,)``; ``mask`` bool
-    ``(n_codes, P)``; ``prior_m`` and ``prior_ls`` contiguous float32 ``(P, n_codes)``. Returns
-    ``rec`` and ``kl`` ``(B,)`` and, with ``with_grad``, the seven per-entry derivatives
+    ``(n_codes, P)`` (torch stores one byte, 0 or 1, per entry: the kernel reads it as is);
+    ``prior_m`` and ``prior_ls`` contiguous float32 ``(P, n_codes)``. Returns ``rec`` and ``kl``
+    ``(B,)`` and, with ``with_grad``, the seven per-entry derivatives
     ``(g1, g2, gpi, gth, ga, gb, gls)`` (else Nones). Raises IndexError for a code outside the
     mask's rows.
     """
@@ -260,7 +261,9 @@ def protein_terms(
     lp, rec, kl = torch.empty_like(x), x.new_empty(n_rows), x.new_empty(n_rows)
     grads = [torch.empty_like(x) for _ in range(7)] if with_grad else [None] * 7
     ptrs = [None if t is None else t.data_ptr() for t in grads]
-    mask = mask.to(torch.uint8).contiguous()
+    mask = mask.contiguous()
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}.")
     status = _lib.cv_protein_terms(
         n_rows, n_cols, mu1.data_ptr(), mu2.data_ptr(), theta.data_ptr(), pi.data_ptr(),
         x.data_ptr(), alpha.data_ptr(), beta.data_ptr(), codes.data_ptr(), mask.shape[0],

@@ -22,7 +22,13 @@ from torch.autograd.function import once_differentiable
 
 from .. import _kernels
 from .._sparse import hstack, log1p, row_sums
-from ..distributions import NegativeBinomial, NegativeBinomialMixture, ZeroInflatedNegativeBinomial
+from ..distributions import (
+    NegativeBinomial,
+    NegativeBinomialMixture,
+    ZeroInflatedNegativeBinomial,
+    _fused,
+    _wants_grad,
+)
 from ..nn import DecoderTOTALVI, EncoderTOTALVI
 from ._base import (
     LossOutput,
@@ -447,28 +453,25 @@ class TOTALVAE(nn.Module):
         """
         py, py_ = gen["py"], gen["py_"]
         alpha, beta = py_["back_alpha"], py_["back_beta"]
-        theta = py.theta1.clamp_min(py.eps)
-        shape = y.shape
+        entries = (py.mu1, py.mu2, py.mixture_logits, alpha, beta)  # each (cells, proteins)
+        priors = (self.prior_mean, self.prior_log_scale)
         if (
             y.dim() == 2
             and py.theta2 is None
-            and theta.shape == shape[1:]
-            and b.shape == shape[:1]
-            and all(t.shape == shape for t in (py.mu1, py.mu2, py.mixture_logits, alpha, beta))
-            and _kernels.takes(theta, py.mu1, py.mu2, py.mixture_logits, y, alpha, beta)
-            and _kernels.takes(self.prior_mean, self.prior_log_scale)
+            and py.theta1.shape == y.shape[1:]
+            and b.shape == y.shape[:1]
+            and all(t.shape == y.shape for t in entries)
+            and _fused(py.theta1, y, *entries, *priors)
         ):
-            tensors = [py.mu1, py.mu2, theta, py.mixture_logits, alpha, beta]
-            tensors += [self.prior_mean, self.prior_log_scale]
-            with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-            tensors = [t.contiguous() for t in tensors]
+            theta = py.theta1.clamp_min(py.eps)
+            tensors = [t.contiguous() for t in (*entries[:2], theta, *entries[2:], *priors)]
             return _ProteinTerms.apply(
                 *tensors,
                 y.contiguous(),
                 b.long().contiguous(),
                 self.protein_batch_mask,
                 py.eps,
-                with_grad,
+                _wants_grad(*tensors),
             )
         mask = self.protein_batch_mask[b].to(y.dtype)  # (cells, proteins), 1 = measured
         rec = -(py.log_prob(y) * mask).sum(-1)
