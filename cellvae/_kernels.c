@@ -783,25 +783,54 @@ void cv_gather_csr(int64_t n_sel, const int64_t *idx, const void *indptr, int pt
  * range of columns and takes them in chunks of BN_CHUNK, rows in order, so the results do not
  * depend on the number of threads. Sums are kept in float64. The loops have no branches (the
  * ReLU and dropout are selects): with random masks, branches were mispredicted at every other
- * entry, 4x slower. */
+ * entry, 4x slower.
+ *
+ * The batch norm's input is y plus, for each of n_cov covariates, its learned vector of the
+ * row's category: cov[k] is a (n_cats[k], H) table and codes[k] (B) the rows' categories (the
+ * covariates injected into every layer, which torch adds with an embedding and an add, and
+ * sums back with an embedding backward: ~50 us a layer at 256 x 256). The sum is formed
+ * where it is read, in the order of torch's y + e_1 + e_2 ..., so y itself is never written. */
 #define BN_CHUNK 64
+
+/* Row b, columns [j0, j0 + w) of the batch norm's input: y's row itself without covariates,
+ * else y plus the covariates' vectors, formed in t. */
+static inline __attribute__((always_inline)) const float *
+bn_input(int64_t b, int64_t H, int64_t j0, int64_t w, const float *restrict y, int n_cov,
+         const float *const *cov, const int64_t *const *codes, float *restrict t) {
+    const float *yr = y + b * H + j0;
+    if (n_cov == 0) return yr;
+    const float *e = cov[0] + codes[0][b] * H + j0;
+    for (int64_t j = 0; j < w; j++) t[j] = yr[j] + e[j];
+    for (int k = 1; k < n_cov; k++) {
+        e = cov[k] + codes[k][b] * H + j0;
+        for (int64_t j = 0; j < w; j++) t[j] += e[j];
+    }
+    return t;
+}
 
 /* Columns [j0, j0 + w) of the forward pass. */
 CLONES static void bn_fwd_chunk(int64_t B, int64_t H, int64_t j0, int64_t w,
-                                const float *restrict y, const float *restrict gamma,
+                                const float *restrict y, int n_cov, const float *const *cov,
+                                const int64_t *const *codes, const float *restrict gamma,
                                 const float *restrict beta, float *restrict running_mean,
                                 float *restrict running_var, double m, double eps,
                                 const int16_t *restrict lanes, int threshold, float scale,
                                 float *restrict out, float *restrict mean_out,
                                 float *restrict invstd_out) {
     double sum[BN_CHUNK] = {0}, ss[BN_CHUNK] = {0};
-    float mean[BN_CHUNK], invstd[BN_CHUNK], g[BN_CHUNK], bt[BN_CHUNK];
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t j = 0; j < w; j++) sum[j] += y[b * H + j0 + j];
+    float mean[BN_CHUNK], invstd[BN_CHUNK], g[BN_CHUNK], bt[BN_CHUNK], t[BN_CHUNK];
+    /* with covariates, the first pass leaves the input in out, where the others read it */
+    const float *in = n_cov ? out : y;
+    for (int64_t b = 0; b < B; b++) {
+        const float *v = bn_input(b, H, j0, w, y, n_cov, cov, codes, t);
+        if (n_cov)
+            for (int64_t j = 0; j < w; j++) out[b * H + j0 + j] = v[j];
+        for (int64_t j = 0; j < w; j++) sum[j] += v[j];
+    }
     for (int64_t j = 0; j < w; j++) sum[j] /= (double)B;
     for (int64_t b = 0; b < B; b++)
         for (int64_t j = 0; j < w; j++) {
-            double d = y[b * H + j0 + j] - sum[j];
+            double d = in[b * H + j0 + j] - sum[j];
             ss[j] += d * d;
         }
     for (int64_t j = 0; j < w; j++) {
@@ -813,7 +842,7 @@ CLONES static void bn_fwd_chunk(int64_t B, int64_t H, int64_t j0, int64_t w,
         running_var[j0 + j] = (float)((1.0 - m) * running_var[j0 + j] + m * unbiased);
     }
     for (int64_t b = 0; b < B; b++) {
-        const float *yr = y + b * H + j0;
+        const float *yr = in + b * H + j0;
         float *o = out + b * H + j0;
         for (int64_t j = 0; j < w; j++) {
             float v = (yr[j] - mean[j]) * invstd[j] * g[j] + bt[j];
@@ -827,40 +856,49 @@ CLONES static void bn_fwd_chunk(int64_t B, int64_t H, int64_t j0, int64_t w,
 }
 
 /* The forward pass: out, and the mean and invstd (H each) that the backward pass needs; the
- * running statistics are updated in place (momentum m; the variance unbiased, as in torch). */
-void cv_bn_relu_drop_fwd(int64_t B, int64_t H, const float *y, const float *gamma,
-                         const float *beta, float *running_mean, float *running_var, double m,
-                         double eps, const int16_t *lanes, int threshold, float scale, float *out,
-                         float *mean_out, float *invstd_out, int n_threads) {
+ * running statistics are updated in place (momentum m; the variance unbiased, as in torch).
+ * Returns 0, or 1 (and computes nothing) when a code lies outside its table's n_cats[k] rows. */
+int cv_bn_relu_drop_fwd(int64_t B, int64_t H, const float *y, int n_cov, const float *const *cov,
+                        const int64_t *const *codes, const int64_t *n_cats, const float *gamma,
+                        const float *beta, float *running_mean, float *running_var, double m,
+                        double eps, const int16_t *lanes, int threshold, float scale, float *out,
+                        float *mean_out, float *invstd_out, int n_threads) {
+    for (int k = 0; k < n_cov; k++)
+        for (int64_t b = 0; b < B; b++)
+            if (codes[k][b] < 0 || codes[k][b] >= n_cats[k]) return 1;
 #pragma omp parallel num_threads(n_threads)
     {
         int64_t c0, c1;
         thread_range(H, &c0, &c1);
         for (int64_t j0 = c0; j0 < c1; j0 += BN_CHUNK)
-            bn_fwd_chunk(B, H, j0, c1 - j0 < BN_CHUNK ? c1 - j0 : BN_CHUNK, y, gamma, beta,
-                         running_mean, running_var, m, eps, lanes, threshold, scale, out,
-                         mean_out, invstd_out);
+            bn_fwd_chunk(B, H, j0, c1 - j0 < BN_CHUNK ? c1 - j0 : BN_CHUNK, y, n_cov, cov,
+                         codes, gamma, beta, running_mean, running_var, m, eps, lanes, threshold,
+                         scale, out, mean_out, invstd_out);
     }
+    return 0;
 }
 
 /* Columns [j0, j0 + w) of the backward pass (see cv_bn_relu_drop_bwd). */
 CLONES static void bn_bwd_chunk(int64_t B, int64_t H, int64_t j0, int64_t w,
-                                const float *restrict y, const float *restrict out,
+                                const float *restrict y, int n_cov, const float *const *cov,
+                                const int64_t *const *codes, float *const *gcov,
+                                const float *restrict out,
                                 const float *restrict gamma, const float *restrict mean,
                                 const float *restrict invstd, float scale,
                                 const float *restrict dout, float *restrict dy,
                                 float *restrict dgamma, float *restrict dbeta) {
     double sd[BN_CHUNK] = {0}, sdx[BN_CHUNK] = {0};
-    float mu[BN_CHUNK], is[BN_CHUNK], k[BN_CHUNK];
+    float mu[BN_CHUNK], is[BN_CHUNK], k[BN_CHUNK], t[BN_CHUNK];
     for (int64_t j = 0; j < w; j++)
         mu[j] = mean[j0 + j], is[j] = invstd[j0 + j], k[j] = gamma[j0 + j] * invstd[j0 + j];
     for (int64_t b = 0; b < B; b++) {
-        const float *yr = y + b * H + j0, *o = out + b * H + j0, *dr = dout + b * H + j0;
+        const float *o = out + b * H + j0, *dr = dout + b * H + j0;
         float *d = dy + b * H + j0;
+        const float *v = bn_input(b, H, j0, w, y, n_cov, cov, codes, t);
         for (int64_t j = 0; j < w; j++) {
             d[j] = o[j] > 0.0f ? dr[j] * scale : 0.0f;
             sd[j] += d[j];
-            sdx[j] += (double)d[j] * ((yr[j] - mu[j]) * is[j]);
+            sdx[j] += (double)d[j] * ((v[j] - mu[j]) * is[j]);
         }
     }
     for (int64_t j = 0; j < w; j++) {
@@ -870,18 +908,26 @@ CLONES static void bn_bwd_chunk(int64_t B, int64_t H, int64_t j0, int64_t w,
         sdx[j] /= (double)B;
     }
     for (int64_t b = 0; b < B; b++) {
-        const float *yr = y + b * H + j0;
         float *d = dy + b * H + j0;
+        const float *v = bn_input(b, H, j0, w, y, n_cov, cov, codes, t);
         for (int64_t j = 0; j < w; j++)
-            d[j] = k[j] * (float)(d[j] - sd[j] - ((yr[j] - mu[j]) * is[j]) * sdx[j]);
+            d[j] = k[j] * (float)(d[j] - sd[j] - ((v[j] - mu[j]) * is[j]) * sdx[j]);
+        for (int c = 0; c < n_cov; c++) { /* each table's row of the category sums dy */
+            float *g = gcov[c] + codes[c][b] * H + j0;
+            for (int64_t j = 0; j < w; j++) g[j] += d[j];
+        }
     }
 }
 
-/* The backward pass from the incoming gradient dout, given the forward pass's input y and output
- * out: dy (B, H), dgamma and dbeta (H each). An entry passed the ReLU and the dropout where its
- * output is positive (scale: the dropout's, 1 without), so with d = dout * scale there, else 0:
- *   dbeta = sum_b d, dgamma = sum_b d xhat, dy = gamma invstd (d - dbeta / B - xhat dgamma / B) */
-void cv_bn_relu_drop_bwd(int64_t B, int64_t H, const float *y, const float *out,
+/* The backward pass from the incoming gradient dout, given the forward pass's input y (and
+ * covariates) and output out: dy (B, H), dgamma and dbeta (H each). An entry passed the ReLU and
+ * the dropout where its output is positive (scale: the dropout's, 1 without), so with
+ * d = dout * scale there, else 0:
+ *   dbeta = sum_b d, dgamma = sum_b d xhat, dy = gamma invstd (d - dbeta / B - xhat dgamma / B)
+ * and each covariate's table gradient gcov[k] (zeroed by the caller) gets, in the row of a
+ * category, the sum of dy over the rows of that category, rows in order. */
+void cv_bn_relu_drop_bwd(int64_t B, int64_t H, const float *y, int n_cov, const float *const *cov,
+                         const int64_t *const *codes, float *const *gcov, const float *out,
                          const float *gamma, const float *mean, const float *invstd, float scale,
                          const float *dout, float *dy, float *dgamma, float *dbeta,
                          int n_threads) {
@@ -890,8 +936,8 @@ void cv_bn_relu_drop_bwd(int64_t B, int64_t H, const float *y, const float *out,
         int64_t c0, c1;
         thread_range(H, &c0, &c1);
         for (int64_t j0 = c0; j0 < c1; j0 += BN_CHUNK)
-            bn_bwd_chunk(B, H, j0, c1 - j0 < BN_CHUNK ? c1 - j0 : BN_CHUNK, y, out, gamma, mean,
-                         invstd, scale, dout, dy, dgamma, dbeta);
+            bn_bwd_chunk(B, H, j0, c1 - j0 < BN_CHUNK ? c1 - j0 : BN_CHUNK, y, n_cov, cov, codes,
+                         gcov, out, gamma, mean, invstd, scale, dout, dy, dgamma, dbeta);
     }
 }
 

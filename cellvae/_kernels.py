@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -78,12 +79,13 @@ def _load() -> ctypes.CDLL | None:
     lib.cv_gather_csr.argtypes = [i64, ptr, ptr, ctypes.c_int, ptr, ctypes.c_int, ptr, ptr]
     lib.cv_gather_csr.argtypes += [ptr, ptr, ptr, ctypes.c_int]
     c_int, f32 = ctypes.c_int, ctypes.c_float
-    lib.cv_bn_relu_drop_fwd.restype = None
-    lib.cv_bn_relu_drop_fwd.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, f64, f64, ptr, c_int]
+    lib.cv_bn_relu_drop_fwd.restype = c_int
+    lib.cv_bn_relu_drop_fwd.argtypes = [i64, i64, ptr, c_int, ptr, ptr, ptr]
+    lib.cv_bn_relu_drop_fwd.argtypes += [ptr, ptr, ptr, ptr, f64, f64, ptr, c_int]
     lib.cv_bn_relu_drop_fwd.argtypes += [f32, ptr, ptr, ptr, c_int]
     lib.cv_bn_relu_drop_bwd.restype = None
-    lib.cv_bn_relu_drop_bwd.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, f32, ptr, ptr, ptr]
-    lib.cv_bn_relu_drop_bwd.argtypes += [ptr, c_int]
+    lib.cv_bn_relu_drop_bwd.argtypes = [i64, i64, ptr, c_int, ptr, ptr, ptr]
+    lib.cv_bn_relu_drop_bwd.argtypes += [ptr, ptr, ptr, ptr, f32, ptr, ptr, ptr, ptr, c_int]
     lib.cv_nb_mixture.restype = None
     lib.cv_nb_mixture.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, f64, ptr, ptr]
     lib.cv_nb_mixture.argtypes += [ptr, ptr, ptr, ctypes.c_int]
@@ -402,6 +404,11 @@ def gather_csr(
     return row, col, val, offsets
 
 
+def _pointers(tensors) -> ctypes.Array | None:
+    """A C array of the tensors' data pointers (None for none)."""
+    return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors)) if tensors else None
+
+
 def bn_relu_drop_forward(
     y: torch.Tensor,
     gamma: torch.Tensor,
@@ -413,25 +420,33 @@ def bn_relu_drop_forward(
     lanes: torch.Tensor | None,
     threshold: int,
     scale: float,
+    covariates: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``relu(batch_norm(y)) * drop`` in training mode, for float32 ``(B, H)`` ``y``.
+    """``relu(batch_norm(y + Σ table[codes])) * drop`` in training, for float32 ``(B, H)`` ``y``.
 
     Batch norm with the minibatch's statistics (``running_mean`` / ``running_var`` updated in
     place with ``momentum``), then ReLU, then dropout: an entry is kept (times ``scale``) where
-    its int16 ``lanes`` value is at least ``threshold`` (``lanes`` None: no dropout). Every tensor
-    is float32 and contiguous. Returns ``out`` and the ``(H,)`` mean and inverse standard
-    deviation that :func:`bn_relu_drop_backward` takes.
+    its int16 ``lanes`` value is at least ``threshold`` (``lanes`` None: no dropout). The batch
+    norm's input is ``y`` plus, for each ``(table, codes)`` of ``covariates``, the ``(n_cat, H)``
+    table's row of each row's int64 code (a layer's injected covariates; ``y`` is not written).
+    Every tensor is contiguous and float32 (codes int64). Returns ``out`` and the ``(H,)`` mean and
+    inverse standard deviation that :func:`bn_relu_drop_backward` takes. Raises IndexError for
+    a code outside its table.
     """
     n_rows, n_cols = y.shape
     out = torch.empty_like(y)
     mean, invstd = torch.empty(n_cols), torch.empty(n_cols)
     threads = torch.get_num_threads() if y.numel() >= _MIN_PARALLEL else 1
-    _lib.cv_bn_relu_drop_fwd(
-        n_rows, n_cols, y.data_ptr(), gamma.data_ptr(), beta.data_ptr(),
-        running_mean.data_ptr(), running_var.data_ptr(), momentum, eps,
-        None if lanes is None else lanes.data_ptr(), threshold, scale, out.data_ptr(),
-        mean.data_ptr(), invstd.data_ptr(), threads,
+    tables, codes = [t for t, _ in covariates], [c for _, c in covariates]
+    n_cats = (ctypes.c_int64 * len(tables))(*(len(t) for t in tables)) if tables else None
+    status = _lib.cv_bn_relu_drop_fwd(
+        n_rows, n_cols, y.data_ptr(), len(tables), _pointers(tables), _pointers(codes), n_cats,
+        gamma.data_ptr(), beta.data_ptr(), running_mean.data_ptr(), running_var.data_ptr(),
+        momentum, eps, None if lanes is None else lanes.data_ptr(), threshold, scale,
+        out.data_ptr(), mean.data_ptr(), invstd.data_ptr(), threads,
     )  # fmt: skip
+    if status:
+        raise IndexError("a covariate code lies outside its embedding's categories.")
     return out, mean, invstd
 
 
@@ -443,23 +458,27 @@ def bn_relu_drop_backward(
     invstd: torch.Tensor,
     scale: float,
     dout: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients ``(dy, dgamma, dbeta)`` of :func:`bn_relu_drop_forward` from ``dout``.
+    covariates: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+) -> tuple[torch.Tensor, ...]:
+    """Gradients ``(dy, dgamma, dbeta, *dtables)`` of :func:`bn_relu_drop_forward` from ``dout``.
 
-    ``y`` and ``out`` are that function's input and output (an entry passed the ReLU and the
-    dropout where ``out`` is positive), ``scale`` the dropout's (1.0 without dropout).
+    ``y``, ``covariates`` and ``out`` are that function's inputs and output (an entry passed the
+    ReLU and the dropout where ``out`` is positive), ``scale`` the dropout's (1.0 without); one
+    gradient per covariate table follows the three.
     """
     n_rows, n_cols = y.shape
     dout = dout.contiguous()
     dy = torch.empty_like(y)
     dgamma, dbeta = torch.empty(n_cols), torch.empty(n_cols)
+    tables, codes = [t for t, _ in covariates], [c for _, c in covariates]
+    dtables = [torch.zeros_like(t) for t in tables]
     threads = torch.get_num_threads() if y.numel() >= _MIN_PARALLEL else 1
     _lib.cv_bn_relu_drop_bwd(
-        n_rows, n_cols, y.data_ptr(), out.data_ptr(), gamma.data_ptr(), mean.data_ptr(),
-        invstd.data_ptr(), scale, dout.data_ptr(), dy.data_ptr(), dgamma.data_ptr(),
-        dbeta.data_ptr(), threads,
+        n_rows, n_cols, y.data_ptr(), len(tables), _pointers(tables), _pointers(codes),
+        _pointers(dtables), out.data_ptr(), gamma.data_ptr(), mean.data_ptr(), invstd.data_ptr(),
+        scale, dout.data_ptr(), dy.data_ptr(), dgamma.data_ptr(), dbeta.data_ptr(), threads,
     )  # fmt: skip
-    return dy, dgamma, dbeta
+    return dy, dgamma, dbeta, *dtables
 
 
 def random_lanes(shape: tuple[int, ...], seed: int) -> torch.Tensor:

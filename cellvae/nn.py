@@ -234,35 +234,48 @@ class _BatchNormReLUDropout(torch.autograd.Function):
     masks come from :meth:`Dropout.lanes`, so the random stream is the one :class:`Dropout`
     draws. The backward pass recomputes the normalised values from the saved input; an entry passed
     the ReLU and the dropout where its output is positive.
+
+    The layer's covariate vectors (``tables``, one ``(n_cat, H)`` embedding weight per code tensor
+    of ``codes``) are added to ``y`` inside the kernels, and their gradients summed there, where
+    torch's embedding, add and embedding backward cost ~50 µs a layer: a 20 → 256 layer at 256
+    cells with one covariate, forward and backward, 254 → 230 µs (206 µs without the covariate;
+    benchmarks/README.md, session 24).
     """
 
     @staticmethod
-    def forward(ctx, y, weight, bias, bn, lanes, threshold, scale):
+    def forward(ctx, y, weight, bias, bn, lanes, threshold, scale, codes, *tables):
         y = y.contiguous()
+        covariates = list(zip(tables, codes, strict=True))
         out, mean, invstd = _kernels.bn_relu_drop_forward(
             y, weight, bias, bn.running_mean, bn.running_var, bn.momentum, bn.eps,
-            lanes, threshold, scale,
+            lanes, threshold, scale, covariates,
         )  # fmt: skip
-        ctx.save_for_backward(y, out, weight, mean, invstd)
-        ctx.scale = scale
+        ctx.save_for_backward(y, out, weight, mean, invstd, *tables, *codes)
+        ctx.scale, ctx.n_cov = scale, len(tables)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        y, out, weight, mean, invstd = ctx.saved_tensors
-        dy, dweight, dbias = _kernels.bn_relu_drop_backward(
-            y, out, weight, mean, invstd, ctx.scale, grad_out
+        y, out, weight, mean, invstd, *rest = ctx.saved_tensors
+        tables, codes = rest[: ctx.n_cov], rest[ctx.n_cov :]
+        dy, dweight, dbias, *dtables = _kernels.bn_relu_drop_backward(
+            y, out, weight, mean, invstd, ctx.scale, grad_out, list(zip(tables, codes))
         )
-        return dy, dweight, dbias, None, None, None, None
+        return dy, dweight, dbias, None, None, None, None, None, *dtables
 
 
-def _fused_post(post: nn.Sequential, y: torch.Tensor) -> torch.Tensor | None:
-    """``post(y)`` for a BatchNorm1d → ReLU (→ Dropout) block, by the compiled kernels.
+def _fused_post(
+    post: nn.Sequential,
+    y: torch.Tensor,
+    covariates: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+) -> torch.Tensor | None:
+    """``post(y + Σ table[codes])`` for a BatchNorm1d → ReLU (→ Dropout) block, compiled.
 
-    None where they do not apply: batch norm not in training mode (or without running
-    statistics), an input that is not a float32 CPU matrix of more than one row (torch's own
-    error then stays), or no compiled kernels.
+    ``covariates`` are ``(embedding weight, codes)`` pairs. None where the kernels do not apply:
+    batch norm not in training mode (or without running statistics), an input that is not a
+    float32 CPU matrix of more than one row, codes that are not one per row (torch's own error
+    then stays), or no compiled kernels.
     """
     bn = post[0]
     if not (
@@ -275,6 +288,10 @@ def _fused_post(post: nn.Sequential, y: torch.Tensor) -> torch.Tensor | None:
         and bn.running_mean is not None
         and bn.momentum is not None
         and _kernels.available()
+        and all(
+            t.dtype == torch.float32 and t.is_contiguous() and c.shape == y.shape[:1]
+            for t, c in covariates
+        )
     ):
         return None
     drop = post[2] if len(post) > 2 else None
@@ -282,7 +299,11 @@ def _fused_post(post: nn.Sequential, y: torch.Tensor) -> torch.Tensor | None:
     if drop is not None and drop.training and drop.p > 0:
         lanes, threshold, scale = drop.lanes(y.shape), drop._threshold, drop._scale
     bn.num_batches_tracked.add_(1)
-    return _BatchNormReLUDropout.apply(y, bn.weight, bn.bias, bn, lanes, threshold, scale)
+    codes = tuple(c.long().contiguous() for _, c in covariates)
+    tables = [t for t, _ in covariates]
+    return _BatchNormReLUDropout.apply(
+        y, bn.weight, bn.bias, bn, lanes, threshold, scale, codes, *tables
+    )
 
 
 # Inside bf16_products, FCLayers' hidden -> hidden layers at least this wide both ways take
@@ -324,21 +345,26 @@ class _CovariateLinear(nn.Module):
     def forward(
         self, x: torch.Tensor | CSRBatch | HStack, cats: Sequence[torch.Tensor]
     ) -> torch.Tensor:
+        return self.add_covariates(self.product(x), cats)
+
+    def product(self, x: torch.Tensor | CSRBatch | HStack) -> torch.Tensor:
+        """``x W + b``, without the covariates' vectors."""
         if isinstance(x, CSRBatch | HStack):  # [counts | dense]: each part meets its weight rows
-            out = sparse_linear(x, self.weight, self.bias)
-        elif self.bf16 and _BF16.get() and x.dim() == 2:
+            return sparse_linear(x, self.weight, self.bias)
+        if self.bf16 and _BF16.get() and x.dim() == 2:
             (out,) = _BF16Linear.apply(x, self.weight.t(), self.bias)
-        elif self.bias is not None:
-            out = (
-                torch.addmm(self.bias, x, self.weight)
-                if x.dim() == 2
-                else x @ self.weight + self.bias
-            )
-        else:
-            out = x @ self.weight
+            return out
+        if self.bias is not None:
+            if x.dim() == 2:
+                return torch.addmm(self.bias, x, self.weight)
+            return x @ self.weight + self.bias
+        return x @ self.weight
+
+    def add_covariates(self, y: torch.Tensor, cats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``y`` plus each covariate's vector of each cell's category."""
         for emb, c in zip(self.embeddings, cats):
-            out = out + emb(c.view(-1))
-        return out
+            y = y + emb(c.view(-1))
+        return y
 
 
 class FCLayers(nn.Module):
@@ -421,10 +447,13 @@ class FCLayers(nn.Module):
         """
         cats = [cat_list[i] for i in self.cat_keep if i < len(cat_list)]
         for linear, post in zip(self.linears, self.post):
-            y = linear(x, cats[: len(linear.embeddings)])
-            x = _fused_post(post, y) if self._fusable else None
+            y, layer_cats = linear.product(x), cats[: len(linear.embeddings)]
+            x = None
+            if self._fusable:  # the covariates' vectors are added inside the kernel
+                covariates = [(e.weight, c.view(-1)) for e, c in zip(linear.embeddings, layer_cats)]
+                x = _fused_post(post, y, covariates)
             if x is None:
-                x = post(y)
+                x = post(linear.add_covariates(y, layer_cats))
         return x
 
 

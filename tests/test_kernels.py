@@ -444,6 +444,59 @@ def test_bn_relu_dropout_matches_float64(shape, dropout, monkeypatch):
 
 
 @built
+def test_bn_relu_dropout_adds_covariate_vectors(monkeypatch):
+    # the batch norm's input is y plus one row of each covariate's table per cell, added inside
+    # the kernel: output, running statistics and the gradients by y, gamma, beta and both tables
+    # against float64 torch, bit for bit on 1, 2 and 3 threads; y is not written; a code outside
+    # its table raises IndexError
+    monkeypatch.setattr(_kernels, "_MIN_PARALLEL", 0)
+    gen = torch.Generator().manual_seed(8)
+    n, h = 90, 150
+    y = torch.randn(n, h, generator=gen) * 2
+    tables = [torch.randn(3, h, generator=gen), torch.randn(5, h, generator=gen) * 4]
+    codes = [torch.randint(3, (n,), generator=gen), torch.randint(5, (n,), generator=gen)]
+    gamma, beta = torch.rand(h, generator=gen) + 0.5, torch.randn(h, generator=gen) * 0.5
+    dout = torch.randn(n, h, generator=gen)
+    lanes = torch.randint(-(2**15), 2**15, (n, h), dtype=torch.int16, generator=gen)
+    threshold, scale = -26214, 65536 / 58982
+    t64 = [t.double().requires_grad_() for t in tables]
+    y64, g64, b64 = (t.double().requires_grad_() for t in (y, gamma, beta))
+    rm_ref, rv_ref = torch.zeros(h, dtype=torch.float64), torch.ones(h, dtype=torch.float64)
+    ins = y64 + t64[0][codes[0]] + t64[1][codes[1]]
+    bn = torch.nn.functional.batch_norm(ins, rm_ref, rv_ref, g64, b64, True, 0.1, 1e-3)
+    ref = torch.relu(bn) * ((lanes >= threshold).double() * float(torch.tensor(scale)))
+    ref.backward(dout.double())
+    y_before, threads, results = y.clone(), torch.get_num_threads(), []
+    try:
+        for k in (1, 2, 3):
+            torch.set_num_threads(k)
+            rm, rv = torch.zeros(h), torch.ones(h)
+            covs = list(zip(tables, codes))
+            out, mean, invstd = _kernels.bn_relu_drop_forward(
+                y, gamma, beta, rm, rv, 0.1, 1e-3, lanes, threshold, scale, covs
+            )
+            grads = _kernels.bn_relu_drop_backward(y, out, gamma, mean, invstd, scale, dout, covs)
+            results.append((out, rm, rv, *grads))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(y, y_before)
+    out, rm, rv, *grads = results[0]
+    assert len(grads) == 5
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rm.double(), rm_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rv.double(), rv_ref, rtol=1e-6, atol=1e-6)
+    for got, leaf in zip(grads, (y64, g64, b64, *t64), strict=True):
+        torch.testing.assert_close(
+            got.double(), leaf.grad, rtol=1e-4, atol=1e-5 * leaf.grad.abs().max()
+        )
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+    bad = [(tables[0], codes[0]), (tables[1], torch.full((n,), 5))]
+    with pytest.raises(IndexError, match="covariate code"):
+        _kernels.bn_relu_drop_forward(y, gamma, beta, rm, rv, 0.1, 1e-3, None, 0, 1.0, bad)
+
+
+@built
 @pytest.mark.parametrize("dropout_rate", [0.1, 0.0])
 def test_fc_layers_fused_block_matches_torch_modules(dropout_rate):
     # FCLayers in training runs BatchNorm1d → ReLU → Dropout in one compiled pass (float32 on
