@@ -181,18 +181,44 @@ def _term_sums(out) -> dict[str, torch.Tensor]:
     }
 
 
+class _Mode:
+    """``module.train(mode)`` for a module tree that does not change: the flags set in one loop.
+
+    ``nn.Module.train`` recurses through the tree and sets each flag through ``__setattr__``:
+    ~0.15 ms a call for totalVI's ~60 submodules, three calls an epoch (a 500-cell data set's
+    epoch is ~19 ms). Where a submodule overrides ``train``, its own method is called instead.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.modules = list(module.modules())
+        self.plain = all(type(m).train is nn.Module.train for m in self.modules)
+
+    def __call__(self, mode: bool) -> None:
+        if not self.plain:
+            self.module.train(mode)
+            return
+        for m in self.modules:
+            m.__dict__["training"] = mode
+
+
 @torch.no_grad()
 def evaluate(
-    module: nn.Module, data: TensorData, indices: torch.Tensor, batch_size: int = 2048
+    module: nn.Module,
+    data: TensorData,
+    indices: torch.Tensor,
+    batch_size: int = 2048,
+    set_mode: _Mode | None = None,
 ) -> dict[str, float]:
     """Per-cell averages of the negative ELBO and its terms over ``indices`` (eval mode)."""
     was_training = module.training
-    module.eval()
+    set_mode = set_mode or module.train
+    set_mode(False)
     totals: dict[str, float] = {}
     for batch in data.batches(indices, batch_size):
         for k, v in _term_sums(module(batch, kl_weight=1.0)).items():
             totals[k] = totals.get(k, 0.0) + float(v)
-    module.train(was_training)
+    set_mode(was_training)
     n = max(len(indices), 1)
     return {k: v / n for k, v in totals.items()}
 
@@ -417,8 +443,9 @@ def train_module(
             disable=not config.progress_bar,
             dynamic_ncols=True,
         )
+        set_mode = _Mode(module)
         for epoch in bar:
-            module.train()
+            set_mode(True)
             sums, term_keys = None, ()
             n_cells = 0
             kl_weight = _kl_weight(step, warmup_steps)
@@ -463,7 +490,7 @@ def train_module(
             }
             if len(val_idx):  # in the training precision, as under Lightning's bf16-mixed
                 with bf16_products(bf16):
-                    val = evaluate(module, data, val_idx, config.eval_batch_size)
+                    val = evaluate(module, data, val_idx, config.eval_batch_size, set_mode)
                 record.update({f"validation_{k}": v for k, v in val.items()})
             # every column keeps one entry per epoch, NaN where an epoch has no value (e.g. a
             # second train() call with another validation_size)

@@ -287,3 +287,35 @@ def test_bf16_mixed_training_reaches_the_float32_elbo():
         elbos.append(model.get_elbo(indices=model.validation_indices_))
     assert elbos[0] != elbos[1]  # the two trainings differ ...
     assert abs(elbos[1] - elbos[0]) < 0.01 * abs(elbos[0])  # ... by less than 1%
+
+
+def test_mode_switch_sets_every_submodule_and_calls_overridden_train():
+    # the training loop's train / eval switch sets the flag of every submodule in one loop, the
+    # same as nn.Module.train; a tree with a submodule that overrides train() goes through it
+    from cellvae.nn import FCLayers
+    from cellvae.train import _Mode
+
+    fc = FCLayers(6, 4, n_cat_list=[2], n_layers=2, n_hidden=5, dropout_rate=0.1)
+    switch = _Mode(fc)
+    assert switch.plain
+    for mode in (False, True, False):
+        switch(mode)
+        assert [m.training for m in fc.modules()] == [mode] * len(list(fc.modules()))
+
+    class Custom(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def train(self, mode=True):
+            self.calls.append(mode)
+            return super().train(mode)
+
+    custom = Custom()
+    tree = torch.nn.Sequential(fc, custom)
+    switch = _Mode(tree)
+    assert not switch.plain
+    switch(True)
+    switch(False)
+    assert custom.calls == [True, False]
+    assert not any(m.training for m in tree.modules())
