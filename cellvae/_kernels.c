@@ -788,8 +788,10 @@ void cv_gather_csr(int64_t n_sel, const int64_t *idx, const void *indptr, int pt
  * The batch norm's input is y plus, for each of n_cov covariates, its learned vector of the
  * row's category: cov[k] is a (n_cats[k], H) table and codes[k] (B) the rows' categories (the
  * covariates injected into every layer, which torch adds with an embedding and an add, and
- * sums back with an embedding backward: ~50 us a layer at 256 x 256). The sum is formed
- * where it is read, in the order of torch's y + e_1 + e_2 ..., so y itself is never written. */
+ * sums back with an embedding backward: ~50 us a layer at 256 x 256). The sum is formed in
+ * the order of torch's y + e_1 + e_2 ...: by the forward pass's first pass into out, where its
+ * other passes read it, and again row by row where the backward pass reads it. y itself is
+ * never written. */
 #define BN_CHUNK 64
 
 /* Row b, columns [j0, j0 + w) of the batch norm's input: y's row itself without covariates,
