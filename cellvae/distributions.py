@@ -215,12 +215,12 @@ def log_mixture_nb(
 def _nonzeros(x, nz: _Nonzero | None):
     """Nonzero entries of ``x`` (a dense tensor or a CSR batch).
 
-    Returns ``(row, col, lin, x_nz, shape)``: positions, flat positions ``row * G + col``, values
-    and the ``(cells, genes)`` shape of ``x``.
+    Returns ``(row, col, lin, x_nz, shape)``: positions, flat positions ``row * G + col`` (None
+    for a CSR batch: :func:`_flat` makes them where needed, and the compiled kernels take
+    ``row`` and ``col``), values and the ``(cells, genes)`` shape of ``x``.
     """
     if isinstance(x, CSRBatch):
-        row, col = x.row, x.col
-        return row, col, row * x.shape[1] + col, x.val, x.shape
+        return x.row, x.col, None, x.val, x.shape
     if x.dim() != 2:
         raise ValueError(
             f"log_prob_sum expects a 2-D (cells x genes) tensor, got shape {tuple(x.shape)}."
@@ -232,6 +232,11 @@ def _nonzeros(x, nz: _Nonzero | None):
         col = nz[1].to(device=x.device, dtype=torch.long)
     lin = row * x.shape[1] + col
     return row, col, lin, x.reshape(-1).index_select(0, lin), tuple(x.shape)
+
+
+def _flat(row: torch.Tensor, col: torch.Tensor, lin: torch.Tensor | None, shape) -> torch.Tensor:
+    """The flat positions ``row * G + col`` (``lin`` itself when already made)."""
+    return row * shape[1] + col if lin is None else lin
 
 
 def _per_gene(p: torch.Tensor, n_genes: int) -> bool:
@@ -501,6 +506,7 @@ def _nb_log_prob_sum(x, mu, theta, eps, nz, pi=None, library=None):
     grad = _wants_grad(*params)
     if _fused(theta, mu, pi):
         return _FusedLogProbSum.apply(mu, None, theta, pi, x_nz, row, col, eps, grad)
+    lin = _flat(row, col, lin, shape)
     if pi is None:
         return _NBLogProbSum.apply(mu, theta, x_nz.to(mu.dtype), row, col, lin, eps, grad)
     return _ZINBLogProbSum.apply(mu, theta, pi, x_nz.to(mu.dtype), row, col, lin, eps, grad)
@@ -523,7 +529,7 @@ def _softmax_fusable(logits, library, theta, pi, x) -> bool:
 
 def _poisson_log_prob_sum(x, rate, eps, nz):
     row, col, lin, x_nz, shape = _nonzeros(x, nz)
-    rate_nz = _at(_param_view(rate, shape), col, lin)
+    rate_nz = _at(_param_view(rate, shape), col, _flat(row, col, lin, shape))
     rest = x_nz.to(rate.dtype) * torch.log(rate_nz.clamp_min(eps)) - torch.lgamma(x_nz + 1)
     return (-rate.expand(shape).sum(-1)).index_add(0, row, rest.to(rate.dtype))
 
