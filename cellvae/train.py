@@ -430,7 +430,9 @@ def train_module(
     best, bad_epochs = math.inf, 0
     # non-finite steps are skipped (Adam.step), so the weights need no copy; the batch-norm
     # statistics, updated by the forward pass itself, are restored from the last good epoch
-    last_good_buffers = {k: b.detach().clone() for k, b in module.named_buffers()}
+    # (one foreach copy an epoch: walking named_buffers() and copying one by one took ~55 us)
+    buffers = list(module.buffers())
+    last_good_buffers = [b.detach().clone() for b in buffers]
     step = 0
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -471,8 +473,8 @@ def train_module(
             n_skipped = int(sums[0])
             loss, *means = (sums[1:] / n_cells).tolist()
             if n_skipped or not math.isfinite(loss):
-                for key, buf in module.named_buffers():
-                    buf.copy_(last_good_buffers[key])
+                if buffers:
+                    torch._foreach_copy_(buffers, last_good_buffers)
                 raise TrainingError(
                     f"Training diverged in epoch {epoch + 1}: the loss was {loss:.4g} and "
                     f"{n_skipped} of {steps_per_epoch} steps had non-finite gradients. Those "
@@ -497,8 +499,8 @@ def train_module(
             for k in [*record, *(k for k in history if k not in record)]:
                 history.setdefault(k, [math.nan] * done).append(record.get(k, math.nan))
             monitored = record[monitor_key]
-            for key, buf in module.named_buffers():
-                last_good_buffers[key].copy_(buf)
+            if buffers:
+                torch._foreach_copy_(last_good_buffers, buffers)
             bar.set_postfix(
                 {
                     k.replace("validation_", "val_"): f"{record[k]:.4g}"
