@@ -111,6 +111,14 @@ def available() -> bool:
     return enabled and _lib is not None
 
 
+def _threads(n: int) -> int:
+    """OpenMP threads for a kernel call over ``n`` values.
+
+    Torch's threads, or one below ``_MIN_PARALLEL`` (read at each call, so tests can lower it).
+    """
+    return torch.get_num_threads() if n >= _MIN_PARALLEL else 1
+
+
 def takes(*tensors: torch.Tensor | None) -> bool:
     """Whether the kernels are available and take these tensors: float32 on the CPU.
 
@@ -176,7 +184,7 @@ def softmax_nb_zinb_log_prob_sum(
 def _nb_zinb(mu_or_logits, library, theta, pi, x_nz, row, col, eps, with_grad):
     """Call ``cv_nb_zinb``: ``library`` None means the first argument is ``mu``."""
     n_rows, n_genes = mu_or_logits.shape
-    threads = torch.get_num_threads() if mu_or_logits.numel() >= _MIN_PARALLEL else 1
+    threads = _threads(mu_or_logits.numel())
     lgth, dgth = lgamma_digamma(theta)
     out = torch.empty(n_rows, dtype=torch.float32)
     mu, logits = mu_or_logits, None
@@ -220,7 +228,7 @@ def nb_mixture_log_prob(
     derivatives by ``mu1``, ``mu2``, ``pi`` and the per-entry ``theta`` (otherwise four Nones).
     """
     n_rows, n_cols = x.shape
-    threads = torch.get_num_threads() if x.numel() >= _MIN_PARALLEL else 1
+    threads = _threads(x.numel())
     lgth, dgth = lgamma_digamma(theta)
     out = torch.empty_like(x)
     grads = [torch.empty_like(x) for _ in range(4)] if with_grad else [None] * 4
@@ -258,7 +266,7 @@ def protein_terms(
     mask's rows.
     """
     n_rows, n_cols = x.shape
-    threads = torch.get_num_threads() if x.numel() >= _MIN_PARALLEL else 1
+    threads = _threads(x.numel())
     lgth, dgth = lgamma_digamma(theta)
     lp, rec, kl = torch.empty_like(x), x.new_empty(n_rows), x.new_empty(n_rows)
     grads = [torch.empty_like(x) for _ in range(7)] if with_grad else [None] * 7
@@ -288,7 +296,7 @@ def protein_terms_backward(
     """
     g1 = grads[0]
     n_rows, n_cols = g1.shape
-    threads = torch.get_num_threads() if g1.numel() >= _MIN_PARALLEL else 1
+    threads = _threads(g1.numel())
     outs = [torch.empty_like(g1) for _ in range(5)]
     outs += [g1.new_empty(n_cols), g1.new_empty(n_cols, n_codes), g1.new_empty(n_cols, n_codes)]
     grad_rec, grad_kl = grad_rec.contiguous(), grad_kl.contiguous()
@@ -319,7 +327,7 @@ def csr_dense(
     (n_rows,), (n_cols, n_out) = offsets.shape, weight.shape
     bias = None if bias is None else bias.contiguous()
     out = torch.empty(n_rows, n_out, dtype=torch.float32)
-    threads = torch.get_num_threads() if col.numel() * n_out >= _MIN_PARALLEL else 1
+    threads = _threads(col.numel() * n_out)
     status = _lib.cv_csr_dense(
         n_rows, n_cols, n_out, col.numel(), offsets.data_ptr(), col.data_ptr(), val.data_ptr(),
         weight.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), threads,
@@ -362,7 +370,7 @@ def csr_t_dense(
         out = torch.empty(n_cols, n_out, dtype=torch.float32)
     elif out.shape != (n_cols, n_out) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 ({n_cols}, {n_out}) tensor.")
-    threads = torch.get_num_threads() if out.numel() >= _MIN_PARALLEL else 1
+    threads = _threads(out.numel())
     status = _lib.cv_csr_t_dense(
         n_rows, n_cols, n_out, row.numel(), row.data_ptr(), col.data_ptr(), val.data_ptr(),
         dy.data_ptr(), out.data_ptr(), threads,
@@ -395,7 +403,7 @@ def gather_csr(
     row = torch.empty(total, dtype=torch.int64)
     col = torch.empty(total, dtype=torch.int64)
     val = torch.empty(total, dtype=torch.float32)
-    threads = torch.get_num_threads() if total >= _MIN_PARALLEL else 1
+    threads = _threads(total)
     _lib.cv_gather_csr(
         n_sel, idx.data_ptr(), indptr.data_ptr(), ptr64, indices.data_ptr(),
         indices.dtype == torch.int64, values.data_ptr(), offsets.data_ptr(), row.data_ptr(),
@@ -436,7 +444,7 @@ def bn_relu_drop_forward(
     n_rows, n_cols = y.shape
     out = torch.empty_like(y)
     mean, invstd = torch.empty(n_cols), torch.empty(n_cols)
-    threads = torch.get_num_threads() if y.numel() >= _MIN_PARALLEL else 1
+    threads = _threads(y.numel())
     tables, codes = [t for t, _ in covariates], [c for _, c in covariates]
     n_cats = (ctypes.c_int64 * len(tables))(*(len(t) for t in tables)) if tables else None
     status = _lib.cv_bn_relu_drop_fwd(
@@ -472,7 +480,7 @@ def bn_relu_drop_backward(
     dgamma, dbeta = torch.empty(n_cols), torch.empty(n_cols)
     tables, codes = [t for t, _ in covariates], [c for _, c in covariates]
     dtables = [torch.zeros_like(t) for t in tables]
-    threads = torch.get_num_threads() if y.numel() >= _MIN_PARALLEL else 1
+    threads = _threads(y.numel())
     _lib.cv_bn_relu_drop_bwd(
         n_rows, n_cols, y.data_ptr(), len(tables), _pointers(tables), _pointers(codes),
         _pointers(dtables), out.data_ptr(), gamma.data_ptr(), mean.data_ptr(), invstd.data_ptr(),
