@@ -130,7 +130,10 @@ def test_decoder_totalvi_contract():
     torch.testing.assert_close(py["rate_back"], torch.exp(log_back))
     torch.manual_seed(0)
     draws = torch.stack([dec(z, lib, b)[1]["rate_back"] for _ in range(4000)])
-    torch.testing.assert_close(draws.mean(0), py["rate_back"], rtol=0.1, atol=0.0)
+    # within 5 standard errors of the sample mean (a log-normal with a wide background spread
+    # has a heavy tail: a fixed 10% tolerance failed for some initialisations)
+    stderr = draws.std(0) / len(draws) ** 0.5
+    assert ((draws.mean(0) - py["rate_back"]).abs() < 5 * stderr).all()
     assert (py["fore_scale"] >= 1).all() and (py["back_beta"] > 0).all()
     torch.testing.assert_close(py["rate_fore"], py["rate_back"] * py["fore_scale"])
     assert py["mixing"].shape == (6, 4)
