@@ -963,3 +963,116 @@ CLONES void cv_random_lanes(int64_t n, uint64_t seed, int16_t *out) {
     uint64_t z = splitmix64(seed, words);
     memcpy(out + 4 * words, &z, sizeof(int16_t) * (size_t)(n % 4));
 }
+
+/* ---- bfloat16 products: the outputs and incoming gradients of cellvae.nn._BF16Linear ----
+ * A bfloat16 value is the top half of a float32: widening is a shift; narrowing rounds to the
+ * nearest even, NaN to 0x7FC0, the rounding of torch's Tensor.to(torch.bfloat16). */
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0u : (uint16_t)r;
+}
+
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+
+/* One row of one part: dst[j] = src[j] + bias[j] (bias may be NULL). */
+CLONES static void widen_row(int64_t n, const uint16_t *restrict src, const float *restrict bias,
+                             float *restrict dst) {
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        v16h h;
+        memcpy(&h, src + j, sizeof h);
+        v16f f = (v16f)(__builtin_convertvector(h, v16u) << 16), b;
+        if (bias) {
+            memcpy(&b, bias + j, sizeof b);
+            f += b;
+        }
+        memcpy(dst + j, &f, sizeof f);
+    }
+    for (; j < n; j++) dst[j] = bias ? bf16_to_f32(src[j]) + bias[j] : bf16_to_f32(src[j]);
+}
+
+/* The bfloat16 product out (B rows of N = sum of sizes values) split by columns into n_parts
+ * float32 (B, sizes[i]) outputs dst[i], each plus its bias[i] (NULL: none). Rows are split
+ * between the threads. */
+void cv_bf16_split_widen(int64_t B, int64_t N, const uint16_t *out, int n_parts,
+                         const int64_t *sizes, const float *const *bias, float *const *dst,
+                         int n_threads) {
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        int64_t o = 0;
+        for (int i = 0; i < n_parts; i++) {
+            widen_row(sizes[i], out + b * N + o, bias[i], dst[i] + b * sizes[i]);
+            o += sizes[i];
+        }
+    }
+}
+
+#define NARROW_CHUNK 256 /* columns per block: their sums stay in registers / L1 */
+
+/* f32_to_bf16 of 16 values (written with vectors: gcc did not vectorise the scalar form). */
+static inline v16h narrow16(v16f f) {
+    v16u u = (v16u)f;
+    v16u r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    v16u nan = (v16u)((u & 0x7FFFFFFFu) > 0x7F800000u); /* all ones where NaN */
+    return __builtin_convertvector((r & ~nan) | (0x7FC0u & nan), v16h);
+}
+
+/* Columns [j0, j0 + w) of part src (row length n) into dst (row length N, offset by o), and
+ * their sums over the rows, in order, into sum (unless NULL). */
+CLONES static void narrow_chunk(int64_t B, int64_t n, int64_t j0, int64_t w,
+                                const float *restrict src, int64_t N, int64_t o,
+                                uint16_t *restrict dst, float *restrict sum) {
+    v16f acc[NARROW_CHUNK / 16];
+    float tail[16] = {0};
+    int64_t nv = w / 16;
+    for (int64_t v = 0; v < nv; v++) acc[v] = (v16f){0};
+    for (int64_t b = 0; b < B; b++) {
+        const float *s = src + b * n + j0;
+        uint16_t *d = dst + b * N + o + j0;
+        for (int64_t v = 0; v < nv; v++) {
+            v16f x = load16(s + 16 * v);
+            v16h h = narrow16(x);
+            memcpy(d + 16 * v, &h, sizeof h);
+            acc[v] += x;
+        }
+        for (int64_t j = 16 * nv; j < w; j++) {
+            d[j] = f32_to_bf16(s[j]);
+            tail[j - 16 * nv] += s[j];
+        }
+    }
+    if (!sum) return;
+    memcpy(sum + j0, acc, sizeof(v16f) * (size_t)nv);
+    for (int64_t j = 16 * nv; j < w; j++) sum[j0 + j] = tail[j - 16 * nv];
+}
+
+/* The incoming float32 gradients src[i] (B, sizes[i]) of those outputs, side by side as one
+ * bfloat16 (B, N) block dst, and, where sums[i] is not NULL, their column sums (the biases'
+ * gradients), summed in float32 over the rows in order. Columns are split between the
+ * threads, so the sums do not depend on their number. */
+void cv_bf16_join_narrow(int64_t B, int64_t N, int n_parts, const int64_t *sizes,
+                         const float *const *src, uint16_t *dst, float *const *sums,
+                         int n_threads) {
+    int64_t n_chunks = 0;
+    for (int i = 0; i < n_parts; i++) n_chunks += (sizes[i] + NARROW_CHUNK - 1) / NARROW_CHUNK;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t c = 0; c < n_chunks; c++) {
+        int64_t k = c, o = 0;
+        int i = 0;
+        while (k >= (sizes[i] + NARROW_CHUNK - 1) / NARROW_CHUNK) {
+            k -= (sizes[i] + NARROW_CHUNK - 1) / NARROW_CHUNK;
+            o += sizes[i++];
+        }
+        int64_t j0 = k * NARROW_CHUNK, w = sizes[i] - j0 < NARROW_CHUNK ? sizes[i] - j0 : NARROW_CHUNK;
+        narrow_chunk(B, sizes[i], j0, w, src[i], N, o, dst, sums[i]);
+    }
+}

@@ -35,6 +35,8 @@ import torch
 
 __all__ = [
     "available",
+    "bf16_join_narrow",
+    "bf16_split_widen",
     "bn_relu_drop_backward",
     "bn_relu_drop_forward",
     "csr_dense",
@@ -94,6 +96,10 @@ def _load() -> ctypes.CDLL | None:
     lib.cv_protein_terms.argtypes += [*[ptr] * 10, c_int]
     lib.cv_protein_terms_backward.restype = None
     lib.cv_protein_terms_backward.argtypes = [i64, i64, ptr, ptr, ptr, i64, *[ptr] * 15, c_int]
+    lib.cv_bf16_split_widen.restype = None
+    lib.cv_bf16_split_widen.argtypes = [i64, i64, ptr, c_int, ptr, ptr, ptr, c_int]
+    lib.cv_bf16_join_narrow.restype = None
+    lib.cv_bf16_join_narrow.argtypes = [i64, i64, c_int, ptr, ptr, ptr, ptr, c_int]
     lib.cv_random_lanes.restype = None
     lib.cv_random_lanes.argtypes = [i64, ctypes.c_uint64, ptr]
     return lib
@@ -494,3 +500,49 @@ def random_lanes(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     out = torch.empty(shape, dtype=torch.int16)
     _lib.cv_random_lanes(out.numel(), seed & (2**64 - 1), out.data_ptr())
     return out
+
+
+def _sizes(parts: Sequence[int]) -> ctypes.Array:
+    return (ctypes.c_int64 * len(parts))(*parts)
+
+
+def _maybe_pointers(tensors: Sequence[torch.Tensor | None]) -> ctypes.Array:
+    """A C array of data pointers, NULL for None."""
+    return (ctypes.c_void_p * len(tensors))(*(None if t is None else t.data_ptr() for t in tensors))
+
+
+def bf16_split_widen(
+    out: torch.Tensor, sizes: Sequence[int], biases: Sequence[torch.Tensor | None]
+) -> list[torch.Tensor]:
+    """The contiguous bfloat16 ``(B, sum(sizes))`` ``out`` split by columns into float32 parts.
+
+    Part ``i`` is ``(B, sizes[i])``, contiguous, plus ``biases[i]`` (float32, contiguous; None:
+    no bias): what ``part.float() + bias`` gives, in one pass over ``out``.
+    """
+    n_rows, n_cols = out.shape
+    parts = [torch.empty(n_rows, n, dtype=torch.float32) for n in sizes]
+    _lib.cv_bf16_split_widen(
+        n_rows, n_cols, out.data_ptr(), len(sizes), _sizes(sizes), _maybe_pointers(biases),
+        _pointers(parts), _threads(out.numel()),
+    )  # fmt: skip
+    return parts
+
+
+def bf16_join_narrow(
+    grads: Sequence[torch.Tensor], with_sums: Sequence[bool]
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Contiguous float32 ``(B, n_i)`` ``grads`` side by side in one bfloat16 ``(B, Σ n_i)``.
+
+    Rounded to the nearest even, as ``Tensor.to(torch.bfloat16)``. Also returns the column sums
+    of each ``grads[i]`` where ``with_sums[i]`` (else None), float32 summed in float64, rows in
+    order: the same on any number of threads.
+    """
+    n_rows = grads[0].shape[0]
+    sizes = [g.shape[1] for g in grads]
+    block = torch.empty(n_rows, sum(sizes), dtype=torch.bfloat16)
+    sums = [torch.empty(n, dtype=torch.float32) if w else None for n, w in zip(sizes, with_sums)]
+    _lib.cv_bf16_join_narrow(
+        n_rows, block.shape[1], len(grads), _sizes(sizes), _pointers(grads), block.data_ptr(),
+        _maybe_pointers(sums), _threads(block.numel()),
+    )  # fmt: skip
+    return block, sums

@@ -762,3 +762,63 @@ def test_protein_terms_kernel_matches_float64_torch(seed, monkeypatch):
         assert all(map(torch.equal, module.protein_terms(gen, y, strided), results[0]))
     with pytest.raises(IndexError, match="batch code"):
         module.protein_terms(gen, y, codes + n_batch)
+
+
+@built
+def test_bf16_split_widen_is_torchs_widening_plus_bias(monkeypatch):
+    # bfloat16 product (B, 37 + 300 + 5) split into float32 parts plus their biases (one
+    # without): bit for bit torch's part.float() + bias, parts of any width (vectors of 16 and
+    # a tail), the same on 1, 2 and 3 threads
+    monkeypatch.setattr(_kernels, "_MIN_PARALLEL", 0)
+    gen = torch.Generator().manual_seed(7)
+    sizes = [37, 300, 5]
+    out = (torch.randn(23, sum(sizes), generator=gen) * 30).bfloat16()
+    biases = [torch.randn(37, generator=gen), None, torch.randn(5, generator=gen)]
+    expected = [
+        p.float() if b is None else p.float() + b
+        for p, b in zip(out.split(sizes, 1), biases, strict=True)
+    ]
+    threads, results = torch.get_num_threads(), []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(_kernels.bf16_split_widen(out, sizes, biases))
+    finally:
+        torch.set_num_threads(threads)
+    for parts in results:
+        assert [p.shape for p in parts] == [(23, n) for n in sizes]
+        assert all(p.is_contiguous() and torch.equal(p, e) for p, e in zip(parts, expected))
+
+
+@built
+def test_bf16_join_narrow_rounds_like_torch_and_sums_columns(monkeypatch):
+    # float32 gradients (B, n_i) side by side in one bfloat16 block: torch's round to nearest
+    # even bit for bit (ties both ways, the largest finite float32, infinities, NaN stays NaN),
+    # columns in blocks of 256 with tails; the column sums against float64 where asked, None
+    # elsewhere; the same bits on 1, 2 and 3 threads
+    monkeypatch.setattr(_kernels, "_MIN_PARALLEL", 0)
+    gen = torch.Generator().manual_seed(8)
+    grads = [torch.randn(19, n, generator=gen) * 100 for n in (300, 17, 513)]
+    ties = torch.tensor([0x3F808000, 0x3F818000, 0xBF808000, 0x7F7FFFFF], dtype=torch.int64)
+    grads[1][0, :4] = ties.to(torch.int32).view(torch.float32)  # 1 + 2^-8 etc.: exact ties
+    grads[1][1, :3] = torch.tensor([float("inf"), -float("inf"), float("nan")])
+    threads, results = torch.get_num_threads(), []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(_kernels.bf16_join_narrow(grads, [True, True, False]))
+    finally:
+        torch.set_num_threads(threads)
+    block, sums = results[0]
+    expected = torch.cat(grads, 1).to(torch.bfloat16)
+    nan = expected.isnan()
+    assert block.shape == expected.shape and torch.equal(block.isnan(), nan)
+    assert torch.equal(block[~nan], expected[~nan])
+    assert block[0, 300] == 1.0 and block[0, 301] == 1.015625  # ties to the even neighbour
+    assert sums[2] is None and sums[1][0] == float("inf") and sums[1][2].isnan()
+    for got, g in [(sums[0], grads[0]), (sums[1][3:], grads[1][:, 3:])]:  # float32 sums
+        torch.testing.assert_close(got.double(), g.double().sum(0), rtol=1e-6, atol=1e-3)
+    for other_block, other_sums in results[1:]:
+        assert torch.equal(other_block.view(torch.int16), block.view(torch.int16))
+        for a, b in zip(other_sums[:2], sums[:2]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)

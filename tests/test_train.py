@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from cellvae import _kernels
 from cellvae.train import Adam, Plateau
 
 
@@ -232,6 +233,47 @@ def test_wide_hidden_layers_take_bf16_products_narrow_ones_stay_float32():
     with bf16_products():
         got = first(x0, [codes])
     assert torch.equal(got, first(x0, [codes]))
+
+
+@pytest.mark.skipif(_kernels._lib is None, reason="kernels not built")
+def test_bf16_products_take_the_same_roundings_with_and_without_kernels(monkeypatch):
+    # the compiled widening (outputs plus biases) and narrowing (incoming gradients, with the
+    # biases' gradients summed) against torch's casts: outputs and the gradients of x and the
+    # weights bit for bit, biases' gradients close (float32 sums in another order); for gene
+    # layers sharing a product (one without bias) and FCLayers' wide layer, whose (n_in, n_out)
+    # weight is cast as stored and gets a contiguous gradient
+    from cellvae.nn import FCLayers, GeneLinear, bf16_products, gene_linears
+
+    g = torch.Generator().manual_seed(4)
+    a, b = GeneLinear(64, 200), GeneLinear(64, 70, bias=False)
+    wide = FCLayers(128, 128, n_layers=3, n_hidden=256).linears[1]
+    x0, h0 = torch.randn(30, 64, generator=g), torch.randn(30, 256, generator=g)
+    ups = [torch.randn(30, n, generator=g) for n in (200, 70, 256)]
+    params = [a.weight, a.bias, b.weight, wide.weight, wide.bias]
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(_kernels, "enabled", enabled)
+        x, h = x0.clone().requires_grad_(), h0.clone().requires_grad_()
+        for p in params:
+            p.grad = None
+        with bf16_products():
+            outs = [*gene_linears(x, a, b), wide(h, [])]
+        sum((o * u).sum() for o, u in zip(outs, ups)).backward()
+        results.append([*outs, x.grad, h.grad, *(p.grad for p in params)])
+    assert wide.weight.shape == (256, 256) and wide.weight.grad.is_contiguous()
+    got, ref = results
+    for i, (u, v) in enumerate(zip(got, ref, strict=True)):
+        if i in (6, 9):  # the biases' gradients
+            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(u, v), i
+    # the (n_in, n_out) weight's layer: the gradients of h and of the weight are bfloat16
+    # values, the roundings of the exact products of bfloat16 operands (float32 accumulation
+    # may round an entry the other way)
+    hb, ub, wb = (t.detach().bfloat16().double() for t in (h0, ups[2], wide.weight))
+    for grad, exact in [(got[4], ub @ wb.t()), (got[8], hb.t() @ ub)]:
+        assert torch.equal(grad, grad.bfloat16().float())
+        assert (grad.bfloat16() != exact.bfloat16()).float().mean() < 0.01
 
 
 def test_precision_option_and_auto_rule(monkeypatch):
