@@ -542,28 +542,62 @@ def test_nan_guard_keeps_last_good_weights():
 
 
 def test_step_with_non_finite_gradient_is_skipped():
-    """A finite loss whose gradient overflows (step 2 of 3): that step alone is skipped, the
-    others train, the weights stay finite and training stops at the end of the epoch."""
+    """A finite loss whose gradient overflows (step 2 of 3): that step alone is skipped, with a
+    warning; the others train, the weights stay finite, the epoch's averages are those of the
+    applied steps, and training goes on to epoch 2."""
     adata = _setup(100, 10)
     td = TensorData.from_adata(adata)
     torch.manual_seed(0)
     module = VAE(10, n_batch=2)
     weight = module.decoder.px_scale_decoder.weight
-    seen = []
+    seen, losses, original = [], [], module.forward
 
     def hook(grad):
         seen.append(weight.detach().clone())
         return grad * float("inf") if len(seen) == 2 else grad
 
+    def recording(tensors, kl_weight=1.0):
+        out = original(tensors, kl_weight)
+        if module.training:
+            losses.append((float(out.loss.detach()), len(tensors["batch"])))
+        return out
+
     weight.register_hook(hook)
+    module.forward = recording
     idx = torch.arange(100)
     config = TrainConfig(max_epochs=2, batch_size=32, progress_bar=False)
-    with pytest.raises(TrainingError, match="epoch 1: the loss was [0-9].* 1 of 3 steps"):
-        train_module(module, td, idx[:96], idx[96:], config)
-    assert len(seen) == 3
+    with pytest.warns(RuntimeWarning, match="Epoch 1: 1 of 3 training steps had non-finite"):
+        history = train_module(module, td, idx[:96], idx[96:], config)
+    assert len(seen) == 6 and len(history["train_loss"]) == 2
     assert not torch.equal(seen[0], seen[1])  # step 1 was applied
     assert torch.equal(seen[1], seen[2])  # step 2 was skipped
-    assert not torch.equal(seen[2], weight)  # step 3 was applied
+    assert not torch.equal(seen[2], seen[3])  # step 3 was applied
+    kept = [losses[0], losses[2]]
+    expected = sum(v * n for v, n in kept) / sum(n for _, n in kept)
+    assert history["train_loss"][0] == pytest.approx(expected, rel=1e-6)
+    for p in module.parameters():
+        assert torch.isfinite(p).all()
+
+
+def test_epoch_with_most_steps_skipped_stops_training():
+    """Two of three steps with non-finite gradients: the epoch counts as diverged."""
+    adata = _setup(100, 10)
+    td = TensorData.from_adata(adata)
+    torch.manual_seed(0)
+    module = VAE(10, n_batch=2)
+    calls = []
+
+    def hook(grad):
+        calls.append(1)
+        return grad * float("nan") if len(calls) in (1, 3) else grad
+
+    module.decoder.px_scale_decoder.weight.register_hook(hook)
+    idx = torch.arange(100)
+    config = TrainConfig(max_epochs=2, batch_size=32, progress_bar=False)
+    history = {}
+    with pytest.raises(TrainingError, match="2 of 3 steps"):
+        train_module(module, td, idx[:96], idx[96:], config, history)
+    assert history == {} and len(calls) == 3
     for p in module.parameters():
         assert torch.isfinite(p).all()
 

@@ -625,7 +625,8 @@ class BaseModel:
         ------
         cellvae.train.TrainingError
             When training diverges: at the end of an epoch whose loss was not finite or in
-            which a step had non-finite gradients. Such steps are skipped, so the model keeps
+            which more than half of the steps had non-finite gradients. Such steps are always
+            skipped (a RuntimeWarning names them when an epoch goes on), so the model keeps
             finite weights (with the batch-norm statistics of the last good epoch) and the
             history of the completed epochs.
 
