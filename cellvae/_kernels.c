@@ -1072,7 +1072,8 @@ void cv_bf16_join_narrow(int64_t B, int64_t N, int n_parts, const int64_t *sizes
             k -= (sizes[i] + NARROW_CHUNK - 1) / NARROW_CHUNK;
             o += sizes[i++];
         }
-        int64_t j0 = k * NARROW_CHUNK, w = sizes[i] - j0 < NARROW_CHUNK ? sizes[i] - j0 : NARROW_CHUNK;
+        int64_t j0 = k * NARROW_CHUNK;
+        int64_t w = sizes[i] - j0 < NARROW_CHUNK ? sizes[i] - j0 : NARROW_CHUNK;
         narrow_chunk(B, sizes[i], j0, w, src[i], N, o, dst, sums[i]);
     }
 }

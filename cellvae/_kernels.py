@@ -534,7 +534,7 @@ def bf16_join_narrow(
     """Contiguous float32 ``(B, n_i)`` ``grads`` side by side in one bfloat16 ``(B, Σ n_i)``.
 
     Rounded to the nearest even, as ``Tensor.to(torch.bfloat16)``. Also returns the column sums
-    of each ``grads[i]`` where ``with_sums[i]`` (else None), float32 summed in float64, rows in
+    of each ``grads[i]`` where ``with_sums[i]`` (else None), summed in float32 with the rows in
     order: the same on any number of threads.
     """
     n_rows = grads[0].shape[0]

@@ -411,9 +411,9 @@ def train_module(
 
     A step whose gradients are not finite is skipped (:class:`Adam`). An epoch with such steps
     warns and leaves them out of its averages: an outlier minibatch early in training (totalVI
-    on the shipped ECCITE-seq cells, 1 seed in 20) costs one step, not the run. An epoch whose
-    loss is not finite, or in which more than half of the steps were skipped, raises
-    :class:`TrainingError`.
+    on the benchmark's 2,000-gene ECCITE-seq subset, 1 seed in 20) costs one step, not the
+    run. An epoch whose loss is not finite, or in which more than half of the steps were
+    skipped, raises :class:`TrainingError`.
 
     The history has one entry per epoch for ``train_*`` (averages over the epoch's minibatches)
     and ``validation_*`` (a full pass in eval mode), where ``*`` is ``loss`` (with the KL weight
