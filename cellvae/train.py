@@ -8,10 +8,12 @@ are read a window of cells at a time).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import numbers
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -392,11 +394,35 @@ def _keep_freed_memory_in_heap() -> None:
     at 128 cells x 2,000 genes, ~2 us each on a 2-core VM, 10-15% of the step. Allocating and
     freeing one untouched 16 MB block raises the thresholds to 16 / 32 MB, as in any process that
     once freed an array that size. No page of the block is touched, so the peak memory is
-    unchanged; up to 32 MB freed at the top of the heap stay with the process. Other allocators
-    ignore it.
+    unchanged; up to 32 MB freed at the top of the heap stay with the process until the next
+    trim (:func:`_heap_trimmer`, every 100 steps). Other allocators ignore it.
     """
     del_me = torch.empty(16 << 20, dtype=torch.uint8)
     del del_me
+
+
+# Steps between two returns of the heap's free pages to the kernel (_heap_trimmer).
+_TRIM_EVERY = 100
+
+
+def _heap_trimmer() -> Callable[[], object] | None:
+    """The C library's ``malloc_trim(0)`` (glibc): the heap's free pages go back to the kernel.
+
+    The training loop calls it after its first step and then every ``_TRIM_EVERY`` steps. Steps
+    free their temporaries in a different order each time (the minibatches' sizes differ), so
+    the heap fragments and its resident free pages grow: SCVI at 100k cells peaked 45-47 MB
+    above the data after an epoch, with 20-24 MB of the heap free. With the trims the peak was
+    37-39 MB. About half of the difference is free heap that training's own steps left, and
+    half is free heap left before ``train()`` began (reading the data), which the first trim
+    returns. One call takes ~2 ms, 20 µs a step. None where the C library has no
+    ``malloc_trim`` (not glibc).
+    """
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0)
 
 
 def train_module(
@@ -432,6 +458,7 @@ def train_module(
     logger.info("Training in %s precision.", precision)
     bf16 = precision == "bf16-mixed"
     _keep_freed_memory_in_heap()
+    trim = _heap_trimmer() if device.type == "cpu" else None
     history = history if history is not None else {}
     module.to(device)
     data = data.to(device)
@@ -490,6 +517,8 @@ def train_module(
                 for p in params:  # freed before the next forward pass (module.zero_grad()
                     p.grad = None  # walks the module tree: ~50 µs a step)
                 step += 1
+                if trim is not None and step % _TRIM_EVERY == 1:
+                    trim()
                 n = len(batch["batch"])
                 terms = _term_sums(out)
                 stacked = torch.stack([skipped, out.loss.detach() * n, *terms.values()])
