@@ -419,7 +419,7 @@ def _heap_trimmer() -> Callable[[], object] | None:
     """
     try:
         trim = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # not glibc; Windows takes no None
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return lambda: trim(0)
