@@ -779,7 +779,10 @@ void cv_gather_csr(int64_t n_sel, const int64_t *idx, const void *indptr, int pt
  *   xhat = (y - mean) invstd, invstd = 1 / sqrt(var + eps)   (mean, biased var over the B rows)
  *   out = relu(gamma xhat + beta) * drop,   drop = scale where lane >= threshold, else 0
  *
- * lanes are the dropout's random int16 values (NULL: no dropout, drop = 1). Each thread owns a
+ * lanes are the dropout's random int16 values; with lanes NULL and use_seed set, the kernel makes
+ * them as it goes, the values cv_random_lanes(B * H, seed) would write (no (B, H) array to fill
+ * and read back: 28 -> ~5 us a 256 x 256 layer in a totalVI step); with neither, no dropout
+ * (drop = 1). Each thread owns a
  * range of columns and takes them in chunks of BN_CHUNK, rows in order, so the results do not
  * depend on the number of threads. Sums are kept in float64. The loops have no branches (the
  * ReLU and dropout are selects): with random masks, branches were mispredicted at every other
@@ -793,6 +796,14 @@ void cv_gather_csr(int64_t n_sel, const int64_t *idx, const void *indptr, int pt
  * other passes read it, and again row by row where the backward pass reads it. y itself is
  * never written. */
 #define BN_CHUNK 64
+
+/* Output k (from 0) of SplitMix64 (Steele, Lea and Flood, OOPSLA 2014) started at seed. */
+static inline uint64_t splitmix64(uint64_t seed, int64_t k) {
+    uint64_t z = seed + (uint64_t)(k + 1) * 0x9e3779b97f4a7c15ULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
 
 /* Row b, columns [j0, j0 + w) of the batch norm's input: y's row itself without covariates,
  * else y plus the covariates' vectors, formed in t. */
@@ -816,9 +827,9 @@ CLONES static void bn_fwd_chunk(int64_t B, int64_t H, int64_t j0, int64_t w,
                                 const int64_t *const *codes, const float *restrict gamma,
                                 const float *restrict beta, float *restrict running_mean,
                                 float *restrict running_var, double m, double eps,
-                                const int16_t *restrict lanes, int threshold, float scale,
-                                float *restrict out, float *restrict mean_out,
-                                float *restrict invstd_out) {
+                                const int16_t *restrict lanes, int use_seed, uint64_t seed,
+                                int threshold, float scale, float *restrict out,
+                                float *restrict mean_out, float *restrict invstd_out) {
     double sum[BN_CHUNK] = {0}, ss[BN_CHUNK] = {0};
     float mean[BN_CHUNK], invstd[BN_CHUNK], g[BN_CHUNK], bt[BN_CHUNK], t[BN_CHUNK];
     /* with covariates, the first pass leaves the input in out, where the others read it */
@@ -850,8 +861,19 @@ CLONES static void bn_fwd_chunk(int64_t B, int64_t H, int64_t j0, int64_t w,
             float v = (yr[j] - mean[j]) * invstd[j] * g[j] + bt[j];
             o[j] = v > 0.0f ? v : 0.0f;
         }
-        if (lanes != NULL) {
-            const int16_t *l = lanes + b * H + j0;
+        if (lanes != NULL || use_seed) {
+            int16_t made[BN_CHUNK + 8]; /* the words covering [s, s + w): at most 17 */
+            const int16_t *l;
+            if (lanes != NULL) {
+                l = lanes + b * H + j0;
+            } else {
+                int64_t s = b * H + j0, k0 = s / 4, k1 = (s + w + 3) / 4;
+                for (int64_t k = k0; k < k1; k++) {
+                    uint64_t z = splitmix64(seed, k);
+                    memcpy(made + 4 * (k - k0), &z, sizeof z);
+                }
+                l = made + (s - 4 * k0);
+            }
             for (int64_t j = 0; j < w; j++) o[j] *= l[j] >= threshold ? scale : 0.0f;
         }
     }
@@ -863,8 +885,9 @@ CLONES static void bn_fwd_chunk(int64_t B, int64_t H, int64_t j0, int64_t w,
 int cv_bn_relu_drop_fwd(int64_t B, int64_t H, const float *y, int n_cov, const float *const *cov,
                         const int64_t *const *codes, const int64_t *n_cats, const float *gamma,
                         const float *beta, float *running_mean, float *running_var, double m,
-                        double eps, const int16_t *lanes, int threshold, float scale, float *out,
-                        float *mean_out, float *invstd_out, int n_threads) {
+                        double eps, const int16_t *lanes, int use_seed, uint64_t seed,
+                        int threshold, float scale, float *out, float *mean_out,
+                        float *invstd_out, int n_threads) {
     for (int k = 0; k < n_cov; k++)
         for (int64_t b = 0; b < B; b++)
             if (codes[k][b] < 0 || codes[k][b] >= n_cats[k]) return 1;
@@ -874,8 +897,8 @@ int cv_bn_relu_drop_fwd(int64_t B, int64_t H, const float *y, int n_cov, const f
         thread_range(H, &c0, &c1);
         for (int64_t j0 = c0; j0 < c1; j0 += BN_CHUNK)
             bn_fwd_chunk(B, H, j0, c1 - j0 < BN_CHUNK ? c1 - j0 : BN_CHUNK, y, n_cov, cov,
-                         codes, gamma, beta, running_mean, running_var, m, eps, lanes, threshold,
-                         scale, out, mean_out, invstd_out);
+                         codes, gamma, beta, running_mean, running_var, m, eps, lanes, use_seed,
+                         seed, threshold, scale, out, mean_out, invstd_out);
     }
     return 0;
 }
@@ -941,14 +964,6 @@ void cv_bn_relu_drop_bwd(int64_t B, int64_t H, const float *y, int n_cov, const 
             bn_bwd_chunk(B, H, j0, c1 - j0 < BN_CHUNK ? c1 - j0 : BN_CHUNK, y, n_cov, cov, codes,
                          gcov, out, gamma, mean, invstd, scale, dout, dy, dgamma, dbeta);
     }
-}
-
-/* Output k (from 0) of SplitMix64 (Steele, Lea and Flood, OOPSLA 2014) started at seed. */
-static inline uint64_t splitmix64(uint64_t seed, int64_t k) {
-    uint64_t z = seed + (uint64_t)(k + 1) * 0x9e3779b97f4a7c15ULL;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
 }
 
 /* n random int16 values for the dropout masks: the four 16-bit lanes of each output of

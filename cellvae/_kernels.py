@@ -80,10 +80,10 @@ def _load() -> ctypes.CDLL | None:
     lib.cv_gather_csr.restype = None
     lib.cv_gather_csr.argtypes = [i64, ptr, ptr, ctypes.c_int, ptr, ctypes.c_int, ptr, ptr]
     lib.cv_gather_csr.argtypes += [ptr, ptr, ptr, ctypes.c_int]
-    c_int, f32 = ctypes.c_int, ctypes.c_float
+    c_int, f32, u64 = ctypes.c_int, ctypes.c_float, ctypes.c_uint64
     lib.cv_bn_relu_drop_fwd.restype = c_int
     lib.cv_bn_relu_drop_fwd.argtypes = [i64, i64, ptr, c_int, ptr, ptr, ptr]
-    lib.cv_bn_relu_drop_fwd.argtypes += [ptr, ptr, ptr, ptr, f64, f64, ptr, c_int]
+    lib.cv_bn_relu_drop_fwd.argtypes += [ptr, ptr, ptr, ptr, f64, f64, ptr, c_int, u64, c_int]
     lib.cv_bn_relu_drop_fwd.argtypes += [f32, ptr, ptr, ptr, c_int]
     lib.cv_bn_relu_drop_bwd.restype = None
     lib.cv_bn_relu_drop_bwd.argtypes = [i64, i64, ptr, c_int, ptr, ptr, ptr]
@@ -435,14 +435,17 @@ def bn_relu_drop_forward(
     threshold: int,
     scale: float,
     covariates: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+    seed: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``relu(batch_norm(y + Σ table[codes])) * drop`` in training, for float32 ``(B, H)`` ``y``.
 
     Batch norm with the minibatch's statistics (``running_mean`` / ``running_var`` updated in
     place with ``momentum``), then ReLU, then dropout: an entry is kept (times ``scale``) where
-    its int16 ``lanes`` value is at least ``threshold`` (``lanes`` None: no dropout). The batch
-    norm's input is ``y`` plus, for each ``(table, codes)`` of ``covariates``, the ``(n_cat, H)``
-    table's row of each row's int64 code (a layer's injected covariates; ``y`` is not written).
+    its int16 ``lanes`` value is at least ``threshold``. With ``lanes`` None and a 64-bit
+    ``seed``, the kernel makes the values of ``random_lanes(y.shape, seed)`` as it goes; with
+    neither, there is no dropout. The batch norm's input is ``y`` plus, for each
+    ``(table, codes)`` of ``covariates``, the ``(n_cat, H)`` table's row of each row's int64
+    code (a layer's injected covariates; ``y`` is not written).
     Every tensor is contiguous and float32 (codes int64). Returns ``out`` and the ``(H,)`` mean and
     inverse standard deviation that :func:`bn_relu_drop_backward` takes. Raises IndexError for
     a code outside its table.
@@ -456,8 +459,9 @@ def bn_relu_drop_forward(
     status = _lib.cv_bn_relu_drop_fwd(
         n_rows, n_cols, y.data_ptr(), len(tables), _pointers(tables), _pointers(codes), n_cats,
         gamma.data_ptr(), beta.data_ptr(), running_mean.data_ptr(), running_var.data_ptr(),
-        momentum, eps, None if lanes is None else lanes.data_ptr(), threshold, scale,
-        out.data_ptr(), mean.data_ptr(), invstd.data_ptr(), threads,
+        momentum, eps, None if lanes is None else lanes.data_ptr(), seed is not None,
+        (seed or 0) & (2**64 - 1), threshold, scale, out.data_ptr(), mean.data_ptr(),
+        invstd.data_ptr(), threads,
     )  # fmt: skip
     if status:
         raise IndexError("a covariate code lies outside its embedding's categories.")

@@ -217,6 +217,10 @@ class Dropout(nn.Module):
         """``p=...`` in the module's repr."""
         return f"p={self.p}"
 
+    def draw_seed(self) -> int:
+        """The 64-bit seed that :meth:`lanes` draws from torch's default generator (compiled)."""
+        return int(torch.randint(-(2**63), 2**63 - 1, ()))
+
     def lanes(self, shape: torch.Size) -> torch.Tensor:
         """Random int16 values of ``shape``: keep the entries where one is ``>= _threshold``.
 
@@ -227,8 +231,7 @@ class Dropout(nn.Module):
         (:class:`_BatchNormReLUDropout`) draws its masks here too, so both draw the same ones.
         """
         if _kernels.available():
-            seed = int(torch.randint(-(2**63), 2**63 - 1, ()))
-            return _kernels.random_lanes(tuple(shape), seed)
+            return _kernels.random_lanes(tuple(shape), self.draw_seed())
         n = math.prod(shape)
         words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
         return words.view(torch.int16)[:n].view(shape)
@@ -258,9 +261,10 @@ class _BatchNormReLUDropout(torch.autograd.Function):
     In torch the block is about twelve operators and four autograd nodes: 115 µs forward and
     backward at 128 × 128 on 2 threads, most of it dispatch; 84 µs with the compiled kernels
     (:func:`cellvae._kernels.bn_relu_drop_forward` and ``_backward``, ~9 µs each). The dropout
-    masks come from :meth:`Dropout.lanes`, so the random stream is the one :class:`Dropout`
-    draws. The backward pass recomputes the normalised values from the saved input; an entry passed
-    the ReLU and the dropout where its output is positive.
+    masks are those of :meth:`Dropout.lanes`, made inside the kernel from the same seed
+    (:meth:`Dropout.draw_seed`), so the random stream is the one :class:`Dropout` draws. The
+    backward pass recomputes the normalised values from the saved input; an entry passed the
+    ReLU and the dropout where its output is positive.
 
     The layer's covariate vectors (``tables``, one ``(n_cat, H)`` embedding weight per code tensor
     of ``codes``) are added to ``y`` inside the kernels, and their gradients summed there, where
@@ -270,12 +274,12 @@ class _BatchNormReLUDropout(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y, weight, bias, bn, lanes, threshold, scale, codes, *tables):
+    def forward(ctx, y, weight, bias, bn, seed, threshold, scale, codes, *tables):
         y = y.contiguous()
         covariates = list(zip(tables, codes, strict=True))
         out, mean, invstd = _kernels.bn_relu_drop_forward(
             y, weight, bias, bn.running_mean, bn.running_var, bn.momentum, bn.eps,
-            lanes, threshold, scale, covariates,
+            None, threshold, scale, covariates, seed=seed,
         )  # fmt: skip
         ctx.save_for_backward(y, out, weight, mean, invstd, *tables, *codes)
         ctx.scale, ctx.n_cov = scale, len(tables)
@@ -322,14 +326,14 @@ def _fused_post(
     ):
         return None
     drop = post[2] if len(post) > 2 else None
-    lanes, threshold, scale = None, 0, 1.0
-    if drop is not None and drop.training and drop.p > 0:
-        lanes, threshold, scale = drop.lanes(y.shape), drop._threshold, drop._scale
+    seed, threshold, scale = None, 0, 1.0
+    if drop is not None and drop.training and drop.p > 0:  # the masks Dropout.lanes would draw
+        seed, threshold, scale = drop.draw_seed(), drop._threshold, drop._scale
     bn.num_batches_tracked.add_(1)
     codes = tuple(c.long().contiguous() for _, c in covariates)
     tables = [t for t, _ in covariates]
     return _BatchNormReLUDropout.apply(
-        y, bn.weight, bn.bias, bn, lanes, threshold, scale, codes, *tables
+        y, bn.weight, bn.bias, bn, seed, threshold, scale, codes, *tables
     )
 
 

@@ -822,3 +822,35 @@ def test_bf16_join_narrow_rounds_like_torch_and_sums_columns(monkeypatch):
         assert torch.equal(other_block.view(torch.int16), block.view(torch.int16))
         for a, b in zip(other_sums[:2], sums[:2]):
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@built
+@pytest.mark.parametrize("shape", [(37, 301), (6, 130), (256, 256)])
+def test_batch_norm_kernel_makes_the_lanes_of_its_seed(shape, monkeypatch):
+    # the dropout's int16 values made inside the kernel from a seed are those random_lanes
+    # writes for it: the same outputs and running statistics bit for bit, rows whose flat start
+    # is not a multiple of four included, on 1, 2 and 3 threads
+    monkeypatch.setattr(_kernels, "_MIN_PARALLEL", 0)
+    gen = torch.Generator().manual_seed(9)
+    n, h = shape
+    y = torch.randn(n, h, generator=gen) * 3
+    gamma, beta = torch.rand(h, generator=gen) + 0.5, torch.randn(h, generator=gen)
+    table, codes = torch.randn(3, h, generator=gen), torch.randint(3, (n,), generator=gen)
+    seed, threshold, scale = -(2**62) - 12345, -19661, 1 / 0.8
+    results, threads = [], torch.get_num_threads()
+    try:
+        for k in (1, 2, 3):
+            torch.set_num_threads(k)
+            for lanes, kw in [(_kernels.random_lanes(shape, seed), {}), (None, {"seed": seed})]:
+                rm, rv = torch.zeros(h), torch.ones(h)
+                covs = [(table, codes)]
+                out = _kernels.bn_relu_drop_forward(
+                    y, gamma, beta, rm, rv, 0.1, 1e-3, lanes, threshold, scale, covs, **kw
+                )
+                results.append((*out, rm, rv))
+    finally:
+        torch.set_num_threads(threads)
+    first = results[0]
+    assert (first[0] == 0).float().mean() > 0.3  # ReLU and dropout both zero entries
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(first, other))
