@@ -782,11 +782,10 @@ void cv_gather_csr(int64_t n_sel, const int64_t *idx, const void *indptr, int pt
  * lanes are the dropout's random int16 values; with lanes NULL and use_seed set, the kernel makes
  * them as it goes, the values cv_random_lanes(B * H, seed) would write (no (B, H) array to fill
  * and read back: 28 -> ~5 us a 256 x 256 layer in a totalVI step); with neither, no dropout
- * (drop = 1). Each thread owns a
- * range of columns and takes them in chunks of BN_CHUNK, rows in order, so the results do not
- * depend on the number of threads. Sums are kept in float64. The loops have no branches (the
- * ReLU and dropout are selects): with random masks, branches were mispredicted at every other
- * entry, 4x slower.
+ * (drop = 1). Each thread owns a range of columns and takes them in chunks of BN_CHUNK, rows in
+ * order, so the results do not depend on the number of threads. Sums are kept in float64. The
+ * loops have no branches (the ReLU and dropout are selects): with random masks, branches were
+ * mispredicted at every other entry, 4x slower.
  *
  * The batch norm's input is y plus, for each of n_cov covariates, its learned vector of the
  * row's category: cov[k] is a (n_cats[k], H) table and codes[k] (B) the rows' categories (the

@@ -418,9 +418,16 @@ def gather_csr(
     return row, col, val, offsets
 
 
-def _pointers(tensors) -> ctypes.Array | None:
-    """A C array of the tensors' data pointers (None for none)."""
-    return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors)) if tensors else None
+def _pointers(tensors: Sequence[torch.Tensor | None]) -> ctypes.Array | None:
+    """A C array of the tensors' data pointers, NULL for a None entry (None for no tensors)."""
+    if not tensors:
+        return None
+    return (ctypes.c_void_p * len(tensors))(*(None if t is None else t.data_ptr() for t in tensors))
+
+
+def _sizes(parts: Sequence[int]) -> ctypes.Array:
+    """A C array of int64 sizes."""
+    return (ctypes.c_int64 * len(parts))(*parts)
 
 
 def bn_relu_drop_forward(
@@ -455,9 +462,9 @@ def bn_relu_drop_forward(
     mean, invstd = torch.empty(n_cols), torch.empty(n_cols)
     threads = _threads(y.numel())
     tables, codes = [t for t, _ in covariates], [c for _, c in covariates]
-    n_cats = (ctypes.c_int64 * len(tables))(*(len(t) for t in tables)) if tables else None
     status = _lib.cv_bn_relu_drop_fwd(
-        n_rows, n_cols, y.data_ptr(), len(tables), _pointers(tables), _pointers(codes), n_cats,
+        n_rows, n_cols, y.data_ptr(), len(tables), _pointers(tables), _pointers(codes),
+        _sizes([len(t) for t in tables]),
         gamma.data_ptr(), beta.data_ptr(), running_mean.data_ptr(), running_var.data_ptr(),
         momentum, eps, None if lanes is None else lanes.data_ptr(), seed is not None,
         (seed or 0) & (2**64 - 1), threshold, scale, out.data_ptr(), mean.data_ptr(),
@@ -506,15 +513,6 @@ def random_lanes(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return out
 
 
-def _sizes(parts: Sequence[int]) -> ctypes.Array:
-    return (ctypes.c_int64 * len(parts))(*parts)
-
-
-def _maybe_pointers(tensors: Sequence[torch.Tensor | None]) -> ctypes.Array:
-    """A C array of data pointers, NULL for None."""
-    return (ctypes.c_void_p * len(tensors))(*(None if t is None else t.data_ptr() for t in tensors))
-
-
 def bf16_split_widen(
     out: torch.Tensor, sizes: Sequence[int], biases: Sequence[torch.Tensor | None]
 ) -> list[torch.Tensor]:
@@ -526,7 +524,7 @@ def bf16_split_widen(
     n_rows, n_cols = out.shape
     parts = [torch.empty(n_rows, n, dtype=torch.float32) for n in sizes]
     _lib.cv_bf16_split_widen(
-        n_rows, n_cols, out.data_ptr(), len(sizes), _sizes(sizes), _maybe_pointers(biases),
+        n_rows, n_cols, out.data_ptr(), len(sizes), _sizes(sizes), _pointers(biases),
         _pointers(parts), _threads(out.numel()),
     )  # fmt: skip
     return parts
@@ -547,6 +545,6 @@ def bf16_join_narrow(
     sums = [torch.empty(n, dtype=torch.float32) if w else None for n, w in zip(sizes, with_sums)]
     _lib.cv_bf16_join_narrow(
         n_rows, block.shape[1], len(grads), _sizes(sizes), _pointers(grads), block.data_ptr(),
-        _maybe_pointers(sums), _threads(block.numel()),
+        _pointers(sums), _threads(block.numel()),
     )  # fmt: skip
     return block, sums

@@ -225,14 +225,9 @@ def test_results_do_not_depend_on_the_number_of_threads(name, monkeypatch):
     perm = torch.randperm(len(row) + 50, generator=gen)
     row, col = torch.cat([row, zr[:50]])[perm], torch.cat([col, zc[:50]])[perm]
     val = x[row, col]
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append(_kernels.nb_zinb_log_prob_sum(mu, theta, pi, val, row, col, 1e-8, True))
-    finally:
-        torch.set_num_threads(threads)
+    results = _on_1_2_3_threads(
+        lambda: _kernels.nb_zinb_log_prob_sum(mu, theta, pi, val, row, col, 1e-8, True)
+    )
     assert torch.isfinite(results[0][0]).all()
     for other in results[1:]:
         for a, b in zip(results[0], other):
@@ -256,16 +251,21 @@ def test_sparse_weight_gradient_matches_float64_on_any_number_of_threads(monkeyp
     _check_on_1_2_3_threads(lambda: _kernels.csr_t_dense(row, col, val, dy, 301), expected)
 
 
-def _check_on_1_2_3_threads(call, expected):
-    """``call()`` on 1, 2 and 3 threads: close to the float64 ``expected``, the same bits."""
-    threads = torch.get_num_threads()
+def _on_1_2_3_threads(call) -> list:
+    """``[call(), call(), call()]`` on 1, 2 and 3 torch threads (the kernels use torch's)."""
+    threads, results = torch.get_num_threads(), []
     try:
-        results = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
             results.append(call())
     finally:
         torch.set_num_threads(threads)
+    return results
+
+
+def _check_on_1_2_3_threads(call, expected):
+    """``call()`` on 1, 2 and 3 threads: close to the float64 ``expected``, the same bits."""
+    results = _on_1_2_3_threads(call)
     torch.testing.assert_close(results[0].double(), expected, rtol=1e-5, atol=1e-4)
     assert all(torch.equal(results[0], other) for other in results[1:])
 
@@ -419,18 +419,16 @@ def test_bn_relu_dropout_matches_float64(shape, dropout, monkeypatch):
     keep = lanes >= threshold if dropout else torch.ones(n, h, dtype=torch.bool)
     ref, leaves, rm_ref, rv_ref = _bn_relu_drop_reference(y, gamma, beta, keep, scale, 0.1, 1e-3)
     ref.backward(dout.double())
-    threads, results = torch.get_num_threads(), []
-    try:
-        for k in (1, 2, 3):
-            torch.set_num_threads(k)
-            rm, rv = torch.zeros(h), torch.ones(h)
-            out, mean, invstd = _kernels.bn_relu_drop_forward(
-                y, gamma, beta, rm, rv, 0.1, 1e-3, lanes if dropout else None, threshold, scale
-            )
-            grads = _kernels.bn_relu_drop_backward(y, out, gamma, mean, invstd, scale, dout)
-            results.append((out, rm, rv, *grads))
-    finally:
-        torch.set_num_threads(threads)
+
+    def run():
+        rm, rv = torch.zeros(h), torch.ones(h)
+        out, mean, invstd = _kernels.bn_relu_drop_forward(
+            y, gamma, beta, rm, rv, 0.1, 1e-3, lanes if dropout else None, threshold, scale
+        )
+        grads = _kernels.bn_relu_drop_backward(y, out, gamma, mean, invstd, scale, dout)
+        return out, rm, rv, *grads
+
+    results = _on_1_2_3_threads(run)
     out, rm, rv, *grads = results[0]
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rm.double(), rm_ref, rtol=1e-6, atol=1e-7)
@@ -467,19 +465,17 @@ def test_bn_relu_dropout_adds_covariate_vectors(monkeypatch):
     bn = torch.nn.functional.batch_norm(ins, rm_ref, rv_ref, g64, b64, True, 0.1, 1e-3)
     ref = torch.relu(bn) * ((lanes >= threshold).double() * float(torch.tensor(scale)))
     ref.backward(dout.double())
-    y_before, threads, results = y.clone(), torch.get_num_threads(), []
-    try:
-        for k in (1, 2, 3):
-            torch.set_num_threads(k)
-            rm, rv = torch.zeros(h), torch.ones(h)
-            covs = list(zip(tables, codes))
-            out, mean, invstd = _kernels.bn_relu_drop_forward(
-                y, gamma, beta, rm, rv, 0.1, 1e-3, lanes, threshold, scale, covs
-            )
-            grads = _kernels.bn_relu_drop_backward(y, out, gamma, mean, invstd, scale, dout, covs)
-            results.append((out, rm, rv, *grads))
-    finally:
-        torch.set_num_threads(threads)
+    y_before, covs = y.clone(), list(zip(tables, codes))
+
+    def run():
+        rm, rv = torch.zeros(h), torch.ones(h)
+        out, mean, invstd = _kernels.bn_relu_drop_forward(
+            y, gamma, beta, rm, rv, 0.1, 1e-3, lanes, threshold, scale, covs
+        )
+        grads = _kernels.bn_relu_drop_backward(y, out, gamma, mean, invstd, scale, dout, covs)
+        return out, rm, rv, *grads
+
+    results = _on_1_2_3_threads(run)
     assert torch.equal(y, y_before)
     out, rm, rv, *grads = results[0]
     assert len(grads) == 5
@@ -747,14 +743,8 @@ def test_protein_terms_kernel_matches_float64_torch(seed, monkeypatch):
         "py": NegativeBinomialMixture(mu1, mu1 * fore, theta, pi),
         "py_": {"back_alpha": alpha, "back_beta": beta},
     }
-    threads, results = torch.get_num_threads(), []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            with torch.no_grad():
-                results.append(module.protein_terms(gen, y, codes))
-    finally:
-        torch.set_num_threads(threads)
+    with torch.no_grad():
+        results = _on_1_2_3_threads(lambda: module.protein_terms(gen, y, codes))
     assert all(torch.equal(a, b) for r in results[1:] for a, b in zip(results[0], r))
     torch.testing.assert_close(results[0][0], rec.detach())
     strided = torch.stack([codes, codes.flip(0)], 1)[:, 0]  # a column view: stride 2
@@ -778,13 +768,7 @@ def test_bf16_split_widen_is_torchs_widening_plus_bias(monkeypatch):
         p.float() if b is None else p.float() + b
         for p, b in zip(out.split(sizes, 1), biases, strict=True)
     ]
-    threads, results = torch.get_num_threads(), []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append(_kernels.bf16_split_widen(out, sizes, biases))
-    finally:
-        torch.set_num_threads(threads)
+    results = _on_1_2_3_threads(lambda: _kernels.bf16_split_widen(out, sizes, biases))
     for parts in results:
         assert [p.shape for p in parts] == [(23, n) for n in sizes]
         assert all(p.is_contiguous() and torch.equal(p, e) for p, e in zip(parts, expected))
@@ -802,13 +786,7 @@ def test_bf16_join_narrow_rounds_like_torch_and_sums_columns(monkeypatch):
     ties = torch.tensor([0x3F808000, 0x3F818000, 0xBF808000, 0x7F7FFFFF], dtype=torch.int64)
     grads[1][0, :4] = ties.to(torch.int32).view(torch.float32)  # 1 + 2^-8 etc.: exact ties
     grads[1][1, :3] = torch.tensor([float("inf"), -float("inf"), float("nan")])
-    threads, results = torch.get_num_threads(), []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append(_kernels.bf16_join_narrow(grads, [True, True, False]))
-    finally:
-        torch.set_num_threads(threads)
+    results = _on_1_2_3_threads(lambda: _kernels.bf16_join_narrow(grads, [True, True, False]))
     block, sums = results[0]
     expected = torch.cat(grads, 1).to(torch.bfloat16)
     nan = expected.isnan()
@@ -837,19 +815,19 @@ def test_batch_norm_kernel_makes_the_lanes_of_its_seed(shape, monkeypatch):
     gamma, beta = torch.rand(h, generator=gen) + 0.5, torch.randn(h, generator=gen)
     table, codes = torch.randn(3, h, generator=gen), torch.randint(3, (n,), generator=gen)
     seed, threshold, scale = -(2**62) - 12345, -19661, 1 / 0.8
-    results, threads = [], torch.get_num_threads()
-    try:
-        for k in (1, 2, 3):
-            torch.set_num_threads(k)
-            for lanes, kw in [(_kernels.random_lanes(shape, seed), {}), (None, {"seed": seed})]:
-                rm, rv = torch.zeros(h), torch.ones(h)
-                covs = [(table, codes)]
-                out = _kernels.bn_relu_drop_forward(
-                    y, gamma, beta, rm, rv, 0.1, 1e-3, lanes, threshold, scale, covs, **kw
-                )
-                results.append((*out, rm, rv))
-    finally:
-        torch.set_num_threads(threads)
+
+    def run(lanes, **kw):
+        rm, rv = torch.zeros(h), torch.ones(h)
+        covs = [(table, codes)]
+        out = _kernels.bn_relu_drop_forward(
+            y, gamma, beta, rm, rv, 0.1, 1e-3, lanes, threshold, scale, covs, **kw
+        )
+        return (*out, rm, rv)
+
+    pairs = _on_1_2_3_threads(
+        lambda: [run(_kernels.random_lanes(shape, seed)), run(None, seed=seed)]
+    )
+    results = [r for pair in pairs for r in pair]
     first = results[0]
     assert (first[0] == 0).float().mean() > 0.3  # ReLU and dropout both zero entries
     for other in results[1:]:
