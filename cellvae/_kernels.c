@@ -97,9 +97,9 @@ static void zinb_zero_stable(float m, float th, float pi, float *lp0, float *gmu
     }
 }
 
-/* Scratch for the gathered nonzeros of a minibatch: ten arrays in one allocation. */
+/* Scratch for the gathered nonzeros of a minibatch: eleven arrays in one allocation. */
 typedef struct {
-    double *x, *m, *th, *pi, *lgc, *dgth, *out, *gmu, *gpi, *gth;
+    double *x, *m, *th, *pi, *lgc, *dgth, *out, *gmu, *gpi, *gth, *gz;
 } nz_buf;
 
 /* The scratch is kept from call to call, one per thread, and only grows. Allocated and freed
@@ -110,15 +110,15 @@ static __thread size_t nz_capacity;
 
 static int nz_alloc(nz_buf *b, int64_t n) {
     size_t len = (size_t)(n > 0 ? n : 1);
-    if (10 * len > nz_capacity) {
-        double *grown = realloc(nz_scratch, sizeof(double) * 10 * len);
+    if (11 * len > nz_capacity) {
+        double *grown = realloc(nz_scratch, sizeof(double) * 11 * len);
         if (!grown) return -1;
         nz_scratch = grown;
-        nz_capacity = 10 * len;
+        nz_capacity = 11 * len;
     }
     double **f[] = {&b->x, &b->m, &b->th, &b->pi, &b->lgc, &b->dgth,
-                    &b->out, &b->gmu, &b->gpi, &b->gth};
-    for (int i = 0; i < 10; i++) *f[i] = nz_scratch + (size_t)i * len;
+                    &b->out, &b->gmu, &b->gpi, &b->gth, &b->gz};
+    for (int i = 0; i < 11; i++) *f[i] = nz_scratch + (size_t)i * len;
     return 0;
 }
 
@@ -127,7 +127,7 @@ static int nz_alloc(nz_buf *b, int64_t n) {
     int64_t n, double eps, const double *restrict x_, const double *restrict m_,                   \
         const double *restrict th_, const double *restrict pi_, const double *restrict lgc,       \
         const double *restrict dgth, double *restrict out, double *restrict gmu,                   \
-        double *restrict gpi, double *restrict gth
+        double *restrict gpi, double *restrict gth, double *restrict gz
 
 /* The NB's terms that vanish at x = 0, for one nonzero, float64: returns lgamma(x + theta) -
  * lgamma(theta) - lgamma(x + 1) - x log(1 + theta/mu), and its derivatives by mu and theta.
@@ -158,7 +158,7 @@ static inline double lgamma_x_plus_1(double x) {
 
 /* x > 0 terms of the NB at the gathered nonzeros: what they add to the dense pass. */
 CLONES static void nz_terms_nb(NZ_ARGS) {
-    (void)pi_, (void)gpi;
+    (void)pi_, (void)gpi, (void)gz;
     for (int64_t k = 0; k < n; k++) {
         double d_mu, d_th;
         out[k] = nb_rest(x_[k], m_[k], th_[k], lgc[k], dgth[k], eps, &d_mu, &d_th);
@@ -168,7 +168,9 @@ CLONES static void nz_terms_nb(NZ_ARGS) {
 }
 
 /* ZINB at the gathered nonzeros, float64: the positive branch minus the zero branch (for the
- * row sums), and the positive branch's gradients, which replace the dense pass's. */
+ * row sums), the positive branch's gradients, which replace the dense pass's, and the zero
+ * branch's derivative by theta, -s (t + q - 1) with s = sigmoid(-pi - theta t) (the dense
+ * pass's value there, which sums of the theta derivatives over rows take out again). */
 CLONES static void nz_terms_zinb(NZ_ARGS) {
     for (int64_t k = 0; k < n; k++) {
         double m = m_[k], th = th_[k], pi = pi_[k], d_mu, d_th;
@@ -178,11 +180,14 @@ CLONES static void nz_terms_zinb(NZ_ARGS) {
         double sp_pi = (pi > 0 ? pi : 0.0) + log1p(e); /* softplus(pi) */
         double w = (pi >= 0 ? 1.0 : e) / (1.0 + e);   /* sigmoid(pi) */
         double bb = -pi - th * t;                      /* log p(0), softplus form */
-        double lp0 = (bb > 0 ? bb : 0.0) + log1p(exp(-fabs(bb))) - (sp_pi - pi);
+        double eb = exp(-fabs(bb));
+        double lp0 = (bb > 0 ? bb : 0.0) + log1p(eb) - (sp_pi - pi);
+        double s = (bb >= 0 ? 1.0 : eb) / (1.0 + eb); /* sigmoid(bb) */
         out[k] = rest - th * t - sp_pi - lp0; /* the caller skips stored zeros */
         gpi[k] = -w;
         gmu[k] = d_mu - q;
         gth[k] = d_th - (t + q - 1.0);
+        gz[k] = -s * (t + q - 1.0);
     }
 }
 
@@ -207,11 +212,12 @@ static inline float zinb_p0(float m, float th, float pi, float lim, float *t, fl
 }
 
 /* Dense x = 0 pass of the ZINB over one row of G entries: stores its sum in *out and returns
- * how many p(0) fell below TINY. */
+ * how many p(0) fell below TINY. The theta derivatives are stored in gt, or with add_gt added
+ * to it (sums over rows); gp is scaled by sc. */
 CLONES static int64_t zinb_dense_row(int64_t G, const float *restrict m_,
                                    const float *restrict theta, const float *restrict pi_,
                                    float *restrict out, float *restrict gm, float *restrict gp,
-                                   float *restrict gt) {
+                                   float *restrict gt, int add_gt, float sc) {
     int64_t n_small = 0;
     const float lim = cv_exp_arg_max;
     float acc = 0.0f;
@@ -222,9 +228,10 @@ CLONES static int64_t zinb_dense_row(int64_t G, const float *restrict m_,
             acc += logf(p0);
             n_small += p0 < TINY;
             float s = omw * rr / p0, q = th / (th + m);
-            gp[g] = omw - s;
+            gp[g] = (omw - s) * sc;
             gm[g] = -s * q;
-            gt[g] = -s * (t + q - 1.0f);
+            float d_th = -s * (t + q - 1.0f);
+            gt[g] = add_gt ? gt[g] + d_th : d_th;
         }
     } else {
         for (int64_t g = 0; g < G; g++) {
@@ -237,9 +244,10 @@ CLONES static int64_t zinb_dense_row(int64_t G, const float *restrict m_,
     return n_small;
 }
 
-/* Dense -theta t pass of the NB over one row. */
+/* Dense -theta t pass of the NB over one row (gt as in zinb_dense_row). */
 CLONES static void nb_dense_row(int64_t G, const float *restrict m_, const float *restrict theta,
-                                float *restrict out, float *restrict gm, float *restrict gt) {
+                                float *restrict out, float *restrict gm, float *restrict gt,
+                                int add_gt) {
     float acc = 0.0f;
     if (gm) {
         for (int64_t g = 0; g < G; g++) {
@@ -247,7 +255,8 @@ CLONES static void nb_dense_row(int64_t G, const float *restrict m_, const float
             float t = log1pf(m / th), q = th / (th + m);
             acc -= th * t;
             gm[g] = -q;
-            gt[g] = 1.0f - t - q;
+            float d_th = 1.0f - t - q;
+            gt[g] = add_gt ? gt[g] + d_th : d_th;
         }
     } else {
         for (int64_t g = 0; g < G; g++) acc -= theta[g] * log1pf(m_[g] / theta[g]);
@@ -284,9 +293,10 @@ CLONES static void softmax_row(int64_t G, const float *restrict h, float lib, fl
 /* The unit row gradient by mu turned into the one by the logits h, in place, for
  * mu = lib * s with s = softmax(h): d/dh_k = mu_k (gmu_k - c) with c = sum_j s_j gmu_j, the
  * derivative by lib, which is returned. c is dot(mu, gmu) / lib, or, for a library of 0 (mu
- * and the logits' gradient vanish, c does not), summed from the softmax again. */
+ * and the logits' gradient vanish, c does not), summed from the softmax again. Both come out
+ * multiplied by sc (the row gradient the caller expects; 1 for a unit one). */
 CLONES static float softmax_grad_row(int64_t G, float lib, const float *restrict h,
-                                     const float *restrict m, float *restrict gm) {
+                                     const float *restrict m, float *restrict gm, float sc) {
     double dot = 0.0, total = 0.0;
     if (lib > 0.0f) {
         for (int64_t g = 0; g < G; g++) dot += (double)m[g] * gm[g];
@@ -300,8 +310,11 @@ CLONES static float softmax_grad_row(int64_t G, float lib, const float *restrict
         }
     }
     float c = (float)(dot / total);
-    for (int64_t g = 0; g < G; g++) gm[g] = m[g] * (gm[g] - c);
-    return c;
+    for (int64_t g = 0; g < G; g++) {
+        float v = m[g] * (gm[g] - c);
+        gm[g] = v * sc;
+    }
+    return c * sc;
 }
 
 /* Gathers the stored entries [k0, k1) into the scratch and evaluates their x > 0 terms; returns
@@ -322,15 +335,44 @@ static int nz_range(int64_t k0, int64_t k1, int64_t B, int64_t G, const float *m
     }
     (pi ? nz_terms_zinb : nz_terms_nb)(k1 - k0, eps, b->x + k0, b->m + k0, b->th + k0,
                                        b->pi + k0, b->lgc + k0, b->dgth + k0, b->out + k0,
-                                       b->gmu + k0, b->gpi + k0, b->gth + k0);
+                                       b->gmu + k0, b->gpi + k0, b->gth + k0, b->gz + k0);
     return 0;
 }
 
-/* The nonzeros' part of cv_nb_zinb: gather, evaluate, scatter into out and the gradients. */
+/* Where the theta derivatives are summed over the rows instead of stored (B, G): one row of G
+ * float sums per block of ROWS_PER_SUM rows (it stays in cache while the block's rows add to
+ * it), added up in float64 in block order at the end, so that the sums do not depend on the
+ * number of threads. */
+#define ROWS_PER_SUM 16
+
+typedef struct {
+    float *blocks; /* (n_blocks, G) */
+    int64_t n_blocks;
+} th_sums;
+
+static __thread float *sum_scratch;
+static __thread size_t sum_capacity;
+
+static int th_sums_alloc(th_sums *t, int64_t B, int64_t G) {
+    t->n_blocks = (B + ROWS_PER_SUM - 1) / ROWS_PER_SUM;
+    size_t len = (size_t)t->n_blocks * G;
+    if (len > sum_capacity) {
+        float *grown = realloc(sum_scratch, sizeof(float) * len);
+        if (!grown) return -1;
+        sum_scratch = grown;
+        sum_capacity = len;
+    }
+    t->blocks = sum_scratch;
+    memset(t->blocks, 0, sizeof(float) * len);
+    return 0;
+}
+
+/* The nonzeros' part of cv_nb_zinb: gather, evaluate, scatter into out and the gradients (or,
+ * with sums, add the theta derivatives to the sums of their rows' block; gpi scaled by sc). */
 static int nz_pass(int64_t B, int64_t G, const float *mu, const float *theta, const float *pi,
                    int64_t n, const int64_t *row, const int64_t *col, const float *val,
                    const double *lgth, const double *dgth, double eps, float *out, float *gmu,
-                   float *gpi, float *gth, int n_threads) {
+                   float *gpi, float *gth, float sc, const th_sums *sums, int n_threads) {
     int zinb = pi != NULL, with_grad = gmu != NULL;
     nz_buf b;
     if (nz_alloc(&b, n)) return -1;
@@ -342,25 +384,38 @@ static int nz_pass(int64_t B, int64_t G, const float *mu, const float *theta, co
         bad |= nz_range(k0, k1, B, G, mu, theta, pi, row, col, val, lgth, dgth, eps, &b);
     }
     if (bad) return -2;
-    /* Scatter: each thread owns a range of rows and takes their entries in order, so every
-     * output is written by one thread in the serial order, whatever the order of the entries. */
+    /* Scatter: each thread owns a range of rows (of whole blocks with sums) and takes their
+     * entries in order, so every output is written by one thread in the serial order, whatever
+     * the order of the entries. */
 #pragma omp parallel num_threads(n_threads)
     {
         int64_t r0, r1;
-        thread_range(B, &r0, &r1);
+        if (sums) {
+            thread_range(sums->n_blocks, &r0, &r1);
+            r0 *= ROWS_PER_SUM, r1 *= ROWS_PER_SUM;
+        } else {
+            thread_range(B, &r0, &r1);
+        }
         for (int64_t k = 0; k < n; k++) {
-            int64_t r = row[k], i = r * G + col[k];
+            int64_t r = row[k], c = col[k], i = r * G + c;
             if (r < r0 || r >= r1) continue;
             if (zinb && !(b.x[k] > 0)) continue; /* stored zeros keep the zero branch */
             out[r] += (float)b.out[k];
             if (!with_grad) continue;
+            float *th_sum = sums ? sums->blocks + r / ROWS_PER_SUM * G + c : NULL;
             if (zinb) {
                 gmu[i] = (float)b.gmu[k];
-                gpi[i] = (float)b.gpi[k];
-                gth[i] = (float)b.gth[k];
+                gpi[i] = (float)b.gpi[k] * sc;
+                if (th_sum)
+                    *th_sum += (float)(b.gth[k] - b.gz[k]);
+                else
+                    gth[i] = (float)b.gth[k];
             } else {
                 gmu[i] += (float)b.gmu[k];
-                gth[i] += (float)b.gth[k];
+                if (th_sum)
+                    *th_sum += (float)b.gth[k];
+                else
+                    gth[i] += (float)b.gth[k];
             }
         }
     }
@@ -377,26 +432,47 @@ static int nz_pass(int64_t B, int64_t G, const float *mu, const float *theta, co
  * With logits (B, G) and lib (B) not NULL, mu is an output: lib * softmax(logits) by rows,
  * computed in the dense pass, and gmu comes back as the gradient by the logits, glib (B) as the
  * one by lib (the decoder's softmax and its backward fused with the likelihood: each row's
- * values stay in cache between the steps). Returns 0; -1 when out of memory; -2 when an entry
- * lies outside the (B, G) minibatch. */
+ * values stay in cache between the steps).
+ * There, with gth_sum (G) not NULL instead of gth, the gradients are those of a row gradient
+ * of sc (not 1) and the theta derivatives come back summed over the rows: the backward pass of
+ * a loss that is sc times the sum of the row sums (a mean: sc = 1/B) then has nothing left to
+ * compute, and no (B, G) array of theta derivatives is written. Returns 0; -1 when out of
+ * memory; -2 when an entry lies outside the (B, G) minibatch; 1 with gth_sum when some ZINB
+ * p(0) underflowed (rare: the caller repeats the call without gth_sum). */
 int cv_nb_zinb(int64_t B, int64_t G, float *mu, const float *theta, const float *pi,
                int64_t n, const int64_t *row, const int64_t *col, const float *val,
                const double *lgth, const double *dgth, double eps, float *out, float *gmu,
                float *gpi, float *gth, const float *logits, const float *lib, float *glib,
-               int n_threads) {
+               float sc, float *gth_sum, int n_threads) {
     int zinb = pi != NULL, with_grad = gmu != NULL;
+    th_sums sums_buf, *sums = NULL;
+    if (gth_sum) {
+        if (!logits || !with_grad || gth) return -3;
+        if (th_sums_alloc(&sums_buf, B, G)) return -1;
+        sums = &sums_buf;
+    } else {
+        sc = 1.0f;
+    }
+    /* with sums, the rows go by blocks, and each block's derivatives into its own sums */
+    const int64_t per = sums ? ROWS_PER_SUM : 1, n_tasks = (B + per - 1) / per;
     int64_t n_small = 0;
 #pragma omp parallel for num_threads(n_threads) schedule(static) reduction(+ : n_small)
-    for (int64_t r = 0; r < B; r++) {
-        int64_t o = r * G;
-        if (logits) softmax_row(G, logits + o, lib[r], mu + o);
-        if (zinb)
-            n_small += zinb_dense_row(G, mu + o, theta, pi + o, out + r, with_grad ? gmu + o : NULL,
-                                      with_grad ? gpi + o : NULL, with_grad ? gth + o : NULL);
-        else
-            nb_dense_row(G, mu + o, theta, out + r, with_grad ? gmu + o : NULL,
-                         with_grad ? gth + o : NULL);
+    for (int64_t task = 0; task < n_tasks; task++) {
+        int64_t r1 = (task + 1) * per < B ? (task + 1) * per : B;
+        for (int64_t r = task * per; r < r1; r++) {
+            int64_t o = r * G;
+            float *gt = !with_grad ? NULL : sums ? sums->blocks + task * G : gth + o;
+            if (logits) softmax_row(G, logits + o, lib[r], mu + o);
+            if (zinb)
+                n_small += zinb_dense_row(G, mu + o, theta, pi + o, out + r,
+                                          with_grad ? gmu + o : NULL, with_grad ? gpi + o : NULL,
+                                          gt, sums != NULL, sc);
+            else
+                nb_dense_row(G, mu + o, theta, out + r, with_grad ? gmu + o : NULL, gt,
+                             sums != NULL);
+        }
     }
+    if (n_small && sums) return 1;
     if (n_small) { /* rare: both ZINB probabilities underflow somewhere; fix those entries */
         const float lim = cv_exp_arg_max;
         for (int64_t r = 0; r < B; r++) {
@@ -418,13 +494,20 @@ int cv_nb_zinb(int64_t B, int64_t G, float *mu, const float *theta, const float 
     }
     if (n > 0) {
         int status = nz_pass(B, G, mu, theta, pi, n, row, col, val, lgth, dgth, eps, out, gmu,
-                             gpi, gth, n_threads);
+                             gpi, gth, sc, sums, n_threads);
         if (status) return status;
     }
     if (logits && with_grad) {
 #pragma omp parallel for num_threads(n_threads) schedule(static)
         for (int64_t r = 0; r < B; r++)
-            glib[r] = softmax_grad_row(G, lib[r], logits + r * G, mu + r * G, gmu + r * G);
+            glib[r] = softmax_grad_row(G, lib[r], logits + r * G, mu + r * G, gmu + r * G, sc);
+    }
+    if (sums) {
+        for (int64_t g = 0; g < G; g++) {
+            double total = 0.0;
+            for (int64_t k = 0; k < sums->n_blocks; k++) total += sums->blocks[k * G + g];
+            gth_sum[g] = (float)total * sc;
+        }
     }
     return 0;
 }

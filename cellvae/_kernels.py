@@ -66,7 +66,8 @@ def _load() -> ctypes.CDLL | None:
     i64, ptr, f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
     lib.cv_nb_zinb.restype = ctypes.c_int
     lib.cv_nb_zinb.argtypes = [i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, f64]
-    lib.cv_nb_zinb.argtypes += [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.cv_nb_zinb.argtypes += [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_float, ptr]
+    lib.cv_nb_zinb.argtypes += [ctypes.c_int]
     lib.cv_lgamma_digamma.restype = None
     lib.cv_lgamma_digamma.argtypes = [i64, ptr, ptr, ptr]
     lib.cv_csr_t_dense.restype = ctypes.c_int
@@ -177,18 +178,42 @@ def softmax_nb_zinb_log_prob_sum(
     col: torch.Tensor,
     eps: float,
     with_grad: bool,
+    row_grad: float | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """:func:`nb_zinb_log_prob_sum` at ``mu = library * softmax(logits, -1)``, in one call.
 
     ``logits`` is contiguous float32 ``(B, G)`` and ``library`` float32 ``(B,)``. Returns the
     row sums, then (with ``with_grad``, else Nones) the unit-row derivatives by ``logits``,
     ``pi`` and the per-entry ``theta``, and the ``(B,)`` ones by ``library``.
+
+    With ``row_grad`` (and ``with_grad``), the derivatives are those of ``row_grad`` times the
+    sum of the row sums, and the ``theta`` ones come summed over the rows, ``(G,)``: the
+    gradients a loss ``row_grad * out.sum()`` sends to the inputs, with no ``(B, G)`` array of
+    ``theta`` derivatives written and no pass over the entries left to do.
     """
-    return _nb_zinb(logits, library.contiguous(), theta, pi, x_nz, row, col, eps, with_grad)
+    library = library.contiguous()
+    args = (logits, library, theta, pi, x_nz, row, col, eps, with_grad)
+    if row_grad is None or not with_grad:
+        return _nb_zinb(*args)
+    try:
+        return _nb_zinb(*args, row_grad=row_grad)
+    except _Underflow:  # some ZINB p(0) below 1e-30: the unit gradients, scaled here
+        out, gmu, gpi, gth, glib = _nb_zinb(*args)
+        gpi = None if gpi is None else gpi.mul_(row_grad)
+        return out, gmu.mul_(row_grad), gpi, gth.sum(0).mul_(row_grad), glib.mul_(row_grad)
 
 
-def _nb_zinb(mu_or_logits, library, theta, pi, x_nz, row, col, eps, with_grad):
-    """Call ``cv_nb_zinb``: ``library`` None means the first argument is ``mu``."""
+class _Underflow(Exception):
+    """cv_nb_zinb could not sum the theta derivatives: a ZINB p(0) underflowed."""
+
+
+def _nb_zinb(mu_or_logits, library, theta, pi, x_nz, row, col, eps, with_grad, row_grad=None):
+    """Call ``cv_nb_zinb``: ``library`` None means the first argument is ``mu``.
+
+    With ``row_grad`` (``library`` given, ``with_grad``), the gradients are those of a row
+    gradient ``row_grad`` and ``theta``'s come summed over the rows (raises :class:`_Underflow`
+    where the kernel cannot do that).
+    """
     n_rows, n_genes = mu_or_logits.shape
     threads = _threads(mu_or_logits.numel())
     lgth, dgth = lgamma_digamma(theta)
@@ -198,24 +223,31 @@ def _nb_zinb(mu_or_logits, library, theta, pi, x_nz, row, col, eps, with_grad):
     if library is not None:
         mu, logits = torch.empty_like(mu_or_logits), mu_or_logits
         glib = torch.empty(n_rows, dtype=torch.float32) if with_grad else None
-    gmu = gpi = gth = None
+    gmu = gpi = gth = th_sum = None
     if with_grad:
-        gmu, gth = torch.empty_like(mu), torch.empty_like(mu)
+        gmu = torch.empty_like(mu)
+        if row_grad is None:
+            gth = torch.empty_like(mu)
+        else:
+            th_sum = torch.empty(n_genes, dtype=torch.float32)
         gpi = None if pi is None else torch.empty_like(mu)
     tensors = (mu, theta, pi, row, col, x_nz, lgth, dgth, out, gmu, gpi, gth, logits, library)
-    m, th, p, rw, cl, xv, lg, dg, o, gm, gp, gt, lo, lb = (
+    tensors += (glib, th_sum)
+    m, th, p, rw, cl, xv, lg, dg, o, gm, gp, gt, lo, lb, glb, ts = (
         None if t is None else t.data_ptr() for t in tensors
     )
-    glb = None if glib is None else glib.data_ptr()
+    scale = 1.0 if row_grad is None else row_grad
     status = _lib.cv_nb_zinb(
         n_rows, n_genes, m, th, p, row.numel(), rw, cl, xv, lg, dg, eps, o, gm, gp, gt, lo, lb,
-        glb, threads,
+        glb, scale, ts, threads,
     )  # fmt: skip
+    if status == 1:
+        raise _Underflow
     if status == -2:
         raise IndexError(f"a stored entry lies outside the {n_rows} x {n_genes} minibatch.")
     if status != 0:
         raise MemoryError("cellvae's likelihood kernel could not allocate its buffers.")
-    return out, gmu, gpi, gth, glib
+    return out, gmu, gpi, gth if th_sum is None else th_sum, glib
 
 
 def nb_mixture_log_prob(

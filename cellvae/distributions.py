@@ -454,19 +454,33 @@ class _FusedLogProbSum(torch.autograd.Function):
     per row), the first argument holds logits and ``mu = library * softmax(logits, -1)``: the
     kernel evaluates the softmax with the likelihood and returns the gradients by the logits and
     the library, so neither the proportions nor ``mu`` become autograd nodes of their own.
+
+    There, ``row_grad`` (a number, or None) is the gradient the caller expects every row sum to
+    get (``-1/B`` for a loss that is the mean of minus the row sums). The kernel then returns the
+    gradients for that row gradient, with ``theta``'s summed over the rows, and a backward pass
+    that gets it has nothing to compute: it returns them. Any other row gradient gets the unit
+    gradients computed again from the saved inputs (exact, one more kernel call).
     """
 
     @staticmethod
-    def forward(ctx, mu, library, theta, pi, x_nz, row, col, eps, with_grad):
+    def forward(ctx, mu, library, theta, pi, x_nz, row, col, eps, with_grad, row_grad=None):
         x_nz, row, col = x_nz.to(torch.float32).contiguous(), row.contiguous(), col.contiguous()
         args = (theta, pi, x_nz, row, col, eps, with_grad)
+        ctx.row_grad = None
         if library is None:
             out, gmu, gpi, gth = _kernels.nb_zinb_log_prob_sum(mu, *args)
             glib = None
         else:
             flat = library.reshape(-1)
-            out, gmu, gpi, gth, glib = _kernels.softmax_nb_zinb_log_prob_sum(mu, flat, *args)
             ctx.library_shape = library.shape
+            if with_grad and row_grad is not None:
+                out, gmu, gpi, th_sum, glib = _kernels.softmax_nb_zinb_log_prob_sum(
+                    mu, flat, *args, row_grad=row_grad
+                )
+                ctx.row_grad, ctx.eps = row_grad, eps
+                ctx.save_for_backward(gmu, gpi, th_sum, glib, mu, flat, *args[:5])
+                return out
+            out, gmu, gpi, gth, glib = _kernels.softmax_nb_zinb_log_prob_sum(mu, flat, *args)
         if with_grad:
             ctx.save_for_backward(gmu, gpi, gth, glib)
         return out
@@ -474,14 +488,22 @@ class _FusedLogProbSum(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        gmu, gpi, gth, glib = ctx.saved_tensors
-        g = grad_out[:, None]
+        gmu, gpi, gth, glib, *inputs = ctx.saved_tensors
         needs = ctx.needs_input_grad
+        if ctx.row_grad is not None:
+            if bool((grad_out == ctx.row_grad).all()):  # as expected: the kernel's gradients
+                grad_lib = glib.reshape(ctx.library_shape) if needs[1] else None
+                return gmu, grad_lib, gth, gpi, None, None, None, None, None, None
+            logits, flat, *args = inputs  # another row gradient: the unit gradients again
+            _, gmu, gpi, gth, glib = _kernels.softmax_nb_zinb_log_prob_sum(
+                logits, flat, *args, ctx.eps, True
+            )
+        g = grad_out[:, None]
         grad_mu = gmu * g if needs[0] else None
         grad_lib = (glib * grad_out).reshape(ctx.library_shape) if needs[1] else None
         grad_theta = torch.mv(gth.t(), grad_out) if needs[2] else None
         grad_pi = gpi * g if gpi is not None and needs[3] else None
-        return grad_mu, grad_lib, grad_theta, grad_pi, None, None, None, None, None
+        return grad_mu, grad_lib, grad_theta, grad_pi, None, None, None, None, None, None
 
 
 def _fused(theta: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
@@ -492,8 +514,11 @@ def _fused(theta: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
     return theta.dim() == 1 and _kernels.takes(theta, *tensors)
 
 
-def _nb_log_prob_sum(x, mu, theta, eps, nz, pi=None, library=None):
-    """NB (``pi`` None) or ZINB row sums; with ``library``, ``mu`` holds the scale logits."""
+def _nb_log_prob_sum(x, mu, theta, eps, nz, pi=None, library=None, row_grad=None):
+    """NB (``pi`` None) or ZINB row sums; with ``library``, ``mu`` holds the scale logits.
+
+    ``row_grad``: the row gradient the caller expects (see :class:`_FusedLogProbSum`).
+    """
     row, col, lin, x_nz, shape = _nonzeros(x, nz)
     theta = _param_view(theta.clamp_min(eps), shape)
     mu = mu.expand(shape).contiguous()
@@ -502,7 +527,7 @@ def _nb_log_prob_sum(x, mu, theta, eps, nz, pi=None, library=None):
     if library is not None:  # only where _softmax_fusable said yes
         library = library.to(torch.float32)
         grad = _wants_grad(*params, library)
-        return _FusedLogProbSum.apply(mu, library, theta, pi, x_nz, row, col, eps, grad)
+        return _FusedLogProbSum.apply(mu, library, theta, pi, x_nz, row, col, eps, grad, row_grad)
     grad = _wants_grad(*params)
     if _fused(theta, mu, pi):
         return _FusedLogProbSum.apply(mu, None, theta, pi, x_nz, row, col, eps, grad)
@@ -615,11 +640,11 @@ def _mu_of(dist) -> torch.Tensor:
     return dist._mu
 
 
-def _log_prob_sum(dist, x, nz, pi=None) -> torch.Tensor:
+def _log_prob_sum(dist, x, nz, pi=None, row_grad=None) -> torch.Tensor:
     """The NB / ZINB ``log_prob_sum``: softmax and likelihood in one kernel call when possible."""
     logits, library = dist.scale_logits, dist.library
     if dist._mu is None and _softmax_fusable(logits, library, dist.theta, pi, x):
-        return _nb_log_prob_sum(x, logits, dist.theta, dist.eps, nz, pi, library)
+        return _nb_log_prob_sum(x, logits, dist.theta, dist.eps, nz, pi, library, row_grad)
     return _nb_log_prob_sum(x, dist.mu, dist.theta, dist.eps, nz, pi)
 
 
@@ -697,7 +722,9 @@ class NegativeBinomial(Distribution):
             self._validate_sample(value)
         return log_nb_positive(value, self.mu, self.theta, self.eps)
 
-    def log_prob_sum(self, x: torch.Tensor, nz: _Nonzero | None = None) -> torch.Tensor:
+    def log_prob_sum(
+        self, x: torch.Tensor, nz: _Nonzero | None = None, *, row_grad: float | None = None
+    ) -> torch.Tensor:
         """Log-likelihood summed over the last dimension, fast for sparse ``x``.
 
         The ``lgamma`` terms and ``x log(μ/(θ+μ))`` vanish at ``x = 0``; they are evaluated only at
@@ -712,13 +739,20 @@ class NegativeBinomial(Distribution):
             ``(row, col)`` int64 tensors with the positions of all nonzero entries of ``x`` (e.g.
             from the CSR batch). Extra positions holding zeros are harmless. Computed with
             :func:`torch.nonzero` when None.
+        row_grad
+            The gradient the caller's loss will send to every row sum, when known: ``-1 / cells``
+            for a loss that is the mean of ``-log_prob_sum`` (a training step's). Where the
+            compiled kernel evaluates the softmax of ``scale_logits`` with the likelihood, it
+            then computes the gradients for that row gradient, and the backward pass has nothing
+            left to do; a different gradient still gets exact results, computed again. Elsewhere
+            it is ignored.
 
         Returns
         -------
         torch.Tensor
             Shape ``(cells,)``, equal to ``log_prob(x).sum(-1)``.
         """
-        return _log_prob_sum(self, x, nz)
+        return _log_prob_sum(self, x, nz, row_grad=row_grad)
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:  # noqa: B008
         """Draw counts by the Gamma-Poisson construction; shape ``sample_shape + batch_shape``."""
@@ -816,7 +850,9 @@ class ZeroInflatedNegativeBinomial(Distribution):
             self._validate_sample(value)
         return log_zinb_positive(value, self.mu, self.theta, self.zi_logits, self.eps)
 
-    def log_prob_sum(self, x: torch.Tensor, nz: _Nonzero | None = None) -> torch.Tensor:
+    def log_prob_sum(
+        self, x: torch.Tensor, nz: _Nonzero | None = None, *, row_grad: float | None = None
+    ) -> torch.Tensor:
         """Log-likelihood summed over the last dimension, fast for sparse ``x``.
 
         The zero branch is evaluated densely; at the nonzero entries it is replaced by the positive
@@ -830,13 +866,16 @@ class ZeroInflatedNegativeBinomial(Distribution):
         nz
             ``(row, col)`` int64 tensors with the positions of all nonzero entries of ``x``. Extra
             positions holding zeros are harmless. Computed with :func:`torch.nonzero` when None.
+        row_grad
+            The gradient the caller's loss will send to every row sum, when known: see
+            :meth:`NegativeBinomial.log_prob_sum`.
 
         Returns
         -------
         torch.Tensor
             Shape ``(cells,)``, equal to ``log_prob(x).sum(-1)``.
         """
-        return _log_prob_sum(self, x, nz, self.zi_logits)
+        return _log_prob_sum(self, x, nz, self.zi_logits, row_grad)
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:  # noqa: B008
         """Draw an NB count, set to zero with probability ``σ(π)``."""
@@ -896,7 +935,9 @@ class Poisson(Distribution):
             value * torch.log(self.rate.clamp_min(self.eps)) - self.rate - torch.lgamma(value + 1)
         )
 
-    def log_prob_sum(self, x: torch.Tensor, nz: _Nonzero | None = None) -> torch.Tensor:
+    def log_prob_sum(
+        self, x: torch.Tensor, nz: _Nonzero | None = None, *, row_grad: float | None = None
+    ) -> torch.Tensor:
         """Log-likelihood summed over the last dimension; ``log`` and ``lgamma`` only at nonzeros.
 
         Parameters
@@ -906,6 +947,8 @@ class Poisson(Distribution):
             :class:`~cellvae._sparse.CSRBatch`.
         nz
             ``(row, col)`` positions of all nonzero entries of ``x``, or None to compute them.
+        row_grad
+            Ignored; accepted for a uniform interface with the NB and ZINB.
 
         Returns
         -------
@@ -944,7 +987,9 @@ class Normal(torch.distributions.Normal):
     def __init__(self, loc: torch.Tensor, scale: torch.Tensor, validate_args: bool = False):
         super().__init__(loc, scale, validate_args=validate_args)
 
-    def log_prob_sum(self, x: torch.Tensor, nz: _Nonzero | None = None) -> torch.Tensor:
+    def log_prob_sum(
+        self, x: torch.Tensor, nz: _Nonzero | None = None, *, row_grad: float | None = None
+    ) -> torch.Tensor:
         """Log-likelihood summed over the last dimension (``nz`` is accepted and ignored).
 
         Parameters
@@ -953,6 +998,8 @@ class Normal(torch.distributions.Normal):
             Values, shape ``(cells, features)``.
         nz
             Ignored; accepted for a uniform interface with the count distributions.
+        row_grad
+            Ignored; accepted for a uniform interface with the NB and ZINB.
 
         Returns
         -------
@@ -1059,7 +1106,9 @@ class NegativeBinomialMixture(Distribution):
             value, self.mu1, self.mu2, self.theta1, self.theta2, self.mixture_logits, self.eps
         )
 
-    def log_prob_sum(self, x: torch.Tensor, nz: _Nonzero | None = None) -> torch.Tensor:
+    def log_prob_sum(
+        self, x: torch.Tensor, nz: _Nonzero | None = None, *, row_grad: float | None = None
+    ) -> torch.Tensor:
         """Log-likelihood summed over the last dimension (dense; ``nz`` is accepted and ignored).
 
         Parameters
@@ -1068,6 +1117,8 @@ class NegativeBinomialMixture(Distribution):
             Counts, shape ``(cells, proteins)``.
         nz
             Ignored; protein counts are dense.
+        row_grad
+            Ignored; accepted for a uniform interface with the NB and ZINB.
 
         Returns
         -------

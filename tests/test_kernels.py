@@ -647,6 +647,89 @@ def test_softmax_kernel_without_gradients_and_its_mu():
 
 
 @built
+@pytest.mark.parametrize("name", ["nb", "zinb"])
+def test_softmax_kernel_for_an_expected_row_gradient(name, monkeypatch):
+    # with row_grad c the kernel returns the gradients of c times the sum of the row sums, theta's
+    # summed over the rows: the unit gradients times c, on 1, 2 and 3 threads bit for bit, with
+    # entries in any order and stored zeros; a row whose ZINB p(0) underflows takes the unit
+    # call and is scaled in torch
+    monkeypatch.setattr(_kernels, "_MIN_PARALLEL", 0)
+    logits, library, theta, pi, x = _softmax_inputs(5, n_cells=37)
+    theta[:5] = 20.0
+    logits[5, :5] = 40.0  # row 5's counts on genes 0-4: mu ~ 2e5, theta log(1 + mu / theta) > 80
+    library[5] = 1e6
+    pi = None if name == "nb" else pi
+    gen = torch.Generator().manual_seed(5)
+    row, col = torch.nonzero(x, as_tuple=True)
+    zr, zc = torch.nonzero(x == 0, as_tuple=True)
+    perm = torch.randperm(len(row) + 40, generator=gen)
+    row, col = torch.cat([row, zr[:40]])[perm], torch.cat([col, zc[:40]])[perm]
+    val, lib, c = x[row, col], library.reshape(-1), -1.0 / 37
+    args = (logits, lib, theta, None, val, row, col, 1e-8, True)
+    for underflow in [False, True] if name == "zinb" else [False]:
+        if pi is not None:
+            pi[5, :5] = -120.0 if underflow else 0.0
+            args = (*args[:3], pi, *args[4:])
+        out, gmu, gpi, gth, glib = _kernels.softmax_nb_zinb_log_prob_sum(*args)
+        results = _on_1_2_3_threads(
+            lambda a=args: _kernels.softmax_nb_zinb_log_prob_sum(*a, row_grad=c)
+        )
+        for other in results[1:]:
+            assert all(a is b or torch.equal(a, b) for a, b in zip(results[0], other))
+        s_out, s_gmu, s_gpi, s_gth, s_glib = results[0]
+        assert torch.equal(s_out, out) and s_gth.shape == theta.shape
+        torch.testing.assert_close(s_gmu, gmu * c, rtol=1e-6, atol=1e-6 * gmu.abs().max() * -c)
+        torch.testing.assert_close(s_glib, glib * c)
+        if pi is not None:
+            torch.testing.assert_close(s_gpi, gpi * c)
+        th_sum = gth.double().sum(0) * c
+        atol = 1e-6 * th_sum.abs().max()
+        torch.testing.assert_close(s_gth.double(), th_sum, rtol=1e-5, atol=atol)
+
+
+@built
+@pytest.mark.parametrize("name", ["nb", "zinb"])
+def test_expected_row_gradient_hint_keeps_the_gradients_exact(name, monkeypatch):
+    # log_prob_sum(row_grad=c): a backward pass that sends c to every row returns the kernel's
+    # gradients (one kernel call in all), close to float64 torch; any other row gradient gets the
+    # unit gradients computed again: the same bits as without the hint (two calls)
+    logits, library, theta, pi, x = _softmax_inputs(2)
+    nz = torch.nonzero(x, as_tuple=True)
+    cls = NegativeBinomial if name == "nb" else ZeroInflatedNegativeBinomial
+    calls = []
+    kernel = _kernels.softmax_nb_zinb_log_prob_sum
+    monkeypatch.setattr(
+        _kernels, "softmax_nb_zinb_log_prob_sum", lambda *a, **k: calls.append(1) or kernel(*a, **k)
+    )
+
+    def grads(dtype, weights, **hint):
+        params = [p.to(dtype).clone().requires_grad_() for p in (logits, library, theta, pi)]
+        extra = {} if name == "nb" else {"zi_logits": params[3]}
+        dist = cls(scale_logits=params[0], library=params[1], theta=params[2], **extra)
+        if dtype == torch.float64:
+            dist.mu  # noqa: B018 (the torch code)
+        out = dist.log_prob_sum(x.to(dtype), nz, **hint)
+        wrt = params if name == "zinb" else params[:3]
+        return torch.autograd.grad((out * weights.to(dtype)).sum(), wrt)
+
+    n = len(x)
+    mean = torch.full((n,), -1.0 / n)
+    calls.clear()
+    fast = grads(torch.float32, mean, row_grad=-1.0 / n)
+    assert len(calls) == 1
+    for g, r in zip(fast, grads(torch.float64, mean), strict=True):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4 * r.abs().max().item())
+    weights = torch.rand(n, generator=torch.Generator().manual_seed(2)) + 0.5
+    calls.clear()
+    other = grads(torch.float32, weights, row_grad=-1.0 / n)
+    assert len(calls) == 2
+    calls.clear()
+    plain = grads(torch.float32, weights)
+    assert len(calls) == 1
+    assert all(torch.equal(a, b) for a, b in zip(other, plain, strict=True))
+
+
+@built
 @pytest.mark.parametrize("seed", [0, 1])
 def test_protein_mixture_kernel_matches_float64_torch(seed):
     # totalVI's NB mixture with a shared per-protein theta: values and the gradients by both

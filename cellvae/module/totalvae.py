@@ -415,7 +415,8 @@ class TOTALVAE(nn.Module):
     ) -> LossOutput:
         """Negative ELBO of the minibatch; KL of z and of the background weighted by kl_weight."""
         x, y, b = tensors["x"], tensors["protein"], tensors["batch"]
-        rec_genes = -gen["px"].log_prob_sum(x)
+        # the loss is the mean over cells: each row sum gets -1/cells (the kernel's hint)
+        rec_genes = -gen["px"].log_prob_sum(x, row_grad=-1.0 / max(x.shape[0], 1))
         rec_proteins, kl_back = self.protein_terms(gen, y, b)
         kl_z = kl_normal(inf["qz_m"], inf["qz_v"])
         kl_l = torch.zeros_like(kl_z)

@@ -294,7 +294,9 @@ class VAE(nn.Module):
         self, tensors: dict[str, torch.Tensor], inf: dict, gen: dict, kl_weight: float = 1.0
     ) -> LossOutput:
         """Negative ELBO of the minibatch with the KL of z weighted by ``kl_weight``."""
-        reconstruction = -gen["px"].log_prob_sum(tensors["x"])
+        x = tensors["x"]
+        # the loss is the mean over cells: each row sum gets -1/cells (the kernel's hint)
+        reconstruction = -gen["px"].log_prob_sum(x, row_grad=-1.0 / max(x.shape[0], 1))
         kl_z = kl_normal(inf["qz_m"], inf["qz_v"])
         if inf["ql_m"] is None:  # observed library: no KL term for it
             loss = torch.mean(reconstruction + kl_weight * kl_z)
