@@ -437,8 +437,9 @@ static int nz_pass(int64_t B, int64_t G, const float *mu, const float *theta, co
  * of sc (not 1) and the theta derivatives come back summed over the rows: the backward pass of
  * a loss that is sc times the sum of the row sums (a mean: sc = 1/B) then has nothing left to
  * compute, and no (B, G) array of theta derivatives is written. Returns 0; -1 when out of
- * memory; -2 when an entry lies outside the (B, G) minibatch; 1 with gth_sum when some ZINB
- * p(0) underflowed (rare: the caller repeats the call without gth_sum). */
+ * memory; -2 when an entry lies outside the (B, G) minibatch; -3 for gth_sum without logits
+ * and gmu, or with gth; 1 with gth_sum when some ZINB p(0) underflowed (rare: the caller
+ * repeats the call without gth_sum). */
 int cv_nb_zinb(int64_t B, int64_t G, float *mu, const float *theta, const float *pi,
                int64_t n, const int64_t *row, const int64_t *col, const float *val,
                const double *lgth, const double *dgth, double eps, float *out, float *gmu,

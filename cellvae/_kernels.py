@@ -243,6 +243,8 @@ def _nb_zinb(mu_or_logits, library, theta, pi, x_nz, row, col, eps, with_grad, r
     )  # fmt: skip
     if status == 1:
         raise _Underflow
+    if status == -3:
+        raise ValueError("row_grad needs the softmax form (a library) and gradients.")
     if status == -2:
         raise IndexError(f"a stored entry lies outside the {n_rows} x {n_genes} minibatch.")
     if status != 0:
