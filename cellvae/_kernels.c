@@ -1157,17 +1157,19 @@ CLONES static void narrow_chunk(int64_t B, int64_t n, int64_t j0, int64_t w,
  * bfloat16 (B, N) block dst, and, where sums[i] is not NULL, their column sums (the biases'
  * gradients), summed in float32 over the rows in order. Columns are split between the
  * threads, so the sums do not depend on their number. */
+static inline int64_t narrow_chunks(int64_t n) { return (n + NARROW_CHUNK - 1) / NARROW_CHUNK; }
+
 void cv_bf16_join_narrow(int64_t B, int64_t N, int n_parts, const int64_t *sizes,
                          const float *const *src, uint16_t *dst, float *const *sums,
                          int n_threads) {
     int64_t n_chunks = 0;
-    for (int i = 0; i < n_parts; i++) n_chunks += (sizes[i] + NARROW_CHUNK - 1) / NARROW_CHUNK;
+    for (int i = 0; i < n_parts; i++) n_chunks += narrow_chunks(sizes[i]);
 #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int64_t c = 0; c < n_chunks; c++) {
         int64_t k = c, o = 0;
         int i = 0;
-        while (k >= (sizes[i] + NARROW_CHUNK - 1) / NARROW_CHUNK) {
-            k -= (sizes[i] + NARROW_CHUNK - 1) / NARROW_CHUNK;
+        while (k >= narrow_chunks(sizes[i])) {
+            k -= narrow_chunks(sizes[i]);
             o += sizes[i++];
         }
         int64_t j0 = k * NARROW_CHUNK;

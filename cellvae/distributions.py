@@ -473,14 +473,13 @@ class _FusedLogProbSum(torch.autograd.Function):
         else:
             flat = library.reshape(-1)
             ctx.library_shape = library.shape
+            out, gmu, gpi, gth, glib = _kernels.softmax_nb_zinb_log_prob_sum(
+                mu, flat, *args, row_grad=row_grad
+            )  # with row_grad (and gradients), gth holds theta's sums over the rows
             if with_grad and row_grad is not None:
-                out, gmu, gpi, th_sum, glib = _kernels.softmax_nb_zinb_log_prob_sum(
-                    mu, flat, *args, row_grad=row_grad
-                )
                 ctx.row_grad, ctx.eps = row_grad, eps
-                ctx.save_for_backward(gmu, gpi, th_sum, glib, mu, flat, *args[:5])
+                ctx.save_for_backward(gmu, gpi, gth, glib, mu, flat, *args[:5])
                 return out
-            out, gmu, gpi, gth, glib = _kernels.softmax_nb_zinb_log_prob_sum(mu, flat, *args)
         if with_grad:
             ctx.save_for_backward(gmu, gpi, gth, glib)
         return out
