@@ -401,7 +401,8 @@ def csr_t_dense(
 
     ``row`` and ``col`` are int64, ``val`` and ``dy`` float32 (made contiguous here); the entries
     may come in any order and repeat (repeats add up). Returns ``(n_cols, dy.shape[1])`` float32,
-    written into ``out`` when given (contiguous, of that shape and dtype).
+    written into ``out`` when given (contiguous, of that shape and dtype). The kernel sorts the
+    entries by column, then sums each column's rows of ``dy`` in registers.
     """
     row, col = row.to(torch.int64).contiguous(), col.to(torch.int64).contiguous()
     val, dy = val.contiguous(), dy.contiguous()
@@ -417,6 +418,8 @@ def csr_t_dense(
     )  # fmt: skip
     if status == -2:
         raise IndexError(f"a stored entry lies outside the {n_rows} x {n_cols} matrix.")
+    if status != 0:
+        raise MemoryError("cellvae's sparse weight-gradient kernel could not allocate its sort.")
     return out
 
 

@@ -235,9 +235,11 @@ def test_results_do_not_depend_on_the_number_of_threads(name, monkeypatch):
 
 
 @built
-def test_sparse_weight_gradient_matches_float64_on_any_number_of_threads(monkeypatch):
+@pytest.mark.parametrize("n_out", [19, 405])
+def test_sparse_weight_gradient_matches_float64_on_any_number_of_threads(n_out, monkeypatch):
     # Xᵀ dY of the sparse first layer: entries in any order, repeated entries adding up, and the
-    # same result bit for bit on 1, 2 and 3 threads (each thread owns a range of output rows)
+    # same result bit for bit on 1, 2 and 3 threads (the threads share the sort by column, then
+    # each owns a range of output rows); 405 = 256 + 128 + 16 + 5 outputs: every block width
     monkeypatch.setattr(_kernels, "_MIN_PARALLEL", 0)
     gen = torch.Generator().manual_seed(5)
     x = torch.poisson(torch.rand(41, 301, generator=gen) * (torch.rand(41, 301) < 0.1) * 20)
@@ -246,9 +248,14 @@ def test_sparse_weight_gradient_matches_float64_on_any_number_of_threads(monkeyp
     row, col = torch.cat([row[perm], row[:7]]), torch.cat([col[perm], col[:7]])
     val = torch.rand(len(row), generator=gen) * 10
     dense = torch.zeros(41, 301, dtype=torch.float64).index_put_((row, col), val.double(), True)
-    dy = torch.randn(41, 19, generator=gen)
+    dy = torch.randn(41, n_out, generator=gen)
     expected = dense.t() @ dy.double()
     _check_on_1_2_3_threads(lambda: _kernels.csr_t_dense(row, col, val, dy, 301), expected)
+    # each output is the same sum whatever block it is summed in: its column alone, one by one
+    got = _kernels.csr_t_dense(row, col, val, dy, 301)
+    for j in (0, n_out // 2, n_out - 1):
+        alone = _kernels.csr_t_dense(row, col, val, dy[:, j : j + 1], 301)
+        assert torch.equal(got[:, j : j + 1], alone)
 
 
 def _on_1_2_3_threads(call) -> list:
@@ -305,10 +312,11 @@ def _csr_with_empty_rows(n_rows, n_cols, seed):
 
 
 @built
-@pytest.mark.parametrize("n_out", [1, 19, 128, 130, 256])
+@pytest.mark.parametrize("n_out", [1, 19, 128, 130, 256, 405])
 def test_sparse_product_matches_float64_on_any_number_of_threads(n_out, monkeypatch):
-    # bias + X W row by row: whole blocks of 128 outputs in registers and the remainder, with and
-    # without a bias, the same bits on 1, 2 and 3 threads (each thread owns a range of rows)
+    # bias + X W row by row: blocks of 256 (with AVX-512), 128 and 16 outputs in registers and
+    # the remainder, with and without a bias, the same bits on 1, 2 and 3 threads (each thread
+    # owns a range of rows)
     monkeypatch.setattr(_kernels, "_MIN_PARALLEL", 0)
     x, dense = _csr_with_empty_rows(37, 301, seed=n_out)
     gen = torch.Generator().manual_seed(1)
