@@ -705,6 +705,7 @@ static inline v16f load16(const float *p) {
  * (AVX2) or xmm ones, where sixteen 16-float vectors spill. */
 static int wide_blocks(void) {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+    __builtin_cpu_init(); /* idempotent; needed before the first query in some load orders */
     return __builtin_cpu_supports("avx512f");
 #else
     return 0;
