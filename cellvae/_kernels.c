@@ -97,28 +97,38 @@ static void zinb_zero_stable(float m, float th, float pi, float *lp0, float *gmu
     }
 }
 
+/* A buffer kept from call to call by the thread that uses it; it only grows. Allocated and
+ * freed each call, glibc served the nonzeros' ~1.6 MB (128 cells x 2,000 genes at 8%) by mmap
+ * and handed it back, and its ~400 pages were faulted in again at every call: 0.7 ms of compute
+ * took 2.8. */
+typedef struct {
+    void *p;
+    size_t capacity;
+} scratch;
+
+/* Makes s->p hold at least bytes; returns 0, or -1 when out of memory (s is then unchanged). */
+static int scratch_grow(scratch *s, size_t bytes) {
+    if (bytes <= s->capacity) return 0;
+    void *grown = realloc(s->p, bytes);
+    if (!grown) return -1;
+    s->p = grown, s->capacity = bytes;
+    return 0;
+}
+
 /* Scratch for the gathered nonzeros of a minibatch: eleven arrays in one allocation. */
 typedef struct {
     double *x, *m, *th, *pi, *lgc, *dgth, *out, *gmu, *gpi, *gth, *gz;
 } nz_buf;
 
-/* The scratch is kept from call to call, one per thread, and only grows. Allocated and freed
- * each call, glibc served its ~1.6 MB (128 cells x 2,000 genes at 8%) by mmap and handed it
- * back, and its ~400 pages were faulted in again at every call: 0.7 ms of compute took 2.8. */
-static __thread double *nz_scratch;
-static __thread size_t nz_capacity;
+static __thread scratch nz_scratch;
 
 static int nz_alloc(nz_buf *b, int64_t n) {
     size_t len = (size_t)(n > 0 ? n : 1);
-    if (11 * len > nz_capacity) {
-        double *grown = realloc(nz_scratch, sizeof(double) * 11 * len);
-        if (!grown) return -1;
-        nz_scratch = grown;
-        nz_capacity = 11 * len;
-    }
+    if (scratch_grow(&nz_scratch, sizeof(double) * 11 * len)) return -1;
+    double *base = nz_scratch.p;
     double **f[] = {&b->x, &b->m, &b->th, &b->pi, &b->lgc, &b->dgth,
                     &b->out, &b->gmu, &b->gpi, &b->gth, &b->gz};
-    for (int i = 0; i < 11; i++) *f[i] = nz_scratch + (size_t)i * len;
+    for (int i = 0; i < 11; i++) *f[i] = base + (size_t)i * len;
     return 0;
 }
 
@@ -350,19 +360,13 @@ typedef struct {
     int64_t n_blocks;
 } th_sums;
 
-static __thread float *sum_scratch;
-static __thread size_t sum_capacity;
+static __thread scratch sum_scratch;
 
 static int th_sums_alloc(th_sums *t, int64_t B, int64_t G) {
     t->n_blocks = (B + ROWS_PER_SUM - 1) / ROWS_PER_SUM;
     size_t len = (size_t)t->n_blocks * G;
-    if (len > sum_capacity) {
-        float *grown = realloc(sum_scratch, sizeof(float) * len);
-        if (!grown) return -1;
-        sum_scratch = grown;
-        sum_capacity = len;
-    }
-    t->blocks = sum_scratch;
+    if (scratch_grow(&sum_scratch, sizeof(float) * len)) return -1;
+    t->blocks = sum_scratch.p;
     memset(t->blocks, 0, sizeof(float) * len);
     return 0;
 }
@@ -780,9 +784,7 @@ int cv_csr_dense(int64_t n_rows, int64_t n_cols, int64_t n_out, int64_t n,
     return bad ? -2 : 0;
 }
 
-/* Scratch for cv_csr_t_dense, kept from call to call (per calling thread; it only grows). */
-static __thread void *t_scratch;
-static __thread size_t t_capacity;
+static __thread scratch t_scratch; /* cv_csr_t_dense's counts, places and sorted entries */
 
 /* out (n_cols, n_out) = X^T dy for a CSR minibatch X with n stored entries (row, col, val) and
  * dy (n_rows, n_out), both float32 and contiguous: the weight gradient of the sparse first
@@ -800,12 +802,8 @@ int cv_csr_t_dense(int64_t n_rows, int64_t n_cols, int64_t n_out, int64_t n,
     /* per thread, n_cols counts (then next places) and a flag; column starts; sorted entries */
     size_t stride = (size_t)n_cols + 1, n_pos = (size_t)n_threads * stride + (size_t)n_cols;
     size_t bytes = sizeof(int64_t) * (n_pos + (size_t)n) + sizeof(float) * (size_t)n;
-    if (bytes > t_capacity) {
-        void *grown = realloc(t_scratch, bytes);
-        if (!grown) return -1;
-        t_scratch = grown, t_capacity = bytes;
-    }
-    int64_t *starts = t_scratch, *counts = starts + n_cols, *rows = counts + n_threads * stride;
+    if (scratch_grow(&t_scratch, bytes)) return -1;
+    int64_t *starts = t_scratch.p, *counts = starts + n_cols, *rows = counts + n_threads * stride;
     float *vals = (float *)(rows + n);
     int bad = 0, bad_col = 0;
 #pragma omp parallel num_threads(n_threads) reduction(| : bad)
