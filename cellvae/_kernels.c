@@ -1231,3 +1231,73 @@ void cv_bf16_join_narrow(int64_t B, int64_t N, int n_parts, const int64_t *sizes
         narrow_chunk(B, sizes[i], j0, w, src[i], N, o, dst, sums[i]);
     }
 }
+
+/* ---------------------------------------------------------------- Adam
+ * torch.optim.Adam's update (L2 weight decay added to the gradient, no amsgrad) of n_t float32
+ * tensors in one call, after one read-only pass that looks for a gradient that is not finite:
+ * where one is, nothing is written (the step is skipped, as under torch.amp.GradScaler) and 1
+ * is returned. The values of all tensors are split evenly between the threads, whatever their
+ * sizes. steps[t] points at tensor t's step count, which is advanced by one before its bias
+ * corrections are computed (float64, then rounded), unless the step is skipped. */
+
+/* 1 when one of the n values is an inf or a NaN (all exponent bits set). */
+CLONES static int any_nonfinite(int64_t n, const float *restrict g) {
+    uint32_t bad = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, g + i, sizeof u);
+        bad |= (u & 0x7F800000u) == 0x7F800000u;
+    }
+    return bad != 0;
+}
+
+CLONES static void adam_range(int64_t n, float *restrict p, const float *restrict g,
+                              float *restrict m, float *restrict v, float w1, float b2, float w2,
+                              float wd, float step_size, float bc2_sqrt, float eps) {
+    for (int64_t i = 0; i < n; i++) { /* the operations and roundings of torch.optim.Adam */
+        float gi = g[i] + wd * p[i];
+        float mi = m[i] + w1 * (gi - m[i]); /* lerp(m, g, w1), w1 = 1 - b1 */
+        float vi = b2 * v[i] + w2 * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] += -step_size * (mi / (sqrtf(vi) / bc2_sqrt + eps));
+    }
+}
+
+/* This thread's part [*a, *b) of tensor t, which holds the values [off, off + size) of all. */
+static int my_part(int64_t off, int64_t size, int64_t total, int64_t *a, int64_t *b) {
+    int64_t lo, hi;
+    thread_range(total, &lo, &hi);
+    *a = lo > off ? lo : off;
+    *b = hi < off + size ? hi : off + size;
+    return *a < *b;
+}
+
+int cv_adam(int n_t, const int64_t *sizes, float *const *p, const float *const *g,
+            float *const *m, float *const *v, float *const *steps, double lr, double b1,
+            double b2, double wd, double eps, int n_threads) {
+    int64_t total = 0;
+    for (int t = 0; t < n_t; t++) total += sizes[t];
+    int bad = 0;
+#pragma omp parallel num_threads(n_threads) reduction(| : bad)
+    {
+        int64_t off = 0, a, b;
+        for (int t = 0; t < n_t; off += sizes[t++])
+            if (my_part(off, sizes[t], total, &a, &b)) bad |= any_nonfinite(b - a, g[t] + a - off);
+    }
+    if (bad) return 1;
+#pragma omp parallel num_threads(n_threads)
+    {
+        int64_t off = 0, a, b;
+        for (int t = 0; t < n_t; off += sizes[t++]) {
+            if (!my_part(off, sizes[t], total, &a, &b)) continue;
+            double s = *steps[t] + 1.0, bc1 = 1.0 - pow(b1, s), bc2 = 1.0 - pow(b2, s);
+            int64_t k = a - off;
+            adam_range(b - a, p[t] + k, g[t] + k, m[t] + k, v[t] + k, (float)(1.0 - b1),
+                       (float)b2, (float)(1.0 - b2), (float)wd, (float)(lr / bc1),
+                       (float)sqrt(bc2), (float)eps);
+        }
+    }
+    for (int t = 0; t < n_t; t++) *steps[t] += 1.0f;
+    return 0;
+}

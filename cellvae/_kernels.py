@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import torch
 
 __all__ = [
+    "AdamState",
     "available",
     "bf16_join_narrow",
     "bf16_split_widen",
@@ -101,6 +102,8 @@ def _load() -> ctypes.CDLL | None:
     lib.cv_bf16_split_widen.argtypes = [i64, i64, ptr, c_int, ptr, ptr, ptr, c_int]
     lib.cv_bf16_join_narrow.restype = None
     lib.cv_bf16_join_narrow.argtypes = [i64, i64, c_int, ptr, ptr, ptr, ptr, c_int]
+    lib.cv_adam.restype = c_int
+    lib.cv_adam.argtypes = [c_int, ptr, ptr, ptr, ptr, ptr, ptr, f64, f64, f64, f64, f64, c_int]
     lib.cv_random_lanes.restype = None
     lib.cv_random_lanes.argtypes = [i64, ctypes.c_uint64, ptr]
     return lib
@@ -585,3 +588,44 @@ def bf16_join_narrow(
         _pointers(sums), _threads(block.numel()),
     )  # fmt: skip
     return block, sums
+
+
+class AdamState:
+    """The parameters, moments and step counts of an Adam update, ready for :meth:`step`.
+
+    Built for contiguous float32 CPU tensors (:meth:`build` says None otherwise); keeps their
+    data pointers, so whoever holds it must build it again when a parameter's storage changes
+    (:class:`cellvae.train.Adam` compares the pointers at each step). Preparing the pointer
+    arrays once saves ~25 µs of a step's ~45 µs of Python around the call (17 tensors).
+    """
+
+    def __init__(self, params, exp_avg, exp_avg_sq, steps):
+        self.key = tuple(p.data_ptr() for p in params)
+        self.n = len(params)
+        self.sizes = _sizes([p.numel() for p in params])
+        self.arrays = [_pointers(t) for t in (params, exp_avg, exp_avg_sq, steps)]
+        self.total = sum(p.numel() for p in params)
+
+    @classmethod
+    def build(cls, params, exp_avg, exp_avg_sq, steps) -> AdamState | None:
+        """The state of these tensors, or None where the kernel does not take them."""
+        tensors = (*params, *exp_avg, *exp_avg_sq)
+        if not params or not takes(*tensors) or not all(t.is_contiguous() for t in tensors):
+            return None
+        return cls(params, exp_avg, exp_avg_sq, steps)
+
+    def step(self, grads, *, lr: float, betas: tuple[float, float], eps: float, wd: float) -> bool:
+        """One update with ``grads`` (contiguous float32, one per parameter); True: skipped.
+
+        ``torch.optim.Adam``'s update (L2 weight decay, no amsgrad), in place, after one
+        read-only pass over the gradients: where one of them holds an inf or a NaN, nothing
+        changes and True is returned. Each step count is advanced by one with its update. Where
+        torch's non-finite check and fused Adam took ~40 + ~190 µs for SCVI's 780k parameters
+        (hot, 2 threads), this takes ~90 µs.
+        """
+        p, m, v, s = self.arrays
+        status = _lib.cv_adam(
+            self.n, self.sizes, p, _pointers(grads), m, v, s, lr, betas[0], betas[1], wd, eps,
+            _threads(self.total),
+        )  # fmt: skip
+        return bool(status)

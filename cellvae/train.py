@@ -25,6 +25,7 @@ try:  # notebook progress bars need ipywidgets; without it tqdm.auto only warns
 except ImportError:
     from tqdm import tqdm
 
+from . import _kernels
 from ._data import BatchSampler, TensorData, seeded_generator
 from .module._base import check_choice, check_flags
 from .nn import bf16_products
@@ -232,8 +233,10 @@ class Adam:
 
     A minimal optimiser of our own: ``torch.optim``'s base class imports ``torch._dynamo`` (and
     sympy) on first use, about 100 MB of memory and 2 s for nothing a plain loop needs. The update
-    runs in torch's fused Adam kernel where it exists (CPU and CUDA, torch >= 2.4) and in
-    ``torch._foreach_*`` operations otherwise; both give ``torch.optim.Adam``'s result (tested).
+    of float32 CPU parameters runs in the compiled kernels (:class:`cellvae._kernels.AdamState`: the
+    check below and the update in one call, less than half the time of torch's two); elsewhere
+    in torch's fused Adam kernel where it exists (CPU and CUDA, torch >= 2.4) and in
+    ``torch._foreach_*`` operations otherwise. All give ``torch.optim.Adam``'s result (tested).
 
     A step whose gradients hold an inf or a NaN is skipped, as under ``torch.amp.GradScaler``:
     parameters, moments and step counts stay as they were, so the weights never turn non-finite.
@@ -276,6 +279,23 @@ class Adam:
         device = self.params[0].device if self.params else None
         self._counts = torch.zeros(len(self.params), dtype=torch.float32, device=device)
         self.steps = list(self._counts.unbind())
+        self._compiled: _kernels.AdamState | None = None
+
+    def _compiled_ready(self, grads: list[torch.Tensor | None]) -> bool:
+        """Whether this step runs in the compiled kernel (every parameter with a gradient).
+
+        Its state is built again when a parameter's storage moved (``module.to``, ``p.data =``).
+        """
+        if not _kernels.available() or not all(
+            g is not None and g.dtype == torch.float32 and g.is_contiguous() for g in grads
+        ):
+            return False
+        key = tuple(p.data_ptr() for p in self.params)
+        if self._compiled is None or self._compiled.key != key:
+            self._compiled = _kernels.AdamState.build(
+                self.params, self.exp_avg, self.exp_avg_sq, self.steps
+            )
+        return self._compiled is not None
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
@@ -283,11 +303,17 @@ class Adam:
 
         Returns a 0-d float tensor on the parameters' device: 1.0 when the step was skipped.
         """
-        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        grads = [p.grad for p in self.params]
+        if self._compiled_ready(grads):
+            skipped = self._compiled.step(
+                grads, lr=self.lr, betas=self.betas, eps=self.eps, wd=self.weight_decay
+            )
+            return torch.tensor(float(skipped))
+        live = [i for i, g in enumerate(grads) if g is not None]
         if not live:
             return torch.zeros((), device=self.params[0].device if self.params else None)
         params = [self.params[i] for i in live]
-        grads = [p.grad for p in params]
+        grads = [grads[i] for i in live]
         exp_avg = [self.exp_avg[i] for i in live]
         exp_avg_sq = [self.exp_avg_sq[i] for i in live]
         steps = [self.steps[i] for i in live]

@@ -22,7 +22,7 @@ def _problem(seed: int):
     return a, b, w, bias
 
 
-def _run(opt_cls, fused_path: bool, n_steps: int = 25, **kw):
+def _run(opt_cls, n_steps: int = 25, **kw):
     a, b, w, bias = _problem(0)
     params = [torch.nn.Parameter(w.clone()), torch.nn.Parameter(bias.clone())]
     opt = opt_cls(params, **kw)
@@ -37,25 +37,65 @@ def _run(opt_cls, fused_path: bool, n_steps: int = 25, **kw):
     return [p.detach() for p in params]
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_adam_matches_torch_optim(monkeypatch, fused):
-    kw = {"lr": 0.05, "eps": 0.01, "weight_decay": 1e-2}
-    if not fused:  # force the foreach fallback
+PATHS = ["kernels", "fused", "foreach"]
+
+
+def _use_path(monkeypatch, path: str) -> None:
+    """Make :class:`Adam` take ``path``: the compiled kernels, torch's fused kernel, foreach."""
+    if path == "kernels":
+        if _kernels._lib is None:
+            pytest.skip("kernels not built (test_built_where_required)")
+        return
+    monkeypatch.setattr(_kernels, "enabled", False)
+    if path == "foreach":
         monkeypatch.delattr(torch, "_fused_adam_", raising=False)
-    ours = _run(Adam, fused, **kw)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_adam_matches_torch_optim(monkeypatch, path):
+    kw = {"lr": 0.05, "eps": 0.01, "weight_decay": 1e-2}
+    _use_path(monkeypatch, path)
+    ours = _run(Adam, **kw)
     monkeypatch.undo()
-    ref = _run(torch.optim.Adam, fused, **kw)
+    ref = _run(torch.optim.Adam, **kw)
     for p, q in zip(ours, ref):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert not torch.equal(ours[0], _problem(0)[2])  # it moved
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_adam_kernel_matches_torch_on_tensors_split_between_threads(monkeypatch, threads):
+    # many tensors of odd sizes, each cut at a different place by the threads' equal shares of
+    # all values (_MIN_PARALLEL lowered so that the small problem runs on several threads); the
+    # float32 update in torch.optim.Adam's order of operations, against torch.optim.Adam
+    if _kernels._lib is None:
+        pytest.skip("kernels not built (test_built_where_required)")
+    monkeypatch.setattr(_kernels, "_MIN_PARALLEL", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    g = torch.Generator().manual_seed(3)
+    shapes = [(37, 5), (1,), (200,), (3, 3, 3), (64, 17), (5,)]
+    start = [torch.randn(s, generator=g) for s in shapes]
+    runs, opts = [], []
+    for opt_cls in (Adam, torch.optim.Adam):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        opts.append(opt_cls(params, lr=0.01, betas=(0.8, 0.99), eps=1e-3, weight_decay=0.1))
+        for step in range(6):
+            gg = torch.Generator().manual_seed(step)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gg) * 10.0 ** (step - 3)
+            opts[-1].step()
+        runs.append(params)
+    for p, q, w in zip(*runs, start):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(p, w)
+    assert [float(t) for t in opts[0].steps] == [6.0] * len(shapes)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_adam_skips_a_step_with_non_finite_gradients(monkeypatch, fused, bad):
+def test_adam_skips_a_step_with_non_finite_gradients(monkeypatch, path, bad):
     """A poisoned step changes nothing: the run equals one where that step never happened."""
-    if not fused:
-        monkeypatch.delattr(torch, "_fused_adam_", raising=False)
+    _use_path(monkeypatch, path)
     a, b, w, bias = _problem(1)
     runs = []
     for poison in (True, False):
