@@ -1301,3 +1301,44 @@ int cv_adam(int n_t, const int64_t *sizes, float *const *p, const float *const *
     for (int t = 0; t < n_t; t++) *steps[t] += 1.0f;
     return 0;
 }
+
+/* ---------------------------------------------------------------- the latent sample
+ * q(z | x) = N(m, v) from the encoder's two heads, side by side in mu = (B, 2L): m = mu[:, :L],
+ * v = exp(mu[:, L:]) + var_eps; the sample z = m + sqrt(v) n (n standard normal, given) and
+ * KL(q || N(0, I)) per row, 0.5 sum (v + m^2 - log v - 1). Float32, as the torch code. */
+void cv_normal_sample_fwd(int64_t B, int64_t L, const float *mu, const float *noise,
+                          float var_eps, float *m, float *v, float *z, float *kl) {
+    for (int64_t b = 0; b < B; b++) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < L; j++) {
+            int64_t i = b * L + j;
+            float mj = mu[b * 2 * L + j], vj = expf(mu[b * 2 * L + L + j]) + var_eps;
+            m[i] = mj;
+            v[i] = vj;
+            z[i] = mj + sqrtf(vj) * noise[i];
+            acc += vj + mj * mj - logf(vj) - 1.0f;
+        }
+        kl[b] = 0.5f * acc;
+    }
+}
+
+/* Its backward pass: the gradient by the heads' outputs mu, into d (B, 2L), from those of m, v,
+ * z (B, L) and kl (B) (each may be NULL: no gradient). With e = exp(mu[:, L:]) and v = e +
+ * var_eps: d/dm = gm + gz + gkl m; d/dmu_v = e (gv + gz n / (2 sqrt v) + gkl (1 - 1/v) / 2). */
+void cv_normal_sample_bwd(int64_t B, int64_t L, const float *mu, const float *noise,
+                          float var_eps, const float *gm, const float *gv, const float *gz,
+                          const float *gkl, float *d) {
+    for (int64_t b = 0; b < B; b++) {
+        float k = gkl ? gkl[b] : 0.0f;
+        for (int64_t j = 0; j < L; j++) {
+            int64_t i = b * L + j;
+            float mj = mu[b * 2 * L + j], e = expf(mu[b * 2 * L + L + j]), vj = e + var_eps;
+            float dm = k * mj, dv = k * 0.5f * (1.0f - 1.0f / vj);
+            if (gm) dm += gm[i];
+            if (gz) dm += gz[i], dv += gz[i] * noise[i] / (2.0f * sqrtf(vj));
+            if (gv) dv += gv[i];
+            d[b * 2 * L + j] = dm;
+            d[b * 2 * L + L + j] = dv * e;
+        }
+    }
+}

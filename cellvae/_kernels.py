@@ -46,6 +46,8 @@ __all__ = [
     "gather_csr",
     "nb_mixture_log_prob",
     "nb_zinb_log_prob_sum",
+    "normal_sample_backward",
+    "normal_sample_forward",
     "protein_terms",
     "protein_terms_backward",
     "random_lanes",
@@ -104,6 +106,10 @@ def _load() -> ctypes.CDLL | None:
     lib.cv_bf16_join_narrow.argtypes = [i64, i64, c_int, ptr, ptr, ptr, ptr, c_int]
     lib.cv_adam.restype = c_int
     lib.cv_adam.argtypes = [c_int, ptr, ptr, ptr, ptr, ptr, ptr, f64, f64, f64, f64, f64, c_int]
+    for name in ("cv_normal_sample_fwd", "cv_normal_sample_bwd"):
+        getattr(lib, name).restype = None
+    lib.cv_normal_sample_fwd.argtypes = [i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr]
+    lib.cv_normal_sample_bwd.argtypes = [i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr]
     lib.cv_random_lanes.restype = None
     lib.cv_random_lanes.argtypes = [i64, ctypes.c_uint64, ptr]
     return lib
@@ -629,3 +635,41 @@ class AdamState:
             _threads(self.total),
         )  # fmt: skip
         return bool(status)
+
+
+def normal_sample_forward(
+    mu: torch.Tensor, noise: torch.Tensor, var_eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(m, v, z, kl)`` of q(z | x) = N(m, v) from the heads' outputs side by side.
+
+    ``mu`` is contiguous float32 ``(B, 2L)``: the means, then the variances before
+    ``exp(·) + var_eps``; ``noise`` contiguous ``(B, L)`` standard normal values. ``z = m +
+    sqrt(v) · noise`` and ``kl`` (``(B,)``) is KL(N(m, v) ‖ N(0, I)) per row.
+    """
+    n_rows, n_lat = noise.shape
+    m, v, z = (torch.empty(n_rows, n_lat, dtype=torch.float32) for _ in range(3))
+    kl = torch.empty(n_rows, dtype=torch.float32)
+    _lib.cv_normal_sample_fwd(
+        n_rows, n_lat, mu.data_ptr(), noise.data_ptr(), var_eps, m.data_ptr(), v.data_ptr(),
+        z.data_ptr(), kl.data_ptr(),
+    )  # fmt: skip
+    return m, v, z, kl
+
+
+def normal_sample_backward(
+    mu: torch.Tensor,
+    noise: torch.Tensor,
+    var_eps: float,
+    grads: Sequence[torch.Tensor | None],
+) -> torch.Tensor:
+    """The gradient by ``mu`` of :func:`normal_sample_forward` from those of ``(m, v, z, kl)``.
+
+    Each of ``grads`` is contiguous float32 or None (no gradient).
+    """
+    d = torch.empty_like(mu)
+    ptrs = [None if g is None else g.data_ptr() for g in grads]
+    _lib.cv_normal_sample_bwd(
+        noise.shape[0], noise.shape[1], mu.data_ptr(), noise.data_ptr(), var_eps, *ptrs,
+        d.data_ptr(),
+    )  # fmt: skip
+    return d

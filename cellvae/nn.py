@@ -558,10 +558,69 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor, *cat_list: torch.Tensor):
         """Return ``(q_m, q_v, latent)`` for input ``x`` and covariate codes ``cat_list``."""
+        return self.forward_kl(x, *cat_list)[:3]
+
+    def forward_kl(self, x: torch.Tensor, *cat_list: torch.Tensor):
+        """:meth:`forward`'s ``(q_m, q_v, latent)`` and, when computed with them, the KL.
+
+        With the compiled kernels (float32 CPU, the normal distribution and ``exp`` variances)
+        the heads, the sample and KL(q(z | x) ‖ N(0, I)) per cell are one autograd node
+        (:class:`_NormalSample`), returned as a fourth value; elsewhere it is None and the caller
+        computes the KL. The sample's noise is drawn from torch's default generator as
+        :func:`reparameterize` draws it, so both give the same ``latent``.
+        """
         q = self.encoder(x, *cat_list)
+        heads = (self.mean_encoder.weight, self.mean_encoder.bias)
+        heads += (self.var_encoder.weight, self.var_encoder.bias)
+        if (
+            self.distribution == "normal"
+            and self.var_activation is torch.exp
+            and q.dim() == 2
+            and _kernels.takes(q, *heads)
+            and all(h is not None for h in heads)
+        ):
+            noise = torch.randn(q.shape[0], self.mean_encoder.out_features)
+            return _NormalSample.apply(q, *heads, noise, self.var_eps)
         q_m = self.mean_encoder(q)
         q_v = self.var_activation(self.var_encoder(q)) + self.var_eps
-        return q_m, q_v, self.z_transformation(reparameterize(q_m, q_v))
+        return q_m, q_v, self.z_transformation(reparameterize(q_m, q_v)), None
+
+
+class _NormalSample(torch.autograd.Function):
+    """An encoder's mean and variance heads, its sample and KL(q ‖ N(0, I)) as one node.
+
+    ``apply(q, w_m, b_m, w_v, b_v, noise, var_eps)`` returns ``(q_m, q_v, z, kl)`` with
+    ``q_m = q w_mᵀ + b_m``, ``q_v = exp(q w_vᵀ + b_v) + var_eps``, ``z = q_m + sqrt(q_v) ·
+    noise`` and ``kl`` per row. Both heads are one product; the elementwise work, forward and
+    backward, is one compiled call each (:func:`cellvae._kernels.normal_sample_forward`) where
+    the torch code runs ~12 operators forward and as many autograd nodes backward, on (128, 10)
+    tensors in an SCVI step: ~4 µs each, mostly dispatch.
+    """
+
+    @staticmethod
+    def forward(ctx, q, w_m, b_m, w_v, b_v, noise, var_eps):
+        w, b = torch.cat([w_m, w_v]), torch.cat([b_m, b_v])
+        mu = torch.addmm(b, q, w.t())
+        ctx.set_materialize_grads(False)  # outputs without a gradient send None
+        ctx.save_for_backward(q, w, mu, noise)
+        ctx.var_eps = var_eps
+        return _kernels.normal_sample_forward(mu, noise, var_eps)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        q, w, mu, noise = ctx.saved_tensors
+        grads = [None if g is None else g.contiguous() for g in grads]
+        d = _kernels.normal_sample_backward(mu, noise, ctx.var_eps, grads)
+        n_lat, needs = noise.shape[1], ctx.needs_input_grad
+        dq = torch.mm(d, w) if needs[0] else None
+        dw = torch.mm(d.t(), q) if needs[1] or needs[3] else None
+        db = d.sum(0) if needs[2] or needs[4] else None
+
+        def part(t, i):  # the mean head's rows (inputs 1, 2), the variance head's (3, 4)
+            return None if t is None or not needs[i] else t[:n_lat] if i < 3 else t[n_lat:]
+
+        return dq, part(dw, 1), part(db, 2), part(dw, 3), part(db, 4), None, None
 
 
 class DecoderSCVI(nn.Module):

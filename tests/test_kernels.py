@@ -923,3 +923,66 @@ def test_batch_norm_kernel_makes_the_lanes_of_its_seed(shape, monkeypatch):
     assert (first[0] == 0).float().mean() > 0.3  # ReLU and dropout both zero entries
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(first, other))
+
+
+def _normal_sample_reference(q, w_m, b_m, w_v, b_v, noise, var_eps):
+    """The encoder's heads, sample and KL to N(0, I) in float64 torch operators."""
+    q_m = q @ w_m.t() + b_m
+    q_v = torch.exp(q @ w_v.t() + b_v) + var_eps
+    z = q_m + q_v.sqrt() * noise
+    kl = 0.5 * (q_v + q_m**2 - torch.log(q_v) - 1.0).sum(-1)
+    return q_m, q_v, z, kl
+
+
+@built
+@pytest.mark.parametrize("used", ["all", "z and kl", "z", "kl", "q_m and q_v"])
+def test_normal_sample_node_matches_float64_torch(used):
+    # values and gradients of the fused heads + sample + KL against float64 torch, on random
+    # inputs with variances from ~e-6 (below var_eps) to ~e3; outputs left out of the loss send
+    # no gradient (None) to the backward pass
+    g = torch.Generator().manual_seed(5)
+    n, h, lat = 37, 24, 6
+    q = torch.randn(n, h, generator=g)
+    w_m, w_v = torch.randn(lat, h, generator=g) * 0.3, torch.randn(lat, h, generator=g) * 0.5
+    b_m, b_v = torch.randn(lat, generator=g), torch.randn(lat, generator=g) * 2
+    noise = torch.randn(n, lat, generator=g)
+    ups = [torch.randn(n, lat, generator=g), torch.randn(n, lat, generator=g)]
+    ups += [torch.randn(n, lat, generator=g), torch.rand(n, generator=g)]
+    mask = {
+        "all": (1, 1, 1, 1), "z and kl": (0, 0, 1, 1), "z": (0, 0, 1, 0), "kl": (0, 0, 0, 1),
+        "q_m and q_v": (1, 1, 0, 0),
+    }[used]  # fmt: skip
+    results = []
+    for fused in (True, False):
+        dt = torch.float32 if fused else torch.float64
+        leaves = [t.to(dt).clone().requires_grad_() for t in (q, w_m, b_m, w_v, b_v)]
+        args = (*leaves, noise.to(dt), 1e-4)
+        fn = nn_module._NormalSample.apply if fused else _normal_sample_reference
+        outs = fn(*args)
+        loss = sum((o * u.to(dt)).sum() for o, u, k in zip(outs, ups, mask) if k)
+        loss.backward()
+        results.append([o.detach().double() for o in outs] + [t.grad.double() for t in leaves])
+    for got, ref in zip(*results):  # float32 sums of up to 37 terms of either sign
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    assert float(results[1][5].abs().sum()) > 0  # the input's gradient is not trivially zero
+
+
+@built
+def test_encoder_fused_sample_draws_what_the_torch_path_draws(monkeypatch):
+    # the same seed gives the same noise, so the same z, on both paths; the KL comes with the
+    # fused path and is what kl_normal gives on the torch path (no dropout: the hidden layer's
+    # masks draw differently with and without the kernels)
+    from cellvae.module._base import kl_normal
+
+    enc = nn_module.Encoder(30, 5, n_cat_list=[3], n_hidden=16, dropout_rate=0.0).train()
+    x, c = torch.randn(20, 30), torch.randint(0, 3, (20,))
+    outs = []
+    for enabled in (True, False):
+        monkeypatch.setattr(_kernels, "enabled", enabled)
+        torch.manual_seed(7)
+        outs.append(enc.forward_kl(x, c))
+    (m1, v1, z1, kl1), (m0, v0, z0, kl0) = outs
+    assert kl0 is None and kl1 is not None
+    for a, b in ((m1, m0), (v1, v0), (z1, z0), (kl1, kl_normal(m0, v0))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(z1, m1)  # a sample, not the mean

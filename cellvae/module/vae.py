@@ -199,7 +199,7 @@ class VAE(nn.Module):
         if self.encode_covariates and "cont_covs" in tensors:
             x_in = hstack(x_in, tensors["cont_covs"])
         enc_cats = cats if self.encode_covariates else []
-        qz_m, qz_v, z = self.z_encoder(x_in, *enc_cats)
+        qz_m, qz_v, z, kl_z = self.z_encoder.forward_kl(x_in, *enc_cats)
         ql_m = ql_v = None
         if self.use_size_factor_key:
             library = torch.log(tensors["size_factor"]).unsqueeze(-1)
@@ -216,7 +216,12 @@ class VAE(nn.Module):
                 )
             else:
                 library = library.expand(n_samples, *library.shape)
-        return {"z": z, "qz_m": qz_m, "qz_v": qz_v, "ql_m": ql_m, "ql_v": ql_v, "library": library}
+        if n_samples > 1:
+            kl_z = None  # of the samples drawn above, not the encoder's
+        return {
+            "z": z, "qz_m": qz_m, "qz_v": qz_v, "ql_m": ql_m, "ql_v": ql_v, "library": library,
+            "kl_z": kl_z,  # KL(q(z | x) ‖ N(0, I)) when the encoder computed it, else None
+        }  # fmt: skip
 
     def generative(
         self,
@@ -297,7 +302,9 @@ class VAE(nn.Module):
         x = tensors["x"]
         # the loss is the mean over cells: each row sum gets -1/cells (the kernel's hint)
         reconstruction = -gen["px"].log_prob_sum(x, row_grad=-1.0 / max(x.shape[0], 1))
-        kl_z = kl_normal(inf["qz_m"], inf["qz_v"])
+        kl_z = inf.get("kl_z")
+        if kl_z is None:
+            kl_z = kl_normal(inf["qz_m"], inf["qz_v"])
         if inf["ql_m"] is None:  # observed library: no KL term for it
             loss = torch.mean(reconstruction + kl_weight * kl_z)
             return LossOutput(loss=loss, reconstruction=reconstruction, kl_local=kl_z)
