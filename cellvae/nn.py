@@ -31,6 +31,7 @@ __all__ = [
     "GeneLinear",
     "bf16_products",
     "gene_linears",
+    "normal_heads",
     "reparameterize",
 ]
 
@@ -563,27 +564,41 @@ class Encoder(nn.Module):
     def forward_kl(self, x: torch.Tensor, *cat_list: torch.Tensor):
         """:meth:`forward`'s ``(q_m, q_v, latent)`` and, when computed with them, the KL.
 
-        With the compiled kernels (float32 CPU, the normal distribution and ``exp`` variances)
-        the heads, the sample and KL(q(z | x) ‖ N(0, I)) per cell are one autograd node
-        (:class:`_NormalSample`), returned as a fourth value; elsewhere it is None and the caller
-        computes the KL. The sample's noise is drawn from torch's default generator as
-        :func:`reparameterize` draws it, so both give the same ``latent``.
+        With the compiled kernels (float32 CPU, ``exp`` variances) the heads, the sample and
+        KL(q(z | x) ‖ N(0, I)) per cell (of the normal sample, before any ``"ln"`` softmax) are
+        one autograd node (:func:`normal_heads`), the KL returned as a fourth value; elsewhere it
+        is None and the caller computes it. The sample's noise is drawn from torch's default
+        generator as :func:`reparameterize` draws it, so both give the same ``latent``.
         """
         q = self.encoder(x, *cat_list)
-        heads = (self.mean_encoder.weight, self.mean_encoder.bias)
-        heads += (self.var_encoder.weight, self.var_encoder.bias)
-        if (
-            self.distribution == "normal"
-            and self.var_activation is torch.exp
-            and q.dim() == 2
-            and _kernels.takes(q, *heads)
-            and all(h is not None for h in heads)
-        ):
-            noise = torch.randn(q.shape[0], self.mean_encoder.out_features)
-            return _NormalSample.apply(q, *heads, noise, self.var_eps)
-        q_m = self.mean_encoder(q)
-        q_v = self.var_activation(self.var_encoder(q)) + self.var_eps
-        return q_m, q_v, self.z_transformation(reparameterize(q_m, q_v)), None
+        if self.var_activation is torch.exp:
+            heads = (self.mean_encoder, self.var_encoder)
+            q_m, q_v, untran, kl = normal_heads(q, *heads, self.var_eps)
+        else:
+            q_m = self.mean_encoder(q)
+            q_v = self.var_activation(self.var_encoder(q)) + self.var_eps
+            untran, kl = reparameterize(q_m, q_v), None
+        return q_m, q_v, self.z_transformation(untran), kl
+
+
+def normal_heads(
+    q: torch.Tensor, mean: nn.Linear, var: nn.Linear, var_eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """q(z | x) = N(q_m, q_v) from hidden units ``q``: ``(q_m, q_v, sample, kl)``.
+
+    ``q_m = mean(q)``, ``q_v = exp(var(q)) + var_eps`` and a sample ``q_m + sqrt(q_v) · ε``,
+    ε drawn from torch's default generator (as :func:`reparameterize`). With the compiled kernels
+    (2-D float32 CPU tensors, layers with biases) the four are one autograd node
+    (:class:`_NormalSample`) and ``kl`` is KL(q ‖ N(0, I)) per cell; elsewhere it is None, for
+    the caller to compute.
+    """
+    heads = (mean.weight, mean.bias, var.weight, var.bias)
+    if q.dim() == 2 and all(h is not None for h in heads) and _kernels.takes(q, *heads):
+        noise = torch.randn(q.shape[0], mean.out_features)
+        return _NormalSample.apply(q, *heads, noise, var_eps)
+    q_m = mean(q)
+    q_v = torch.exp(var(q)) + var_eps
+    return q_m, q_v, reparameterize(q_m, q_v), None
 
 
 class _NormalSample(torch.autograd.Function):
@@ -898,19 +913,24 @@ class EncoderTOTALVI(nn.Module):
         ``data`` is dense, or an :class:`~cellvae._sparse.HStack` of the CSR ``log1p`` counts
         and the dense protein (and covariate) columns, which the first layers read sparsely.
         """
-        q = self.encoder(data, *cat_list)
-        qz_m = self.z_mean_encoder(q)
-        qz_v = torch.exp(self.z_var_encoder(q)) + 1e-4
-        untran_z, z = self.reparameterize_transformation(qz_m, qz_v)
+        return self.forward_kl(data, *cat_list)[:6]
 
+    def forward_kl(self, data: torch.Tensor | HStack, *cat_list: torch.Tensor):
+        """:meth:`forward`'s six values and KL(q(z | x, y) ‖ N(0, I)) per cell, or None.
+
+        The KL comes with the heads and the sample from one compiled node where
+        :func:`normal_heads` runs one (float32 CPU); elsewhere it is None.
+        """
+        q = self.encoder(data, *cat_list)
+        qz_m, qz_v, untran_z, kl_z = normal_heads(q, self.z_mean_encoder, self.z_var_encoder, 1e-4)
+        z = self.z_transformation(untran_z)
         if not self.latent_library:
-            return qz_m, qz_v, None, None, {"z": z, "l": None}, {"z": untran_z, "l": None}
+            return qz_m, qz_v, None, None, {"z": z, "l": None}, {"z": untran_z, "l": None}, kl_z
         ql = self.l_encoder(data, *cat_list)
-        ql_m = self.l_mean_encoder(ql)
-        ql_v = torch.exp(self.l_var_encoder(ql)) + 1e-4
-        untran_l = reparameterize(ql_m, ql_v)
+        ql_m, ql_v, untran_l, _ = normal_heads(ql, self.l_mean_encoder, self.l_var_encoder, 1e-4)
         library = torch.exp(untran_l.clamp(max=_LOG_LIBRARY_MAX))
-        return qz_m, qz_v, ql_m, ql_v, {"z": z, "l": library}, {"z": untran_z, "l": untran_l}
+        latent, untran = {"z": z, "l": library}, {"z": untran_z, "l": untran_l}
+        return qz_m, qz_v, ql_m, ql_v, latent, untran, kl_z
 
 
 def _drop_library_stack(module, state_dict, prefix, *args) -> None:

@@ -986,3 +986,39 @@ def test_encoder_fused_sample_draws_what_the_torch_path_draws(monkeypatch):
     for a, b in ((m1, m0), (v1, v0), (z1, z0), (kl1, kl_normal(m0, v0))):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(z1, m1)  # a sample, not the mean
+
+
+@built
+@pytest.mark.parametrize("latent_library", [True, False])
+def test_totalvi_encoder_fused_heads_draw_what_the_torch_path_draws(monkeypatch, latent_library):
+    # logistic-normal z and the latent library: the same values on both paths for one seed,
+    # and the KL of z (before the softmax) from the fused node equals kl_normal's
+    from cellvae.module._base import kl_normal
+
+    enc = nn_module.EncoderTOTALVI(
+        30, 5, n_cat_list=[2], n_hidden=16, dropout_rate=0.0, latent_library=latent_library
+    ).train()
+    x, c = torch.randn(20, 30), torch.randint(0, 2, (20,))
+    outs = []
+    for enabled in (True, False):
+        monkeypatch.setattr(_kernels, "enabled", enabled)
+        torch.manual_seed(3)
+        outs.append(enc.forward_kl(x, c))
+    fused, plain = outs
+    assert plain[6] is None and fused[6] is not None
+    torch.testing.assert_close(fused[6], kl_normal(plain[0], plain[1]), rtol=1e-5, atol=1e-5)
+    flat = lambda o: [*o[:4], *o[4].values(), *o[5].values()]
+    assert (fused[2] is None) == (not latent_library)  # ql_m only with a latent library
+    for a, b in zip(flat(fused), flat(plain), strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(fused[4]["z"].sum(-1), torch.ones(20))  # the softmax of the sample
+    with torch.no_grad():  # the heads' definitions, written out
+        h = enc.encoder(x, c)
+        expected = [enc.z_mean_encoder(h), torch.exp(enc.z_var_encoder(h)) + 1e-4]
+        if latent_library:
+            hl = enc.l_encoder(x, c)
+            expected += [enc.l_mean_encoder(hl), torch.exp(enc.l_var_encoder(hl)) + 1e-4]
+    for a, b in zip(fused[:4], expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -324,7 +324,8 @@ class TOTALVAE(nn.Module):
         if "cont_covs" in tensors:
             dense = torch.cat([dense, tensors["cont_covs"]], dim=-1)
         data = hstack(log1p(x), dense)  # a CSR x stays sparse: the first layers read its entries
-        qz_m, qz_v, ql_m, ql_v, latent, untran = self.encoder(data, *covariate_codes(tensors))
+        encoded = self.encoder.forward_kl(data, *covariate_codes(tensors))
+        qz_m, qz_v, ql_m, ql_v, latent, untran, kl_z = encoded
         z, untran_z, library = latent["z"], untran["z"], latent["l"]
         if self.use_size_factor_key:
             library = tensors["size_factor"].unsqueeze(-1)
@@ -350,6 +351,7 @@ class TOTALVAE(nn.Module):
             "ql_m": ql_m,
             "ql_v": ql_v,
             "library": library,
+            "kl_z": None if n_samples > 1 else kl_z,  # KL(q(z) ‖ N(0, I)) when the encoder gave it
         }
 
     def generative(
@@ -418,7 +420,9 @@ class TOTALVAE(nn.Module):
         # the loss is the mean over cells: each row sum gets -1/cells (the kernel's hint)
         rec_genes = -gen["px"].log_prob_sum(x, row_grad=-1.0 / max(x.shape[0], 1))
         rec_proteins, kl_back = self.protein_terms(gen, y, b)
-        kl_z = kl_normal(inf["qz_m"], inf["qz_v"])
+        kl_z = inf.get("kl_z")
+        if kl_z is None:
+            kl_z = kl_normal(inf["qz_m"], inf["qz_v"])
         kl_l = torch.zeros_like(kl_z)
         if inf["ql_m"] is not None:
             kl_l = kl_normal(
