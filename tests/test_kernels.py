@@ -967,6 +967,16 @@ def test_normal_sample_node_matches_float64_torch(used):
     assert float(results[1][5].abs().sum()) > 0  # the input's gradient is not trivially zero
 
 
+def _fused_and_torch(monkeypatch, enc, *args, seed: int):
+    """``enc.forward_kl(*args)`` with and without the kernels, each after ``manual_seed``."""
+    outs = []
+    for enabled in (True, False):
+        monkeypatch.setattr(_kernels, "enabled", enabled)
+        torch.manual_seed(seed)
+        outs.append(enc.forward_kl(*args))
+    return outs
+
+
 @built
 def test_encoder_fused_sample_draws_what_the_torch_path_draws(monkeypatch):
     # the same seed gives the same noise, so the same z, on both paths; the KL comes with the
@@ -976,12 +986,7 @@ def test_encoder_fused_sample_draws_what_the_torch_path_draws(monkeypatch):
 
     enc = nn_module.Encoder(30, 5, n_cat_list=[3], n_hidden=16, dropout_rate=0.0).train()
     x, c = torch.randn(20, 30), torch.randint(0, 3, (20,))
-    outs = []
-    for enabled in (True, False):
-        monkeypatch.setattr(_kernels, "enabled", enabled)
-        torch.manual_seed(7)
-        outs.append(enc.forward_kl(x, c))
-    (m1, v1, z1, kl1), (m0, v0, z0, kl0) = outs
+    (m1, v1, z1, kl1), (m0, v0, z0, kl0) = _fused_and_torch(monkeypatch, enc, x, c, seed=7)
     assert kl0 is None and kl1 is not None
     for a, b in ((m1, m0), (v1, v0), (z1, z0), (kl1, kl_normal(m0, v0))):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -999,12 +1004,7 @@ def test_totalvi_encoder_fused_heads_draw_what_the_torch_path_draws(monkeypatch,
         30, 5, n_cat_list=[2], n_hidden=16, dropout_rate=0.0, latent_library=latent_library
     ).train()
     x, c = torch.randn(20, 30), torch.randint(0, 2, (20,))
-    outs = []
-    for enabled in (True, False):
-        monkeypatch.setattr(_kernels, "enabled", enabled)
-        torch.manual_seed(3)
-        outs.append(enc.forward_kl(x, c))
-    fused, plain = outs
+    fused, plain = _fused_and_torch(monkeypatch, enc, x, c, seed=3)
     assert plain[6] is None and fused[6] is not None
     torch.testing.assert_close(fused[6], kl_normal(plain[0], plain[1]), rtol=1e-5, atol=1e-5)
     flat = lambda o: [*o[:4], *o[4].values(), *o[5].values()]
