@@ -1335,7 +1335,10 @@ void cv_normal_sample_bwd(int64_t B, int64_t L, const float *mu, const float *no
             float mj = mu[b * 2 * L + j], e = expf(mu[b * 2 * L + L + j]), vj = e + var_eps;
             float dm = k * mj, dv = k * 0.5f * (1.0f - 1.0f / vj);
             if (gm) dm += gm[i];
-            if (gz) dm += gz[i], dv += gz[i] * noise[i] / (2.0f * sqrtf(vj));
+            if (gz) {
+                dm += gz[i];
+                dv += gz[i] * noise[i] / (2.0f * sqrtf(vj));
+            }
             if (gv) dv += gv[i];
             d[b * 2 * L + j] = dm;
             d[b * 2 * L + L + j] = dv * e;

@@ -601,8 +601,8 @@ class AdamState:
 
     Built for contiguous float32 CPU tensors (:meth:`build` says None otherwise); keeps their
     data pointers, so whoever holds it must build it again when a parameter's storage changes
-    (:class:`cellvae.train.Adam` compares the pointers at each step). Preparing the pointer
-    arrays once saves ~25 µs of a step's ~45 µs of Python around the call (17 tensors).
+    (:class:`cellvae.train.Adam` compares the pointers at each step). With the pointer arrays
+    prepared once, the Python around the call takes ~15 µs instead of ~45 (SCVI's 17 tensors).
     """
 
     def __init__(self, params, exp_avg, exp_avg_sq, steps):
