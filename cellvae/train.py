@@ -192,6 +192,15 @@ def _term_sums(out, dest: torch.Tensor) -> None:
     torch.sum(torch.stack([out.reconstruction, out.kl_local, *out.extra.values()]), 1, out=dest)
 
 
+def _term_table(out, n_rows: int, lead: int = 0) -> tuple[tuple[str, ...], torch.Tensor]:
+    """The names of ``out``'s terms and an empty table of ``n_rows`` rows for their sums.
+
+    Each row has ``lead`` columns first, then one per term (:func:`_term_sums` writes those).
+    """
+    names = _term_names(out)
+    return names, out.loss.new_empty((n_rows, lead + len(names)))
+
+
 def _with_elbo(names: tuple[str, ...], values: list[float]) -> dict[str, float]:
     """The terms by name, led by the negative ELBO (reconstruction + KL)."""
     terms = dict(zip(names, values, strict=True))
@@ -236,9 +245,7 @@ def evaluate(
     for batch in data.batches(indices, batch_size):
         out = module(batch, kl_weight=1.0)
         if table is None:
-            names = _term_names(out)
-            rows = len(BatchSampler(indices, batch_size))
-            table = out.loss.new_empty((rows, len(names)))
+            names, table = _term_table(out, len(BatchSampler(indices, batch_size)))
         _term_sums(out, table[n_batches])
         n_batches += 1
     set_mode(was_training)
@@ -567,9 +574,8 @@ def train_module(
                 step += 1
                 if trim is not None and step % _TRIM_EVERY == 1:
                     trim()
-                if table is None:
-                    names = _term_names(out)
-                    table = out.loss.new_empty((steps_per_epoch, 2 + len(names)))
+                if table is None:  # skipped, loss, then the terms' sums
+                    names, table = _term_table(out, steps_per_epoch, lead=2)
                 row = table[len(sizes)]
                 torch.stack([skipped.to(row.device), out.loss.detach()], out=row[:2])
                 _term_sums(out, row[2:])

@@ -57,6 +57,17 @@ def kl_normal(
     return kl_normal_elementwise(q_m, q_v, p_m, p_v).sum(-1)
 
 
+def latent_kl(inf: dict) -> torch.Tensor:
+    """KL(q(z | x) ‖ N(0, I)) per cell of an ``inference`` output.
+
+    The encoder's own value (``inf["kl_z"]``, computed with the sample by the compiled
+    :func:`cellvae.nn.normal_heads`) where it gave one, else :func:`kl_normal` of ``qz_m``,
+    ``qz_v``.
+    """
+    kl = inf.get("kl_z")
+    return kl_normal(inf["qz_m"], inf["qz_v"]) if kl is None else kl
+
+
 def covariate_codes(tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """The codes injected into the networks: the batch, then each categorical covariate."""
     cats = [tensors["batch"]]

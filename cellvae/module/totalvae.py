@@ -38,6 +38,7 @@ from ._base import (
     decoder_input,
     kl_normal,
     kl_normal_elementwise,
+    latent_kl,
 )
 
 GeneDispersion = Literal["gene", "gene-batch", "gene-label"]
@@ -420,9 +421,7 @@ class TOTALVAE(nn.Module):
         # the loss is the mean over cells: each row sum gets -1/cells (the kernel's hint)
         rec_genes = -gen["px"].log_prob_sum(x, row_grad=-1.0 / max(x.shape[0], 1))
         rec_proteins, kl_back = self.protein_terms(gen, y, b)
-        kl_z = inf.get("kl_z")
-        if kl_z is None:
-            kl_z = kl_normal(inf["qz_m"], inf["qz_v"])
+        kl_z = latent_kl(inf)
         kl_l = torch.zeros_like(kl_z)
         if inf["ql_m"] is not None:
             kl_l = kl_normal(

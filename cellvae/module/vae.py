@@ -25,6 +25,7 @@ from ._base import (
     covariate_codes,
     decoder_input,
     kl_normal,
+    latent_kl,
 )
 
 Dispersion = Literal["gene", "gene-batch", "gene-label", "gene-cell"]
@@ -302,9 +303,7 @@ class VAE(nn.Module):
         x = tensors["x"]
         # the loss is the mean over cells: each row sum gets -1/cells (the kernel's hint)
         reconstruction = -gen["px"].log_prob_sum(x, row_grad=-1.0 / max(x.shape[0], 1))
-        kl_z = inf.get("kl_z")
-        if kl_z is None:
-            kl_z = kl_normal(inf["qz_m"], inf["qz_v"])
+        kl_z = latent_kl(inf)
         if inf["ql_m"] is None:  # observed library: no KL term for it
             loss = torch.mean(reconstruction + kl_weight * kl_z)
             return LossOutput(loss=loss, reconstruction=reconstruction, kl_local=kl_z)
