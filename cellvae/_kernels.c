@@ -1238,7 +1238,11 @@ void cv_bf16_join_narrow(int64_t B, int64_t N, int n_parts, const int64_t *sizes
  * where one is, nothing is written (the step is skipped, as under torch.amp.GradScaler) and 1
  * is returned. The values of all tensors are split evenly between the threads, whatever their
  * sizes. steps[t] points at tensor t's step count, which is advanced by one before its bias
- * corrections are computed (float64, then rounded), unless the step is skipped. */
+ * corrections are computed (float64, then rounded), unless the step is skipped. Where copies
+ * is not NULL and copies[t] is not, that bfloat16 copy of tensor t (same layout) is written
+ * with its new values (the rounding of Tensor.to(torch.bfloat16)): the weights of
+ * cellvae.nn's bfloat16 products, cast once in the update while they are in cache, not again
+ * in the next forward pass. */
 
 /* 1 when one of the n values is an inf or a NaN (all exponent bits set). */
 CLONES static int any_nonfinite(int64_t n, const float *restrict g) {
@@ -1273,9 +1277,21 @@ static int my_part(int64_t off, int64_t size, int64_t total, int64_t *a, int64_t
     return *a < *b;
 }
 
+/* dst[i] = f32_to_bf16(src[i]) for n values. */
+CLONES static void narrow_run(int64_t n, const float *restrict src, uint16_t *restrict dst) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        v16h h = narrow16(load16(src + i));
+        memcpy(dst + i, &h, sizeof h);
+    }
+    for (; i < n; i++) dst[i] = f32_to_bf16(src[i]);
+}
+
+#define ADAM_CHUNK 4096 /* values updated, then narrowed while in L1 / L2 */
+
 int cv_adam(int n_t, const int64_t *sizes, float *const *p, const float *const *g,
-            float *const *m, float *const *v, float *const *steps, double lr, double b1,
-            double b2, double wd, double eps, int n_threads) {
+            float *const *m, float *const *v, float *const *steps, uint16_t *const *copies,
+            double lr, double b1, double b2, double wd, double eps, int n_threads) {
     int64_t total = 0;
     for (int t = 0; t < n_t; t++) total += sizes[t];
     int bad = 0;
@@ -1292,10 +1308,14 @@ int cv_adam(int n_t, const int64_t *sizes, float *const *p, const float *const *
         for (int t = 0; t < n_t; off += sizes[t++]) {
             if (!my_part(off, sizes[t], total, &a, &b)) continue;
             double s = *steps[t] + 1.0, bc1 = 1.0 - pow(b1, s), bc2 = 1.0 - pow(b2, s);
-            int64_t k = a - off;
-            adam_range(b - a, p[t] + k, g[t] + k, m[t] + k, v[t] + k, (float)(1.0 - b1),
-                       (float)b2, (float)(1.0 - b2), (float)wd, (float)(lr / bc1),
-                       (float)sqrt(bc2), (float)eps);
+            uint16_t *copy = copies ? copies[t] : NULL;
+            for (int64_t k = a - off; k < b - off; k += ADAM_CHUNK) {
+                int64_t n = b - off - k < ADAM_CHUNK ? b - off - k : ADAM_CHUNK;
+                adam_range(n, p[t] + k, g[t] + k, m[t] + k, v[t] + k, (float)(1.0 - b1),
+                           (float)b2, (float)(1.0 - b2), (float)wd, (float)(lr / bc1),
+                           (float)sqrt(bc2), (float)eps);
+                if (copy) narrow_run(n, p[t] + k, copy + k);
+            }
         }
     }
     for (int t = 0; t < n_t; t++) *steps[t] += 1.0f;

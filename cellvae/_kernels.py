@@ -105,7 +105,8 @@ def _load() -> ctypes.CDLL | None:
     lib.cv_bf16_join_narrow.restype = None
     lib.cv_bf16_join_narrow.argtypes = [i64, i64, c_int, ptr, ptr, ptr, ptr, c_int]
     lib.cv_adam.restype = c_int
-    lib.cv_adam.argtypes = [c_int, ptr, ptr, ptr, ptr, ptr, ptr, f64, f64, f64, f64, f64, c_int]
+    lib.cv_adam.argtypes = [c_int, ptr, ptr, ptr, ptr, ptr, ptr, ptr, f64, f64, f64, f64, f64]
+    lib.cv_adam.argtypes += [c_int]
     for name in ("cv_normal_sample_fwd", "cv_normal_sample_bwd"):
         getattr(lib, name).restype = None
     lib.cv_normal_sample_fwd.argtypes = [i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr]
@@ -601,24 +602,41 @@ class AdamState:
 
     Built for contiguous float32 CPU tensors (:meth:`build` says None otherwise); keeps their
     data pointers, so whoever holds it must build it again when a parameter's storage changes
-    (:class:`cellvae.train.Adam` compares the pointers at each step). With the pointer arrays
-    prepared once, the Python around the call takes ~15 µs instead of ~45 (SCVI's 17 tensors).
+    or a copy is added (:class:`cellvae.train.Adam` compares the pointers at each step). With
+    the pointer arrays prepared once, the Python around the call takes ~15 µs instead of ~45
+    (SCVI's 17 tensors).
     """
 
-    def __init__(self, params, exp_avg, exp_avg_sq, steps):
-        self.key = tuple(p.data_ptr() for p in params)
+    def __init__(self, params, exp_avg, exp_avg_sq, steps, copies=None):
         self.n = len(params)
         self.sizes = _sizes([p.numel() for p in params])
         self.arrays = [_pointers(t) for t in (params, exp_avg, exp_avg_sq, steps)]
+        self.copies = copies  # kept alive while the kernel writes them
+        self.arrays.append(None if copies is None else _pointers(copies))
         self.total = sum(p.numel() for p in params)
 
     @classmethod
-    def build(cls, params, exp_avg, exp_avg_sq, steps) -> AdamState | None:
-        """The state of these tensors, or None where the kernel does not take them."""
+    def build(cls, params, exp_avg, exp_avg_sq, steps, copies=None) -> AdamState | None:
+        """The state of these tensors, or None where the kernel does not take them.
+
+        ``copies`` (None, or one entry per parameter): contiguous bfloat16 CPU tensors of the
+        parameters' sizes, or None, which each update writes with the new values (the
+        parameters' ``Tensor.to(torch.bfloat16)``); a ValueError for another tensor.
+        """
         tensors = (*params, *exp_avg, *exp_avg_sq)
         if not params or not takes(*tensors) or not all(t.is_contiguous() for t in tensors):
             return None
-        return cls(params, exp_avg, exp_avg_sq, steps)
+        for p, c in zip(params, copies or [None] * len(params), strict=True):
+            if c is not None and not (
+                c.dtype == torch.bfloat16
+                and c.device.type == "cpu"
+                and c.is_contiguous()
+                and c.numel() == p.numel()
+            ):
+                raise ValueError("A copy must be a contiguous bfloat16 CPU tensor of its size.")
+        if copies is not None and all(c is None for c in copies):
+            copies = None
+        return cls(params, exp_avg, exp_avg_sq, steps, copies)
 
     def step(self, grads, *, lr: float, betas: tuple[float, float], eps: float, wd: float) -> bool:
         """One update with ``grads`` (contiguous float32, one per parameter); True: skipped.
@@ -629,10 +647,10 @@ class AdamState:
         torch's non-finite check and fused Adam took ~40 + ~190 µs for SCVI's 780k parameters
         (hot, 2 threads), this takes ~90 µs.
         """
-        p, m, v, s = self.arrays
+        p, m, v, s, copies = self.arrays
         status = _lib.cv_adam(
-            self.n, self.sizes, p, _pointers(grads), m, v, s, lr, betas[0], betas[1], wd, eps,
-            _threads(self.total),
+            self.n, self.sizes, p, _pointers(grads), m, v, s, copies, lr, betas[0], betas[1], wd,
+            eps, _threads(self.total),
         )  # fmt: skip
         return bool(status)
 

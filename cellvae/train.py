@@ -8,6 +8,7 @@ are read a window of cells at a time).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import math
@@ -28,7 +29,7 @@ except ImportError:
 from . import _kernels
 from ._data import BatchSampler, TensorData, seeded_generator
 from .module._base import check_choice, check_flags
-from .nn import bf16_products
+from .nn import BF16WeightCopies, bf16_products
 
 logger = logging.getLogger(__name__)
 
@@ -295,8 +296,10 @@ class Adam:
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        bf16_copies: BF16WeightCopies | None = None,
     ):
         self.params = list(params)
+        self.bf16_copies = bf16_copies
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
@@ -307,6 +310,7 @@ class Adam:
         self._counts = torch.zeros(len(self.params), dtype=torch.float32, device=device)
         self.steps = list(self._counts.unbind())
         self._compiled: _kernels.AdamState | None = None
+        self._compiled_key = None  # the storage of the parameters and copies it was built for
 
     def _compiled_ready(self, grads: list[torch.Tensor | None]) -> bool:
         """Whether this step runs in the compiled kernel (every parameter with a gradient).
@@ -317,10 +321,16 @@ class Adam:
             g is not None and g.dtype == torch.float32 and g.is_contiguous() for g in grads
         ):
             return False
-        key = tuple(p.data_ptr() for p in self.params)
-        if self._compiled is None or self._compiled.key != key:
+        copies = self.bf16_copies
+        key = (tuple(p.data_ptr() for p in self.params), copies and copies.generation)
+        if self._compiled_key != key:
+            self._compiled_key = key
             self._compiled = _kernels.AdamState.build(
-                self.params, self.exp_avg, self.exp_avg_sq, self.steps
+                self.params,
+                self.exp_avg,
+                self.exp_avg_sq,
+                self.steps,
+                None if copies is None else [copies.of(p) for p in self.params],
             )
         return self._compiled is not None
 
@@ -339,6 +349,8 @@ class Adam:
         live = [i for i, g in enumerate(grads) if g is not None]
         if not live:
             return torch.zeros((), device=self.params[0].device if self.params else None)
+        if self.bf16_copies is not None:  # torch's fused update leaves the versions as they were
+            self.bf16_copies.invalidate()
         params = [self.params[i] for i in live]
         grads = [grads[i] for i in live]
         exp_avg = [self.exp_avg[i] for i in live]
@@ -528,7 +540,11 @@ def train_module(
 
     params = [p for p in module.parameters() if p.requires_grad]
     module.zero_grad()  # gradients are freed after each step; the first step starts clean too
-    optimizer = Adam(params, lr=config.lr, weight_decay=config.weight_decay, eps=config.eps)
+    # the bfloat16 products' weights, cast in the optimiser's update instead of each forward pass
+    copies = BF16WeightCopies() if bf16 else None
+    optimizer = Adam(
+        params, lr=config.lr, weight_decay=config.weight_decay, eps=config.eps, bf16_copies=copies
+    )
     plateau = (
         Plateau(config.lr_factor, config.lr_patience, config.lr_min)
         if config.reduce_lr_on_plateau
@@ -544,7 +560,8 @@ def train_module(
     last_good_buffers = [b.detach().clone() for b in buffers]
     step = 0
     devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    using_copies = contextlib.nullcontext() if copies is None else copies.active()
+    with torch.random.fork_rng(devices=devices), using_copies:
         if config.seed is not None:
             torch.manual_seed(int(config.seed))
         bar = tqdm(

@@ -63,18 +63,23 @@ def test_adam_matches_torch_optim(monkeypatch, path):
     assert not torch.equal(ours[0], _problem(0)[2])  # it moved
 
 
+def _split_between_threads(monkeypatch, threads, seed, extra_shapes=()):
+    """Random tensors of odd sizes, which the kernel's ``threads`` cut at different places."""
+    if _kernels._lib is None:
+        pytest.skip("kernels not built (test_built_where_required)")
+    monkeypatch.setattr(_kernels, "_MIN_PARALLEL", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(37, 5), (1,), (200,), *extra_shapes, (64, 17), (5,)]
+    return [torch.randn(s, generator=g) for s in shapes]
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_adam_kernel_matches_torch_on_tensors_split_between_threads(monkeypatch, threads):
     # many tensors of odd sizes, each cut at a different place by the threads' equal shares of
     # all values (_MIN_PARALLEL lowered so that the small problem runs on several threads); the
     # float32 update in torch.optim.Adam's order of operations, against torch.optim.Adam
-    if _kernels._lib is None:
-        pytest.skip("kernels not built (test_built_where_required)")
-    monkeypatch.setattr(_kernels, "_MIN_PARALLEL", 1)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    g = torch.Generator().manual_seed(3)
-    shapes = [(37, 5), (1,), (200,), (3, 3, 3), (64, 17), (5,)]
-    start = [torch.randn(s, generator=g) for s in shapes]
+    start = _split_between_threads(monkeypatch, threads, 3, [(3, 3, 3)])
     runs, opts = [], []
     for opt_cls in (Adam, torch.optim.Adam):
         params = [torch.nn.Parameter(w.clone()) for w in start]
@@ -88,7 +93,7 @@ def test_adam_kernel_matches_torch_on_tensors_split_between_threads(monkeypatch,
     for p, q, w in zip(*runs, start):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
         assert not torch.equal(p, w)
-    assert [float(t) for t in opts[0].steps] == [6.0] * len(shapes)
+    assert [float(t) for t in opts[0].steps] == [6.0] * len(start)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -391,6 +396,104 @@ def test_training_runs_the_gene_products_in_the_precision_asked(precision, monke
     calls.clear()
     model.get_latent_representation(), model.get_normalized_expression()
     assert not calls
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_adam_kernel_writes_bf16_copies_of_the_updated_parameters(monkeypatch, threads):
+    # after every update each copy holds its parameter's new values as Tensor.to(bfloat16)
+    # rounds them, for tensors cut at different places by the threads' shares; parameters
+    # without a copy, moments and step counts are those of a run without copies; a skipped
+    # step writes no copy
+    start = _split_between_threads(monkeypatch, threads, 5)
+    runs = []
+    for with_copies in (True, False):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        opt = Adam(params, lr=0.01, weight_decay=0.1)
+        copies = [torch.zeros_like(w, dtype=torch.bfloat16) for w in start]
+        copies[1] = copies[4] = None
+        state = _kernels.AdamState.build(
+            params, opt.exp_avg, opt.exp_avg_sq, opt.steps, copies if with_copies else None
+        )
+        for step in range(5):
+            gg = torch.Generator().manual_seed(step)
+            grads = [torch.randn(p.shape, generator=gg) for p in params]
+            if step == 2:
+                grads[3][7, 3] = float("nan")
+                before = [None if c is None else c.clone() for c in copies]
+            assert state.step(grads, lr=0.01, betas=(0.9, 0.999), eps=1e-8, wd=0.1) == (step == 2)
+            for p, c in zip(params, copies):
+                if with_copies and c is not None:
+                    assert torch.equal(c, p.detach().to(torch.bfloat16))
+            if step == 2 and with_copies:
+                assert all(c is None or torch.equal(c, b) for c, b in zip(copies, before))
+        assert not with_copies or not torch.equal(copies[0], start[0].to(torch.bfloat16))
+        runs.append([p.detach() for p in params] + opt.exp_avg + opt.exp_avg_sq + opt.steps)
+    for x, y in zip(*runs):
+        assert torch.equal(x, y)
+
+
+def test_bf16_weight_copies_are_cast_again_after_any_other_change():
+    # a block is the weights' bfloat16 cast, returned without casting again while their storage
+    # and versions are those of its last cast: a change of the values that advances the version
+    # (an in-place torch operation) makes it cast again; FCLayers' (n_in, n_out) weight keeps
+    # its stored layout; weights not contiguous, or kept already with other weights, are not kept
+    from cellvae.nn import BF16WeightCopies, GeneLinear
+
+    torch.manual_seed(6)
+    a, b = GeneLinear(16, 30), GeneLinear(16, 7)
+    copies = BF16WeightCopies()
+    block = copies.block([a.weight, b.weight], False)
+    cast = torch.cat([a.weight, b.weight]).to(torch.bfloat16)
+    assert torch.equal(block, cast) and copies.generation == 1
+    assert copies.of(a.weight).data_ptr() == block.data_ptr()
+    assert torch.equal(copies.of(b.weight), b.weight.to(torch.bfloat16))
+    block.zero_()  # not cast again while the weights' versions are unchanged
+    assert torch.equal(copies.block([a.weight, b.weight], False), torch.zeros_like(cast))
+    with torch.no_grad():
+        b.weight.mul_(2.0)
+    again = copies.block([a.weight, b.weight], False)
+    assert again.data_ptr() == block.data_ptr() and copies.generation == 1
+    assert torch.equal(again, torch.cat([a.weight, b.weight]).to(torch.bfloat16))
+    assert copies.block([b.weight], False) is None  # kept already with a's weight
+
+    stored = torch.randn(16, 40)  # FCLayers stores (n_in, n_out) and passes its transpose
+    got = copies.block([stored.t()], True)
+    assert got.shape == (40, 16) and torch.equal(got, stored.t().to(torch.bfloat16))
+    assert copies.of(stored).is_contiguous() and copies.generation == 2
+    assert copies.block([torch.randn(16, 40).t()], False) is None  # not contiguous
+
+
+@pytest.mark.parametrize("path", ["kernels", "fused"])
+def test_training_with_bf16_weight_copies_is_bit_identical_to_casting(monkeypatch, path):
+    # the copies written by the compiled update are what the forward pass would cast, and
+    # torch's fused update (which leaves the weights' versions as they were) has them cast
+    # again: bf16 training with them gives the history and latent space of training without
+    # them, bit for bit; and the forward passes did take them
+    import cellvae
+    from cellvae import nn as cnn
+    from cellvae import train
+
+    _use_path(monkeypatch, path)
+
+    adata = cellvae.datasets.synthetic(300, 60, random_state=0)
+    cellvae.SCVI.setup_anndata(adata)
+    used = []
+    block = cnn.BF16WeightCopies.block
+    monkeypatch.setattr(
+        cnn.BF16WeightCopies, "block", lambda *a: used.append(1) or block(*a), raising=True
+    )
+    results = []
+    for keep in (True, False):
+        if not keep:
+            monkeypatch.setattr(train, "BF16WeightCopies", lambda: None)
+        model = cellvae.SCVI(adata, n_hidden=32, n_latent=4)
+        model.train(3, batch_size=64, precision="bf16-mixed", seed=0, progress_bar=False)
+        results.append((model.history_, model.get_latent_representation()))
+        assert bool(used) == keep
+        used.clear()
+    (h1, z1), (h2, z2) = results
+    assert h1["train_loss"] == h2["train_loss"] and h1["validation_elbo"] == h2["validation_elbo"]
+    assert np.array_equal(z1, z2)
 
 
 def test_bf16_mixed_training_reaches_the_float32_elbo():
