@@ -105,8 +105,9 @@ def _load() -> ctypes.CDLL | None:
     lib.cv_bf16_join_narrow.restype = None
     lib.cv_bf16_join_narrow.argtypes = [i64, i64, c_int, ptr, ptr, ptr, ptr, c_int]
     lib.cv_adam.restype = c_int
-    lib.cv_adam.argtypes = [c_int, ptr, ptr, ptr, ptr, ptr, ptr, ptr, f64, f64, f64, f64, f64]
-    lib.cv_adam.argtypes += [c_int]
+    # n, sizes, params, grads, exp_avg, exp_avg_sq, steps, copies; lr, b1, b2, wd, eps; threads
+    adam_args = [c_int, ptr, ptr, ptr, ptr, ptr, ptr, ptr, f64, f64, f64, f64, f64, c_int]
+    lib.cv_adam.argtypes = adam_args
     for name in ("cv_normal_sample_fwd", "cv_normal_sample_bwd"):
         getattr(lib, name).restype = None
     lib.cv_normal_sample_fwd.argtypes = [i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr]

@@ -119,23 +119,38 @@ class BF16WeightCopies:
         or one of them kept already in a block with other weights.
         """
         key = tuple(w.data_ptr() for w in weights)
-        stored = [w.t() if input_major else w for w in weights]  # in the layout of the storage
+        stored = _as_stored(weights, input_major)
         entry = self._blocks.get(key)
         if entry is None:
             if any(k in self._copies for k in key) or not all(w.is_contiguous() for w in stored):
                 return None
-            rows = [w.shape[0] for w in stored]
-            block = stored[0].new_empty((sum(rows), *stored[0].shape[1:]), dtype=torch.bfloat16)
-            entry = self._blocks[key] = [block, block.split(rows), None]
+            entry = self._blocks[key] = [*_empty_block(stored), None]
             self._copies.update(zip(key, entry[1], strict=True))
             self.generation += 1
         block, parts, versions = *entry[:2], tuple(w._version for w in weights)
         if entry[2] != versions:
-            with torch.no_grad():
-                for part, w in zip(parts, stored, strict=True):
-                    part.copy_(w)
+            _cast_into(parts, stored)
             entry[2] = versions
         return block.t() if input_major else block
+
+
+def _as_stored(weights: Sequence[torch.Tensor], input_major: bool) -> list[torch.Tensor]:
+    """The weights in the layout of their storage (``input_major``: one transposed weight)."""
+    return [w.t() if input_major else w for w in weights]
+
+
+def _empty_block(stored: Sequence[torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """An empty bfloat16 block of the ``stored`` weights stacked by rows, and its part of each."""
+    rows = [w.shape[0] for w in stored]
+    block = stored[0].new_empty((sum(rows), *stored[0].shape[1:]), dtype=torch.bfloat16)
+    return block, block.split(rows)
+
+
+def _cast_into(parts: Sequence[torch.Tensor], stored: Sequence[torch.Tensor]) -> None:
+    """Each part of a block (:func:`_empty_block`) becomes its weight's bfloat16 cast."""
+    with torch.no_grad():
+        for part, w in zip(parts, stored, strict=True):
+            part.copy_(w)
 
 
 class _BF16Linear(torch.autograd.Function):
@@ -167,12 +182,11 @@ class _BF16Linear(torch.autograd.Function):
         ctx.input_major = len(weights) == 1 and _input_major(weights[0])
         copies = _COPIES.get()  # kept from the last step by the training loop, when it runs
         wb = None if copies is None else copies.block(weights, ctx.input_major)
-        if wb is None and ctx.input_major:  # (n_out, n_in) view of an (n_in, n_out) weight
-            wb = weights[0].t().to(torch.bfloat16).t()
-        elif wb is None:
-            wb = x.new_empty((sum(sizes), x.shape[1]), dtype=torch.bfloat16)
-            for block, w in zip(wb.split(sizes), weights, strict=True):
-                block.copy_(w)
+        if wb is None:  # cast here: an input-major weight as stored, then viewed (n_out, n_in)
+            stored = _as_stored(weights, ctx.input_major)
+            wb, parts = _empty_block(stored)
+            _cast_into(parts, stored)
+            wb = wb.t() if ctx.input_major else wb
         ctx.save_for_backward(xb, wb)
         ctx.sizes = sizes
         out = torch.mm(xb, wb.t())
