@@ -11,6 +11,7 @@ import contextlib
 import contextvars
 import math
 from collections.abc import Iterable, Iterator, Sequence
+from types import SimpleNamespace
 from typing import Literal
 
 import torch
@@ -33,6 +34,7 @@ __all__ = [
     "bf16_products",
     "gene_linears",
     "normal_heads",
+    "parallel_stacks",
     "reparameterize",
 ]
 
@@ -385,6 +387,36 @@ class _BatchNormReLUDropout(torch.autograd.Function):
         return dy, dweight, dbias, None, None, None, None, None, *dtables
 
 
+def _fuses(bn: nn.Module, x: torch.Tensor, covariates) -> bool:
+    """Whether :class:`_BatchNormReLUDropout` applies to ``bn`` on a minibatch like ``x``."""
+    return (
+        bn.training
+        and isinstance(x, torch.Tensor)
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 2
+        and x.shape[0] > 1
+        and bn.affine
+        and bn.running_mean is not None
+        and bn.momentum is not None
+        and _kernels.available()
+        and all(
+            t.dtype == torch.float32 and t.is_contiguous() and c.shape == x.shape[:1]
+            for t, c in covariates
+        )
+    )
+
+
+def _bn_relu_drop(y, gamma, beta, bn, drop, covariates):
+    """Apply :class:`_BatchNormReLUDropout` with ``drop``'s masks (or none)."""
+    seed, threshold, scale = None, 0, 1.0
+    if drop is not None and drop.training and drop.p > 0:  # the masks Dropout.lanes would draw
+        seed, threshold, scale = drop.draw_seed(), drop._threshold, drop._scale
+    codes = tuple(c.long().contiguous() for _, c in covariates)
+    tables = [t for t, _ in covariates]
+    return _BatchNormReLUDropout.apply(y, gamma, beta, bn, seed, threshold, scale, codes, *tables)
+
+
 def _fused_post(
     post: nn.Sequential,
     y: torch.Tensor,
@@ -398,32 +430,82 @@ def _fused_post(
     then stays), or no compiled kernels.
     """
     bn = post[0]
-    if not (
-        bn.training
-        and y.device.type == "cpu"
-        and y.dtype == torch.float32
-        and y.dim() == 2
-        and y.shape[0] > 1
-        and bn.affine
-        and bn.running_mean is not None
-        and bn.momentum is not None
-        and _kernels.available()
-        and all(
-            t.dtype == torch.float32 and t.is_contiguous() and c.shape == y.shape[:1]
-            for t, c in covariates
-        )
+    if not _fuses(bn, y, covariates):
+        return None
+    bn.num_batches_tracked.add_(1)
+    return _bn_relu_drop(y, bn.weight, bn.bias, bn, post[2] if len(post) > 2 else None, covariates)
+
+
+def _side_by_side(
+    stacks: Sequence[FCLayers], x: torch.Tensor, cat_list: Sequence[torch.Tensor]
+) -> list[torch.Tensor] | None:
+    """:func:`parallel_stacks` as one wider layer; None where that does not apply."""
+    first = stacks[0]
+    layers = [s.linears[0] for s in stacks]
+    posts = [s.post[0] for s in stacks]
+    form = {
+        (len(s.linears), s._fusable, tuple(s.cat_keep), len(lin.embeddings), lin.bias is not None,
+         len(p), p[0].momentum, p[0].eps, p[2].p if len(p) > 2 else 0.0)
+        for s, lin, p in zip(stacks, layers, posts)
+    }  # fmt: skip
+    if len(form) > 1 or not (first._fusable and len(first.linears) == 1):
+        return None
+    cats = [cat_list[i] for i in first.cat_keep if i < len(cat_list)][: len(layers[0].embeddings)]
+    codes = [c.view(-1) for c in cats]
+    bns = [p[0] for p in posts]
+    if layers[0].bias is None or not all(
+        _fuses(bn, x, [(e.weight, c) for e, c in zip(lin.embeddings, codes)])
+        for bn, lin in zip(bns, layers)
     ):
         return None
-    drop = post[2] if len(post) > 2 else None
-    seed, threshold, scale = None, 0, 1.0
-    if drop is not None and drop.training and drop.p > 0:  # the masks Dropout.lanes would draw
-        seed, threshold, scale = drop.draw_seed(), drop._threshold, drop._scale
-    bn.num_batches_tracked.add_(1)
-    codes = tuple(c.long().contiguous() for _, c in covariates)
-    tables = [t for t, _ in covariates]
-    return _BatchNormReLUDropout.apply(
-        y, bn.weight, bn.bias, bn, seed, threshold, scale, codes, *tables
+
+    def joined(tensors) -> torch.Tensor:
+        return torch.cat(list(tensors), dim=-1)
+
+    y = torch.addmm(joined(lin.bias for lin in layers), x, joined(lin.weight for lin in layers))
+    tables = [joined(lin.embeddings[j].weight for lin in layers) for j in range(len(codes))]
+    stats = SimpleNamespace(
+        running_mean=joined(bn.running_mean for bn in bns),
+        running_var=joined(bn.running_var for bn in bns),
+        momentum=bns[0].momentum,
+        eps=bns[0].eps,
     )
+    drop = posts[0][2] if len(posts[0]) > 2 else None
+    gamma, beta = joined(bn.weight for bn in bns), joined(bn.bias for bn in bns)
+    out = _bn_relu_drop(y, gamma, beta, stats, drop, list(zip(tables, codes)))
+    widths = [bn.num_features for bn in bns]
+    with torch.no_grad():  # each batch norm's running statistics, as if it had run alone
+        means, variances = stats.running_mean.split(widths), stats.running_var.split(widths)
+        for bn, mean, var in zip(bns, means, variances):
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+            bn.num_batches_tracked.add_(1)
+    return list(out.split(widths, dim=1))
+
+
+def parallel_stacks(
+    stacks: Sequence[FCLayers], x: torch.Tensor, *cat_list: torch.Tensor
+) -> list[torch.Tensor]:
+    """``[stack(x, *cat_list) for stack in stacks]``, in one pass where the stacks allow it.
+
+    Stacks of one layer each, of the same form, reading the same input are one layer of their
+    widths side by side: batch norm, ReLU and dropout act on each column alone. In training on
+    the CPU with the compiled kernels, their weights are joined for one product and one compiled
+    batch norm, ReLU and dropout pass (the running statistics written back to each stack's batch
+    norm), in place of one of each per stack; elsewhere each stack runs on its own. The dropout
+    masks are drawn once for all the columns, so they differ from those of the stacks run one
+    after the other (the same distribution).
+
+    Examples
+    --------
+    >>> import torch
+    >>> stacks = [FCLayers(10, 16, n_cat_list=[2]), FCLayers(10, 8, n_cat_list=[2])]
+    >>> x, batch = torch.randn(6, 10), torch.tensor([0, 1, 0, 1, 0, 1])
+    >>> [h.shape for h in parallel_stacks(stacks, x, batch)]
+    [torch.Size([6, 16]), torch.Size([6, 8])]
+    """
+    out = _side_by_side(stacks, x, cat_list) if len(stacks) > 1 else None
+    return out if out is not None else [s(x, *cat_list) for s in stacks]
 
 
 # Inside bf16_products, FCLayers' hidden -> hidden layers at least this wide both ways take
@@ -1031,8 +1113,9 @@ class DecoderTOTALVI(nn.Module):
     """Decode a latent sample into gene parameters and the protein background / foreground.
 
     Four small stacks read ``z`` (with the covariates injected): one for the genes, one for
-    the protein background, one for the foreground scale and one for the mixing logits. Each
-    output head sees ``[h, z]`` (the stack's output and ``z`` itself).
+    the protein background, one for the foreground scale and one for the mixing logits (run
+    side by side by :func:`parallel_stacks`). Each output head sees ``[h, z]`` (the stack's
+    output and ``z`` itself).
 
     * Genes: ``scale = softmax(W [h, z])`` (or softplus), ``rate = library · scale``, and
       zero-inflation logits ``dropout``.
@@ -1149,7 +1232,11 @@ class DecoderTOTALVI(nn.Module):
             raise ValueError("compute_dropout needs a decoder built with zero_inflation=True.")
         if scale_logits and self.scale_activation != "softmax":
             raise ValueError("scale_logits needs the softmax activation.")
-        h = self.px_decoder(z, *cat_list)
+        h, h_back, h_fore, h_mix = parallel_stacks(
+            [self.px_decoder, self.py_back_decoder, self.py_fore_decoder, self.py_mixing_decoder],
+            z,
+            *cat_list,
+        )
         hz = torch.cat([h, z], dim=-1)
         dropout_layer = self.px_dropout_decoder if compute_dropout else None
         logits, dropout = gene_linears(hz, self.px_scale_decoder, dropout_layer)
@@ -1163,7 +1250,7 @@ class DecoderTOTALVI(nn.Module):
                 scale = F.softplus(logits)
             px.update(scale=scale, rate=library_gene * scale)
 
-        hz = torch.cat([self.py_back_decoder(z, *cat_list), z], dim=-1)
+        hz = torch.cat([h_back, z], dim=-1)
         back_alpha = self.py_back_alpha(hz)
         back_beta = torch.exp(self.py_back_log_beta(hz)) + 1e-8
         if sample_background:
@@ -1172,9 +1259,9 @@ class DecoderTOTALVI(nn.Module):
             log_pro_back_mean = back_alpha + back_beta**2 / 2
         rate_back = torch.exp(log_pro_back_mean)
 
-        hz = torch.cat([self.py_fore_decoder(z, *cat_list), z], dim=-1)
+        hz = torch.cat([h_fore, z], dim=-1)
         fore_scale = F.relu(self.py_fore_scale(hz)) + 1.0 + 1e-8
-        hz = torch.cat([self.py_mixing_decoder(z, *cat_list), z], dim=-1)
+        hz = torch.cat([h_mix, z], dim=-1)
         py = {
             "back_alpha": back_alpha,
             "back_beta": back_beta,

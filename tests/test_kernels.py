@@ -4,6 +4,7 @@ test_distributions.py runs its row-sum tests through both the torch code and the
 they are held to scipy at the extremes of every parameter, entry by entry.
 """
 
+import copy
 import os
 import platform
 import sys
@@ -25,7 +26,7 @@ from cellvae.distributions import (
     log_nb_positive,
     log_zinb_positive,
 )
-from cellvae.nn import FCLayers
+from cellvae.nn import FCLayers, parallel_stacks
 
 built = pytest.mark.skipif(
     _kernels._lib is None, reason="kernels not built (test_built_where_required)"
@@ -1022,3 +1023,89 @@ def test_totalvi_encoder_fused_heads_draw_what_the_torch_path_draws(monkeypatch,
             expected += [enc.l_mean_encoder(hl), torch.exp(enc.l_var_encoder(hl)) + 1e-4]
     for a, b in zip(fused[:4], expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _stacks(widths, dropout_rate, n_layers=1):
+    torch.manual_seed(0)
+    return [
+        FCLayers(
+            7, w, n_cat_list=[3, 1, 4], n_layers=n_layers, n_hidden=w, dropout_rate=dropout_rate
+        )
+        for w in widths
+    ]
+
+
+def _run_stacks(stacks, x, cats, side_by_side):
+    """Outputs, input and parameter gradients, and buffers after one training pass."""
+    if side_by_side:
+        outs = parallel_stacks(stacks, x, *cats)
+    else:
+        outs = [s(x, *cats) for s in stacks]
+    loss = sum((o * torch.linspace(-1, 1, o.shape[1])).sum() for o in outs)
+    params = [p for s in stacks for p in s.parameters()]
+    grads = torch.autograd.grad(loss, [x, *params])
+    return outs, grads, [b.clone() for s in stacks for b in s.buffers()]
+
+
+@built
+def test_parallel_stacks_run_side_by_side_as_each_stack_alone():
+    # one-layer stacks of the same form (here of different widths) reading the same input are
+    # one product and one fused batch norm pass: the same outputs, gradients, running statistics
+    # and batch counts as each stack run on its own
+    widths = [16, 8, 16, 5]
+    stacks, alone = _stacks(widths, 0.0), _stacks(widths, 0.0)
+    x = torch.randn(40, 7, requires_grad=True)
+    cats = [torch.randint(3, (40, 1)), torch.zeros(40, 1), torch.randint(4, (40, 1))]
+    calls = []
+    original = nn_module._BatchNormReLUDropout.apply
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            nn_module._BatchNormReLUDropout, "apply", lambda *a: calls.append(1) or original(*a)
+        )
+        joined = _run_stacks(stacks, x, cats, True)
+        assert len(calls) == 1
+        single = _run_stacks(alone, x, cats, False)
+        assert len(calls) == 1 + len(widths)
+    assert [o.shape[1] for o in joined[0]] == widths
+    for a, b in zip(joined[0], single[0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(joined[1], single[1], strict=True):  # of O(1); the biases' 0 up to rounding
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert len(joined[2]) == 3 * len(widths)  # running mean, variance, batch count each
+    for a, b in zip(joined[2], single[2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert all(int(s.post[0][0].num_batches_tracked) == 1 for s in stacks)
+
+
+@built
+def test_parallel_stacks_drop_each_column_on_its_own():
+    # with dropout the joined pass draws one mask over all columns: each stack's share of it
+    # is a fresh mask (not the first stack's repeated) at the stack's rate, scaled by 1 / (1 - p)
+    stacks = _stacks([64, 64], 0.5)
+    stacks[1].load_state_dict(stacks[0].state_dict())  # the same values before the dropout
+    a, b = parallel_stacks(stacks, torch.randn(400, 7), torch.randint(3, (400, 1)))
+    kept_a, kept_b = a > 0, b > 0
+    assert not torch.equal(kept_a, kept_b)
+    torch.testing.assert_close(a[kept_a & kept_b], b[kept_a & kept_b])
+    # among the entries that passed the ReLU, each is kept with probability 1/2: of those that
+    # either stack kept, a kept 2/3
+    assert abs(kept_a.sum() / (kept_a | kept_b).sum() - 2 / 3) < 0.05
+    assert abs(kept_b.sum() / (kept_a | kept_b).sum() - 2 / 3) < 0.05
+
+
+@built
+def test_parallel_stacks_leave_other_stacks_to_themselves():
+    # deeper stacks, stacks of different forms, and stacks in evaluation each run on their own
+    x, cats = torch.randn(30, 7), [torch.randint(3, (30, 1))]
+    cases = [
+        _stacks([8, 8], 0.0, n_layers=2),
+        [*_stacks([8], 0.0), *_stacks([8], 0.1)],
+        [s.eval() for s in _stacks([8, 4], 0.1)],
+    ]
+    for stacks in cases:
+        alone = copy.deepcopy(stacks)
+        torch.manual_seed(1)
+        outs = parallel_stacks(stacks, x, *cats)
+        torch.manual_seed(1)
+        for out, s in zip(outs, alone, strict=True):
+            torch.testing.assert_close(out, s(x, *cats), rtol=0, atol=0)
