@@ -445,7 +445,7 @@ def _side_by_side(
     posts = [s.post[0] for s in stacks]
     form = {
         (len(s.linears), s._fusable, tuple(s.cat_keep), len(lin.embeddings), lin.bias is not None,
-         len(p), p[0].momentum, p[0].eps, p[2].p if len(p) > 2 else 0.0)
+         len(p), p[0].momentum, p[0].eps, (p[2].p, p[2].training) if len(p) > 2 else None)
         for s, lin, p in zip(stacks, layers, posts)
     }  # fmt: skip
     if len(form) > 1 or not (first._fusable and len(first.linears) == 1):

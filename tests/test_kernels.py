@@ -1097,9 +1097,12 @@ def test_parallel_stacks_drop_each_column_on_its_own():
 def test_parallel_stacks_leave_other_stacks_to_themselves():
     # deeper stacks, stacks of different forms, and stacks in evaluation each run on their own
     x, cats = torch.randn(30, 7), [torch.randint(3, (30, 1))]
+    one_dropout_off = _stacks([8, 8], 0.1)
+    one_dropout_off[1].post[0][2].eval()
     cases = [
         _stacks([8, 8], 0.0, n_layers=2),
         [*_stacks([8], 0.0), *_stacks([8], 0.1)],
+        one_dropout_off,
         [s.eval() for s in _stacks([8, 4], 0.1)],
     ]
     for stacks in cases:
