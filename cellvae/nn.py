@@ -475,11 +475,11 @@ def _side_by_side(
     out = _bn_relu_drop(y, gamma, beta, stats, drop, list(zip(tables, codes)))
     widths = [bn.num_features for bn in bns]
     with torch.no_grad():  # each batch norm's running statistics, as if it had run alone
-        means, variances = stats.running_mean.split(widths), stats.running_var.split(widths)
-        for bn, mean, var in zip(bns, means, variances):
-            bn.running_mean.copy_(mean)
-            bn.running_var.copy_(var)
-            bn.num_batches_tracked.add_(1)
+        torch._foreach_copy_(
+            [bn.running_mean for bn in bns] + [bn.running_var for bn in bns],
+            [*stats.running_mean.split(widths), *stats.running_var.split(widths)],
+        )
+        torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)
     return list(out.split(widths, dim=1))
 
 
