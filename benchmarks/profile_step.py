@@ -1,0 +1,129 @@
+"""Where an SCVI training step's time goes: its phases, and the part that does not scale.
+
+Builds cellvae's SCVI module on simulated counts (128-cell minibatches, 4 batches, 8% nonzero
+by default) and times the training loop's phases with ``perf_counter``: the minibatch fetch,
+the forward pass (with the encoder, the decoder and the compiled likelihood inside it timed
+apart), the backward pass and the Adam update. The same loop then runs on a tiny network
+(``--tiny``: 20 genes, 8 hidden units) whose arithmetic is negligible, so its step time is the
+step's fixed cost: Python, torch's dispatch of each operator and autograd's bookkeeping.
+
+    .venv/bin/python benchmarks/profile_step.py [--genes 2000] [--hidden 128] [--epochs 3]
+
+The first epoch is warm-up and not counted. Prints a table (ms per step); writes nothing. This
+is a script, not a test: on a shared VM, repeat it and compare medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+import torch
+from _common import THREADS, print_table
+
+import cellvae
+from cellvae import _kernels
+from cellvae.train import Adam, _keep_freed_memory_in_heap
+
+
+class Clock:
+    """Seconds spent in wrapped callables, by name (wrappers replace the attributes)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def wrap(self, owner, attr: str, name: str) -> None:
+        fn = getattr(owner, attr)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+        setattr(owner, attr, timed)
+
+
+def simulated(n_obs: int, n_genes: int, density: float, seed: int = 0) -> ad.AnnData:
+    """Counts 1-4 at ``density`` (plus one in the first gene: no empty cell), 4 batches."""
+    rng = np.random.default_rng(seed)
+    x = sp.random(n_obs, n_genes, density=density, format="csr", random_state=seed,
+                  data_rvs=lambda n: rng.integers(1, 5, n)).astype(np.float32)  # fmt: skip
+    ones = np.ones(n_obs, np.float32)
+    first = sp.csr_matrix((ones, (np.arange(n_obs), np.zeros(n_obs))), x.shape)
+    adata = ad.AnnData(sp.csr_matrix(x + first))  # one count more in gene 0: no empty cell
+    adata.obs["batch"] = rng.choice(["a", "b", "c", "d"], n_obs)
+    return adata
+
+
+def profile(n_genes: int, n_hidden: int, epochs: int, n_obs: int) -> dict[str, float]:
+    """Milliseconds per step of each phase, over the epochs after the first."""
+    adata = simulated(n_obs, n_genes, 0.08 if n_genes > 100 else 0.5)
+    cellvae.SCVI.setup_anndata(adata, batch_key="batch")
+    model = cellvae.SCVI(adata, n_hidden=n_hidden)
+    data, _ = model._data(adata)
+    module = model._build_module().train()
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = Adam(params, lr=1e-3)
+    _keep_freed_memory_in_heap()  # as train() does
+    clock = Clock()
+    clock.wrap(module.z_encoder, "forward_kl", "  encoder")
+    clock.wrap(module.decoder, "forward", "  decoder")
+    clock.wrap(_kernels, "softmax_nb_zinb_log_prob_sum", "  likelihood kernel")
+    phases = {"minibatch fetch": 0.0, "forward": 0.0, "backward": 0.0, "Adam": 0.0}
+    steps = 0
+    idx = torch.arange(adata.n_obs)
+    for epoch in range(epochs):
+        if epoch == 1:
+            clock.seconds.clear()
+        gen = torch.Generator().manual_seed(epoch)
+        t0 = time.perf_counter()
+        for batch in data.batches(idx, 128, shuffle=True, generator=gen):
+            t1 = time.perf_counter()
+            out = module(batch, kl_weight=1.0)
+            t2 = time.perf_counter()
+            out.loss.backward()
+            t3 = time.perf_counter()
+            optimizer.step()
+            for p in params:
+                p.grad = None
+            t4 = time.perf_counter()
+            if epoch:
+                steps += 1
+                for key, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                    phases[key] += dt
+            t0 = time.perf_counter()
+    ms = {k: 1e3 * v / steps for k, v in phases.items()}
+    ms.update({k: 1e3 * v / steps for k, v in sorted(clock.seconds.items())})
+    ms["step"] = sum(ms[k] for k in phases)
+    return ms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--genes", type=int, default=2000)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--n-obs", type=int, default=10_000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=THREADS)
+    a = parser.parse_args()
+    torch.set_num_threads(a.threads)
+    full = profile(a.genes, a.hidden, a.epochs, a.n_obs)
+    tiny = profile(20, 8, a.epochs, a.n_obs)
+    order = ["minibatch fetch", "forward", "  encoder", "  decoder", "  likelihood kernel"]
+    order += ["backward", "Adam", "step"]
+    rows = [
+        {"phase": k, "full": f"{full.get(k, 0.0):.2f}", "tiny": f"{tiny.get(k, 0.0):.2f}"}
+        for k in order
+    ]
+    print(f"SCVI training step, 128 cells, torch threads {a.threads}: ms per step")
+    print(f"full: {a.genes} genes, {a.hidden} hidden; tiny: 20 genes, 8 hidden (fixed cost)")
+    print_table(rows, [("phase", "phase"), ("full", "full"), ("tiny", "tiny")])
+
+
+if __name__ == "__main__":
+    main()
