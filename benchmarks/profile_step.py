@@ -1,13 +1,14 @@
 """Where an SCVI training step's time goes: its phases, and the part that does not scale.
 
-Builds cellvae's SCVI module on simulated counts (128-cell minibatches, 4 batches, 8% nonzero
-by default) and times the training loop's phases with ``perf_counter``: the minibatch fetch,
-the forward pass (with the encoder, the decoder and the compiled likelihood inside it timed
-apart), the backward pass and the Adam update. The same loop then runs on a tiny network
-(``--tiny``: 20 genes, 8 hidden units) whose arithmetic is negligible, so its step time is the
-step's fixed cost: Python, torch's dispatch of each operator and autograd's bookkeeping.
+Builds cellvae's SCVI module on ``bench_scvi.py``'s simulated counts (Kang-fitted, 2,000
+genes, 8% nonzero, 4 batches; 128-cell minibatches) and times the training loop's phases with
+``perf_counter``: the minibatch fetch, the forward pass (with the encoder, the decoder and the
+compiled likelihood inside it timed apart), the backward pass and the Adam update. The same
+loop then runs on a tiny network (``cellvae.datasets.synthetic``: 20 genes, 8 hidden units)
+whose arithmetic is negligible, so its step time is the step's fixed cost: Python, torch's
+dispatch of each operator and autograd's bookkeeping.
 
-    .venv/bin/python benchmarks/profile_step.py [--genes 2000] [--hidden 128] [--epochs 3]
+    .venv/bin/python benchmarks/profile_step.py [--hidden 128] [--n-obs 10000] [--epochs 3]
 
 The first epoch is warm-up and not counted. Prints a table (ms per step); writes nothing. This
 is a script, not a test: on a shared VM, repeat it and compare medians.
@@ -19,10 +20,9 @@ import argparse
 import time
 
 import anndata as ad
-import numpy as np
-import scipy.sparse as sp
 import torch
-from _common import THREADS, print_table
+from _common import THREADS, init_child, print_table
+from simulate import simulated
 
 import cellvae
 from cellvae import _kernels
@@ -48,21 +48,8 @@ class Clock:
         setattr(owner, attr, timed)
 
 
-def simulated(n_obs: int, n_genes: int, density: float, seed: int = 0) -> ad.AnnData:
-    """Counts 1-4 at ``density`` (plus one in the first gene: no empty cell), 4 batches."""
-    rng = np.random.default_rng(seed)
-    x = sp.random(n_obs, n_genes, density=density, format="csr", random_state=seed,
-                  data_rvs=lambda n: rng.integers(1, 5, n)).astype(np.float32)  # fmt: skip
-    ones = np.ones(n_obs, np.float32)
-    first = sp.csr_matrix((ones, (np.arange(n_obs), np.zeros(n_obs))), x.shape)
-    adata = ad.AnnData(sp.csr_matrix(x + first))  # one count more in gene 0: no empty cell
-    adata.obs["batch"] = rng.choice(["a", "b", "c", "d"], n_obs)
-    return adata
-
-
-def profile(n_genes: int, n_hidden: int, epochs: int, n_obs: int) -> dict[str, float]:
+def profile(adata: ad.AnnData, n_hidden: int, epochs: int) -> dict[str, float]:
     """Milliseconds per step of each phase, over the epochs after the first."""
-    adata = simulated(n_obs, n_genes, 0.08 if n_genes > 100 else 0.5)
     cellvae.SCVI.setup_anndata(adata, batch_key="batch")
     model = cellvae.SCVI(adata, n_hidden=n_hidden)
     data, _ = model._data(adata)
@@ -105,15 +92,16 @@ def profile(n_genes: int, n_hidden: int, epochs: int, n_obs: int) -> dict[str, f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--genes", type=int, default=2000)
     parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--n-obs", type=int, default=10_000)
+    parser.add_argument("--n-obs", type=int, default=10_000, help="simulated cells (8%% nonzero)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=THREADS)
     a = parser.parse_args()
-    torch.set_num_threads(a.threads)
-    full = profile(a.genes, a.hidden, a.epochs, a.n_obs)
-    tiny = profile(20, 8, a.epochs, a.n_obs)
+    init_child(a.threads)
+    data = ad.read_h5ad(simulated(a.n_obs))  # bench_scvi.py's simulation, 2,000 genes
+    full = profile(data, a.hidden, a.epochs)
+    tiny_data = cellvae.datasets.synthetic(a.n_obs, 20, n_batches=4)
+    tiny = profile(tiny_data, 8, a.epochs)
     order = ["minibatch fetch", "forward", "  encoder", "  decoder", "  likelihood kernel"]
     order += ["backward", "Adam", "step"]
     rows = [
@@ -121,7 +109,7 @@ def main() -> None:
         for k in order
     ]
     print(f"SCVI training step, 128 cells, torch threads {a.threads}: ms per step")
-    print(f"full: {a.genes} genes, {a.hidden} hidden; tiny: 20 genes, 8 hidden (fixed cost)")
+    print(f"full: {data.n_vars} genes, {a.hidden} hidden; tiny: 20 genes, 8 hidden (fixed cost)")
     print_table(rows, [("phase", "phase"), ("full", "full"), ("tiny", "tiny")])
 
 
