@@ -119,6 +119,27 @@ class CSRBatch:
         out.index_put_((self.row * g + self.col,), self.val)
         return out.view(n, g)
 
+    def tile(self, n: int) -> CSRBatch:
+        """``n`` copies of the batch stacked by rows: ``(n · rows, cols)``, as ``repeat(n, 1)``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> x = CSRBatch.from_dense(torch.tensor([[0.0, 2.0, 0.0], [1.0, 0.0, 3.0]]))
+        >>> tiled = x.tile(2)
+        >>> tiled.dense().tolist()
+        [[0.0, 2.0, 0.0], [1.0, 0.0, 3.0], [0.0, 2.0, 0.0], [1.0, 0.0, 3.0]]
+        >>> tiled.row.tolist(), tiled.offsets.tolist(), tiled.shape
+        ([0, 1, 1, 2, 3, 3], [0, 1, 3, 4], (4, 3))
+        """
+        n_rows, n_entries = self.shape[0], len(self.val)
+        copy = torch.arange(n, device=self.device).repeat_interleave(n_entries)
+        row = self.row.repeat(n) + copy * n_rows
+        first = torch.arange(n, device=self.device).repeat_interleave(n_rows) * n_entries
+        offsets = self.offsets.repeat(n) + first
+        shape = (n * n_rows, self.shape[1])
+        return CSRBatch(row, self.col.repeat(n), self.val.repeat(n), offsets, shape)
+
     def index_select(self, rows: torch.Tensor) -> CSRBatch:
         """The batch restricted to ``rows`` (positions in this batch), in that order."""
         indptr = torch.cat([self.offsets, self.offsets.new_tensor([len(self.val)])])

@@ -22,6 +22,7 @@ from cellvae._sparse import (
     sparse_linear,
 )
 from cellvae.module import VAE
+from cellvae.module._base import tile_cells
 from cellvae.nn import DecoderSCVI, Dropout, Encoder, FCLayers
 from cellvae.train import TrainConfig, TrainingError, train_module
 
@@ -734,27 +735,98 @@ def test_normalized_expression_samples_without_the_mean(trained):
         model.get_normalized_expression(n_samples=2, return_mean="no")
 
 
+@pytest.mark.parametrize("likelihood", ["zinb", "nb", "poisson"])
+@pytest.mark.parametrize("dispersion", ["gene", "gene-batch", "gene-cell"])
+@pytest.mark.parametrize("observed_library", [True, False])
+def test_importance_weights_match_scipy_float64(likelihood, dispersion, observed_library):
+    # marginal_ll decodes its samples as one flat minibatch of tiled cells (covariates too) and
+    # sums the likelihood with log_prob_sum (the compiled kernel for the NB / ZINB): each log
+    # weight must equal log p(x | z, l) + log p(z) + log p(l) - log q(z, l | x) in float64
+    from scipy import stats
+
+    adata = cellvae.datasets.synthetic(40, 15, n_batches=2, random_state=3)
+    adata.obs["donor"] = pd.Categorical(["a", "b", "c", "d"] * 10)
+    adata.obs["pct"] = np.linspace(0.0, 1.0, 40)
+    cellvae.SCVI.setup_anndata(
+        adata, batch_key="batch", categorical_covariate_keys=["donor"],
+        continuous_covariate_keys=["pct"],
+    )  # fmt: skip
+    cells = TensorData.from_adata(adata)[torch.arange(40)]
+    torch.manual_seed(0)
+    module = VAE(
+        15, n_batch=2, n_latent=4, n_continuous_cov=1, n_cats_per_cov=[4], dispersion=dispersion,
+        gene_likelihood=likelihood, use_observed_lib_size=observed_library,
+        library_log_means=[2.0, 3.0], library_log_vars=[0.5, 1.5],
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        module.px_r.add_(torch.randn_like(module.px_r)) if dispersion != "gene-cell" else None
+    x = cells["x"].dense().double().numpy()
+    n = 3
+    for counts in (cells["x"], cells["x"].dense()):  # CSR minibatch and dense counts
+        tensors = {**cells, "x": counts}
+        with torch.no_grad():
+            inf = module.inference(tensors)
+            torch.manual_seed(1)
+            got = module._log_importance_weights(tile_cells(tensors, n), inf, n).numpy()
+            torch.manual_seed(1)  # the same draws of z (and of the library), in the same order
+            z = inf["qz_m"] + inf["qz_v"].sqrt() * torch.randn(n, 40, 4)
+            if observed_library:
+                lib = inf["library"].expand(n, 40, 1)
+            else:
+                lib = inf["ql_m"] + inf["ql_v"].sqrt() * torch.randn(n, 40, 1)
+            px = module.generative(z, lib, tensors)["px"]  # 3-D: the elementwise parameters
+        f64 = lambda t: torch.broadcast_to(t, (n, 40, 15)).double().numpy()
+        if likelihood == "poisson":
+            log_px = stats.poisson.logpmf(x, f64(px.rate))
+        else:
+            mu, theta = f64(px.mu), f64(px.theta)
+            log_px = stats.nbinom.logpmf(x, theta, theta / (theta + mu))
+            if likelihood == "zinb":
+                pi = f64(px.zi_logits)
+                log_w0, log_w1 = -np.logaddexp(0, -pi), -np.logaddexp(0, pi)  # log σ(±π)
+                zero = np.logaddexp(log_w0, log_w1 + log_px)
+                log_px = np.where(x == 0, zero, log_w1 + log_px)
+        z64, m64, s64 = (t.double().numpy() for t in (z, inf["qz_m"], inf["qz_v"].sqrt()))
+        want = log_px.sum(-1) + stats.norm.logpdf(z64).sum(-1)
+        want -= stats.norm.logpdf(z64, m64, s64).sum(-1)
+        if not observed_library:
+            b = cells["batch"].numpy()
+            l64 = lib.double().numpy()[..., 0]
+            prior_m, prior_s = np.array([2.0, 3.0])[b], np.sqrt(np.array([0.5, 1.5]))[b]
+            want += stats.norm.logpdf(l64, prior_m, prior_s)
+            ql_m, ql_s = inf["ql_m"].double().numpy()[:, 0], inf["ql_v"].sqrt().double().numpy()
+            want -= stats.norm.logpdf(l64, ql_m, ql_s[:, 0])
+        assert got.shape == (n, 40)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-3)
+
+
 def test_marginal_ll_draws_its_samples_in_chunks_of_bounded_size(trained):
     adata, model = trained
     module = model.module
     tensors = TensorData.from_adata(adata).to(model.device)[torch.arange(30)]
-    drawn, inference = [], module.inference
+    encoded, decoded = [], []
+    inference, generative = module.inference, module.generative
 
-    def counting(t, n_samples=1):
-        drawn.append(n_samples)
+    def counting_inference(t, n_samples=1):
+        encoded.append(n_samples)
         return inference(t, n_samples=n_samples)
+
+    def counting_generative(z, library, t, **kwargs):
+        decoded.append(len(z) // 30)  # samples decoded together, as one flat minibatch
+        return generative(z, library, t, **kwargs)
 
     module.eval()
     with torch.no_grad():
         torch.manual_seed(0)
         whole = module.marginal_ll(tensors, 400).cpu().numpy()
-        module.inference = counting
+        module.inference, module.generative = counting_inference, counting_generative
         try:
             torch.manual_seed(1)
             chunked = module.marginal_ll(tensors, 400, max_entries=30 * 40 * 7).cpu().numpy()
         finally:
-            del module.inference
-    assert drawn == [7] * 57 + [1]  # 400 samples, at most 7 of 30 cells × 40 genes at a time
+            del module.inference, module.generative
+    assert encoded == [1]  # the encoder runs once: its posterior is the same for every sample
+    assert decoded == [7] * 57 + [1]  # 400 samples, at most 7 of 30 cells × 40 genes at a time
     # two estimates from independent draws agree within Monte Carlo error, and beat the ELBO
     np.testing.assert_allclose(chunked, whole, atol=2.0)
     assert abs(chunked.mean() - whole.mean()) < 0.3

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .._sparse import CSRBatch
+
 
 @dataclass
 class LossOutput:
@@ -74,6 +76,25 @@ def covariate_codes(tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     if "cat_covs" in tensors:
         cats += list(tensors["cat_covs"].unbind(-1))
     return cats
+
+
+def tile_cells(tensors: dict, n: int) -> dict:
+    """The minibatch's cells ``n`` times over, stacked by rows: ``n`` samples as one minibatch.
+
+    Every per-cell tensor is repeated along its first dimension (a CSR batch by
+    :meth:`~cellvae._sparse.CSRBatch.tile`); ``n = 1`` returns ``tensors`` itself.
+    """
+    if n == 1:
+        return tensors
+    out = {}
+    for key, value in tensors.items():
+        if isinstance(value, CSRBatch):
+            out[key] = value.tile(n)
+        elif isinstance(value, torch.Tensor) and value.dim() >= 1:
+            out[key] = value.repeat(n, *(1,) * (value.dim() - 1))
+        else:
+            out[key] = value
+    return out
 
 
 def decoder_input(z: torch.Tensor, tensors: dict[str, torch.Tensor], batch=None):
