@@ -28,7 +28,13 @@ from .. import pp
 from .._data import TensorData, split_indices
 from .._registry import UNS_KEY, Registry, get_counts, warn_user
 from ..module._base import check_flags
-from ..train import TrainConfig, default_max_epochs, resolve_device, train_module
+from ..train import (
+    TrainConfig,
+    _keep_freed_memory_in_heap,
+    default_max_epochs,
+    resolve_device,
+    train_module,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -338,6 +344,11 @@ class BaseModel:
         check_count("batch_size", batch_size, allow_none=True)
         idx = self._indices(td, indices)
         dev = self.device
+        # each batch's ~8 MB temporaries stay in the heap for the next batch instead of being
+        # faulted in again (normalised expression of 100k cells x 2,000 genes in fresh processes:
+        # 228-251k page faults without, 195-204k with, the output's 195k; 6 alternating runs
+        # each, medians 1.62 / 1.56 s)
+        _keep_freed_memory_in_heap()
         for batch in td.batches(idx, batch_size or 1024):
             yield {k: v.to(dev) for k, v in batch.items()}
 
