@@ -764,8 +764,8 @@ csr_block8(int nv, int64_t j0, int64_t lo, int64_t hi, int64_t n_out, const int6
 /* Rows [r0, r1) of cv_csr_dense; returns 1 on a bad offset or column. The outputs are summed
  * 256, 128 and then 16 at a time with AVX-512 (else 64 and then 8 at a time, csr_block8), then
  * one by one. Every output's sum takes the same steps (fused multiply-adds in the entries'
- * order) in any of these, so the blocks do not change the result. 256 at a time, TOTALVI's 256 outputs read each entry once:
- * its weight gradient (below) 180 -> 145 µs hot. */
+ * order) in any of these, so the blocks do not change the result. 256 at a time, TOTALVI's 256
+ * outputs read each entry once: its weight gradient (below) 180 -> 145 µs hot. */
 CLONES __attribute__((optimize("fp-contract=fast"))) static int
 csr_dense_rows(int64_t r0, int64_t r1, int64_t n_rows, int64_t n_cols, int64_t n_out, int64_t n,
                const int64_t *offsets, const int64_t *col, const float *val,

@@ -758,8 +758,9 @@ def test_importance_weights_match_scipy_float64(likelihood, dispersion, observed
         gene_likelihood=likelihood, use_observed_lib_size=observed_library,
         library_log_means=[2.0, 3.0], library_log_vars=[0.5, 1.5],
     ).eval()  # fmt: skip
-    with torch.no_grad():
-        module.px_r.add_(torch.randn_like(module.px_r)) if dispersion != "gene-cell" else None
+    if dispersion != "gene-cell":  # a per-cell dispersion comes from the decoder instead
+        with torch.no_grad():
+            module.px_r.add_(torch.randn_like(module.px_r))
     x = cells["x"].dense().double().numpy()
     n = 3
     for counts in (cells["x"], cells["x"].dense()):  # CSR minibatch and dense counts
