@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -24,6 +25,28 @@ logger = logging.getLogger(__name__)
 
 UNS_KEY = "cellvae"
 _CHUNK = 10_000  # rows read at a time from a backed or large matrix
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def category_positions(names: Sequence[str], categories: Sequence[str]) -> np.ndarray:
+    """The position in ``categories`` of each of ``names`` (-1 where none), as int64.
+
+    A name matches the category with the same text or, failing that, the same number: an
+    integer column read back as floats (``pd.concat`` with missing rows, ``read_csv``) names
+    its categories '0.0', '1.0', which are the reference's '0', '1'. Only plain decimal
+    numbers match by value; the first of several categories with one value is taken.
+    """
+    pos = pd.Index(list(categories)).get_indexer(list(names)).astype(np.int64)
+    missing = np.flatnonzero(pos < 0)
+    if len(missing):
+        by_value: dict[float, int] = {}
+        for i, c in enumerate(categories):
+            if _DECIMAL.fullmatch(c):
+                by_value.setdefault(float(c), i)
+        for j in missing:
+            if _DECIMAL.fullmatch(names[j]):
+                pos[j] = by_value.get(float(names[j]), -1)
+    return pos
 
 
 @dataclass(frozen=True)
@@ -186,16 +209,15 @@ class Registry:
                 "Register this AnnData again with cellvae.pp.setup_anndata or transfer_setup."
             )
         col = adata.obs[key]
+        # map the column's distinct values, not its cells: no string per cell (at 1M cells
+        # those took ~100 MB and a second); -1 where missing, never a known category
         if isinstance(col.dtype, pd.CategoricalDtype):
-            # map the column's categories, not its cells: no string per cell (at 1M cells those
-            # took ~100 MB and a second)
-            known = pd.Index(list(categories)).get_indexer(col.cat.categories.astype(str))
-            raw = col.cat.codes.to_numpy()  # -1 where missing: never a known category
-            codes = np.where(raw >= 0, known.astype(np.int32)[raw], np.int32(-1))
+            raw, values = col.cat.codes.to_numpy(), col.cat.categories
         else:
-            values = col.astype(str).to_numpy(dtype=object, copy=True)
-            values[col.isna().to_numpy()] = "\0"  # a missing value is never a known category
-            codes = pd.Categorical(values, categories=list(categories)).codes.astype(np.int32)
+            raw, values = pd.factorize(col)
+        names = list(pd.Series(values).astype(str))  # as _categories writes them
+        known = category_positions(names, categories).astype(np.int32)
+        codes = np.where(raw >= 0, known[raw], np.int32(-1)).astype(np.int32)
         if (codes < 0).any():
             unseen = sorted({str(v) for v in col[codes < 0].astype(str)})
             raise ValueError(

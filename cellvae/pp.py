@@ -10,7 +10,14 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from ._registry import UNS_KEY, Registry, get_counts, scan_counts, warn_user
+from ._registry import (
+    UNS_KEY,
+    Registry,
+    category_positions,
+    get_counts,
+    scan_counts,
+    warn_user,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -392,7 +399,8 @@ MODEL_UNSEEN_HINT = (
 def _extend(
     known: tuple[str, ...], new: tuple[str, ...], key: str | None, allow: bool, hint: str
 ) -> tuple[str, ...]:
-    unseen = [c for c in new if c not in known]
+    # '1.0' from a float column is the reference's '1' (category_positions)
+    unseen = [c for c, p in zip(new, category_positions(new, known)) if p < 0]
     if unseen and not allow:
         raise ValueError(
             f"obs[{key!r}] has categories {unseen[:10]} not seen by the reference "

@@ -968,3 +968,40 @@ def test_codes_of_categorical_and_plain_columns_agree(kind):
         for key in ("plain", "cat"):  # neither is a category the model has not seen
             with pytest.raises(ValueError, match="its setup does not know"):
                 reg.codes(adata, key, cats[:2])
+
+
+def test_category_positions_by_text_then_by_number():
+    from cellvae._registry import category_positions
+
+    cats = ("0", "1", "10", "b", "2.5", "True")
+    names = ["1", "1.0", "10.00", "+1", "1e1", "b", "2.50", "nan", "True", "1_0", " 1", "0x1"]
+    # text first; plain decimal numbers by value; nothing else (not "1_0" = 10 or " 1" = 1, as
+    # float() would read them)
+    expected = [1, 1, 2, 1, 2, 3, 4, -1, 5, -1, -1, -1]
+    np.testing.assert_array_equal(category_positions(names, cats), expected)
+    # the same text wins over the same value; of two categories with one value, the first
+    assert list(category_positions(["1.0", "1.00"], ("1", "1.0"))) == [1, 0]
+    assert list(category_positions([], cats)) == []
+
+
+@pytest.mark.parametrize("categorical", [False, True])
+def test_integer_batches_read_back_as_floats_keep_their_codes(categorical):
+    # an int batch column that became float (pd.concat with missing rows, read_csv) names the
+    # reference's batches '0', '1' as '0.0', '1.0': the same batches, not unseen ones
+    ref = make(40, 20, seed=1)
+    ref.obs["run"] = np.arange(40) % 3
+    pp.setup_anndata(ref, batch_key="run")
+    query = make(30, 20, seed=2)
+    runs = (np.arange(30) + 1) % 3
+    query.obs["run"] = runs.astype(float)
+    if categorical:
+        query.obs["run"] = query.obs["run"].astype("category")
+    before = snapshot(query)
+    reg = pp.transfer_setup(query.copy(), ref, extend_categories=True)
+    assert reg.batch_categories == ("0", "1", "2")  # nothing appended
+    codes = TensorData.from_adata(query, Registry.from_adata(ref))[np.arange(30)]["batch"]
+    np.testing.assert_array_equal(codes.numpy(), runs)
+    assert_unchanged(query, before)
+    query.obs["run"] = np.where(runs == 2, 2.5, runs)  # a value the reference never had
+    with pytest.raises(ValueError, match=r"\['2.5'\] not seen"):
+        pp.transfer_setup(query, ref)

@@ -1046,6 +1046,22 @@ def test_new_data_unseen_batch_and_different_genes(trained):
         model.get_normalized_expression(gene_list=["nope"])
 
 
+def test_integer_batch_column_read_back_as_floats_is_the_same_data():
+    adata = cellvae.datasets.synthetic(120, 20, n_batches=2, random_state=0)
+    adata.obs["run"] = adata.obs["batch"].cat.codes.astype(int)
+    cellvae.SCVI.setup_anndata(adata, batch_key="run")
+    model = cellvae.SCVI(adata, n_latent=3).train(max_epochs=1, progress_bar=False, seed=0)
+    query = adata.copy()
+    query.obs["run"] = query.obs["run"].astype(float)  # categories '0.0', '1.0'
+    np.testing.assert_array_equal(
+        model.get_latent_representation(query), model.get_latent_representation(adata)
+    )
+    np.testing.assert_array_equal(
+        model.get_normalized_expression(query, transform_batch=1.0, return_numpy=True),
+        model.get_normalized_expression(adata, transform_batch="1", return_numpy=True),
+    )
+
+
 def test_latent_distribution_and_library_size(trained):
     adata, model = trained
     mean, var = model.get_latent_representation(return_dist=True, indices=range(20))

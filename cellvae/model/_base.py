@@ -26,7 +26,7 @@ import torch
 
 from .. import pp
 from .._data import TensorData, split_indices
-from .._registry import UNS_KEY, Registry, get_counts, warn_user
+from .._registry import UNS_KEY, Registry, category_positions, get_counts, warn_user
 from ..module._base import check_flags
 from ..train import (
     TrainConfig,
@@ -964,21 +964,13 @@ def _setup_of(adata) -> Registry:
 
 
 def _batch_name(batch, categories: Sequence[str]) -> str | None:
-    """The category named by ``batch``, or None.
+    """The category named by ``batch`` (its text, or for a number its value), or None.
 
-    Its text, or for a number the category of that value: a float column's categories read
-    '1.0', and ``1`` names that one.
+    A float column's categories read '1.0', and ``1`` names that one
+    (:func:`~cellvae._registry.category_positions`).
     """
-    if str(batch) in categories:
-        return str(batch)
-    if isinstance(batch, numbers.Real) and not isinstance(batch, bool):
-        for c in categories:
-            try:
-                if float(c) == float(batch):
-                    return c
-            except ValueError:
-                continue
-    return None
+    pos = category_positions([str(batch)], categories)[0]
+    return None if pos < 0 else categories[pos]
 
 
 def mean_or_rows(values: np.ndarray | None, return_mean: bool) -> float | np.ndarray:
