@@ -282,9 +282,9 @@ class Dropout(nn.Module):
     entry (about 10 ns each here, 12% of a TOTALVI training step); this module draws 64-bit
     integers and compares each of their four 16-bit lanes with a threshold instead (about 2 ns an
     entry with ``randint``, 0.2 ns with the compiled kernels: :meth:`lanes`), so ``p`` is rounded
-    to a multiple of 2^-16 (at most 8·10^-6 away) and the scaling uses that rounded rate. Other
-    devices use :func:`torch.nn.functional.dropout`. The bits come from torch's default
-    generator, so ``torch.manual_seed`` fixes the masks.
+    to a multiple of 2^-16 (at most 8·10^-6 away, and at most 1 − 2^-16) and the scaling uses
+    that rounded rate. Other devices use :func:`torch.nn.functional.dropout`. The bits come from
+    torch's default generator, so ``torch.manual_seed`` fixes the masks.
 
     Examples
     --------
@@ -300,7 +300,8 @@ class Dropout(nn.Module):
         if not 0.0 <= p < 1.0:
             raise ValueError(f"Dropout probability must be in [0, 1), got {p}.")
         self.p = p
-        steps = round(p * 65536)  # the rate actually used: steps / 2^16
+        # the rate actually used: steps / 2^16, below 1 (which would drop every entry)
+        steps = min(round(p * 65536), 65535)
         self._threshold = steps - 32768  # keep a uniform int16 at or above it
         self._scale = 65536 / (65536 - steps)
 

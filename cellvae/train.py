@@ -133,7 +133,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise a ValueError for options out of range, a TypeError for options of a wrong type."""
-        integers = ("max_epochs", "batch_size", "seed", "n_epochs_kl_warmup")
+        integers = ("max_epochs", "batch_size", "seed", "n_epochs_kl_warmup", "lr_patience")
         reals = ("lr", "weight_decay", "eps", "validation_size", "kl_warmup_fraction")
         reals += ("early_stopping_min_delta", "lr_factor", "lr_min", "gradient_clip_val")
         optional = {"seed", "n_epochs_kl_warmup", "kl_warmup_fraction", "gradient_clip_val"}
@@ -162,10 +162,23 @@ class TrainConfig:
             raise ValueError(f"max_epochs must be at least 1, got {self.max_epochs}.")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be at least 2 (batch norm), got {self.batch_size}.")
+        for name in reals:
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value!r}.")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}.")
         if self.kl_warmup_fraction is not None and not 0 <= self.kl_warmup_fraction <= 1:
             raise ValueError("kl_warmup_fraction must be in [0, 1] or None.")
+        if not 0 < self.lr_factor < 1:
+            raise ValueError(f"lr_factor must be in (0, 1), got {self.lr_factor}.")
+        # 0 turns gradient clipping off (as in Lightning); a negative norm would flip the steps
+        non_negative = ("weight_decay", "eps", "lr_min", "early_stopping_min_delta")
+        non_negative += ("gradient_clip_val", "n_epochs_kl_warmup", "lr_patience")
+        for name in non_negative:
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be at least 0, got {value}.")
 
 
 class TrainingError(RuntimeError):

@@ -102,6 +102,10 @@ def test_dropout_is_identity_in_eval_mode_and_seeded():
     torch.testing.assert_close(drop(x), a, rtol=0, atol=0)
     with pytest.raises(ValueError, match="Dropout probability"):
         Dropout(1.0)
+    # a rate within 2^-17 of 1 keeps one entry in 2^16 (the rates are multiples of 2^-16)
+    near_one = Dropout(1 - 1e-6).train()
+    assert near_one._scale == 65536.0
+    assert 0 < (near_one(torch.ones(1000, 1000)) != 0).sum().item() < 100
     assert "Dropout(p=0.3)" in repr(FCLayers(5, 4, dropout_rate=0.3))
 
 

@@ -543,3 +543,26 @@ def test_mode_switch_sets_every_submodule_and_calls_overridden_train():
     switch(False)
     assert custom.calls == [True, False]
     assert not any(m.training for m in tree.modules())
+
+
+def test_train_options_out_of_range_are_rejected_before_training():
+    from cellvae.train import TrainConfig
+
+    TrainConfig(lr_factor=0.1, lr_patience=0, gradient_clip_val=0.0, eps=0.0).validate()
+    bad = [
+        (dict(lr_factor=-0.5), ValueError, r"lr_factor must be in \(0, 1\)"),
+        (dict(lr_factor=1.0), ValueError, r"lr_factor must be in \(0, 1\)"),
+        (dict(lr_patience=-3), ValueError, "lr_patience must be at least 0"),
+        (dict(lr_patience=1.5), TypeError, "lr_patience must be an integer"),
+        (dict(lr_min=-1.0), ValueError, "lr_min must be at least 0"),
+        (dict(weight_decay=-1e-6), ValueError, "weight_decay must be at least 0"),
+        (dict(eps=-0.01), ValueError, "eps must be at least 0"),
+        (dict(early_stopping_min_delta=-1.0), ValueError, "early_stopping_min_delta must be"),
+        (dict(gradient_clip_val=-1.0), ValueError, "gradient_clip_val must be at least 0"),
+        (dict(n_epochs_kl_warmup=-2), ValueError, "n_epochs_kl_warmup must be at least 0"),
+        (dict(lr=float("nan")), ValueError, "lr must be finite"),
+        (dict(lr=float("inf")), ValueError, "lr must be finite"),
+    ]
+    for kwargs, error, message in bad:
+        with pytest.raises(error, match=message):
+            TrainConfig(**kwargs).validate()
