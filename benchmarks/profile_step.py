@@ -1,14 +1,15 @@
 """Where an SCVI training step's time goes: its phases, and the part that does not scale.
 
 Builds cellvae's SCVI module on ``bench_scvi.py``'s simulated counts (Kang-fitted, 2,000
-genes, 8% nonzero, 4 batches; 128-cell minibatches) and times the training loop's phases with
-``perf_counter``: the minibatch fetch, the forward pass (with the encoder, the decoder and the
-compiled likelihood inside it timed apart), the backward pass and the Adam update. The same
-loop then runs on a tiny network (``cellvae.datasets.synthetic``: 20 genes, 8 hidden units)
-whose arithmetic is negligible, so its step time is the step's fixed cost: Python, torch's
-dispatch of each operator and autograd's bookkeeping.
+genes, 8% nonzero or ``--density``, 4 batches; 128-cell minibatches) and times the training
+loop's phases with ``perf_counter``: the minibatch fetch, the forward pass (with the encoder,
+the decoder and the compiled likelihood inside it timed apart), the backward pass and the Adam
+update. The same loop then runs on a tiny network (``cellvae.datasets.synthetic``: 20 genes,
+8 hidden units) whose arithmetic is negligible, so its step time is the step's fixed cost:
+Python, torch's dispatch of each operator and autograd's bookkeeping.
 
     .venv/bin/python benchmarks/profile_step.py [--hidden 128] [--n-obs 10000] [--epochs 3]
+    .venv/bin/python benchmarks/profile_step.py --n-obs 100000 --density 0.18  # as the 1M set
 
 The first epoch is warm-up and not counted. Prints a table (ms per step); writes nothing. This
 is a script, not a test: on a shared VM, repeat it and compare medians.
@@ -93,12 +94,13 @@ def profile(adata: ad.AnnData, n_hidden: int, epochs: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--n-obs", type=int, default=10_000, help="simulated cells (8%% nonzero)")
+    parser.add_argument("--n-obs", type=int, default=10_000, help="simulated cells")
+    parser.add_argument("--density", type=float, default=0.08, help="nonzero fraction")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=THREADS)
     a = parser.parse_args()
     init_child(a.threads)
-    data = ad.read_h5ad(simulated(a.n_obs))  # bench_scvi.py's simulation, 2,000 genes
+    data = ad.read_h5ad(simulated(a.n_obs, density=a.density))  # bench_scvi.py's, 2,000 genes
     full = profile(data, a.hidden, a.epochs)
     tiny_data = cellvae.datasets.synthetic(a.n_obs, 20, n_batches=4)
     tiny = profile(tiny_data, 8, a.epochs)
@@ -109,7 +111,9 @@ def main() -> None:
         for k in order
     ]
     print(f"SCVI training step, 128 cells, torch threads {a.threads}: ms per step")
-    print(f"full: {data.n_vars} genes, {a.hidden} hidden; tiny: 20 genes, 8 hidden (fixed cost)")
+    density = data.X.nnz / (data.n_obs * data.n_vars)
+    print(f"full: {data.n_vars} genes ({density:.1%} nonzero), {a.hidden} hidden; "
+          "tiny: 20 genes, 8 hidden (fixed cost)")  # fmt: skip
     print_table(rows, [("phase", "phase"), ("full", "full"), ("tiny", "tiny")])
 
 

@@ -113,10 +113,10 @@ def summarise(out_dir: Path) -> list[dict]:
         if one_epoch:  # a single epoch has no steady state: all steps, epoch 1 included
             speed = _pair(sub, "cells_per_s_all")
         rows.append(_row("SCVI train throughput", label, speed, "higher", "cells/s"))
+        spread = _spread(sub, "cells_per_s_all" if one_epoch else "cells_per_s_steady")
         if one_epoch:
-            rows[-1]["note"] = "one epoch (first-epoch costs included)"
-        else:
-            rows[-1]["note"] = _spread(sub, "cells_per_s_steady")
+            spread = "; ".join(filter(None, ["one epoch (first-epoch costs included)", spread]))
+        rows[-1]["note"] = spread
         rows.append(
             _row(
                 "SCVI train peak RSS above data", label, _pair(sub, "peak_delta_mb"), "lower", "MB"
