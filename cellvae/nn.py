@@ -1258,7 +1258,10 @@ class DecoderTOTALVI(nn.Module):
             log_pro_back_mean = back_alpha + back_beta * torch.randn_like(back_alpha)
         else:  # the log of the log-normal mean: what the samples average to
             log_pro_back_mean = back_alpha + back_beta**2 / 2
-        rate_back = torch.exp(log_pro_back_mean)
+        # a background rate beyond e^60 (~1e26 counts) means nothing for data, and past e^88 it is
+        # inf in float32, which made the likelihood NaN (one outlier cell drove back_beta to
+        # ~400): clamped there, with no gradient through the clamped entries
+        rate_back = torch.exp(log_pro_back_mean.clamp(max=60.0))
 
         hz = torch.cat([h_fore, z], dim=-1)
         fore_scale = F.relu(self.py_fore_scale(hz)) + 1.0 + 1e-8

@@ -148,6 +148,22 @@ def test_decoder_totalvi_contract():
         nb(z, lib, b)
 
 
+def test_decoder_totalvi_background_rate_stays_finite():
+    # an outlier cell drove back_beta to ~400 in training: exp of its log-normal sample or mean
+    # overflowed float32 to inf, and the protein likelihood became NaN; the rate stops at e^60
+    dec = DecoderTOTALVI(5, 30, 4, n_cat_list=[2], n_hidden=16).eval()
+    z, lib, b = torch.randn(6, 5), torch.full((6, 1), 500.0), torch.tensor([0, 1] * 3)
+    with torch.no_grad():
+        dec.py_back_log_beta.bias[:2] = 6.0  # σ ≈ 400 for the first two proteins
+    for sample in (False, True):
+        _, py, log_back = dec(z, lib, b, sample_background=sample)
+        big = log_back > 60
+        assert big[:, :2].any() and not big[:, 2:].any()
+        assert torch.isfinite(py["rate_back"]).all() and torch.isfinite(py["rate_fore"]).all()
+        torch.testing.assert_close(py["rate_back"][big], torch.full_like(log_back[big], 60).exp())
+        torch.testing.assert_close(py["rate_back"][~big], log_back[~big].exp())
+
+
 @pytest.mark.parametrize("likelihood", ["nb", "zinb"])
 def test_totalvae_builds_the_zero_inflation_layer_only_for_zinb(likelihood):
     module = TOTALVAE(
