@@ -474,7 +474,7 @@ class BatchSampler:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
         self.indices = indices
-        self.batch_size = batch_size
+        self.batch_size = int(batch_size)  # a numpy integer is no size for torch.split
         self.shuffle = shuffle
         self.generator = generator
 
@@ -545,7 +545,7 @@ class WindowSampler(BatchSampler):
                 f"block_size and window_size must be positive, got {block_size}, {window_size}."
             )
         self.block_size = block_size
-        self.window_size = max(1, round(window_size / batch_size)) * batch_size
+        self.window_size = max(1, round(window_size / self.batch_size)) * self.batch_size
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for window in self.windows():

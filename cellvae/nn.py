@@ -442,14 +442,18 @@ def _side_by_side(
 ) -> list[torch.Tensor] | None:
     """:func:`parallel_stacks` as one wider layer; None where that does not apply."""
     first = stacks[0]
+    # only one layer of batch norm -> ReLU (-> dropout) each: without batch norm, or with layer
+    # norm, the post-blocks have other modules (and no momentum to compare)
+    if not all(s._fusable and len(s.linears) == 1 for s in stacks):
+        return None
     layers = [s.linears[0] for s in stacks]
     posts = [s.post[0] for s in stacks]
     form = {
-        (len(s.linears), s._fusable, tuple(s.cat_keep), len(lin.embeddings), lin.bias is not None,
+        (tuple(s.cat_keep), len(lin.embeddings), lin.bias is not None,
          len(p), p[0].momentum, p[0].eps, (p[2].p, p[2].training) if len(p) > 2 else None)
         for s, lin, p in zip(stacks, layers, posts)
     }  # fmt: skip
-    if len(form) > 1 or not (first._fusable and len(first.linears) == 1):
+    if len(form) > 1:
         return None
     cats = [cat_list[i] for i in first.cat_keep if i < len(cat_list)][: len(layers[0].embeddings)]
     codes = [c.view(-1) for c in cats]

@@ -450,3 +450,17 @@ def test_compiled_gather_matches_numpy(ptr_dtype, monkeypatch):
         for bad in ([0, 60], [3, -1]):
             with pytest.raises(IndexError):
                 td.counts(torch.tensor(bad))
+
+
+def test_numpy_integer_batch_size_in_training_and_getters():
+    # numbers.Integral passes the checks, but torch.split needs a Python int
+    adata = cellvae.datasets.synthetic(90, 12, n_batches=2, random_state=0)
+    cellvae.SCVI.setup_anndata(adata, batch_key="batch")
+    model = cellvae.SCVI(adata, n_latent=2, n_hidden=8)
+    model.train(max_epochs=1, batch_size=np.int64(32), progress_bar=False)
+    np.testing.assert_array_equal(
+        model.get_latent_representation(batch_size=np.int32(16)),
+        model.get_latent_representation(batch_size=16),
+    )
+    sizes = [len(b) for b in BatchSampler(torch.arange(70), np.int64(32))]
+    assert sizes == [32, 32, 6]

@@ -680,3 +680,25 @@ def test_tl_totalvi_writes_results_and_survives_h5ad(tmp_path):
     arr.uns["adt_names"] = [f"p{i}" for i in range(6)]
     cellvae.tl.totalvi(arr, max_epochs=1, progress_bar=False, protein_names_uns_key="adt_names")
     assert list(arr.obsm["protein_denoised"].columns) == arr.uns["adt_names"]
+
+
+@pytest.mark.parametrize(
+    "norm", [{"use_batch_norm": False}, {"use_layer_norm": True}, {"use_batch_norm": False,
+                                                                  "use_layer_norm": True}]
+)  # fmt: skip
+def test_totalvi_trains_without_batch_norm_or_with_layer_norm(norm):
+    # the decoder's four stacks run side by side only as batch norm -> ReLU (-> dropout); other
+    # post-blocks (no batch norm, layer norm) run stack by stack, in training and in getters
+    adata = cellvae.datasets.synthetic(120, 20, n_batches=2, n_proteins=4, random_state=3)
+    cellvae.TOTALVI.setup_anndata(
+        adata, batch_key="batch", protein_expression_obsm_key="protein_expression"
+    )
+    model = cellvae.TOTALVI(adata, n_hidden=16, n_latent=4, **norm)
+    model.train(max_epochs=2, progress_bar=False)
+    assert np.isfinite(model.history["train_loss"]).all()
+    stacks = model.module.decoder
+    norms = [type(m) for m in stacks.modules()]
+    assert (torch.nn.BatchNorm1d in norms) == norm.get("use_batch_norm", True)
+    assert (torch.nn.LayerNorm in norms) == norm.get("use_layer_norm", False)
+    rna, protein = model.get_normalized_expression(return_numpy=True)
+    assert np.isfinite(rna).all() and np.isfinite(protein).all()
