@@ -340,9 +340,13 @@ def _setup_record(adata, model) -> dict[str, Any]:
 
 
 def _as_list(names: str | Sequence[str], what: str) -> list[str]:
-    names = [names] if isinstance(names, str) else list(names)
+    # as the setup writes them: integer columns 0, 1, ... are the proteins '0', '1', ...
+    names = [str(n) for n in ([names] if np.ndim(names) == 0 else names)]
     if not names:
         raise ValueError(f"Name at least one {what}.")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:  # one panel each: a repeated name would draw a column pair as one
+        raise ValueError(f"Each {what} once: {repeated} repeat.")
     return names
 
 
@@ -360,7 +364,9 @@ def _protein_frame(
         )
     values = adata.obsm[key]
     if isinstance(values, pd.DataFrame):
-        frame = values
+        # the setup names proteins by the columns' text (a DataFrame built from an array has
+        # the integer columns 0, 1, ...)
+        frame = values.set_axis(values.columns.astype(str), axis=1)
     else:
         names = list(_setup_record(adata, model).get("protein_names", []))
         values = np.asarray(values.toarray() if hasattr(values, "toarray") else values)
@@ -539,7 +545,7 @@ def protein_denoised(
     >>> model = cellvae.TOTALVI(adata, n_latent=5).train(max_epochs=2, progress_bar=False)
     >>> ax = cellvae.pl.protein_denoised(adata, proteins="prot0", model=model, show=False)
     """
-    single = isinstance(proteins, str)
+    single = np.ndim(proteins) == 0  # one name (as _as_list reads it): one axes
     names = _as_list(proteins, "protein")
     data = None if model is None else _model_adata(model, adata)  # checks the model first
     raw = _raw_proteins(adata, model, protein_key, names)
@@ -676,7 +682,7 @@ def foreground_probability(
     ...     adata, proteins=["prot0", "prot1"], model=model, show=False
     ... )
     """
-    single = isinstance(proteins, str)
+    single = np.ndim(proteins) == 0  # one name (as _as_list reads it): one axes
     names = _as_list(proteins, "protein")
     if model is not None:
         prob = model.get_protein_foreground_probability(
@@ -699,7 +705,13 @@ def foreground_probability(
                 "cellvae.pl.latent(adata, key='X_totalVI'), or pass basis= an obsm key, or "
                 "groupby= an obs column for violins."
             )
-        coords = np.asarray(adata.obsm[emb])[:, :2]
+        coords = np.asarray(adata.obsm[emb])
+        if coords.ndim != 2 or coords.shape[1] < 2:
+            raise ValueError(
+                f"adata.obsm[{emb!r}] has shape {coords.shape}: a basis needs two columns "
+                "(x and y) per cell."
+            )
+        coords = coords[:, :2]
     elif groupby not in adata.obs:
         raise KeyError(f"groupby {groupby!r} is not a column of adata.obs.")
     axs, fig = _grid(len(names), ncols, ax, panel=(3.4, 3.2) if groupby is None else (4.2, 3.2))

@@ -56,6 +56,23 @@ _OWN_TRAIN_ARGUMENTS = {
 }
 
 
+def _check_outputs(where: str, inputs: dict[str, str | None], outputs: dict[str, str | None]):
+    """Raise before training when an output key would overwrite an input or another output.
+
+    ``adata.<where>`` holds both: writing over the raw counts or proteins would lose them.
+    """
+    taken = {key: name for name, key in inputs.items() if key is not None}
+    for name, key in outputs.items():
+        if key is None:
+            continue
+        if key in taken:
+            raise ValueError(
+                f"{name}={key!r} would overwrite adata.{where}[{key!r}], which {taken[key]} "
+                f"names: choose another {name}."
+            )
+        taken[key] = name
+
+
 def _check_train_kwargs(train_kwargs: dict[str, Any] | None) -> None:
     """Raise, before anything is written, for train options this function takes itself."""
     twice = [k for k in train_kwargs or {} if k in _OWN_TRAIN_ARGUMENTS]
@@ -193,6 +210,7 @@ def scvi(
     >>> sc.pp.neighbors(adata, use_rep="X_scVI")
     """
     _check_train_kwargs(train_kwargs)
+    _check_outputs("layers", {"layer": layer}, {"layer_added": layer_added})
     adata = _target(adata, copy)
     setup = {
         "layer": layer,
@@ -307,6 +325,11 @@ def totalvi(
     >>> sc.pp.neighbors(adata, use_rep="X_totalVI")
     """
     _check_train_kwargs(train_kwargs)
+    _check_outputs(
+        "obsm",
+        {"protein_expression_obsm_key": protein_expression_obsm_key},
+        {"key_added": key_added, "protein_key_added": protein_key_added},
+    )
     adata = _target(adata, copy)
     setup = {
         "layer": layer,

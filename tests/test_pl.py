@@ -227,6 +227,31 @@ def test_protein_denoised_errors(totalvi_trained, scvi_trained):
         cellvae.pl.protein_denoised(adata, proteins="nope", model=model, show=False)
     with pytest.raises(ValueError, match="at least one"):
         cellvae.pl.protein_denoised(adata, proteins=[], model=model, show=False)
+    with pytest.raises(ValueError, match=r"Each protein once: \['prot0'\]"):
+        cellvae.pl.protein_denoised(adata, proteins=["prot0", "prot0"], model=model, show=False)
+    with pytest.raises(ValueError, match=r"Each protein once"):
+        cellvae.pl.foreground_probability(
+            adata, proteins=["prot1", "prot1"], model=model, groupby="batch", show=False
+        )
+    one = adata.copy()
+    one.obsm["one"] = np.ones((one.n_obs, 1))
+    with pytest.raises(ValueError, match=r"obsm\['one'\] has shape \(120, 1\): a basis needs two"):
+        cellvae.pl.foreground_probability(one, proteins="prot0", model=model, basis="one")
+
+
+def test_protein_plots_with_integer_protein_columns():
+    # a DataFrame made from an array has the columns 0, 1, ...: the setup names them '0', '1'
+    adata = cellvae.datasets.synthetic(60, 12, n_proteins=3, random_state=2)
+    frame = adata.obsm["protein_expression"]
+    adata.obsm["protein_expression"] = pd.DataFrame(frame.to_numpy(), index=adata.obs_names)
+    cellvae.TOTALVI.setup_anndata(adata, protein_expression_obsm_key="protein_expression")
+    model = cellvae.TOTALVI(adata, n_latent=2, n_hidden=8).train(max_epochs=1, progress_bar=False)
+    assert model.registry_.protein_names == ("0", "1", "2")
+    for name in (1, "1"):
+        ax = cellvae.pl.protein_denoised(adata, proteins=name, model=model, log=False, show=False)
+        offsets = ax.collections[0].get_offsets()
+        np.testing.assert_allclose(offsets[:, 0], frame.to_numpy()[:, 1])
+        assert ax.get_title() == "1"
 
 
 def test_foreground_probability_violin_and_embedding(totalvi_trained):

@@ -1348,6 +1348,28 @@ def test_tl_keeps_the_setup_when_it_fails(tool, monkeypatch):
     assert adata.uns[UNS_KEY] == before and set(adata.obsm) == obsm_keys
 
 
+def test_tl_refuses_output_keys_that_overwrite_the_inputs():
+    # before training, and with nothing written: the raw counts or proteins would be lost
+    adata = cellvae.datasets.synthetic(40, 8, n_batches=2, n_proteins=3)
+    adata.layers["counts"] = adata.X.copy()
+    kw = {"max_epochs": 1, "progress_bar": False}
+    cases = [
+        (cellvae.tl.scvi, {"layer": "counts", "layer_added": "counts"}, "layer_added='counts'"),
+        (cellvae.tl.totalvi, {"protein_key_added": "protein_expression"}, "protein_key_added="),
+        (cellvae.tl.totalvi, {"key_added": "protein_expression"}, "key_added='protein_expr"),
+        (cellvae.tl.totalvi, {"key_added": "out", "protein_key_added": "out"}, "which key_added"),
+    ]
+    for fn, options, message in cases:
+        before = {k: v.copy() for k, v in adata.obsm.items()}, adata.layers["counts"].copy()
+        with pytest.raises(ValueError, match=f"{message}.*choose another"):
+            fn(adata, **options, **kw)
+        assert UNS_KEY not in adata.uns and set(adata.obsm) == set(before[0])
+        pd.testing.assert_frame_equal(
+            adata.obsm["protein_expression"], before[0]["protein_expression"]
+        )
+        assert (adata.layers["counts"] != before[1]).nnz == 0
+
+
 def test_nan_in_data_rejected():
     adata = cellvae.datasets.synthetic(50, 10)
     adata.X = adata.X.toarray()
