@@ -10,7 +10,7 @@ overwritten.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -339,9 +339,14 @@ def _setup_record(adata, model) -> dict[str, Any]:
     return dict(adata.uns.get("cellvae", {}))
 
 
+def _one_name(names) -> bool:
+    """Whether ``names`` is one name (a string, or a number such as a column 0), not a list."""
+    return isinstance(names, str) or not isinstance(names, Iterable)
+
+
 def _as_list(names: str | Sequence[str], what: str) -> list[str]:
     # as the setup writes them: integer columns 0, 1, ... are the proteins '0', '1', ...
-    names = [str(n) for n in ([names] if np.ndim(names) == 0 else names)]
+    names = [str(n) for n in ([names] if _one_name(names) else names)]
     if not names:
         raise ValueError(f"Name at least one {what}.")
     repeated = sorted({n for n in names if names.count(n) > 1})
@@ -545,7 +550,7 @@ def protein_denoised(
     >>> model = cellvae.TOTALVI(adata, n_latent=5).train(max_epochs=2, progress_bar=False)
     >>> ax = cellvae.pl.protein_denoised(adata, proteins="prot0", model=model, show=False)
     """
-    single = np.ndim(proteins) == 0  # one name (as _as_list reads it): one axes
+    single = _one_name(proteins)  # then one axes, not a list
     names = _as_list(proteins, "protein")
     data = None if model is None else _model_adata(model, adata)  # checks the model first
     raw = _raw_proteins(adata, model, protein_key, names)
@@ -682,7 +687,7 @@ def foreground_probability(
     ...     adata, proteins=["prot0", "prot1"], model=model, show=False
     ... )
     """
-    single = np.ndim(proteins) == 0  # one name (as _as_list reads it): one axes
+    single = _one_name(proteins)  # then one axes, not a list
     names = _as_list(proteins, "protein")
     if model is not None:
         prob = model.get_protein_foreground_probability(

@@ -56,7 +56,9 @@ _OWN_TRAIN_ARGUMENTS = {
 }
 
 
-def _check_outputs(where: str, inputs: dict[str, str | None], outputs: dict[str, str | None]):
+def _check_outputs(
+    where: str, inputs: dict[str, str | None], outputs: dict[str, str | None]
+) -> None:
     """Raise before training when an output key would overwrite an input or another output.
 
     ``adata.<where>`` holds both: writing over the raw counts or proteins would lose them.
