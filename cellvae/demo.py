@@ -56,7 +56,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--max-epochs must be at least 1, got {args.max_epochs}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file, or a path through one
+        parser.error(f"--out {args.out!r} cannot be a folder: {err.strerror}")
     torch.set_num_threads(min(torch.get_num_threads(), 2) or 1)
     start = time.perf_counter()
 

@@ -109,9 +109,10 @@ def _continuous(
             )
         values = col.to_numpy(dtype=float, na_value=np.nan)
         if not np.isfinite(values).all():
+            fill = 1 if what == "size factor" else 0  # size factors must stay positive
             raise ValueError(
                 f"{what.capitalize()} obs[{key!r}] has {int((~np.isfinite(values)).sum())} NaN "
-                f"or infinite values. Fill them (e.g. adata.obs[{key!r}].fillna(0)) or drop "
+                f"or infinite values. Fill them (e.g. adata.obs[{key!r}].fillna({fill})) or drop "
                 f"those cells: adata = adata[np.isfinite(adata.obs[{key!r}])].copy()."
             )
 
@@ -230,6 +231,15 @@ def _build_registry(
         protein_names_uns_key=protein_names_uns_key,
     )
     cat_keys, cont_keys = _keys(categorical_covariate_keys), _keys(continuous_covariate_keys)
+    # a column injected twice (the batch again as a covariate, a key listed twice) adds nothing
+    # but a duplicate input
+    injected = [batch_key] * (batch_key is not None) + list(cat_keys) + list(cont_keys)
+    twice = sorted({k for k in injected if injected.count(k) > 1})
+    if twice:
+        raise ValueError(
+            f"obs columns {twice} are registered more than once (batch_key, "
+            "categorical_covariate_keys, continuous_covariate_keys): name each column once."
+        )
     counts = get_counts(adata, layer)
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(

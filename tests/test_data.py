@@ -464,3 +464,38 @@ def test_numpy_integer_batch_size_in_training_and_getters():
     )
     sizes = [len(b) for b in BatchSampler(torch.arange(70), np.int64(32))]
     assert sizes == [32, 32, 6]
+
+
+def test_synthetic_declares_every_batch_and_type_and_checks_its_arguments():
+    adata = cellvae.datasets.synthetic(20, 5, n_batches=10, n_labels=10, random_state=0)
+    assert list(adata.obs["batch"].cat.categories) == [f"batch{i}" for i in range(10)]
+    assert list(adata.obs["cell_type"].cat.categories) == [f"type{i}" for i in range(10)]
+    assert adata.obs["batch"].nunique() < 10  # 20 cells do not draw every one of them here
+    for kwargs, name in [
+        ({"n_vars": 0}, "n_vars"), ({"n_batches": 0}, "n_batches"), ({"n_obs": -5}, "n_obs"),
+        ({"n_obs": 2.5}, "n_obs"), ({"n_labels": True}, "n_labels"),
+        ({"n_proteins": -1}, "n_proteins"), ({"batch_effect": -1.0}, "batch_effect"),
+        ({"batch_effect": float("nan")}, "batch_effect"),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"^{name} must be"):
+            cellvae.datasets.synthetic(**kwargs)
+
+
+def test_demo_refuses_bad_arguments_before_any_work(tmp_path, capsys, monkeypatch):
+    import logging
+
+    from cellvae import demo
+
+    monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: None)  # the test's own logging
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for argv, message in [
+        (["--out", str(a_file)], "cannot be a folder"),
+        (["--out", str(a_file / "sub")], "cannot be a folder"),
+        (["--max-epochs", "0"], "must be at least 1"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            demo.main([*argv, "--max-epochs", "1"] if "--max-epochs" not in argv else argv)
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err
+    assert a_file.read_text() == ""

@@ -181,6 +181,25 @@ def test_size_factor_errors_name_the_size_factor():
     with pytest.raises(ValueError, match=wrong_dtype) as e:
         pp.setup_anndata(adata, size_factor_key="sf_text")
     assert "categorical_covariate_keys" not in str(e.value)  # advice for covariates only
+    adata.obs["sf_nan"] = adata.obs["sf"].where(np.arange(adata.n_obs) != 3)
+    with pytest.raises(ValueError, match=r"1 NaN .*fillna\(1\)"):  # 0 is no size factor
+        pp.setup_anndata(adata, size_factor_key="sf_nan")
+    adata.obs["age_nan"] = adata.obs["age"].where(np.arange(adata.n_obs) != 3)
+    with pytest.raises(ValueError, match=r"fillna\(0\)"):
+        pp.setup_anndata(adata, continuous_covariate_keys="age_nan")
+
+
+def test_a_column_registered_twice_is_an_error():
+    adata = make()
+    before = snapshot(adata)
+    for kwargs in [
+        {"continuous_covariate_keys": ["age", "age"]},
+        {"batch_key": "batch", "categorical_covariate_keys": "batch"},
+        {"categorical_covariate_keys": ["donor"], "continuous_covariate_keys": ["donor"]},
+    ]:
+        with pytest.raises(ValueError, match=r"obs columns \['(age|batch|donor)'\] are registered"):
+            pp.setup_anndata(adata, **kwargs)
+        assert_unchanged(adata, before)
 
 
 def test_one_covariate_name_is_one_key():

@@ -1253,6 +1253,8 @@ def test_getter_and_train_options_out_of_range_raise_clear_errors(trained):
             model.get_normalized_expression(**kwargs)
     with pytest.raises(ValueError, match="n_mc_samples must be a positive integer"):
         model.get_marginal_ll(n_mc_samples=0)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        model.get_marginal_ll(n_mc_samples=2, batch_size=0)  # not read as "the default"
     with pytest.raises(ValueError, match="n_samples must be a positive integer"):
         model.posterior_predictive_sample(n_samples=0)
     with pytest.raises(ValueError, match="selects no cells"):

@@ -6,6 +6,7 @@ this module (see ``PROVENANCE.md`` in this folder for where each came from).
 
 from __future__ import annotations
 
+import numbers
 from importlib.resources import files
 
 import anndata as ad
@@ -76,6 +77,11 @@ def eccite_pbmc() -> ad.AnnData:
     return _read("eccite_pbmc_cite_500.h5ad")
 
 
+def _named_codes(prefix: str, codes: np.ndarray, n: int) -> pd.Categorical:
+    """``prefix0``, ``prefix1``, ... for the codes: all ``n`` categories, drawn or not."""
+    return pd.Categorical.from_codes(codes, categories=[f"{prefix}{i}" for i in range(n)])
+
+
 def synthetic(
     n_obs: int = 400,
     n_vars: int = 100,
@@ -98,7 +104,9 @@ def synthetic(
     n_obs, n_vars
         Number of cells and genes.
     n_batches, n_labels
-        Number of batches (``obs["batch"]``) and cell types (``obs["cell_type"]``).
+        Number of batches (``obs["batch"]``) and cell types (``obs["cell_type"]``), the
+        categories of those columns (each cell draws one uniformly: with few cells some may
+        have none).
     n_proteins
         Number of proteins written to ``obsm["protein_expression"]`` (a DataFrame); 0 for none.
     batch_effect
@@ -119,6 +127,13 @@ def synthetic(
     >>> adata.obsm["protein_expression"].shape
     (200, 5)
     """
+    counts = {"n_obs": n_obs, "n_vars": n_vars, "n_batches": n_batches, "n_labels": n_labels}
+    for name, value in {**counts, "n_proteins": n_proteins}.items():
+        least = 0 if name == "n_proteins" else 1
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}.")
+    if not (isinstance(batch_effect, numbers.Real) and 0 <= batch_effect < float("inf")):
+        raise ValueError(f"batch_effect must be a finite number >= 0, got {batch_effect!r}.")
     rng = np.random.default_rng(random_state)
     labels = rng.integers(n_labels, size=n_obs)
     batches = rng.integers(n_batches, size=n_obs)
@@ -136,8 +151,8 @@ def synthetic(
 
     obs = pd.DataFrame(
         {
-            "batch": pd.Categorical([f"batch{b}" for b in batches]),
-            "cell_type": pd.Categorical([f"type{t}" for t in labels]),
+            "batch": _named_codes("batch", batches, n_batches),
+            "cell_type": _named_codes("type", labels, n_labels),
         },
         index=[f"cell{i}" for i in range(n_obs)],
     )

@@ -357,8 +357,10 @@ class SCVI(BaseModel):
         True
         """
         check_count("n_mc_samples", n_mc_samples)
+        check_count("batch_size", batch_size, allow_none=True)
         fn = lambda b: self.module.marginal_ll(b, n_mc_samples)
-        return mean_or_rows(self._per_cell(adata, indices, batch_size or 128, fn), return_mean)
+        batch_size = 128 if batch_size is None else batch_size
+        return mean_or_rows(self._per_cell(adata, indices, batch_size, fn), return_mean)
 
     @getter_doc
     @torch.no_grad()
