@@ -39,16 +39,24 @@ __all__ = [
 ]
 
 
-def reparameterize(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+def reparameterize(
+    mean: torch.Tensor, var: torch.Tensor, n_samples: int | None = None
+) -> torch.Tensor:
     """Draw ``mean + sqrt(var) · ε`` with ε ~ N(0, I) (the reparameterisation trick).
+
+    With ``n_samples``, that many draws along a new leading axis.
 
     Examples
     --------
     >>> import torch
     >>> reparameterize(torch.zeros(2, 3), torch.ones(2, 3)).shape
     torch.Size([2, 3])
+    >>> reparameterize(torch.zeros(2, 3), torch.ones(2, 3), n_samples=4).shape
+    torch.Size([4, 2, 3])
     """
-    return mean + var.sqrt() * torch.randn_like(mean)
+    if n_samples is None:
+        return mean + var.sqrt() * torch.randn_like(mean)
+    return mean + var.sqrt() * torch.randn((n_samples, *mean.shape), device=mean.device)
 
 
 _BF16 = contextvars.ContextVar("cellvae_bf16_products", default=False)

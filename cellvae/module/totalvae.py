@@ -29,7 +29,7 @@ from ..distributions import (
     _fused,
     _wants_grad,
 )
-from ..nn import DecoderTOTALVI, EncoderTOTALVI
+from ..nn import DecoderTOTALVI, EncoderTOTALVI, reparameterize
 from ._base import (
     LossOutput,
     check_choice,
@@ -333,14 +333,10 @@ class TOTALVAE(nn.Module):
         elif self.use_observed_lib_size:  # the encoder has no library stack: ql_m, ql_v are None
             library = row_sums(x)
         if n_samples > 1:
-            untran_z = qz_m + qz_v.sqrt() * torch.randn(
-                (n_samples, *qz_m.shape), device=qz_m.device
-            )
+            untran_z = reparameterize(qz_m, qz_v, n_samples)
             z = self.encoder.z_transformation(untran_z)
             if ql_m is not None:
-                log_l = ql_m + ql_v.sqrt() * torch.randn(
-                    (n_samples, *ql_m.shape), device=qz_m.device
-                )
+                log_l = reparameterize(ql_m, ql_v, n_samples)
                 library = torch.exp(log_l.clamp(max=15.0))
             else:
                 library = library.expand(n_samples, *library.shape)

@@ -17,7 +17,7 @@ from torch import nn
 
 from .._sparse import hstack, log1p, row_sums
 from ..distributions import NegativeBinomial, Normal, Poisson, ZeroInflatedNegativeBinomial
-from ..nn import DecoderSCVI, Encoder
+from ..nn import DecoderSCVI, Encoder, reparameterize
 from ._base import (
     LossOutput,
     check_choice,
@@ -210,12 +210,9 @@ class VAE(nn.Module):
         else:
             ql_m, ql_v, library = self.l_encoder(x_in, *enc_cats)
         if n_samples > 1:
-            untran = qz_m + qz_v.sqrt() * torch.randn((n_samples, *qz_m.shape), device=qz_m.device)
-            z = self.z_encoder.z_transformation(untran)
+            z = self.z_encoder.z_transformation(reparameterize(qz_m, qz_v, n_samples))
             if ql_m is not None:
-                library = ql_m + ql_v.sqrt() * torch.randn(
-                    (n_samples, *ql_m.shape), device=qz_m.device
-                )
+                library = reparameterize(ql_m, ql_v, n_samples)
             else:
                 library = library.expand(n_samples, *library.shape)
         if n_samples > 1:
@@ -362,11 +359,11 @@ class VAE(nn.Module):
         """
         qz_m, qz_v, ql_m, ql_v = inf["qz_m"], inf["qz_v"], inf["ql_m"], inf["ql_v"]
         n_cells = qz_m.shape[0]
-        z = qz_m + qz_v.sqrt() * torch.randn((n, *qz_m.shape), device=qz_m.device)
+        z = reparameterize(qz_m, qz_v, n)
         if ql_m is None:
             lib = inf["library"].expand(n, *inf["library"].shape)
         else:
-            lib = ql_m + ql_v.sqrt() * torch.randn((n, *ql_m.shape), device=ql_m.device)
+            lib = reparameterize(ql_m, ql_v, n)
         flat_z, flat_lib = z.reshape(n * n_cells, z.shape[-1]), lib.reshape(n * n_cells, 1)
         gen = self.generative(flat_z, flat_lib, tiled, lazy_mean=True)
         log_w = gen["px"].log_prob_sum(tiled["x"]).reshape(n, n_cells)
