@@ -85,6 +85,24 @@ class BackedCSR:
                 indices[out], data[out] = self.indices[a:b][keep], self.data[a:b][keep]
         return indptr, indices, data
 
+    def row_totals(self) -> np.ndarray:
+        """The sum of each row's stored values (float64), reading the values once in spans.
+
+        A row's entries may all be stored zeros, which the row pointers alone do not show.
+        """
+        totals = np.zeros(self.shape[0], dtype=np.float64)
+        nnz = int(self.indptr[-1])
+        for a in range(0, nnz, MAX_SPAN):
+            b = min(a + MAX_SPAN, nnz)
+            csum = np.zeros(b - a + 1, dtype=np.float64)
+            np.cumsum(np.asarray(self.data[a:b], dtype=np.float64), out=csum[1:])
+            # the rows with entries in [a, b), and where each starts and ends inside the span
+            r0 = int(np.searchsorted(self.indptr, a, side="right")) - 1
+            r1 = int(np.searchsorted(self.indptr, b, side="left"))
+            edges = np.clip(self.indptr[r0 : r1 + 1] - a, 0, b - a)
+            totals[r0:r1] += csum[edges[1:]] - csum[edges[:-1]]
+        return totals
+
 
 def _spans(starts: np.ndarray, ends: np.ndarray) -> Iterator[tuple[int, int]]:
     """Ranges ``[first, last)`` of sorted rows that one read covers.

@@ -114,8 +114,8 @@ class TensorData:
         """The number of cells without counts (no stored entry, or an all-zero dense row)."""
         if self.dense is not None:
             return int((self.dense.sum(1) <= 0).sum())  # counts are non-negative
-        if self.backed is not None:
-            return int((np.diff(self.backed.indptr) == 0).sum())
+        if self.backed is not None:  # a row may store only zeros: its values are read
+            return int((self.backed.row_totals() <= 0).sum())
         return int((torch.diff(self.indptr) == 0).sum())  # canonical CSR: no stored zeros
 
     def _set_counts(self, counts) -> None:
@@ -447,9 +447,10 @@ def split_indices(
     perm = torch.randperm(n_obs, generator=gen, dtype=torch.int32)
     n_val = int(round(n_obs * validation_size))
     if n_obs - n_val < 2:
+        lower = " Lower validation_size (0 for none) or add cells." if n_val else " Add cells."
         raise ValueError(
             f"Too few cells ({n_obs}) to train with validation_size={validation_size}: at least "
-            "2 training cells are needed. Lower validation_size (0 for none) or add cells."
+            f"2 training cells are needed.{lower}"
         )
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 

@@ -235,8 +235,8 @@ def _internal(frame) -> bool:
     return module.split(".")[0] in ("cellvae", "torch")
 
 
-def warn_user(message: str) -> None:
-    """A UserWarning attributed to the first caller outside cellvae.
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """A warning (UserWarning by default) attributed to the first caller outside cellvae.
 
     However deep inside cellvae it is raised (``pp.setup_anndata``, ``SCVI.setup_anndata``,
     ``tl.scvi``, a getter given new data), the warning names the user's own line, which they
@@ -245,7 +245,7 @@ def warn_user(message: str) -> None:
     frame, level = sys._getframe(1), 2  # level 2: warn_user's caller
     while frame is not None and _internal(frame):
         frame, level = frame.f_back, level + 1
-    warnings.warn(message, UserWarning, stacklevel=level)
+    warnings.warn(message, category, stacklevel=level)
 
 
 # ---------------------------------------------------------------------- matrix access
@@ -306,24 +306,39 @@ def iter_row_chunks(matrix, n_obs: int, chunk: int | None = None):
         yield start, stop, block
 
 
-def _check_values(values: np.ndarray, where: str) -> bool:
-    """Raise on non-numeric, non-finite or negative values; return whether all are integers."""
-    if not (np.issubdtype(values.dtype, np.number) and not np.iscomplexobj(values)):
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_dtype(dtype: np.dtype) -> None:
+    """Raise a ValueError for a count matrix that does not hold real numbers."""
+    if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
         raise ValueError(
-            f"The count matrix has non-numeric dtype {values.dtype}. Register a layer holding "
+            f"The count matrix has non-numeric dtype {dtype}. Register a layer holding "
             "raw counts as numbers (e.g. adata.layers['counts'] = adata.X.astype(np.float32))."
         )
-    if np.issubdtype(values.dtype, np.integer):
+
+
+def _check_values(values: np.ndarray, where: str) -> bool:
+    """Raise on non-numeric, non-finite or negative values; return whether all are integers.
+
+    Values beyond float32's range (~3.4e38; the models compute in float32) count as infinite.
+    """
+    _check_dtype(values.dtype)
+    if np.issubdtype(values.dtype, np.integer):  # int64's range is far inside float32's
         n_neg = int(np.count_nonzero(values < 0))
         n_bad, integer = 0, True
     else:
-        n_bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+        finite = np.isfinite(values)
+        if values.dtype.itemsize > 4:
+            finite &= np.abs(values) <= _FLOAT32_MAX
+        n_bad = int(values.size - np.count_nonzero(finite))
         n_neg = int(np.count_nonzero(values < 0))
         integer = n_bad == 0 and bool(np.all(np.floor(values) == values))
     if n_bad:
         raise ValueError(
-            f"The count matrix contains {n_bad} NaN or infinite values{where}. Raw counts must "
-            "be finite: check the layer you registered (layer='counts') or fix those entries."
+            f"The count matrix contains {n_bad} NaN or infinite values (or values beyond "
+            f"float32's range, 3.4e38){where}. Raw counts must be finite: check the layer you "
+            "registered (layer='counts') or fix those entries."
         )
     if n_neg:
         raise ValueError(
@@ -354,11 +369,15 @@ def _scan_csr(matrix, n_obs: int, n_vars: int, entries: int = 1 << 18):
         stop = min(max(stop, start + 1), n_obs)
         a, b = int(indptr[start]), int(indptr[stop])
         values = data[a:b]
-        integer &= _check_values(values, f" (first in rows {start}-{stop})")
         chunk = sp.csr_matrix(
             (values.astype(np.float64), indices[a:b], indptr[start : stop + 1] - a),
             shape=(stop - start, n_vars),
         )
+        if not chunk.has_canonical_format:  # repeated entries mean their sum (scipy's rule)
+            chunk.indices = chunk.indices.copy()  # a view of the user's: sorted in place below
+            chunk.sum_duplicates()
+            values = chunk.data
+        integer &= _check_values(values, f" (first in rows {start}-{stop})")
         library[start:stop] = chunk @ ones_genes
         gene_totals += chunk.T @ np.ones(stop - start, dtype=np.float64)
         nnz += int(np.count_nonzero(values))
@@ -378,11 +397,16 @@ def scan_counts(matrix, n_obs: int, n_vars: int) -> dict[str, Any]:
     ``{"library": per-cell totals, "gene_totals": per-gene totals, "nnz": nonzero count}``.
     """
     integer = True
+    if sp.issparse(matrix) or _is_sparse_array(matrix):
+        _check_dtype(matrix.dtype)  # before the values are cast to float64 below
     if sp.issparse(matrix) and matrix.format == "csr":
         library, gene_totals, nnz, integer = _scan_csr(matrix, n_obs, n_vars)
     elif sp.issparse(matrix):
         if matrix.format not in ("csc", "coo"):
             matrix = sp.csr_matrix(matrix)
+        if not matrix.has_canonical_format:  # repeated entries mean their sum
+            matrix = matrix.copy()
+            matrix.sum_duplicates()
         integer = _check_values(matrix.data, "")
         library = np.asarray(matrix.sum(axis=1, dtype=np.float64)).ravel()
         gene_totals = np.asarray(matrix.sum(axis=0, dtype=np.float64)).ravel()
@@ -392,6 +416,9 @@ def scan_counts(matrix, n_obs: int, n_vars: int) -> dict[str, Any]:
         gene_totals = np.zeros(n_vars, dtype=np.float64)
         nnz = 0
         for start, stop, block in iter_row_chunks(matrix, n_obs):
+            if sp.issparse(block) and not block.has_canonical_format:
+                block = block.copy()
+                block.sum_duplicates()  # repeated entries mean their sum
             values = block.data if sp.issparse(block) else block
             integer &= _check_values(values, f" (first in rows {start}-{stop})")
             library[start:stop] = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()

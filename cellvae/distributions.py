@@ -45,6 +45,33 @@ _TINY = 1e-30  # below this p(0), the ZINB zero branch switches to its softplus 
 # --------------------------------------------------------------------------------------------------
 # elementwise log-likelihoods
 # --------------------------------------------------------------------------------------------------
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float64 where the device has it (MPS has not).
+
+    For the terms that cancel at large counts: at 1e5 counts and more, ``lgamma(x + θ)``,
+    ``lgamma(x + 1)`` and ``x log μ`` are above 1e6, where float32's spacing is ~0.1, and their
+    differences (``(θ − 1) log x``, ...) lost up to 0.2 per count in float32. The compiled
+    kernels compute these terms in float64 too.
+    """
+    return t if t.device.type == "mps" else t.double()
+
+
+def _lgamma_diff(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """``lgamma(x + θ) − lgamma(x + 1)`` by :func:`_wide`, in the inputs' dtype.
+
+    The sums too: ``x + θ`` in float32 is rounded to 0.125 at 1e6.
+    """
+    x_w = _wide(x)
+    diff = torch.lgamma(x_w + _wide(theta)) - torch.lgamma(x_w + 1)
+    return diff.to(torch.promote_types(x.dtype, theta.dtype))
+
+
+def _poisson_rest(x: torch.Tensor, rate: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x log(rate) − lgamma(x + 1)``, computed by :func:`_wide` and left in that dtype."""
+    x_w = _wide(x)
+    return x_w * torch.log(_wide(rate).clamp_min(eps)) - torch.lgamma(x_w + 1)
+
+
 def _nb_core(
     x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,9 +82,8 @@ def _nb_core(
     """
     theta_term = theta * torch.log1p(mu / theta)  # −log NB(0) = θ log((θ + μ) / θ)
     rest = (
-        torch.lgamma(x + theta)
+        _lgamma_diff(x, theta)
         - torch.lgamma(theta)
-        - torch.lgamma(x + 1)
         - x * torch.log1p(theta / mu.clamp_min(eps))  # x log(μ / (θ + μ))
     )
     return theta_term, rest
@@ -189,7 +215,7 @@ def log_mixture_nb(
     """
     theta1 = theta1.clamp_min(eps)
     if theta2 is None:
-        shared = torch.lgamma(x + theta1) - torch.lgamma(theta1) - torch.lgamma(x + 1)
+        shared = _lgamma_diff(x, theta1) - torch.lgamma(theta1)
         a1 = -theta1 * torch.log1p(mu1 / theta1) - x * torch.log1p(theta1 / mu1.clamp_min(eps))
         a2 = -theta1 * torch.log1p(mu2 / theta1) - x * torch.log1p(theta1 / mu2.clamp_min(eps))
         return shared + torch.logaddexp(a1, a2 - pi) - F.softplus(-pi)
@@ -268,9 +294,8 @@ def _special_at(fn, theta: torch.Tensor, theta_nz: torch.Tensor, col: torch.Tens
 def _nb_rest_nz(x_nz, mu_nz, theta_nz, lgamma_theta_nz, eps):
     """``lgamma(x+θ) − lgamma(θ) − lgamma(x+1) + x log(μ/(θ+μ))`` at the nonzeros."""
     return (
-        torch.lgamma(x_nz + theta_nz)
+        _lgamma_diff(x_nz, theta_nz)
         - lgamma_theta_nz
-        - torch.lgamma(x_nz + 1)
         - x_nz * torch.log1p(theta_nz / mu_nz.clamp_min(eps))
     )
 
@@ -554,8 +579,9 @@ def _softmax_fusable(logits, library, theta, pi, x) -> bool:
 def _poisson_log_prob_sum(x, rate, eps, nz):
     row, col, lin, x_nz, shape = _nonzeros(x, nz)
     rate_nz = _at(_param_view(rate, shape), col, _flat(row, col, lin, shape))
-    rest = x_nz.to(rate.dtype) * torch.log(rate_nz.clamp_min(eps)) - torch.lgamma(x_nz + 1)
-    return (-rate.expand(shape).sum(-1)).index_add(0, row, rest.to(rate.dtype))
+    rest = _poisson_rest(x_nz, rate_nz, eps)  # ~x at large counts: the rates' sum takes it out
+    dense = -_wide(rate.expand(shape)).sum(-1)
+    return dense.index_add(0, row, rest.to(dense.dtype)).to(rate.dtype)
 
 
 class _FusedMixtureLogProb(torch.autograd.Function):
@@ -930,9 +956,8 @@ class Poisson(Distribution):
         """Elementwise ``x log(rate) − rate − lgamma(x + 1)``."""
         if self._validate_args:
             self._validate_sample(value)
-        return (
-            value * torch.log(self.rate.clamp_min(self.eps)) - self.rate - torch.lgamma(value + 1)
-        )
+        rest = _poisson_rest(value, self.rate, self.eps)
+        return (rest - _wide(self.rate)).to(self.rate.dtype)
 
     def log_prob_sum(
         self, x: torch.Tensor, nz: _Nonzero | None = None, *, row_grad: float | None = None

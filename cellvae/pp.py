@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import anndata as ad
 import numpy as np
@@ -127,6 +128,7 @@ def protein_matrix(adata, obsm_key: str) -> np.ndarray:
         )
     raw = adata.obsm[obsm_key]
     if isinstance(raw, pd.DataFrame):
+        _check_unique_proteins(raw.columns, f"obsm[{obsm_key!r}]'s columns")
         non_numeric = [c for c in raw.columns if not pd.api.types.is_numeric_dtype(raw[c])]
         if non_numeric:
             raise ValueError(
@@ -183,7 +185,20 @@ def _protein_names(adata, obsm_key: str, uns_key: str | None, n: int) -> tuple[s
             f"Got {len(names)} protein names for {n} protein columns. Give exactly one name per "
             "column of the protein matrix."
         )
+    where = f"uns[{uns_key!r}]" if uns_key is not None else f"obsm[{obsm_key!r}]'s columns"
+    _check_unique_proteins(names, where)
     return names
+
+
+def _check_unique_proteins(names, where: str) -> None:
+    """Raise a ValueError naming the proteins that appear more than once (as text) in ``names``."""
+    text = pd.Index([str(s) for s in names])
+    repeated = list(dict.fromkeys(text[text.duplicated()]))
+    if repeated:
+        raise ValueError(
+            f"Protein names must be unique, but {repeated[:5]} appear more than once in {where}. "
+            "Rename or drop the repeated columns (a protein measured twice: keep one of them)."
+        )
 
 
 def empty_cells_error(n: int) -> ValueError:
@@ -195,13 +210,20 @@ def empty_cells_error(n: int) -> ValueError:
     )
 
 
+# floor of the latent library prior's variance: equal-depth cells (downsampled to one depth)
+# have a variance of 0 (or ~1e-30 in rounding), whose prior turns the ELBO into ~1e31
+LIBRARY_VAR_FLOOR = 1e-2
+
+
 def _library_stats(library: np.ndarray, codes: np.ndarray, n_batch: int):
+    """Per batch, the mean and variance of the cells' log library (the latent library prior)."""
     log_lib = np.log(np.maximum(library, 1.0))
     means, variances = [], []
     for b in range(n_batch):
         vals = log_lib[(codes == b) & (library > 0)]  # cells without counts have no library
         means.append(float(vals.mean()) if vals.size else 0.0)
-        variances.append(float(vals.var()) if vals.size > 1 else 1.0)
+        var = float(vals.var()) if vals.size > 1 else 1.0
+        variances.append(max(var, LIBRARY_VAR_FLOOR))
     return tuple(means), tuple(variances)
 
 
@@ -396,6 +418,35 @@ def setup_anndata(
     )
     adata.uns[UNS_KEY] = reg.to_dict()
     logger.info("Registered %d cells × %d genes in adata.uns[%r].", reg.n_obs, reg.n_vars, UNS_KEY)
+
+
+def setup_doc(*names: str) -> Callable:
+    """Write :func:`setup_anndata`'s entries of ``names`` into a model's ``setup_anndata`` doc.
+
+    The entries replace the docstring's ``{setup_parameters}`` line, at its indentation, so
+    that the models' API pages list their parameters with the text of one source.
+    """
+
+    def decorate(fn: Callable) -> Callable:
+        if not (fn.__doc__ and setup_anndata.__doc__):  # None under python -OO
+            return fn
+        doc = inspect.cleandoc(setup_anndata.__doc__)
+        section = doc.split("Parameters\n----------\n", 1)[1].split("\n\n", 1)[0]
+        entries: dict[str, list[str]] = {}
+        for line in section.splitlines():
+            if line.startswith(" "):
+                entries[name].append(line.strip())  # noqa: F821 (set by the name line above it)
+            else:
+                name = line.strip()
+                entries[name] = []
+        lines = fn.__doc__.splitlines()
+        at = next(i for i, line in enumerate(lines) if line.strip() == "{setup_parameters}")
+        indent = lines[at][: len(lines[at]) - len(lines[at].lstrip())]
+        text = [f"{indent}{n}" + "".join(f"\n{indent}    {d}" for d in entries[n]) for n in names]
+        fn.__doc__ = "\n".join([*lines[:at], *text, *lines[at + 1 :]])
+        return fn
+
+    return decorate
 
 
 _EXTEND_HINT = "Pass extend_categories=True to add them."

@@ -165,7 +165,8 @@ def scvi(
     the posterior mean of z to ``adata.obsm[key_added]``, the parameters and training history to
     ``adata.uns["scvi"]`` (``uns[key_added]`` when ``key_added`` is not the default) and,
     if ``layer_added`` is given, batch-corrected normalised expression (scaled to 10,000 counts per
-    cell, averaged over all batches) to ``adata.layers[layer_added]``.
+    cell, averaged over all batches; with ``size_factor_key``, the expected counts at size
+    factor 1) to ``adata.layers[layer_added]``.
 
     Parameters
     ----------
@@ -230,7 +231,8 @@ def scvi(
     if layer_added is not None:
         adata.layers[layer_added] = model.get_normalized_expression(
             transform_batch=list(model.registry_.batch_categories),
-            library_size=1e4,
+            # with size factors the decoder's scale is the mean at size factor 1, no proportion
+            library_size=1.0 if size_factor_key is not None else 1e4,
             return_numpy=True,
         )
         added.append(f"layers[{layer_added!r}]")
@@ -260,7 +262,7 @@ def totalvi(
     n_latent: int = 20,
     max_epochs: int | None = None,
     key_added: str = "X_totalVI",
-    protein_key_added: str = "protein_denoised",
+    protein_key_added: str | None = "protein_denoised",
     random_state: int | None = 0,
     progress_bar: bool = True,
     device: str = "auto",

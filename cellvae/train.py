@@ -13,7 +13,6 @@ import ctypes
 import logging
 import math
 import numbers
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ except ImportError:
 
 from . import _kernels
 from ._data import BatchSampler, TensorData, seeded_generator
+from ._registry import warn_user
 from .module._base import check_choice, check_flags
 from .nn import BF16WeightCopies, bf16_products
 
@@ -134,6 +134,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise a ValueError for options out of range, a TypeError for options of a wrong type."""
         integers = ("max_epochs", "batch_size", "seed", "n_epochs_kl_warmup", "lr_patience")
+        integers += ("eval_batch_size", "early_stopping_patience")
         reals = ("lr", "weight_decay", "eps", "validation_size", "kl_warmup_fraction")
         reals += ("early_stopping_min_delta", "lr_factor", "lr_min", "gradient_clip_val")
         optional = {"seed", "n_epochs_kl_warmup", "kl_warmup_fraction", "gradient_clip_val"}
@@ -153,13 +154,16 @@ class TrainConfig:
             reduce_lr_on_plateau=self.reduce_lr_on_plateau,
             progress_bar=self.progress_bar,
         )
-        patience = self.early_stopping_patience
-        if not isinstance(patience, numbers.Integral) or patience < 1:
+        if self.early_stopping_patience < 1:
             raise ValueError(
-                f"early_stopping_patience must be a positive integer, got {patience!r}."
+                f"early_stopping_patience must be at least 1, got {self.early_stopping_patience}."
             )
         if self.max_epochs < 1:
             raise ValueError(f"max_epochs must be at least 1, got {self.max_epochs}.")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be at least 1, got {self.eval_batch_size}.")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # torch's seed range
+            raise ValueError(f"seed must be a 64-bit integer or None, got {self.seed}.")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be at least 2 (batch norm), got {self.batch_size}.")
         for name in reals:
@@ -420,7 +424,8 @@ class Plateau:
 
     The rule of ``torch.optim.lr_scheduler.ReduceLROnPlateau(mode="min", threshold=0)``: an epoch
     improves when the monitored value is below the best so far; after more than ``patience``
-    epochs without improvement the rate is reduced (not below ``min_lr``) and the count restarts.
+    epochs without improvement the rate is reduced (not below ``min_lr``, and never raised: a
+    ``min_lr`` above the rate leaves it as it is) and the count restarts.
     """
 
     def __init__(self, factor: float, patience: int, min_lr: float = 0.0):
@@ -435,7 +440,7 @@ class Plateau:
         self.bad_epochs += 1
         if self.bad_epochs > self.patience:
             self.bad_epochs = 0
-            return max(lr * self.factor, self.min_lr)
+            return min(lr, max(lr * self.factor, self.min_lr))
         return lr
 
 
@@ -520,9 +525,9 @@ def train_module(
     skipped, raises :class:`TrainingError`.
 
     The history has one entry per epoch for ``train_*`` (averages over the epoch's minibatches)
-    and ``validation_*`` (a full pass in eval mode), where ``*`` is ``loss`` (with the KL weight
-    of the epoch), ``elbo`` (negative ELBO per cell), ``reconstruction`` and ``kl_local``, plus
-    ``kl_weight`` and ``lr``; modules that report more terms (TOTALVI's protein
+    and ``validation_*`` (a full pass in eval mode), where ``*`` is ``elbo`` (negative ELBO per
+    cell), ``reconstruction`` and ``kl_local``, plus ``train_loss`` (with the KL weight of the
+    epoch), ``kl_weight`` and ``lr``; modules that report more terms (TOTALVI's protein
     reconstruction and background KL) get ``train_*`` and ``validation_*`` entries for them too.
 
     With ``config.precision`` ``"bf16-mixed"`` (``"auto"`` on a CPU with bfloat16 instructions)
@@ -565,6 +570,12 @@ def train_module(
     )
 
     monitor_key = "validation_elbo" if len(val_idx) else "train_elbo"
+    if not len(val_idx) and (config.early_stopping or config.reduce_lr_on_plateau):
+        warn_user(
+            "No validation cells (validation_size is 0 or rounds to 0 cells): early stopping "
+            "and the learning-rate schedule monitor the training ELBO instead."
+        )
+    warned_validation = False
     best, bad_epochs = math.inf, 0
     # non-finite steps are skipped (Adam.step), so the weights need no copy; the batch-norm
     # statistics, updated by the forward pass itself, are restored from the last good epoch
@@ -622,12 +633,11 @@ def train_module(
                     "check the data for extreme values."
                 )
             if n_skipped:
-                warnings.warn(
+                warn_user(
                     f"Epoch {epoch + 1}: {n_skipped} of {steps_per_epoch} training steps had "
                     "non-finite gradients and were skipped (the weights are unchanged by them; "
                     "the epoch's averages leave them out).",
                     RuntimeWarning,
-                    stacklevel=2,
                 )
             done = len(history.get("epoch", ()))  # epochs recorded so far, by any train() call
             record = {
@@ -641,6 +651,14 @@ def train_module(
                 with bf16_products(bf16):
                     val = evaluate(module, data, val_idx, config.eval_batch_size, set_mode)
                 record.update({f"validation_{k}": v for k, v in val.items()})
+                if not math.isfinite(val["elbo"]) and not warned_validation:
+                    warned_validation = True
+                    warn_user(
+                        f"Epoch {epoch + 1}: the validation ELBO is {val['elbo']:.4g}, not "
+                        "finite, while training goes on; the model may be diverging on these "
+                        "cells. Try a lower lr or gradient_clip_val=1.0.",
+                        RuntimeWarning,
+                    )
             # every column keeps one entry per epoch, NaN where an epoch has no value (e.g. a
             # second train() call with another validation_size)
             for k in [*record, *(k for k in history if k not in record)]:

@@ -104,6 +104,8 @@ API: list[tuple[str, str, list[str], bool]] = [
     ("Plotting: `pl`", "cellvae.pl", [], True),
     ("Models", "cellvae", ["SCVI", "TOTALVI"], True),
     ("Datasets: `datasets`", "cellvae.datasets", ["kang_ifnb", "eccite_pbmc", "synthetic"], True),
+    ("Modules: `module`", "cellvae.module", ["VAE", "TOTALVAE"], False),
+    ("Training: `train`", "cellvae.train", ["TrainConfig", "TrainingError"], False),
     (
         "Neural network blocks: `nn`",
         "cellvae.nn",

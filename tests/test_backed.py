@@ -286,3 +286,32 @@ def test_getters_follow_a_replaced_layer_of_a_backed_anndata(tmp_path):
     np.testing.assert_allclose(model.get_latent_library_size().ravel(), 3 * before, rtol=1e-5)
     with pytest.raises(ValueError, match="save_anndata=True with a backed AnnData"):
         model.save(tmp_path / "m", save_anndata=True)  # its data are already on disk
+
+
+@pytest.mark.parametrize("max_span", [1 << 22, 7, 1])
+def test_row_totals_equal_scipy_with_stored_zeros(monkeypatch, max_span):
+    rng = np.random.default_rng(max_span)
+    m = sp.random(200, 15, density=0.3, format="csr", random_state=2, dtype=np.float32)
+    m.data[rng.random(m.nnz) < 0.4] = 0  # stored zeros, some rows only those
+    m.data[m.indptr[5] : m.indptr[6]] = 0
+    monkeypatch.setattr(_backed, "MAX_SPAN", max_span)
+    totals = BackedCSR(m.indptr, m.indices, m.data, m.shape).row_totals()
+    reference = np.asarray(m.astype(np.float64).sum(1)).ravel()
+    np.testing.assert_allclose(totals, reference, rtol=1e-12)
+    assert totals[5] == 0 and totals.dtype == np.float64
+
+
+def test_training_refuses_a_backed_cell_with_only_stored_zeros(tmp_path):
+    adata = cellvae.datasets.synthetic(120, 20, random_state=3)
+    cellvae.SCVI.setup_anndata(adata, batch_key="batch")
+    model = cellvae.SCVI(adata).train(max_epochs=1, progress_bar=False)
+    x = sp.csr_matrix(adata.X)
+    x.data[x.indptr[7] : x.indptr[8]] = 0  # cell 7 keeps its entries, all zero
+    assert x.indptr[8] > x.indptr[7]
+    query = ad.AnnData(x, obs=adata.obs.copy(), var=adata.var.copy())
+    query.write_h5ad(tmp_path / "query.h5ad")
+    query = ad.read_h5ad(tmp_path / "query.h5ad", backed="r")
+    with pytest.warns(UserWarning, match="1 cells have zero total counts"):
+        pp.transfer_setup(query, model)  # new data for a trained model: a warning
+    with pytest.raises(ValueError, match="1 cells have zero total counts"):
+        cellvae.SCVI(query).train(max_epochs=1, progress_bar=False)  # training: an error

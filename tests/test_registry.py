@@ -480,6 +480,25 @@ def _protein_names_wrong_length(a):
     a.uns["adt_names"] = ["A", "B"]
 
 
+def _protein_names_repeated_df(a):
+    a.obsm["protein_expression"].columns = ["A", "B", "A", "C"]
+
+
+def _protein_names_repeated_as_text(a):
+    a.obsm["protein_expression"].columns = [1, "1", "x", "y"]  # one name as text
+
+
+def _protein_names_repeated_uns(a):
+    a.obsm["adt"] = a.obsm["protein_expression"].to_numpy()
+    a.uns["adt_names"] = ["A", "B", "B", "C"]
+
+
+def _beyond_float32(a):
+    x = dense(a.X).astype(np.float64)
+    x[4, 2] = 1e39  # finite in float64, inf in the models' float32
+    a.X = x
+
+
 def _string_counts(a):
     a.layers["text"] = np.full(a.shape, "1", dtype=object)
 
@@ -600,6 +619,28 @@ BAD = [
         ValueError,
         r"Got 2 protein names for 4 protein columns.*one name per column",
     ),
+    (
+        "protein-names-repeated-df",
+        _protein_names_repeated_df,
+        {"protein_expression_obsm_key": "protein_expression"},
+        ValueError,
+        r"\['A'\] appear more than once in obsm\['protein_expression'\]'s columns",
+    ),
+    (
+        "protein-names-repeated-as-text",
+        _protein_names_repeated_as_text,
+        {"protein_expression_obsm_key": "protein_expression"},
+        ValueError,
+        r"Protein names must be unique, but \['1'\] appear more than once",
+    ),
+    (
+        "protein-names-repeated-uns",
+        _protein_names_repeated_uns,
+        {"protein_expression_obsm_key": "adt", "protein_names_uns_key": "adt_names"},
+        ValueError,
+        r"\['B'\] appear more than once in uns\['adt_names'\]",
+    ),
+    ("beyond-float32", _beyond_float32, {}, ValueError, r"1 NaN or infinite.*float32's range"),
 ]
 
 
@@ -1024,3 +1065,48 @@ def test_integer_batches_read_back_as_floats_keep_their_codes(categorical):
     query.obs["run"] = np.where(runs == 2, 2.5, runs)  # a value the reference never had
     with pytest.raises(ValueError, match=r"\['2.5'\] not seen"):
         pp.transfer_setup(query, ref)
+
+
+def _split_entries(x: sp.csr_matrix, first: np.ndarray, second: np.ndarray) -> sp.csr_matrix:
+    """``x`` with every stored entry written twice, as ``first`` and ``second`` (non-canonical)."""
+    rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
+    order = np.argsort(np.concatenate([rows, rows]), kind="stable")
+    data = np.concatenate([first, second])[order]
+    indices = np.concatenate([x.indices, x.indices])[order]
+    out = sp.csr_matrix((data, indices, 2 * x.indptr), shape=x.shape)
+    assert not out.has_canonical_format
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc"])  # anndata stores no COO
+def test_repeated_entries_are_validated_and_counted_as_their_sums(fmt):
+    adata = make()
+    x = sp.csr_matrix(adata.X)
+    cellvae.SCVI.setup_anndata(adata)
+    expected = adata.uns[UNS_KEY]
+    for first, second in [
+        (x.data / 2, x.data / 2),  # halves of integers: the sums are integers
+        (x.data + 1, -np.ones_like(x.data)),  # a stored -1: the sums are the counts
+    ]:
+        split = _split_entries(x, first, second)
+        np.testing.assert_array_equal(split.toarray(), x.toarray())  # scipy sums repeated entries
+        if fmt != "csr":
+            split = split.asformat(fmt)
+            split.has_canonical_format = False
+        other = ad.AnnData(split, obs=adata.obs.copy(), var=adata.var.copy())
+        stored = [a.copy() for a in _arrays(split)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no non-integer warning, no negative values
+            cellvae.SCVI.setup_anndata(other)
+        for before, after in zip(stored, _arrays(split), strict=True):
+            np.testing.assert_array_equal(before, after)  # the user's matrix as it was
+        got = other.uns[UNS_KEY]
+        assert got["n_nonzero"] == expected["n_nonzero"] == x.nnz
+        np.testing.assert_allclose(got["library_log_means"], expected["library_log_means"])
+    with pytest.raises(ValueError, match="negative values"):  # a negative sum stays refused
+        bad = _split_entries(x, x.data, -x.data - 1)
+        pp.setup_anndata(ad.AnnData(bad))
+
+
+def _arrays(m) -> list[np.ndarray]:
+    return [m.data, m.indices, m.indptr]

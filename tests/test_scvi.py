@@ -1262,7 +1262,7 @@ def test_getter_and_train_options_out_of_range_raise_clear_errors(trained):
     fresh = cellvae.SCVI(_setup(40, 8))
     with pytest.raises(TypeError, match="validation_size must be a number, got None"):
         fresh.train(max_epochs=1, validation_size=None, progress_bar=False)
-    with pytest.raises(ValueError, match="early_stopping_patience must be a positive integer"):
+    with pytest.raises(TypeError, match="early_stopping_patience must be an integer, got 1.5"):
         fresh.train(max_epochs=1, early_stopping_patience=1.5, progress_bar=False)
     with pytest.raises(ValueError, match="library_size must be a positive number within"):
         model.get_normalized_expression(library_size=float("inf"))
@@ -1282,6 +1282,8 @@ def test_getter_and_train_options_out_of_range_raise_clear_errors(trained):
         ({"seed": "3"}, "seed must be an integer"),
         ({"n_epochs_kl_warmup": 2.5}, "n_epochs_kl_warmup must be an integer"),
         ({"gradient_clip_val": True}, "gradient_clip_val must be a number"),
+        ({"eval_batch_size": 2.5}, "eval_batch_size must be an integer"),
+        ({"early_stopping_patience": True}, "early_stopping_patience must be an integer"),
     ]:
         with pytest.raises(TypeError, match=message):
             fresh.train(max_epochs=1, progress_bar=False, **option)
@@ -1633,3 +1635,120 @@ def test_getter_docstrings_have_their_shared_entries_filled_in():
             assert not any(k in doc for k in ("{adata}", "{indices}", "{batch_size}")), name
             if name.startswith("get_") or name == "posterior_predictive_sample":
                 assert doc.count("\n        indices\n") == 1, name  # each getter documents it
+
+
+# ---------------------------------------------------------------- the seventh audit (session 35)
+def test_train_options_out_of_range_are_refused_before_any_change():
+    model = cellvae.SCVI(_setup(60, 10))
+    for option, message in [
+        ({"eval_batch_size": 0}, "eval_batch_size must be at least 1, got 0"),
+        ({"early_stopping_patience": 0}, "early_stopping_patience must be at least 1"),
+        ({"seed": 2**64}, "seed must be a 64-bit integer"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            model.train(max_epochs=1, progress_bar=False, **option)
+    if not torch.cuda.is_available():  # an unavailable device: refused before the split
+        with pytest.raises(ValueError, match="'cuda' was requested"):
+            model.train(max_epochs=1, validation_size=0.5, device="cuda", progress_bar=False)
+    assert model.module_ is None and not model.history_
+    assert getattr(model, "validation_indices_", None) is None
+    model.train(max_epochs=1, seed=-5, progress_bar=False)  # torch's seeds may be negative
+    n_val = len(model.validation_indices_)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="'cuda' was requested"):
+            model.train(max_epochs=1, validation_size=0.5, device="cuda", progress_bar=False)
+    assert len(model.validation_indices_) == n_val and len(model.history) == 1
+
+
+def test_unknown_train_option_names_the_closest_and_the_allowed():
+    model = cellvae.SCVI(_setup(60, 10))
+    with pytest.raises(TypeError, match=r"'early_stoping': did you mean 'early_stopping'\?.*"
+                       r"allowed: \[.*'lr_min'"):  # fmt: skip
+        model.train(early_stoping=True)
+    with pytest.raises(TypeError, match="scvi-tools' n_steps_kl_warmup: n_epochs_kl_warmup"):
+        model.train(n_steps_kl_warmup=100)
+
+
+def test_early_stopping_without_validation_cells_warns():
+    model = cellvae.SCVI(_setup(60, 10))
+    with pytest.warns(UserWarning, match="No validation cells") as record:
+        model.train(max_epochs=2, validation_size=0, early_stopping=True, progress_bar=False)
+    assert record[0].filename == __file__  # the user's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.train(max_epochs=1, validation_size=0, progress_bar=False)  # nothing monitored
+
+
+def test_a_non_finite_validation_elbo_warns_once(monkeypatch):
+    import cellvae.train as training
+
+    real = training.evaluate
+
+    def broken(*args, **kwargs):  # as a model diverging on the held-out cells
+        return {**real(*args, **kwargs), "elbo": float("nan")}
+
+    monkeypatch.setattr(training, "evaluate", broken)
+    model = cellvae.SCVI(_setup(60, 10))
+    with pytest.warns(RuntimeWarning, match="Epoch 1: the validation ELBO is nan") as record:
+        model.train(max_epochs=3, progress_bar=False)
+    assert sum("validation ELBO" in str(w.message) for w in record) == 1
+    assert model.history["validation_elbo"].isna().all() and len(model.history) == 3
+
+
+def test_equal_depth_cells_get_a_finite_latent_library_prior():
+    # cells downsampled to one depth: the log library's variance is 0 (1e-31 in rounding), and a
+    # prior of that variance made the ELBO ~1e31
+    rng = np.random.default_rng(0)
+    counts = np.stack([rng.multinomial(200, np.ones(40) / 40) for _ in range(200)])
+    adata = ad.AnnData(counts.astype(np.float32))
+    cellvae.SCVI.setup_anndata(adata)
+    assert adata.uns[UNS_KEY]["library_log_vars"] == [cellvae.pp.LIBRARY_VAR_FLOOR]
+    model = cellvae.SCVI(adata, use_observed_lib_size=False)
+    model.train(max_epochs=20, progress_bar=False)
+    assert np.all(model.history["train_elbo"] < 1e4)  # was ~1.7e31 in every epoch
+    assert np.isfinite(model.get_elbo()) and -model.get_elbo() < 1e5
+
+
+def test_tl_scvi_layer_with_size_factors_is_expression_at_size_factor_one():
+    adata = cellvae.datasets.synthetic(120, 20, n_batches=2)
+    library = np.asarray(adata.X.sum(1)).ravel()
+    adata.obs["sf"] = library / library.mean()
+    cellvae.tl.scvi(
+        adata, batch_key="batch", size_factor_key="sf", layer_added="expr", max_epochs=2,
+        progress_bar=False,
+    )  # fmt: skip
+    reference = ad.AnnData(adata.X.copy(), obs=adata.obs[["batch", "sf"]].copy())
+    cellvae.SCVI.setup_anndata(reference, batch_key="batch", size_factor_key="sf")
+    model = cellvae.SCVI(reference).train(max_epochs=2, progress_bar=False)
+    expected = model.get_normalized_expression(
+        transform_batch=["batch0", "batch1"], library_size=1.0, return_numpy=True
+    )
+    np.testing.assert_allclose(adata.layers["expr"], expected, rtol=1e-5, atol=1e-7)
+    assert np.median(adata.layers["expr"].sum(1)) < 10 * library.mean()  # not 1e4 times
+
+
+def test_setup_anndata_of_the_models_documents_every_parameter():
+    import inspect
+
+    for fn in (cellvae.SCVI.setup_anndata, cellvae.TOTALVI.setup_anndata):
+        doc = inspect.cleandoc(fn.__doc__)
+        section = doc.split("Parameters\n----------\n")[1].split("\n\n")[0]
+        documented = [line for line in section.splitlines() if not line.startswith(" ")]
+        assert documented == list(inspect.signature(fn).parameters), fn
+        assert "{setup_parameters}" not in fn.__doc__
+        # the shared text is pp.setup_anndata's
+        assert "Column of ``obs`` with the batch of each cell" in section
+
+
+def test_model_flags_and_norm_places_are_checked_by_the_constructor():
+    adata = _setup(60, 10)
+    with pytest.raises(TypeError, match="encode_covariates must be True or False"):
+        cellvae.SCVI(adata, encode_covariates="False")  # no train() needed to find out
+    with pytest.raises(ValueError, match="use_batch_norm must be one of"):
+        cellvae.SCVI(adata, use_batch_norm="encoders")
+    with pytest.raises(TypeError, match="use_layer_norm must be 'encoder', 'decoder'"):
+        cellvae.SCVI(adata, use_layer_norm=None)
+    model = cellvae.SCVI(adata, use_batch_norm=False, use_layer_norm=True)  # booleans: none/both
+    module = model._build_module()
+    kinds = {type(m).__name__ for m in module.modules()}
+    assert "LayerNorm" in kinds and "BatchNorm1d" not in kinds

@@ -613,8 +613,8 @@ def test_bad_inputs_give_clear_errors():
     cellvae.TOTALVI.setup_anndata(adata, protein_expression_obsm_key="protein_expression")
     with pytest.raises(ValueError, match="protein_dispersion must be one of"):
         cellvae.TOTALVI(adata, protein_dispersion="protein-cell")
-    with pytest.raises(TypeError, match="use_batch_norm must be True or False, got 'both'"):
-        cellvae.TOTALVI(adata, use_batch_norm="both").train(max_epochs=1, progress_bar=False)
+    with pytest.raises(ValueError, match=r"use_batch_norm must be one of .*, got 'False'"):
+        cellvae.TOTALVI(adata, use_batch_norm="False")  # a string "False" is no False
     with pytest.raises(TypeError, match="Unknown TOTALVI options"):
         cellvae.TOTALVI(adata, n_hiden=3)
     assert cellvae.TOTALVI._train_defaults == {
@@ -702,3 +702,21 @@ def test_totalvi_trains_without_batch_norm_or_with_layer_norm(norm):
     assert (torch.nn.LayerNorm in norms) == norm.get("use_layer_norm", False)
     rna, protein = model.get_normalized_expression(return_numpy=True)
     assert np.isfinite(rna).all() and np.isfinite(protein).all()
+
+
+@pytest.mark.parametrize("place", ["encoder", "decoder", "both", "none"])
+def test_totalvi_takes_scvi_tools_norm_places(place):
+    # scvi-tools' TOTALVAE takes use_batch_norm / use_layer_norm as "encoder", "decoder", "both"
+    # or "none"; cellvae took only True / False and raised at train()
+    adata = cellvae.datasets.synthetic(120, 20, n_batches=2, n_proteins=4, random_state=3)
+    cellvae.TOTALVI.setup_anndata(
+        adata, batch_key="batch", protein_expression_obsm_key="protein_expression"
+    )
+    model = cellvae.TOTALVI(adata, n_hidden=16, n_latent=4, use_layer_norm=place)
+    model.train(max_epochs=1, progress_bar=False)
+    for part, normalised in (("encoder", ("encoder", "both")), ("decoder", ("decoder", "both"))):
+        kinds = {type(m) for m in getattr(model.module, part).modules()}
+        assert (torch.nn.LayerNorm in kinds) == (place in normalised)
+        assert torch.nn.BatchNorm1d in kinds  # the default, "both"
+    with pytest.raises(ValueError, match="use_batch_norm must be one of"):
+        cellvae.TOTALVI(adata, use_batch_norm="decoders")  # the constructor checks it

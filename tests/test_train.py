@@ -566,3 +566,21 @@ def test_train_options_out_of_range_are_rejected_before_training():
     for kwargs, error, message in bad:
         with pytest.raises(error, match=message):
             TrainConfig(**kwargs).validate()
+
+
+@pytest.mark.parametrize("min_lr", [0.0, 0.3, 2.0])  # 2.0: above the rate itself
+def test_plateau_never_raises_the_rate_as_torch(min_lr):
+    rng = np.random.default_rng(int(min_lr * 10))
+    values = np.cumsum(rng.normal(0, 1, 60)).tolist()  # a random walk: plateaus and gains
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min", factor=0.6, patience=1, threshold=0.0, min_lr=min_lr
+    )
+    ours, lr = Plateau(0.6, 1, min_lr), 1.0
+    for v in values:
+        ref.step(v)
+        new = ours.step(v, lr)
+        assert new <= lr  # a min_lr above the rate raised it 500-fold at the first plateau
+        lr = new
+        assert lr == pytest.approx(opt.param_groups[0]["lr"])

@@ -95,8 +95,9 @@ def synthetic(
 ) -> ad.AnnData:
     """Draw negative-binomial counts with cell types, batch effects and optional proteins.
 
-    Each cell type has its own log-mean profile; each batch multiplies every gene by
-    ``exp(batch_effect · N(0, 1))``; library sizes are log-normal. Proteins (if any) are a
+    Each cell type has its own log-mean profile; batch 0 is the reference and each other
+    batch multiplies every gene by ``exp(batch_effect · N(0, 1))``; library sizes are
+    log-normal. Proteins (if any) are a
     mixture of a per-batch background and a cell-type-specific foreground.
 
     Parameters
@@ -110,7 +111,8 @@ def synthetic(
     n_proteins
         Number of proteins written to ``obsm["protein_expression"]`` (a DataFrame); 0 for none.
     batch_effect
-        Standard deviation of the per-gene log fold change between batches.
+        Standard deviation of the per-gene log fold change of each batch against batch 0
+        (between two other batches it is ``√2 · batch_effect``).
     sparse
         Store ``.X`` as CSR (default) or as a dense array.
     random_state

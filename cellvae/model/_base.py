@@ -15,7 +15,7 @@ import os
 import secrets
 import tempfile
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import torch
 from .. import pp
 from .._data import TensorData, split_indices
 from .._registry import UNS_KEY, Registry, category_positions, get_counts, warn_user
-from ..module._base import check_flags
+from ..module._base import check_flags, norm_places
 from ..train import (
     TrainConfig,
     _keep_freed_memory_in_heap,
@@ -599,13 +599,18 @@ class BaseModel:
             Number of passes over the training cells; default from the data size, as in
             scvi-tools (``min(400, 20000 / n_cells · 400)``).
         batch_size
-            Cells per minibatch.
+            Cells per minibatch. None: the model's default, as in scvi-tools (SCVI 128,
+            TOTALVI 256).
         lr
-            Adam learning rate.
+            Adam learning rate. None: the model's default (SCVI 1e-3, TOTALVI 4e-3).
         validation_size
             Fraction of cells held out for validation (seeded split).
         early_stopping
-            Stop when the validation ELBO has not improved for ``early_stopping_patience``.
+            Stop when the validation ELBO has not improved by more than
+            ``early_stopping_min_delta`` for ``early_stopping_patience`` epochs (default 45);
+            the weights are those of the last epoch. None: the model's default (SCVI off,
+            TOTALVI on; TOTALVI also lowers the learning rate on plateaus,
+            ``reduce_lr_on_plateau=True``, as scvi-tools' totalVI does).
         seed
             Seeds the split, the shuffling, the initialisation, dropout and sampling: the same
             seed gives the same model on CPU from the same kind of data and in the same
@@ -620,7 +625,8 @@ class BaseModel:
             Further :class:`~cellvae.train.TrainConfig` fields: ``weight_decay``, ``eps``,
             ``kl_warmup_fraction``, ``n_epochs_kl_warmup``, ``early_stopping_patience``,
             ``early_stopping_min_delta``, ``reduce_lr_on_plateau``, ``lr_factor``,
-            ``lr_patience``, ``gradient_clip_val``. The KL weight rises linearly to 1 over
+            ``lr_patience``, ``lr_min``, ``gradient_clip_val``, ``eval_batch_size`` (cells per
+            validation minibatch, default 128). The KL weight rises linearly to 1 over
             ``kl_warmup_fraction`` (default 0.75) of ``max_epochs``, or over
             ``n_epochs_kl_warmup`` epochs when given, step by step; scvi-tools' default is a
             fixed 400 epochs, raised once per epoch (``n_epochs_kl_warmup=400`` comes closest).
@@ -652,8 +658,13 @@ class BaseModel:
         """
         unknown = set(train_options) - set(TrainConfig.__dataclass_fields__)
         if unknown:
+            options = sorted(TrainConfig.__dataclass_fields__)
+            close = {k: difflib.get_close_matches(k, options, n=1) for k in sorted(unknown)}
+            close_hint = "; ".join(f"{k!r}: did you mean {m[0]!r}?" for k, m in close.items() if m)
             raise TypeError(
-                f"Unknown training options {sorted(unknown)}."
+                f"Unknown training options {sorted(unknown)}"
+                + (f" ({close_hint})" if close_hint else "")
+                + f"; allowed: {options}."
                 + _renamed_hint(unknown)
                 + (
                     " train() fits the model's own AnnData (given to the constructor or to "
@@ -685,6 +696,7 @@ class BaseModel:
             **options,
         )
         config.validate()
+        resolve_device(device)  # an unavailable device is refused before anything changes
         if self.module_ is None:
             with torch.random.fork_rng(devices=[]):
                 if seed is not None:
@@ -912,6 +924,8 @@ _SCVI_TOOLS_OPTIONS = {
     "train_size": "validation_size=1 - train_size",
     "enable_progress_bar": "progress_bar",
     "plan_kwargs": "its options themselves (lr=..., weight_decay=..., n_epochs_kl_warmup=...)",
+    "n_steps_kl_warmup": "n_epochs_kl_warmup or kl_warmup_fraction (the weight rises by step)",
+    "check_val_every_n_epoch": "nothing (cellvae validates every epoch, ~5% of its time)",
 }
 
 
@@ -921,14 +935,21 @@ def _renamed_hint(unknown: set[str]) -> str:
     return " Instead of scvi-tools' " + "; ".join(hints) + "." if hints else ""
 
 
-def check_model_options(cls: type, given: Iterable[str], allowed: set[str]) -> None:
+def check_model_options(cls: type, given: Mapping[str, Any], allowed: set[str]) -> None:
     """Raise a TypeError for a model's unknown options, naming training options passed to it.
 
     ``allowed`` are the options ``cls`` takes through ``**kwargs``; the message lists them with
-    the named parameters of its constructor, and the closest names to a mistyped one.
+    the named parameters of its constructor, and the closest names to a mistyped one. The
+    values of the flags and normalisation places among ``given`` are checked too (the module
+    is built by ``train``: a bad value would otherwise surface there).
     """
     unknown = set(given) - allowed
     if not unknown:
+        for name, value in given.items():
+            if name in ("use_batch_norm", "use_layer_norm"):
+                norm_places(name, value)
+            elif name in ("encode_covariates", "deeply_inject_covariates", "log_variational"):
+                check_flags(**{name: value})
         return
     named = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "adata")]
     options = sorted({p for p in named if p != "module_kwargs"} | allowed)

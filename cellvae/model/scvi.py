@@ -46,9 +46,10 @@ class SCVI(BaseModel):
     use_observed_lib_size
         Use the observed library size (default) or learn it with a per-batch prior.
     **module_kwargs
-        Further :class:`cellvae.module.VAE` options: ``encode_covariates``,
-        ``deeply_inject_covariates``, ``use_batch_norm``, ``use_layer_norm``,
-        ``log_variational``.
+        Further :class:`cellvae.module.VAE` options: ``encode_covariates`` (also give the
+        batch and covariates to the encoder; default False), ``deeply_inject_covariates``,
+        ``use_batch_norm`` and ``use_layer_norm`` (``"encoder"``, ``"decoder"``, ``"both"`` or
+        ``"none"``; default ``"both"`` and ``"none"``), ``log_variational``.
 
     Examples
     --------
@@ -100,6 +101,15 @@ class SCVI(BaseModel):
         VAE._check_options(dispersion, gene_likelihood, latent_distribution)
 
     @staticmethod
+    @pp.setup_doc(
+        "adata",
+        "layer",
+        "batch_key",
+        "labels_key",
+        "size_factor_key",
+        "categorical_covariate_keys",
+        "continuous_covariate_keys",
+    )
     def setup_anndata(
         adata,
         *,
@@ -111,6 +121,10 @@ class SCVI(BaseModel):
         continuous_covariate_keys: str | Sequence[str] | None = None,
     ) -> None:
         """Register ``adata`` for SCVI; see :func:`cellvae.pp.setup_anndata`.
+
+        Parameters
+        ----------
+        {setup_parameters}
 
         Examples
         --------
@@ -264,7 +278,9 @@ class SCVI(BaseModel):
             them in ``var_names`` order: with ``return_numpy=True`` the columns then differ.
         library_size
             Scale the expression to this library size, or ``"latent"`` for the cell's own
-            (observed or inferred) library.
+            (observed or inferred) library. With registered size factors the decoder's scale
+            is a softplus, not a softmax (as in scvi-tools): its values are the expected counts
+            at size factor 1, which ``library_size`` multiplies, and rows do not sum to it.
         n_samples
             Average over this many posterior samples of z and of an inferred library (1: use
             their posterior means).
@@ -336,6 +352,7 @@ class SCVI(BaseModel):
         """Return the importance-sampled marginal log-likelihood log p(x) per cell.
 
         Higher is better (the same quantity, and sign, as scvi-tools' ``get_marginal_ll``).
+        Needs ``latent_distribution="normal"`` (NotImplementedError for ``"ln"``).
 
         Parameters
         ----------

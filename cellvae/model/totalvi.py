@@ -62,8 +62,9 @@ class TOTALVI(BaseModel):
     use_observed_lib_size
         Use the observed gene library size instead of the latent one (totalVI's default).
     **module_kwargs
-        Further :class:`cellvae.module.TOTALVAE` options: ``use_batch_norm``,
-        ``use_layer_norm``, ``adversarial_weight``.
+        Further :class:`cellvae.module.TOTALVAE` options: ``use_batch_norm`` and
+        ``use_layer_norm`` (``"encoder"``, ``"decoder"``, ``"both"`` or ``"none"``, as in
+        scvi-tools; default ``"both"`` and ``"none"``), ``adversarial_weight``.
 
     Examples
     --------
@@ -130,6 +131,15 @@ class TOTALVI(BaseModel):
 
     # ------------------------------------------------------------------ setup
     @staticmethod
+    @pp.setup_doc(
+        "layer",
+        "batch_key",
+        "labels_key",
+        "protein_names_uns_key",
+        "categorical_covariate_keys",
+        "continuous_covariate_keys",
+        "size_factor_key",
+    )
     def setup_anndata(
         adata,
         *,
@@ -144,8 +154,15 @@ class TOTALVI(BaseModel):
     ) -> None:
         """Register ``adata`` (RNA counts and ``obsm`` proteins) for TOTALVI.
 
-        See :func:`cellvae.pp.setup_anndata` for the arguments; ``protein_expression_obsm_key``
-        is required.
+        As :func:`cellvae.pp.setup_anndata`, with ``protein_expression_obsm_key`` required.
+
+        Parameters
+        ----------
+        adata
+            AnnData with raw RNA counts (not a view).
+        protein_expression_obsm_key
+            Key of ``obsm`` with raw protein (ADT) counts, a DataFrame or an array (required).
+        {setup_parameters}
 
         Examples
         --------
@@ -434,6 +451,9 @@ class TOTALVI(BaseModel):
             scvi-tools returns them in the model's order.
         library_size
             Scale the RNA to this library size, or ``"latent"`` for the cell's own library.
+            With registered size factors the RNA scale is a softplus (as in scvi-tools): its
+            values are the expected counts at size factor 1, which ``library_size``
+            multiplies, and rows do not sum to it.
         n_samples
             Average over this many posterior samples (1: the posterior means, deterministic
             unless ``sample_protein_mixing``).

@@ -130,3 +130,24 @@ def check_choice(name: str, value, options) -> None:
     """Raise a ValueError naming the allowed values when ``value`` is not one of ``options``."""
     if value not in options:
         raise ValueError(f"{name} must be one of {list(options)}, got {value!r}.")
+
+
+def norm_places(name: str, value) -> tuple[bool, bool]:
+    """Whether the encoder and the decoder normalise, from ``use_batch_norm``-like options.
+
+    scvi-tools' names (``"encoder"``, ``"decoder"``, ``"both"``, ``"none"``), or True / False
+    for both / none.
+
+    Examples
+    --------
+    >>> norm_places("use_batch_norm", "decoder"), norm_places("use_layer_norm", False)
+    ((False, True), (False, False))
+    """
+    if isinstance(value, bool | np.bool_):
+        return bool(value), bool(value)
+    if not isinstance(value, str):
+        raise TypeError(
+            f"{name} must be 'encoder', 'decoder', 'both', 'none', True or False, got {value!r}."
+        )
+    check_choice(name, value, ("encoder", "decoder", "both", "none"))
+    return value in ("encoder", "both"), value in ("decoder", "both")

@@ -39,6 +39,7 @@ from ._base import (
     kl_normal,
     kl_normal_elementwise,
     latent_kl,
+    norm_places,
 )
 
 GeneDispersion = Literal["gene", "gene-batch", "gene-label"]
@@ -137,7 +138,8 @@ class TOTALVAE(nn.Module):
         ``(n_batch, n_proteins)`` booleans, True where the batch measured the protein; default
         all True.
     use_batch_norm, use_layer_norm
-        Normalisation in the encoder and decoder stacks.
+        Where to normalise: ``"encoder"``, ``"decoder"``, ``"both"`` or ``"none"``
+        (scvi-tools' names; True and False mean both and none).
     adversarial_classifier
         Add the adversarial batch classifier on z (only with more than one batch).
     adversarial_weight
@@ -181,8 +183,8 @@ class TOTALVAE(nn.Module):
         protein_background_prior_mean=None,
         protein_background_prior_scale=None,
         protein_batch_mask=None,
-        use_batch_norm: bool = True,
-        use_layer_norm: bool = False,
+        use_batch_norm: Literal["encoder", "decoder", "none", "both"] | bool = "both",
+        use_layer_norm: Literal["encoder", "decoder", "none", "both"] | bool = "none",
         adversarial_classifier: bool = False,
         adversarial_weight: float = 1.0,
     ):
@@ -193,10 +195,10 @@ class TOTALVAE(nn.Module):
         check_flags(
             use_observed_lib_size=use_observed_lib_size,
             use_size_factor_key=use_size_factor_key,
-            use_batch_norm=use_batch_norm,
-            use_layer_norm=use_layer_norm,
             adversarial_classifier=adversarial_classifier,
         )
+        bn_enc, bn_dec = norm_places("use_batch_norm", use_batch_norm)
+        ln_enc, ln_dec = norm_places("use_layer_norm", use_layer_norm)
         self.n_input_genes, self.n_input_proteins = n_input_genes, n_input_proteins
         self.n_batch, self.n_labels, self.n_latent = n_batch, n_labels, n_latent
         self.gene_dispersion = gene_dispersion
@@ -250,8 +252,8 @@ class TOTALVAE(nn.Module):
             n_hidden=n_hidden,
             dropout_rate=dropout_rate_encoder,
             distribution=latent_distribution,
-            use_batch_norm=use_batch_norm,
-            use_layer_norm=use_layer_norm,
+            use_batch_norm=bn_enc,
+            use_layer_norm=ln_enc,
             latent_library=not self.use_observed_lib_size,
         )
         self.decoder = DecoderTOTALVI(
@@ -262,8 +264,8 @@ class TOTALVAE(nn.Module):
             n_layers=n_layers_decoder,
             n_hidden=n_hidden,
             dropout_rate=dropout_rate_decoder,
-            use_batch_norm=use_batch_norm,
-            use_layer_norm=use_layer_norm,
+            use_batch_norm=bn_dec,
+            use_layer_norm=ln_dec,
             scale_activation="softplus" if use_size_factor_key else "softmax",
             zero_inflation=gene_likelihood == "zinb",
         )

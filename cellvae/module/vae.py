@@ -26,6 +26,7 @@ from ._base import (
     decoder_input,
     kl_normal,
     latent_kl,
+    norm_places,
     tile_cells,
 )
 
@@ -63,7 +64,8 @@ class VAE(nn.Module):
     deeply_inject_covariates
         Inject covariates into every hidden layer of the decoder, not just the first.
     use_batch_norm, use_layer_norm
-        Where to normalise: ``"encoder"``, ``"decoder"``, ``"both"`` or ``"none"``.
+        Where to normalise: ``"encoder"``, ``"decoder"``, ``"both"`` or ``"none"`` (True and
+        False mean both and none).
     use_size_factor_key
         Use registered size factors (``log`` of them) as the library; softplus scale.
     use_observed_lib_size
@@ -90,8 +92,8 @@ class VAE(nn.Module):
         latent_distribution: Literal["normal", "ln"] = "normal",
         encode_covariates: bool = False,
         deeply_inject_covariates: bool = True,
-        use_batch_norm: Literal["encoder", "decoder", "none", "both"] = "both",
-        use_layer_norm: Literal["encoder", "decoder", "none", "both"] = "none",
+        use_batch_norm: Literal["encoder", "decoder", "none", "both"] | bool = "both",
+        use_layer_norm: Literal["encoder", "decoder", "none", "both"] | bool = "none",
         use_size_factor_key: bool = False,
         use_observed_lib_size: bool = True,
         library_log_means: Sequence[float] | None = None,
@@ -106,8 +108,6 @@ class VAE(nn.Module):
             use_size_factor_key=use_size_factor_key,
             use_observed_lib_size=use_observed_lib_size,
         )
-        for name, value in (("use_batch_norm", use_batch_norm), ("use_layer_norm", use_layer_norm)):
-            check_choice(name, value, ("encoder", "decoder", "none", "both"))
         self.n_input, self.n_batch, self.n_labels = n_input, n_batch, n_labels
         self.n_latent = n_latent
         self.dispersion = dispersion
@@ -139,10 +139,8 @@ class VAE(nn.Module):
         cat_list = [n_batch, *(n_cats_per_cov or [])]
         enc_cats = cat_list if encode_covariates else None
         n_enc_in = n_input + n_continuous_cov * encode_covariates
-        bn_enc = use_batch_norm in ("encoder", "both")
-        bn_dec = use_batch_norm in ("decoder", "both")
-        ln_enc = use_layer_norm in ("encoder", "both")
-        ln_dec = use_layer_norm in ("decoder", "both")
+        bn_enc, bn_dec = norm_places("use_batch_norm", use_batch_norm)
+        ln_enc, ln_dec = norm_places("use_layer_norm", use_layer_norm)
         self.z_encoder = Encoder(
             n_enc_in,
             n_latent,
