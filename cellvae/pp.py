@@ -68,15 +68,25 @@ def _obs_column(adata, key: str, what: str) -> pd.Series:
     return adata.obs[key]
 
 
-def _categories(adata, key: str | None, what: str) -> tuple[str, ...]:
+def _categories(adata, key: str | None, what: str, *, can_fill: bool = True) -> tuple[str, ...]:
+    """The categories of ``obs[key]`` that occur, as text (``("0",)`` without a key).
+
+    ``can_fill``: whether a new category may be made of the missing values (not in data for a
+    trained model, whose categories are fixed): the error's advice depends on it.
+    """
     if key is None:
         return ("0",)
     col = _obs_column(adata, key, what)
     if col.isna().any():
+        fill = (
+            f"Fill them (e.g. adata.obs[{key!r}] = adata.obs[{key!r}].astype(str) to make 'nan' "
+            "a category) or drop those cells"
+            if can_fill
+            else "The reference has no category for them: drop those cells"
+        )
         raise ValueError(
-            f"obs[{key!r}] ({what}) has {int(col.isna().sum())} missing (NaN) values. Fill "
-            f"them (e.g. adata.obs[{key!r}] = adata.obs[{key!r}].astype(str) to make 'nan' a "
-            f"category) or drop those cells: adata = adata[adata.obs[{key!r}].notna()].copy()."
+            f"obs[{key!r}] ({what}) has {int(col.isna().sum())} missing (NaN) values. {fill}: "
+            f"adata = adata[adata.obs[{key!r}].notna()].copy()."
         )
     if isinstance(col.dtype, pd.CategoricalDtype):
         # the categories that occur, found from the codes: no string per cell (at 1M cells
@@ -553,7 +563,7 @@ def registry_like(
     kwargs = ref.setup_kwargs()
     cats: dict[str, tuple[str, ...]] = {}
     if ref.batch_key is not None:
-        new = _categories(adata, ref.batch_key, "batch_key")
+        new = _categories(adata, ref.batch_key, "batch_key", can_fill=extend_categories)
         cats["batch"] = _extend(
             ref.batch_categories, new, ref.batch_key, extend_categories, unseen_hint
         )
@@ -566,7 +576,7 @@ def registry_like(
         else:
             kwargs["labels_key"] = None
     for key, known in zip(ref.categorical_covariate_keys, ref.categorical_covariate_categories):
-        new = _categories(adata, key, "categorical covariate")
+        new = _categories(adata, key, "categorical covariate", can_fill=extend_categories)
         cats[f"cat:{key}"] = _extend(known, new, key, extend_categories, unseen_hint)
     names_key = ref.protein_names_uns_key
     if names_key is not None and names_key not in adata.uns:
@@ -578,7 +588,15 @@ def registry_like(
         and kwargs["protein_names_uns_key"] is None
         and not isinstance(adata.obsm[obsm_key], pd.DataFrame)
     )
-    if unnamed and reg.n_proteins == ref.n_proteins:  # a plain array: the reference's, by position
+    if unnamed and reg.n_proteins != ref.n_proteins:  # its placeholder names mean nothing
+        more = ", ..." if ref.n_proteins > 5 else ""
+        raise ValueError(
+            f"obsm[{obsm_key!r}] has {reg.n_proteins} protein columns; the reference has "
+            f"{ref.n_proteins} ({', '.join(ref.protein_names[:5])}{more}). Give one column per "
+            "reference protein, in its order (absent proteins as zero columns), or a DataFrame "
+            "with the protein names as columns."
+        )
+    if unnamed:  # a plain array: the reference's proteins, by position
         reg = dataclasses.replace(reg, protein_names=ref.protein_names)
     if reg.protein_names != ref.protein_names:
         missing = [p for p in ref.protein_names if p not in set(reg.protein_names)]

@@ -1,3 +1,4 @@
+import json
 import sys
 import warnings
 
@@ -1752,3 +1753,59 @@ def test_model_flags_and_norm_places_are_checked_by_the_constructor():
     module = model._build_module()
     kinds = {type(m).__name__ for m in module.modules()}
     assert "LayerNorm" in kinds and "BatchNorm1d" not in kinds
+
+
+def test_save_never_removes_a_users_adata_h5ad(trained, tmp_path):
+    _, model = trained
+    mine = cellvae.datasets.synthetic(23, 7, random_state=9)
+    folder = tmp_path / "project"
+    folder.mkdir()
+    mine.write_h5ad(folder / "adata.h5ad")  # the user's own data, in the folder saved into
+    model.save(folder)
+    assert ad.read_h5ad(folder / "adata.h5ad").shape == (23, 7)  # it was deleted
+    assert cellvae.SCVI.load(folder).adata is None  # and not taken for the model's
+    with pytest.raises(FileExistsError, match="adata.h5ad exists and was not written by"):
+        model.save(folder, overwrite=True, save_anndata=True)  # it was replaced
+    model.save(folder, overwrite=True)
+    assert ad.read_h5ad(folder / "adata.h5ad").shape == (23, 7)
+    # a record written before the "anndata" entry: its adata.h5ad was the save's own
+    saved = tmp_path / "old"
+    model.save(saved, save_anndata=True)
+    config = json.loads((saved / "model.json").read_text())
+    del config["anndata"]
+    (saved / "model.json").write_text(json.dumps(config))
+    assert cellvae.SCVI.load(saved).adata is not None
+    model.save(saved, overwrite=True)
+    assert not (saved / "adata.h5ad").exists()
+
+
+def test_load_reports_an_unreadable_adata_and_takes_any_cpu_device(trained, tmp_path):
+    adata, model = trained
+    model.save(tmp_path / "m", save_anndata=True)
+    loaded = cellvae.SCVI.load(tmp_path / "m", device="cpu:0")  # torch.load refuses "cpu:0"
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(), model.get_latent_representation()
+    )
+    data = tmp_path / "m" / "adata.h5ad"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"Could not read .*adata.h5ad.*load\(dir_path, adata"):
+        cellvae.SCVI.load(tmp_path / "m")
+    assert cellvae.SCVI.load(tmp_path / "m", adata).adata is adata  # the way out it names
+
+
+def test_save_and_load_expand_the_home_folder(trained, tmp_path, monkeypatch):
+    _, model = trained
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model.save("~/saved")
+    assert (tmp_path / "saved" / "model.json").exists()
+    assert cellvae.SCVI.load("~/saved").is_trained_
+
+
+def test_missing_batches_of_new_data_are_told_to_be_dropped(trained):
+    adata, model = trained
+    new = adata.copy()
+    new.obs["batch"] = new.obs["batch"].astype(object)
+    new.obs.iloc[0, new.obs.columns.get_loc("batch")] = np.nan
+    # filling them with 'nan' (the advice at setup) would make an unseen batch of them
+    with pytest.raises(ValueError, match="The reference has no category for them: drop those"):
+        model.get_latent_representation(new)

@@ -720,3 +720,15 @@ def test_totalvi_takes_scvi_tools_norm_places(place):
         assert torch.nn.BatchNorm1d in kinds  # the default, "both"
     with pytest.raises(ValueError, match="use_batch_norm must be one of"):
         cellvae.TOTALVI(adata, use_batch_norm="decoders")  # the constructor checks it
+
+
+def test_new_protein_array_of_another_width_names_the_reference_proteins():
+    adata = cellvae.datasets.synthetic(80, 15, n_proteins=6, random_state=1)
+    cellvae.TOTALVI.setup_anndata(adata, protein_expression_obsm_key="protein_expression")
+    model = cellvae.TOTALVI(adata, n_latent=3).train(max_epochs=1, progress_bar=False)
+    new = adata.copy()
+    del new.uns["cellvae"]
+    new.obsm["protein_expression"] = adata.obsm["protein_expression"].to_numpy()[:, :5]
+    names = list(adata.obsm["protein_expression"].columns)
+    with pytest.raises(ValueError, match=rf"5 protein columns; the reference has 6 \({names[0]}"):
+        model.get_latent_representation(new)  # was: 5 "extra" proteins protein_0, ... named

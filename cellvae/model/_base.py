@@ -744,7 +744,8 @@ class BaseModel:
         save_anndata
             Also write the model's AnnData to ``dir_path/adata.h5ad`` (as scvi-tools does), which
             :meth:`load` then attaches when given no AnnData. Not for a backed AnnData, which
-            is already on disk.
+            is already on disk. An ``adata.h5ad`` that no cellvae save wrote is never removed
+            or replaced (FileExistsError with ``save_anndata=True``).
 
         Examples
         --------
@@ -757,10 +758,20 @@ class BaseModel:
         """
         self._check_trained()
         check_flags(overwrite=overwrite, save_anndata=save_anndata)
-        path = Path(dir_path)
+        path = Path(dir_path).expanduser()
         config_file = path / "model.json"
         if config_file.exists() and not overwrite:
             raise FileExistsError(f"{config_file} exists; pass overwrite=True to replace it.")
+        # an adata.h5ad is removed or replaced only when an earlier save wrote it (records
+        # before "anndata" was kept: when there was a model.json): never a user's own file
+        old_config = _read_json(config_file) if config_file.exists() else {}
+        data_file = path / "adata.h5ad"
+        ours = data_file.exists() and old_config.get("anndata", bool(old_config)) is not False
+        if save_anndata and data_file.exists() and not ours:
+            raise FileExistsError(
+                f"{data_file} exists and was not written by a cellvae save: save into another "
+                "folder, or move that file."
+            )
         if save_anndata and (self.adata is None or self.adata.isbacked):
             where = "no AnnData attached" if self.adata is None else "a backed AnnData"
             raise ValueError(
@@ -784,8 +795,12 @@ class BaseModel:
         digest = _sha256(tmp)
         weights_name = f"weights-{digest[:16]}.pt"
         os.replace(tmp, path / weights_name)
-        config = self._config() | {"weights": weights_name, "sha256": digest}
-        old = _read_json(config_file).get("weights") if config_file.exists() else None
+        config = self._config() | {
+            "weights": weights_name,
+            "sha256": digest,
+            "anndata": bool(save_anndata),
+        }
+        old = old_config.get("weights")
         fd, tmp = tempfile.mkstemp(dir=path, prefix=".model-", suffix=".json.tmp")
         with os.fdopen(fd, "w") as fh:
             json.dump(config, fh)
@@ -794,8 +809,8 @@ class BaseModel:
         os.replace(tmp, config_file)
         if old and old != weights_name and (path / old).exists():
             (path / old).unlink()
-        if (path / "adata.h5ad").exists():  # an earlier save's data: not this model's
-            (path / "adata.h5ad").unlink()
+        if ours and not save_anndata:  # an earlier save's data: not this model's
+            data_file.unlink()
         if save_anndata:  # written aside, then renamed: never a partial adata.h5ad
             fd, tmp = tempfile.mkstemp(dir=path, prefix=".adata-", suffix=".h5ad")
             os.close(fd)
@@ -838,7 +853,7 @@ class BaseModel:
         ...             atol=1e-5)
         True
         """
-        path = Path(dir_path)
+        path = Path(dir_path).expanduser()
         config_file = path / "model.json"
         if not config_file.exists():
             raise FileNotFoundError(f"No saved model in {path} (missing model.json).")
@@ -857,8 +872,8 @@ class BaseModel:
                 "save the model again."
             )
         dev = resolve_device(device)
-        try:
-            state = torch.load(weights, map_location=dev, weights_only=True)
+        try:  # read on the CPU (torch.load refuses "cpu:0"); load_state_dict copies to dev
+            state = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as err:
             raise ValueError(f"Could not read the weights in {weights}: {err}") from err
         model = cls.__new__(cls)
@@ -872,10 +887,17 @@ class BaseModel:
         model.module_.eval()
         model.history_ = {k: list(v) for k, v in config.get("history", {}).items()}
         model.is_trained_ = bool(config.get("is_trained", True))
-        if adata is None and (path / "adata.h5ad").exists():
+        data_file = path / "adata.h5ad"
+        if adata is None and data_file.exists() and config.get("anndata", True):
             import anndata
 
-            adata = anndata.read_h5ad(path / "adata.h5ad")
+            try:
+                adata = anndata.read_h5ad(data_file)
+            except Exception as err:
+                raise ValueError(
+                    f"Could not read {data_file}, the AnnData saved with the model ({err}); "
+                    f"pass the data yourself: {cls.__name__}.load(dir_path, adata)."
+                ) from err
         if adata is not None:
             pp.check_anndata(adata)
             pp.check_not_view(adata)
