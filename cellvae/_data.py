@@ -369,10 +369,17 @@ def _readable(a, dtype) -> np.ndarray:
 
 
 def _canonical(csr: sp.csr_matrix, *, copy: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """CSR arrays with duplicates summed and explicit zeros dropped (copying if ``copy``)."""
+    """CSR arrays with duplicates summed and explicit zeros dropped (copying if ``copy``).
+
+    Repeated entries of a type narrower than 32 bits are summed in float32 (the tensors' type):
+    two int8 100s would wrap to -56, where the set-up's scan counted 200.
+    """
     explicit_zeros = csr.nnz and not np.all(csr.data)
     if not csr.has_canonical_format or explicit_zeros:
-        csr = csr.copy() if copy else csr
+        if csr.dtype.itemsize < 4:
+            csr = csr.astype(np.float32)  # a copy
+        elif copy:
+            csr = csr.copy()
         csr.sum_duplicates()
         csr.eliminate_zeros()
     return csr.indptr, csr.indices, csr.data

@@ -404,8 +404,8 @@ def scan_counts(matrix, n_obs: int, n_vars: int) -> dict[str, Any]:
     elif sp.issparse(matrix):
         if matrix.format not in ("csc", "coo"):
             matrix = sp.csr_matrix(matrix)
-        if not matrix.has_canonical_format:  # repeated entries mean their sum
-            matrix = matrix.copy()
+        if not matrix.has_canonical_format:  # repeated entries mean their sum (in float64:
+            matrix = matrix.astype(np.float64)  # int8 would wrap), in a copy
             matrix.sum_duplicates()
         integer = _check_values(matrix.data, "")
         library = np.asarray(matrix.sum(axis=1, dtype=np.float64)).ravel()
@@ -417,7 +417,7 @@ def scan_counts(matrix, n_obs: int, n_vars: int) -> dict[str, Any]:
         nnz = 0
         for start, stop, block in iter_row_chunks(matrix, n_obs):
             if sp.issparse(block) and not block.has_canonical_format:
-                block = block.copy()
+                block = block.astype(np.float64)  # a copy; summed narrower, int8 would wrap
                 block.sum_duplicates()  # repeated entries mean their sum
             values = block.data if sp.issparse(block) else block
             integer &= _check_values(values, f" (first in rows {start}-{stop})")

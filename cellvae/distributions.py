@@ -56,14 +56,19 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t if t.device.type == "mps" else t.double()
 
 
-def _lgamma_diff(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """``lgamma(x + θ) − lgamma(x + 1)`` by :func:`_wide`, in the inputs' dtype.
+def _lgamma_terms(
+    x: torch.Tensor, theta: torch.Tensor, lgamma_theta: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``lgamma(x + θ) − lgamma(θ) − lgamma(x + 1)`` by :func:`_wide`, in the inputs' dtype.
 
-    The sums too: ``x + θ`` in float32 is rounded to 0.125 at 1e6.
+    The sums too: ``x + θ`` in float32 is rounded to 0.125 at 1e6. ``lgamma_theta``: ``lgamma(θ)``
+    when the caller has it (the nonzeros' terms, ``x > 0``); otherwise it is computed here, so
+    that the terms cancel exactly at ``x = 0``.
     """
-    x_w = _wide(x)
-    diff = torch.lgamma(x_w + _wide(theta)) - torch.lgamma(x_w + 1)
-    return diff.to(torch.promote_types(x.dtype, theta.dtype))
+    x_w, theta_w = _wide(x), _wide(theta)
+    lg_theta = torch.lgamma(theta_w) if lgamma_theta is None else lgamma_theta
+    terms = torch.lgamma(x_w + theta_w) - torch.lgamma(x_w + 1) - lg_theta
+    return terms.to(torch.promote_types(x.dtype, theta.dtype))
 
 
 def _poisson_rest(x: torch.Tensor, rate: torch.Tensor, eps: float) -> torch.Tensor:
@@ -82,9 +87,7 @@ def _nb_core(
     """
     theta_term = theta * torch.log1p(mu / theta)  # −log NB(0) = θ log((θ + μ) / θ)
     rest = (
-        _lgamma_diff(x, theta)
-        - torch.lgamma(theta)
-        - x * torch.log1p(theta / mu.clamp_min(eps))  # x log(μ / (θ + μ))
+        _lgamma_terms(x, theta) - x * torch.log1p(theta / mu.clamp_min(eps))  # x log(μ / (θ + μ))
     )
     return theta_term, rest
 
@@ -215,7 +218,7 @@ def log_mixture_nb(
     """
     theta1 = theta1.clamp_min(eps)
     if theta2 is None:
-        shared = _lgamma_diff(x, theta1) - torch.lgamma(theta1)
+        shared = _lgamma_terms(x, theta1)
         a1 = -theta1 * torch.log1p(mu1 / theta1) - x * torch.log1p(theta1 / mu1.clamp_min(eps))
         a2 = -theta1 * torch.log1p(mu2 / theta1) - x * torch.log1p(theta1 / mu2.clamp_min(eps))
         return shared + torch.logaddexp(a1, a2 - pi) - F.softplus(-pi)
@@ -293,10 +296,8 @@ def _special_at(fn, theta: torch.Tensor, theta_nz: torch.Tensor, col: torch.Tens
 
 def _nb_rest_nz(x_nz, mu_nz, theta_nz, lgamma_theta_nz, eps):
     """``lgamma(x+θ) − lgamma(θ) − lgamma(x+1) + x log(μ/(θ+μ))`` at the nonzeros."""
-    return (
-        _lgamma_diff(x_nz, theta_nz)
-        - lgamma_theta_nz
-        - x_nz * torch.log1p(theta_nz / mu_nz.clamp_min(eps))
+    return _lgamma_terms(x_nz, theta_nz, lgamma_theta_nz) - x_nz * torch.log1p(
+        theta_nz / mu_nz.clamp_min(eps)
     )
 
 
@@ -957,7 +958,7 @@ class Poisson(Distribution):
         if self._validate_args:
             self._validate_sample(value)
         rest = _poisson_rest(value, self.rate, self.eps)
-        return (rest - _wide(self.rate)).to(self.rate.dtype)
+        return (rest - _wide(self.rate)).to(torch.promote_types(value.dtype, self.rate.dtype))
 
     def log_prob_sum(
         self, x: torch.Tensor, nz: _Nonzero | None = None, *, row_grad: float | None = None

@@ -315,3 +315,17 @@ def test_training_refuses_a_backed_cell_with_only_stored_zeros(tmp_path):
         pp.transfer_setup(query, model)  # new data for a trained model: a warning
     with pytest.raises(ValueError, match="1 cells have zero total counts"):
         cellvae.SCVI(query).train(max_epochs=1, progress_bar=False)  # training: an error
+
+
+def test_bad_options_are_refused_before_the_file_is_read(tmp_path, monkeypatch):
+    backed, _ = write_backed(tmp_path, 100, 10)
+    cellvae.SCVI.setup_anndata(backed, batch_key="batch")
+    reads = []
+    real = BackedCSR.row_totals
+    monkeypatch.setattr(BackedCSR, "row_totals", lambda self: reads.append(1) or real(self))
+    model = cellvae.SCVI(backed)
+    with pytest.raises(ValueError, match="eval_batch_size must be at least 1"):
+        model.train(max_epochs=1, eval_batch_size=0, progress_bar=False)
+    assert not reads  # the empty-cell check reads every stored value: after the options
+    model.train(max_epochs=1, progress_bar=False)
+    assert reads == [1]

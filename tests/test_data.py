@@ -499,3 +499,20 @@ def test_demo_refuses_bad_arguments_before_any_work(tmp_path, capsys, monkeypatc
         assert exit_.value.code == 2
         assert message in capsys.readouterr().err
     assert a_file.read_text() == ""
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc"])
+def test_repeated_narrow_integer_entries_are_summed_without_wrapping(fmt):
+    # two int8 100s at one position: 200, at set-up (library) and in training (it was -56)
+    data = np.array([100, 100, 3, 1, 1], dtype=np.int8)
+    m = sp.csr_matrix(
+        (data, np.array([0, 0, 1, 0, 1]), np.array([0, 3, 5])), shape=(2, 2), dtype=np.int8
+    )
+    adata = ad.AnnData(X=m if fmt == "csr" else m.tocsc(), var=pd.DataFrame(index=["a", "b"]))
+    adata.X.has_canonical_format = False
+    pp.setup_anndata(adata)
+    assert adata.uns["cellvae"]["library_log_means"][0] == pytest.approx(
+        (np.log(203.0) + np.log(2.0)) / 2
+    )
+    b = TensorData.from_adata(adata)[torch.tensor([0, 1])]
+    np.testing.assert_array_equal(as_dense(b["x"]).numpy(), [[200.0, 3.0], [1.0, 1.0]])

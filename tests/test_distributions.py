@@ -544,3 +544,21 @@ def test_large_counts_keep_float64_accuracy(monkeypatch, path):
     mix = log_mixture_nb(t["x"], t["mu"], 3 * t["mu"], th, None, t["pi"])
     ref_mix = np.logaddexp(ref_nb, stats.nbinom.logpmf(x, theta, theta / (theta + 3 * mu)) - pi)
     np.testing.assert_allclose(mix.numpy(), ref_mix - np.logaddexp(0, -pi), rtol=2e-4, atol=0.02)
+
+
+def test_nb_at_zero_counts_cancels_the_lgamma_terms():
+    # lgamma(x + θ) − lgamma(θ) − lgamma(x + 1) is 0 at x = 0 for every θ: computed in one
+    # precision, it stays so (lgamma(θ) in float32 against the rest in float64 left up to 6e-5)
+    theta = torch.logspace(-1, 6, 4000)
+    mu = torch.full_like(theta, 5.0)
+    zero_term = -(theta * torch.log1p(mu / theta))  # log NB(0), the same float32 operations
+    got = NegativeBinomial(mu=mu, theta=theta).log_prob(torch.zeros_like(theta))
+    np.testing.assert_allclose(got.numpy(), zero_term.numpy(), rtol=0, atol=1e-6)
+
+
+def test_poisson_log_prob_keeps_the_promoted_dtype():
+    rate16 = torch.tensor([2.0], dtype=torch.float16)
+    assert Poisson(rate=rate16).log_prob(torch.tensor([1e5])).dtype == torch.float32
+    out = Poisson(rate=torch.tensor([2.0])).log_prob(torch.tensor([3.0], dtype=torch.float64))
+    assert out.dtype == torch.float64
+    assert np.isfinite(Poisson(rate=rate16).log_prob(torch.tensor([1e5])).item())

@@ -1651,6 +1651,9 @@ def test_train_options_out_of_range_are_refused_before_any_change():
     if not torch.cuda.is_available():  # an unavailable device: refused before the split
         with pytest.raises(ValueError, match="'cuda' was requested"):
             model.train(max_epochs=1, validation_size=0.5, device="cuda", progress_bar=False)
+    for validation_size in (1.0, -0.1, 0.99):  # refused by the split: nothing built before it
+        with pytest.raises(ValueError, match="validation_size|Too few cells"):
+            model.train(max_epochs=1, validation_size=validation_size, progress_bar=False)
     assert model.module_ is None and not model.history_
     assert getattr(model, "validation_indices_", None) is None
     model.train(max_epochs=1, seed=-5, progress_bar=False)  # torch's seeds may be negative

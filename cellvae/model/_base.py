@@ -674,9 +674,6 @@ class BaseModel:
                 )
             )
         td, reg = self._data()
-        empty = td.n_empty_cells()
-        if empty:  # data attached by load, edited after setup, or registered by transfer_setup
-            raise pp.empty_cells_error(empty)
         if seed is None:  # unseeded: split, order, initialisation and dropout drawn afresh
             seed = secrets.randbits(63)
         options = {**self._train_defaults, **train_options}
@@ -695,14 +692,19 @@ class BaseModel:
             progress_bar=progress_bar,
             **options,
         )
+        # everything that can refuse the call comes before anything changes: the options, the
+        # device, the cells (a backed file's values are read for it) and the split
         config.validate()
-        resolve_device(device)  # an unavailable device is refused before anything changes
+        resolve_device(device)
+        empty = td.n_empty_cells()
+        if empty:  # data attached by load, edited after setup, or registered by transfer_setup
+            raise pp.empty_cells_error(empty)
+        train_idx, val_idx = split_indices(td.n_obs, validation_size, seed)
         if self.module_ is None:
             with torch.random.fork_rng(devices=[]):
                 if seed is not None:
                     torch.manual_seed(int(seed))
                 self.module_ = self._build_module()
-        train_idx, val_idx = split_indices(td.n_obs, validation_size, seed)
         self.train_indices_, self.validation_indices_ = train_idx.numpy(), val_idx.numpy()
         try:
             train_module(self.module_, td, train_idx, val_idx, config, self.history_)
