@@ -375,6 +375,8 @@ def _protein_frame(
     else:
         names = list(_setup_record(adata, model).get("protein_names", []))
         values = np.asarray(values.toarray() if hasattr(values, "toarray") else values)
+        if len(names) != values.shape[1] and model is None:  # the setup was replaced since?
+            names = _recorded_protein_names(adata, key, values.shape[1]) or names
         if len(names) != values.shape[1]:
             raise ValueError(
                 f"obsm[{key!r}] is an array with {values.shape[1]} columns and the cellvae setup "
@@ -404,6 +406,23 @@ def _recorded_protein_keys(adata) -> set[str]:
         if isinstance(params, Mapping) and "protein_expression_obsm_key" in params:
             keys.add(str(params["protein_expression_obsm_key"]))
     return keys
+
+
+def _recorded_protein_names(adata, key: str, n: int) -> list[str] | None:
+    """The names of the ``n`` proteins of the array ``obsm[key]`` by a ``tl.totalvi`` record.
+
+    Its ``protein_names_uns_key``, else the names the set-up gives an unnamed array.
+    """
+    for record in adata.uns.values():
+        params = record.get("params") if isinstance(record, Mapping) else None
+        if not isinstance(params, Mapping) or params.get("protein_expression_obsm_key") != key:
+            continue
+        uns_key = params.get("protein_names_uns_key")
+        if uns_key is None:
+            return [f"protein_{i}" for i in range(n)]  # as setup_anndata names them
+        if uns_key in adata.uns:
+            return [str(s) for s in np.asarray(adata.uns[uns_key]).ravel()]
+    return None
 
 
 def _raw_proteins(adata, model, protein_key: str | None, proteins: list[str]) -> pd.DataFrame:
@@ -690,8 +709,9 @@ def foreground_probability(
     single = _one_name(proteins)  # then one axes, not a list
     names = _as_list(proteins, "protein")
     if model is not None:
+        data = _model_adata(model, adata)  # checks the model before its method is looked up
         prob = model.get_protein_foreground_probability(
-            _model_adata(model, adata), transform_batch=transform_batch, protein_list=names
+            data, transform_batch=transform_batch, protein_list=names
         ).astype(float)
     else:
         prob = _protein_frame(

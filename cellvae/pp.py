@@ -302,6 +302,12 @@ def _build_registry(
     proteins = None
     if protein_expression_obsm_key is not None:
         proteins = protein_matrix(adata, protein_expression_obsm_key)
+        if not np.array_equal(np.floor(proteins), proteins):  # once, at set-up (as the RNA's)
+            warn_user(
+                f"obsm[{protein_expression_obsm_key!r}] contains non-integer protein values; "
+                "TOTALVI's protein likelihood expects raw ADT counts. If they were normalised "
+                "(log1p, CLR, scaled), register the raw counts instead."
+            )
         protein_names = _protein_names(
             adata, protein_expression_obsm_key, protein_names_uns_key, proteins.shape[1]
         )

@@ -732,3 +732,50 @@ def test_new_protein_array_of_another_width_names_the_reference_proteins():
     names = list(adata.obsm["protein_expression"].columns)
     with pytest.raises(ValueError, match=rf"5 protein columns; the reference has 6 \({names[0]}"):
         model.get_latent_representation(new)  # was: 5 "extra" proteins protein_0, ... named
+
+
+def test_adversarial_classifier_is_on_by_default_exactly_when_a_panel_lacks_proteins():
+    # scvi-tools' rule: with a protein that some batch did not measure, the classifier helps the
+    # batches mix; cellvae left it off by default
+    missing = cellvae.TOTALVI(_synthetic_missing(), **SMALL)
+    assert missing._module_kwargs()["adversarial_classifier"] is True
+    full = cellvae.datasets.synthetic(120, 20, n_batches=2, n_proteins=4, random_state=3)
+    cellvae.TOTALVI.setup_anndata(
+        full, batch_key="batch", protein_expression_obsm_key="protein_expression"
+    )
+    assert cellvae.TOTALVI(full, **SMALL)._module_kwargs()["adversarial_classifier"] is False
+    off = cellvae.TOTALVI(_synthetic_missing(), adversarial_classifier=False, **SMALL)
+    assert off._module_kwargs()["adversarial_classifier"] is False  # as given
+    with pytest.raises(TypeError, match="adversarial_classifier must be True or False"):
+        cellvae.TOTALVI(full, adversarial_classifier="yes")
+
+
+def test_normalised_proteins_warn_at_setup():
+    adata = cellvae.datasets.synthetic(80, 15, n_proteins=4, random_state=1)
+    adata.obsm["protein_expression"] = np.log1p(adata.obsm["protein_expression"])
+    with pytest.warns(UserWarning, match="non-integer protein values.*raw ADT counts") as record:
+        cellvae.TOTALVI.setup_anndata(adata, protein_expression_obsm_key="protein_expression")
+    assert record[0].filename == __file__
+
+
+def test_foreground_plot_refuses_a_model_that_is_no_totalvi():
+    adata = cellvae.datasets.synthetic(60, 10, n_proteins=3, random_state=1)
+    cellvae.SCVI.setup_anndata(adata)
+    scvi = cellvae.SCVI(adata).train(max_epochs=1, progress_bar=False)
+    with pytest.raises(TypeError, match="model must be a trained cellvae.TOTALVI, got SCVI"):
+        cellvae.pl.foreground_probability(adata, proteins="prot0", model=scvi, show=False)
+
+
+def test_denoised_plot_names_array_proteins_after_the_setup_was_replaced():
+    pytest.importorskip("matplotlib")
+    adata = cellvae.datasets.synthetic(60, 10, n_proteins=3, random_state=1)
+    frame = adata.obsm.pop("protein_expression")
+    adata.obsm["prot"] = frame.to_numpy()
+    adata.uns["pnames"] = np.array(frame.columns)
+    cellvae.tl.totalvi(
+        adata, protein_expression_obsm_key="prot", protein_names_uns_key="pnames",
+        max_epochs=1, progress_bar=False, n_latent=3,
+    )  # fmt: skip
+    cellvae.tl.scvi(adata, max_epochs=1, progress_bar=False, n_latent=3)  # a new setup
+    axes = cellvae.pl.protein_denoised(adata, proteins=str(frame.columns[0]), show=False)
+    assert axes is not None

@@ -628,8 +628,9 @@ class BaseModel:
             ``lr_patience``, ``lr_min``, ``gradient_clip_val``, ``eval_batch_size`` (cells per
             validation minibatch, default 128). The KL weight rises linearly to 1 over
             ``kl_warmup_fraction`` (default 0.75) of ``max_epochs``, or over
-            ``n_epochs_kl_warmup`` epochs when given, step by step; scvi-tools' default is a
-            fixed 400 epochs, raised once per epoch (``n_epochs_kl_warmup=400`` comes closest).
+            ``n_epochs_kl_warmup`` epochs when given, step by step; scvi-tools' SCVI warms up
+            over a fixed 400 epochs, raised once per epoch (``n_epochs_kl_warmup=400`` comes
+            closest), and its TOTALVI over ``0.75 · n_cells`` steps.
             ``precision``: ``"auto"`` (default), ``"32-true"`` (or ``"32"``) or ``"bf16-mixed"``,
             Lightning's names as in scvi-tools. ``"bf16-mixed"`` runs the decoders'
             hidden-to-genes products, most of a step's arithmetic, in bfloat16 during training

@@ -13,6 +13,7 @@ from .. import pp
 from .._data import TensorData
 from .._registry import Registry
 from ..module import TOTALVAE
+from ..module._base import check_flags
 from ._base import (
     BaseModel,
     as_list,
@@ -58,7 +59,8 @@ class TOTALVI(BaseModel):
         Dropout in the encoder and the decoder.
     adversarial_classifier
         Train an adversarial batch classifier on z (helps mixing when proteins are missing in
-        some batches); see :class:`cellvae.module.TOTALVAE`.
+        some batches); see :class:`cellvae.module.TOTALVAE`. None (default): on exactly when
+        some batch did not measure some protein, as scvi-tools decides.
     use_observed_lib_size
         Use the observed gene library size instead of the latent one (totalVI's default).
     **module_kwargs
@@ -103,12 +105,14 @@ class TOTALVI(BaseModel):
         n_layers_decoder: int = 1,
         dropout_rate_encoder: float = 0.2,
         dropout_rate_decoder: float = 0.2,
-        adversarial_classifier: bool = False,
+        adversarial_classifier: bool | None = None,
         use_observed_lib_size: bool = True,
         **module_kwargs: Any,
     ):
         allowed = {"use_batch_norm", "use_layer_norm", "adversarial_weight"}
         check_model_options(TOTALVI, module_kwargs, allowed)
+        if adversarial_classifier is not None:
+            check_flags(adversarial_classifier=adversarial_classifier)
         TOTALVAE.check_options(
             gene_dispersion, protein_dispersion, gene_likelihood, latent_distribution
         )
@@ -324,7 +328,15 @@ class TOTALVI(BaseModel):
             "protein_background_prior_mean": prior_mean,
             "protein_background_prior_scale": prior_scale,
             **self.hparams,
+            "adversarial_classifier": self._adversarial(),
         }
+
+    def _adversarial(self) -> bool:
+        """The adversarial classifier's switch: as given, or on when a batch lacks a protein."""
+        chosen = self.hparams.get("adversarial_classifier")
+        if chosen is not None:
+            return bool(chosen)
+        return not np.asarray(self.registry_.protein_batch_mask, dtype=bool).all()
 
     # ------------------------------------------------------------------ getters
     _reconstruction_names = ("reconst_loss_gene", "reconst_loss_protein")
@@ -456,7 +468,8 @@ class TOTALVI(BaseModel):
             multiplies, and rows do not sum to it.
         n_samples
             Average over this many posterior samples (1: the posterior means, deterministic
-            unless ``sample_protein_mixing``).
+            unless ``sample_protein_mixing``; scvi-tools draws one sample). The decoder is not
+            linear, so the average over samples differs from the value at the means.
         include_protein_background
             Add the background component to the protein values.
         sample_protein_mixing
