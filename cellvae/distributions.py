@@ -71,6 +71,11 @@ def _lgamma_terms(
     return terms.to(torch.promote_types(x.dtype, theta.dtype))
 
 
+def _wide_lgamma(t: torch.Tensor) -> torch.Tensor:
+    """``lgamma`` computed by :func:`_wide` (and left so): for :func:`_lgamma_terms`."""
+    return torch.lgamma(_wide(t))
+
+
 def _poisson_rest(x: torch.Tensor, rate: torch.Tensor, eps: float) -> torch.Tensor:
     """``x log(rate) − lgamma(x + 1)``, computed by :func:`_wide` and left in that dtype."""
     x_w = _wide(x)
@@ -344,7 +349,7 @@ class _NBLogProbSum(torch.autograd.Function):
         t = torch.div(mu, theta).log1p_()  # log(1 + μ/θ)
         out = t @ theta if theta.dim() == 1 else (t * theta).sum(-1)
         mu_nz, theta_nz = mu.reshape(-1).index_select(0, lin), _at(theta, col, lin)
-        lgamma_theta_nz = _special_at(torch.lgamma, theta, theta_nz, col)
+        lgamma_theta_nz = _special_at(_wide_lgamma, theta, theta_nz, col)
         rest = _nb_rest_nz(x_nz, mu_nz, theta_nz, lgamma_theta_nz, eps)
         out = out.neg_().index_add_(0, row, rest)
         if not with_grad:
@@ -407,7 +412,7 @@ class _ZINBLogProbSum(torch.autograd.Function):
         out = log_p0.sum(-1)
         theta_nz = _at(theta, col, lin)
         mu_nz, t_nz = mu.reshape(-1).index_select(0, lin), t.reshape(-1).index_select(0, lin)
-        lgamma_theta_nz = _special_at(torch.lgamma, theta, theta_nz, col)
+        lgamma_theta_nz = _special_at(_wide_lgamma, theta, theta_nz, col)
         rest = _nb_rest_nz(x_nz, mu_nz, theta_nz, lgamma_theta_nz, eps)
         log_px = rest.sub_(theta_nz * t_nz).sub_(F.softplus(pi.reshape(-1).index_select(0, lin)))
         # explicit zeros stored in the CSR keep the zero branch
@@ -582,7 +587,8 @@ def _poisson_log_prob_sum(x, rate, eps, nz):
     rate_nz = _at(_param_view(rate, shape), col, _flat(row, col, lin, shape))
     rest = _poisson_rest(x_nz, rate_nz, eps)  # ~x at large counts: the rates' sum takes it out
     dense = -_wide(rate.expand(shape)).sum(-1)
-    return dense.index_add(0, row, rest.to(dense.dtype)).to(rate.dtype)
+    out = dense.index_add(0, row, rest.to(dense.dtype))
+    return out.to(torch.promote_types(x_nz.dtype, rate.dtype))
 
 
 class _FusedMixtureLogProb(torch.autograd.Function):

@@ -129,9 +129,9 @@ def _record(adata, uns_key: str, model, params: dict[str, Any]) -> str:
         "params": _h5ad_safe(
             {
                 **model.registry_.setup_kwargs(),
-                **params,
-                "n_epochs": n_epochs,  # trained; fewer than max_epochs after early stopping
                 **model.hparams,
+                **params,  # after the hyper-parameters: the values as trained
+                "n_epochs": n_epochs,  # trained; fewer than max_epochs after early stopping
             }
         ),
         "history": _history_record(model),
@@ -362,6 +362,7 @@ def totalvi(
         "random_state": random_state,
         "key_added": key_added,
         "protein_key_added": protein_key_added,
+        "adversarial_classifier": model._adversarial(),  # as trained (None: chosen by the data)
     }
     uns_key = "totalvi" if key_added == "X_totalVI" else key_added
     added.append(_record(adata, uns_key, model, params))

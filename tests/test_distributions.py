@@ -562,3 +562,30 @@ def test_poisson_log_prob_keeps_the_promoted_dtype():
     out = Poisson(rate=torch.tensor([2.0])).log_prob(torch.tensor([3.0], dtype=torch.float64))
     assert out.dtype == torch.float64
     assert np.isfinite(Poisson(rate=rate16).log_prob(torch.tensor([1e5])).item())
+
+
+@pytest.mark.parametrize("likelihood", ["nb", "zinb"])
+def test_torch_row_sums_equal_elementwise_at_large_theta(monkeypatch, likelihood):
+    # the sparse torch path's lgamma(θ) is float64 like the rest of the terms: at θ up to 1e6 a
+    # float32 lgamma(θ) left row sums up to 1.35 nats from log_prob(x).sum(-1)
+    monkeypatch.setattr(_kernels, "enabled", False)
+    rng = np.random.default_rng(7)
+    x = torch.tensor(rng.poisson(3.0, (8, 100)) * (rng.random((8, 100)) < 0.5), dtype=torch.float32)
+    mu = torch.tensor(rng.uniform(0.5, 8.0, (8, 100)), dtype=torch.float32)
+    theta = torch.tensor(10 ** rng.uniform(2, 6, 100), dtype=torch.float32)
+    pi = torch.tensor(rng.normal(0, 1, (8, 100)), dtype=torch.float32)
+    dist = (
+        NegativeBinomial(mu=mu, theta=theta)
+        if likelihood == "nb"
+        else ZeroInflatedNegativeBinomial(mu=mu, theta=theta, zi_logits=pi)
+    )
+    sums = dist.log_prob_sum(CSRBatch.from_dense(x)).numpy()
+    np.testing.assert_allclose(sums, dist.log_prob(x).sum(-1).numpy(), rtol=1e-5, atol=1e-3)
+
+
+def test_poisson_row_sums_keep_the_promoted_dtype():
+    rate16 = torch.full((1, 3), 2.0, dtype=torch.float16)
+    x = torch.tensor([[1e5, 0.0, 3.0]])
+    sums = Poisson(rate=rate16).log_prob_sum(x)
+    assert sums.dtype == torch.float32 and torch.isfinite(sums).all()
+    torch.testing.assert_close(sums, Poisson(rate=rate16).log_prob(x).sum(-1))

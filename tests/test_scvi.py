@@ -1799,6 +1799,7 @@ def test_load_reports_an_unreadable_adata_and_takes_any_cpu_device(trained, tmp_
 def test_save_and_load_expand_the_home_folder(trained, tmp_path, monkeypatch):
     _, model = trained
     monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # without the expansion, a folder "~" would be made here
     model.save("~/saved")
     assert (tmp_path / "saved" / "model.json").exists()
     assert cellvae.SCVI.load("~/saved").is_trained_
@@ -1812,3 +1813,24 @@ def test_missing_batches_of_new_data_are_told_to_be_dropped(trained):
     # filling them with 'nan' (the advice at setup) would make an unseen batch of them
     with pytest.raises(ValueError, match="The reference has no category for them: drop those"):
         model.get_latent_representation(new)
+
+
+def test_a_failed_save_with_anndata_never_attaches_the_previous_data(
+    trained, tmp_path, monkeypatch
+):
+    adata, model = trained
+    model.save(tmp_path / "m", save_anndata=True)
+    other = cellvae.SCVI(adata, n_latent=4).train(max_epochs=1, seed=1, progress_bar=False)
+
+    def broken(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ad.AnnData, "write_h5ad", broken)
+    with pytest.raises(OSError, match="disk full"):
+        other.save(tmp_path / "m", overwrite=True, save_anndata=True)
+    monkeypatch.undo()
+    loaded = cellvae.SCVI.load(tmp_path / "m")  # the previous save, whole, with its own data
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(), model.get_latent_representation()
+    )
+    assert not list((tmp_path / "m").glob(".adata-*"))  # no temporary file left

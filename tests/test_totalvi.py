@@ -779,3 +779,11 @@ def test_denoised_plot_names_array_proteins_after_the_setup_was_replaced():
     cellvae.tl.scvi(adata, max_epochs=1, progress_bar=False, n_latent=3)  # a new setup
     axes = cellvae.pl.protein_denoised(adata, proteins=str(frame.columns[0]), show=False)
     assert axes is not None
+
+
+def test_tl_totalvi_records_the_adversarial_classifier_as_trained():
+    adata = _synthetic_missing(120)  # a batch lacks proteins: on by default
+    cellvae.tl.totalvi(
+        adata, batch_key="batch", max_epochs=1, progress_bar=False, n_latent=3, n_hidden=16
+    )
+    assert adata.uns["totalvi"]["params"]["adversarial_classifier"] is True  # was left out

@@ -804,6 +804,17 @@ class BaseModel:
             "anndata": bool(save_anndata),
         }
         old = old_config.get("weights")
+        data_tmp = None
+        if save_anndata:  # written aside, renamed last: never a partial adata.h5ad
+            fd, data_tmp = tempfile.mkstemp(dir=path, prefix=".adata-", suffix=".h5ad")
+            os.close(fd)
+            try:
+                self.adata.write_h5ad(data_tmp)
+            except BaseException:
+                os.unlink(data_tmp)
+                raise
+        if ours:  # an earlier save's data, gone before model.json names the new model: an
+            data_file.unlink()  # interruption never leaves it attached to another model
         fd, tmp = tempfile.mkstemp(dir=path, prefix=".model-", suffix=".json.tmp")
         with os.fdopen(fd, "w") as fh:
             json.dump(config, fh)
@@ -812,17 +823,8 @@ class BaseModel:
         os.replace(tmp, config_file)
         if old and old != weights_name and (path / old).exists():
             (path / old).unlink()
-        if ours and not save_anndata:  # an earlier save's data: not this model's
-            data_file.unlink()
-        if save_anndata:  # written aside, then renamed: never a partial adata.h5ad
-            fd, tmp = tempfile.mkstemp(dir=path, prefix=".adata-", suffix=".h5ad")
-            os.close(fd)
-            try:
-                self.adata.write_h5ad(tmp)
-            except BaseException:
-                os.unlink(tmp)
-                raise
-            os.replace(tmp, path / "adata.h5ad")
+        if data_tmp is not None:
+            os.replace(data_tmp, data_file)
         logger.info("Saved %s to %s.", type(self).__name__, path)
 
     @classmethod
