@@ -507,7 +507,8 @@ def bn_relu_drop_forward(
     """
     n_rows, n_cols = y.shape
     out = torch.empty_like(y)
-    mean, invstd = torch.empty(n_cols), torch.empty(n_cols)
+    # the kernels write float32: whatever the session's default dtype is
+    mean, invstd = torch.empty(n_cols, dtype=y.dtype), torch.empty(n_cols, dtype=y.dtype)
     threads = _threads(y.numel())
     tables, codes = [t for t, _ in covariates], [c for _, c in covariates]
     status = _lib.cv_bn_relu_drop_fwd(
@@ -542,7 +543,7 @@ def bn_relu_drop_backward(
     n_rows, n_cols = y.shape
     dout = dout.contiguous()
     dy = torch.empty_like(y)
-    dgamma, dbeta = torch.empty(n_cols), torch.empty(n_cols)
+    dgamma, dbeta = torch.empty(n_cols, dtype=y.dtype), torch.empty(n_cols, dtype=y.dtype)
     tables, codes = [t for t, _ in covariates], [c for _, c in covariates]
     dtables = [torch.zeros_like(t) for t in tables]
     threads = _threads(y.numel())

@@ -56,7 +56,8 @@ def reparameterize(
     """
     if n_samples is None:
         return mean + var.sqrt() * torch.randn_like(mean)
-    return mean + var.sqrt() * torch.randn((n_samples, *mean.shape), device=mean.device)
+    noise = torch.randn((n_samples, *mean.shape), dtype=mean.dtype, device=mean.device)
+    return mean + var.sqrt() * noise
 
 
 _BF16 = contextvars.ContextVar("cellvae_bf16_products", default=False)
@@ -777,7 +778,7 @@ def normal_heads(
     """
     heads = (mean.weight, mean.bias, var.weight, var.bias)
     if q.dim() == 2 and all(h is not None for h in heads) and _kernels.takes(q, *heads):
-        noise = torch.randn(q.shape[0], mean.out_features)
+        noise = torch.randn(q.shape[0], mean.out_features, dtype=q.dtype)  # float32, as q
         return _NormalSample.apply(q, *heads, noise, var_eps)
     q_m = mean(q)
     q_v = torch.exp(var(q)) + var_eps

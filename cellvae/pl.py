@@ -256,7 +256,9 @@ def latent(
     They are recomputed on every call (use ``color=[...]`` to draw several colourings from one
     UMAP) and can be reused with scanpy, e.g.
     ``sc.tl.leiden(adata, neighbors_key="neighbors_scVI")`` or
-    ``sc.pl.embedding(adata, basis="X_umap_scVI", color=...)``.
+    ``sc.pl.embedding(adata, basis="X_umap_scVI", color=...)``. As any scanpy plot,
+    :func:`scanpy.pl.embedding` also turns the string columns of ``obs`` into categoricals and
+    stores the colours of those it draws in ``uns["<column>_colors"]``.
 
     Parameters
     ----------

@@ -536,6 +536,10 @@ def train_module(
     operands (Lightning's bf16-mixed validates under autocast too). Every getter runs in float32.
     """
     config.validate()
+    if torch.is_inference_mode_enabled():  # its tensors can take no part in autograd
+        raise RuntimeError(
+            "Training cannot run inside torch.inference_mode(): call train() outside that block."
+        )
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     logger.info("Training in %s precision.", precision)
@@ -585,7 +589,8 @@ def train_module(
     step = 0
     devices = [device.index or 0] if device.type == "cuda" else []
     using_copies = contextlib.nullcontext() if copies is None else copies.active()
-    with torch.random.fork_rng(devices=devices), using_copies:
+    # gradients on, also inside the user's torch.no_grad() block
+    with torch.random.fork_rng(devices=devices), using_copies, torch.enable_grad():
         if config.seed is not None:
             torch.manual_seed(int(config.seed))
         bar = tqdm(

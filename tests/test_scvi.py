@@ -1,4 +1,5 @@
 import json
+import os
 import sys
 import warnings
 
@@ -1834,3 +1835,73 @@ def test_a_failed_save_with_anndata_never_attaches_the_previous_data(
         loaded.get_latent_representation(), model.get_latent_representation()
     )
     assert not list((tmp_path / "m").glob(".adata-*"))  # no temporary file left
+
+
+# ---------------------------------------------------------------- the user's process (audit H)
+def test_saved_files_follow_the_umask(trained, tmp_path):
+    _, model = trained
+    old = os.umask(0o022)
+    try:
+        model.save(tmp_path / "m", save_anndata=True)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "m").iterdir()}
+    assert set(modes.values()) == {0o644}, modes  # mkstemp's 0600 kept others out
+
+
+def test_deterministic_getters_and_load_leave_the_global_generator(trained, tmp_path):
+    adata, model = trained
+    model.save(tmp_path / "m")
+    torch.manual_seed(0)
+    expected = torch.randn(3)
+    torch.manual_seed(0)
+    model.get_latent_representation()
+    model.get_latent_library_size()
+    model.get_normalized_expression()
+    model.get_likelihood_parameters()
+    cellvae.SCVI.load(tmp_path / "m", adata)
+    assert torch.equal(torch.randn(3), expected)  # unused noise draws advanced it
+
+
+def test_getters_in_a_train_mode_module_leave_its_statistics(trained):
+    _, model = trained
+    buffers = {k: v.clone() for k, v in model.module.state_dict().items()}
+    expected = model.get_normalized_expression(return_numpy=True)
+    model.module.train()
+    try:
+        got = model.get_normalized_expression(return_numpy=True)  # batch norm in eval mode
+        assert model.module.training  # the user's mode back
+    finally:
+        model.module.eval()
+    np.testing.assert_array_equal(got, expected)
+    for k, v in model.module.state_dict().items():
+        assert torch.equal(v, buffers[k]), k
+
+
+def test_a_float64_default_dtype_does_not_reach_the_models():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        adata = cellvae.datasets.synthetic(100, 20, n_batches=2, n_proteins=4, random_state=2)
+        cellvae.SCVI.setup_anndata(adata, batch_key="batch")
+        scvi = cellvae.SCVI(adata, latent_distribution="ln").train(max_epochs=2, progress_bar=False)
+        assert scvi.get_latent_representation().dtype == np.float32
+        assert next(scvi.module.parameters()).dtype == torch.float32
+        cellvae.TOTALVI.setup_anndata(
+            adata, batch_key="batch", protein_expression_obsm_key="protein_expression"
+        )
+        # the kernels read float32: float64 noise and statistics were read as garbage (NaN)
+        totalvi = cellvae.TOTALVI(adata, n_latent=3).train(max_epochs=2, progress_bar=False)
+        assert np.isfinite(totalvi.history["train_loss"]).all()
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_train_inside_no_grad_and_inference_mode():
+    adata = _setup(60, 10)
+    with torch.no_grad():
+        model = cellvae.SCVI(adata).train(max_epochs=2, progress_bar=False)
+        assert not torch.is_grad_enabled()  # the user's mode, back after training
+    assert len(model.history) == 2
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="outside that block"):
+        cellvae.SCVI(adata).train(max_epochs=1, progress_bar=False)

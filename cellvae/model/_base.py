@@ -5,6 +5,7 @@ Subclasses (SCVI, TOTALVI) say which module to build from the registry and add g
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import inspect
@@ -15,7 +16,7 @@ import os
 import secrets
 import tempfile
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -231,7 +232,14 @@ class BaseModel:
         for name in _SIZES:  # sizes of the network: 0 or 2.5 would fail deep in torch, or not
             if name in self.hparams:
                 check_count(name, self.hparams[name])
-        return self._module_cls(**self._module_kwargs())
+        kwargs = self._module_kwargs()
+        # float32 weights, as the data: whatever default dtype the user's session has set
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        try:
+            return self._module_cls(**kwargs)
+        finally:
+            torch.set_default_dtype(default)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -402,7 +410,8 @@ class BaseModel:
                 return torch.softmax(qz_m + qz_s * noise, -1).mean(1)
             return inf["qz_m"]
 
-        out = self._per_cell(adata, indices, batch_size, latent)
+        deterministic = return_dist or give_mean
+        out = self._per_cell(adata, indices, batch_size, latent, deterministic=deterministic)
         n_latent = self.module.n_latent
         if out is None:
             out = np.zeros((0, 2 * n_latent if return_dist else n_latent), np.float32)
@@ -450,7 +459,7 @@ class BaseModel:
                 return torch.exp(inf["ql_m"] + inf["ql_v"] / 2)  # log-normal mean
             return self._library_counts(inf)
 
-        out = self._per_cell(adata, indices, batch_size, library)
+        out = self._per_cell(adata, indices, batch_size, library, deterministic=give_mean)
         return np.zeros((0, 1), np.float32) if out is None else out
 
     def _library_counts(self, inf: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -490,21 +499,43 @@ class BaseModel:
         return adata.obs_names[idx.numpy()]
 
     @torch.no_grad()
-    def _per_cell(self, adata, indices, batch_size, fn) -> np.ndarray | None:
+    def _per_cell(
+        self, adata, indices, batch_size, fn, *, deterministic: bool = False
+    ) -> np.ndarray | None:
         """``fn`` of every minibatch of ``adata``'s cells ``indices``, rows in one array."""
         self._check_trained()
         td, _ = self._data(adata)
-        return self._rows(td, indices, batch_size, fn)
+        return self._rows(td, indices, batch_size, fn, deterministic=deterministic)
 
     @torch.no_grad()
-    def _rows(self, td: TensorData, indices, batch_size, fn) -> np.ndarray | None:
+    def _rows(
+        self, td: TensorData, indices, batch_size, fn, *, deterministic: bool = False
+    ) -> np.ndarray | None:
         """:meth:`_per_cell` on tensors already built (None for no cells), in eval mode."""
         idx = self._indices(td, indices)
-        was = self.module.training
-        self.module.eval()
-        try:
+        with self._getter_mode(deterministic):
             chunks = (fn(b).cpu().numpy() for b in self._batches(td, idx, batch_size))
             return rows_into_one(chunks, len(idx))
+
+    @contextlib.contextmanager
+    def _getter_mode(self, deterministic: bool = False) -> Iterator[None]:
+        """The module in eval mode for a getter, its own mode restored after.
+
+        ``deterministic``: the getter's result draws on no randomness (posterior means), so
+        torch's global generators are restored too: the encoder still draws a sample it does
+        not use, which would advance the user's random stream.
+        """
+        was = self.module.training
+        self.module.eval()
+        dev = self.device
+        rng = (
+            torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else [])
+            if deterministic
+            else contextlib.nullcontext()
+        )
+        try:
+            with rng:
+                yield
         finally:
             self.module.train(was)
 
@@ -648,6 +679,15 @@ class BaseModel:
             finite weights (with the batch-norm statistics of the last good epoch) and the
             history of the completed epochs.
 
+        Notes
+        -----
+        Training (and each getter) allocates and frees one untouched 16 MB block first, which
+        raises glibc's thresholds for returning freed memory to 16 / 32 MB for the rest of the
+        process, as freeing any array of that size would: without it each step's ~1 MB
+        temporaries were returned and faulted in again (10-15% of a step). The process may then
+        keep up to ~32 MB of freed memory between its own allocations. Runs with gradients on
+        inside a ``torch.no_grad()`` block; not inside ``torch.inference_mode()``.
+
         Examples
         --------
         >>> import cellvae
@@ -696,6 +736,11 @@ class BaseModel:
         # everything that can refuse the call comes before anything changes: the options, the
         # device, the cells (a backed file's values are read for it) and the split
         config.validate()
+        if torch.is_inference_mode_enabled():  # its tensors can take no part in autograd
+            raise RuntimeError(
+                "Training cannot run inside torch.inference_mode(): call train() outside that "
+                "block."
+            )
         resolve_device(device)
         empty = td.n_empty_cells()
         if empty:  # data attached by load, edited after setup, or registered by transfer_setup
@@ -790,7 +835,7 @@ class BaseModel:
             ) from err
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
-        fd, tmp = tempfile.mkstemp(dir=path, prefix=".weights-", suffix=".tmp")
+        fd, tmp = _new_file(path, ".weights-", ".tmp")
         with os.fdopen(fd, "wb") as fh:
             torch.save(state, fh)
             fh.flush()
@@ -806,7 +851,7 @@ class BaseModel:
         old = old_config.get("weights")
         data_tmp = None
         if save_anndata:  # written aside, renamed last: never a partial adata.h5ad
-            fd, data_tmp = tempfile.mkstemp(dir=path, prefix=".adata-", suffix=".h5ad")
+            fd, data_tmp = _new_file(path, ".adata-", ".h5ad")
             os.close(fd)
             try:
                 self.adata.write_h5ad(data_tmp)
@@ -815,7 +860,7 @@ class BaseModel:
                 raise
         if ours:  # an earlier save's data, gone before model.json names the new model: an
             data_file.unlink()  # interruption never leaves it attached to another model
-        fd, tmp = tempfile.mkstemp(dir=path, prefix=".model-", suffix=".json.tmp")
+        fd, tmp = _new_file(path, ".model-", ".json.tmp")
         with os.fdopen(fd, "w") as fh:
             json.dump(config, fh)
             fh.flush()
@@ -884,7 +929,8 @@ class BaseModel:
         model = cls.__new__(cls)
         BaseModel.__init__(model, None, **config["hparams"])
         model.registry_ = Registry.from_dict(config["registry"])
-        model.module_ = model._build_module().to(dev)  # from the registry: no data read
+        with torch.random.fork_rng(devices=[]):  # its random initial weights are replaced
+            model.module_ = model._build_module().to(dev)  # from the registry: no data read
         try:
             model.module_.load_state_dict(state)
         except RuntimeError as err:
@@ -954,6 +1000,19 @@ _SCVI_TOOLS_OPTIONS = {
     "n_steps_kl_warmup": "n_epochs_kl_warmup or kl_warmup_fraction (the weight rises by step)",
     "check_val_every_n_epoch": "nothing (cellvae validates every epoch, ~5% of its time)",
 }
+
+
+def _new_file(folder: Path, prefix: str, suffix: str) -> tuple[int, str]:
+    """A new temporary file in ``folder`` with the permissions ``open()`` would give it.
+
+    ``tempfile.mkstemp`` makes files readable by their owner only; renamed into place they
+    would make a saved model unreadable to the user's group, whatever their umask.
+    """
+    fd, name = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)
+    return fd, name
 
 
 def _renamed_hint(unknown: set[str]) -> str:
@@ -1040,7 +1099,7 @@ def _ln_points(n_latent: int, device) -> torch.Tensor:
     quantile, whose error falls faster with the number of points than independent draws'.
     """
     u = torch.quasirandom.SobolEngine(n_latent, scramble=True, seed=0).draw(512)
-    return torch.special.ndtri(u.clamp(1e-7, 1 - 1e-7)).to(device)
+    return torch.special.ndtri(u.clamp(1e-7, 1 - 1e-7)).to(device, torch.float32)
 
 
 def _sources(adata, reg: Registry) -> list:

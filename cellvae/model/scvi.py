@@ -238,7 +238,7 @@ class SCVI(BaseModel):
                 out = out.transpose(0, 1) if keep else out.mean(0)
             return out
 
-        rows = self._rows(td, indices, batch_size, params)
+        rows = self._rows(td, indices, batch_size, params, deterministic=n_samples == 1)
         if rows is None:  # no cells
             shape = (0, n_samples, td.n_vars) if keep else (0, td.n_vars)
             rows = np.zeros((*shape, len(names)), np.float32)
@@ -308,6 +308,16 @@ class SCVI(BaseModel):
         dev = self.device
         g_idx = None if gene_idx is None else gene_idx.to(dev)
         out = output_array((n_samples,) * keep_samples + (len(idx), len(genes)))
+        with self._getter_mode(deterministic=n_samples == 1):
+            self._expression_into(out, td, idx, batch_size, n_samples, codes, g_idx, scale)
+        if return_numpy:
+            return out
+        names = self._obs_names(adata, idx)
+        return pd.DataFrame(out, index=names, columns=genes, copy=False)  # pandas 3 would copy
+
+    def _expression_into(self, out, td, idx, batch_size, n_samples, codes, g_idx, scale) -> None:
+        """:meth:`get_normalized_expression`'s rows, written into ``out`` minibatch by minibatch."""
+        keep_samples = out.ndim == 3
         start = 0
         factor = (1.0 if scale is None else scale) / len(codes)
         for batch in self._batches(td, idx, batch_size):
@@ -334,10 +344,6 @@ class SCVI(BaseModel):
                 torch.mul(acc, factor, out=target)
             else:
                 target.copy_(acc.mul_(factor))
-        if return_numpy:
-            return out
-        names = self._obs_names(adata, idx)
-        return pd.DataFrame(out, index=names, columns=genes, copy=False)  # pandas 3 would copy
 
     @getter_doc
     def get_marginal_ll(
