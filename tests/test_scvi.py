@@ -1905,3 +1905,39 @@ def test_train_inside_no_grad_and_inference_mode():
     assert len(model.history) == 2
     with torch.inference_mode(), pytest.raises(RuntimeError, match="outside that block"):
         cellvae.SCVI(adata).train(max_epochs=1, progress_bar=False)
+
+
+@pytest.mark.parametrize("fail_at", ["write_h5ad", "json.dump"])
+def test_a_failed_save_leaves_the_previous_save_whole_and_nothing_else(
+    trained, tmp_path, monkeypatch, fail_at
+):
+    adata, model = trained
+    model.save(tmp_path / "m", save_anndata=True)
+    files = sorted(p.name for p in (tmp_path / "m").iterdir())
+    other = cellvae.SCVI(adata, n_latent=4).train(max_epochs=1, seed=3, progress_bar=False)
+
+    def boom(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    if fail_at == "write_h5ad":
+        monkeypatch.setattr(ad.AnnData, "write_h5ad", boom)
+    else:
+        monkeypatch.setattr("cellvae.model._base.json.dump", boom)
+    with pytest.raises(OSError, match="No space left"):
+        other.save(tmp_path / "m", overwrite=True, save_anndata=True)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == files  # no temporary file,
+    loaded = cellvae.SCVI.load(tmp_path / "m")  # no stray weights; the data still attached
+    assert loaded.adata is not None
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(), model.get_latent_representation()
+    )
+
+
+def test_saving_never_changes_the_process_umask(trained, tmp_path, monkeypatch):
+    _, model = trained
+    seen = []
+    real = os.umask
+    monkeypatch.setattr(os, "umask", lambda mask: seen.append(mask) or real(mask))
+    model.save(tmp_path / "m", save_anndata=True)
+    assert not seen  # a moment of umask 0 made other threads' files world-writable

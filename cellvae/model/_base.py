@@ -14,7 +14,6 @@ import logging
 import numbers
 import os
 import secrets
-import tempfile
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -834,38 +833,48 @@ class BaseModel:
                 f"lists or dicts ({err})."
             ) from err
         path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
-        fd, tmp = _new_file(path, ".weights-", ".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        digest = _sha256(tmp)
-        weights_name = f"weights-{digest[:16]}.pt"
-        os.replace(tmp, path / weights_name)
-        config = self._config() | {
-            "weights": weights_name,
-            "sha256": digest,
-            "anndata": bool(save_anndata),
-        }
         old = old_config.get("weights")
-        data_tmp = None
-        if save_anndata:  # written aside, renamed last: never a partial adata.h5ad
-            fd, data_tmp = _new_file(path, ".adata-", ".h5ad")
-            os.close(fd)
-            try:
+        # Stage 1: every new file is written aside; on any failure they are removed and the
+        # previous save is left whole, data included.
+        written: list[Path] = []
+        try:
+            state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+            tmp = _new_file(path, ".weights-", ".tmp")
+            written.append(tmp)
+            with open(tmp, "wb") as fh:
+                torch.save(state, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            digest = _sha256(tmp)
+            weights_name = f"weights-{digest[:16]}.pt"
+            if weights_name != old:  # the same weights again: the file is already there
+                written.append(path / weights_name)
+            os.replace(tmp, path / weights_name)
+            data_tmp = None
+            if save_anndata:
+                data_tmp = _new_file(path, ".adata-", ".h5ad")
+                written.append(data_tmp)
                 self.adata.write_h5ad(data_tmp)
-            except BaseException:
-                os.unlink(data_tmp)
-                raise
-        if ours:  # an earlier save's data, gone before model.json names the new model: an
-            data_file.unlink()  # interruption never leaves it attached to another model
-        fd, tmp = _new_file(path, ".model-", ".json.tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(config, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, config_file)
+            config = self._config() | {
+                "weights": weights_name,
+                "sha256": digest,
+                "anndata": bool(save_anndata),
+            }
+            json_tmp = _new_file(path, ".model-", ".json.tmp")
+            written.append(json_tmp)
+            with open(json_tmp, "w") as fh:
+                json.dump(config, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:
+            for f in written:
+                Path(f).unlink(missing_ok=True)
+            raise
+        # Stage 2: renames. The earlier save's own data go first, so that no moment has
+        # model.json name one model next to another model's data.
+        if ours:
+            data_file.unlink()
+        os.replace(json_tmp, config_file)
         if old and old != weights_name and (path / old).exists():
             (path / old).unlink()
         if data_tmp is not None:
@@ -1002,17 +1011,20 @@ _SCVI_TOOLS_OPTIONS = {
 }
 
 
-def _new_file(folder: Path, prefix: str, suffix: str) -> tuple[int, str]:
-    """A new temporary file in ``folder`` with the permissions ``open()`` would give it.
+def _new_file(folder: Path, prefix: str, suffix: str) -> Path:
+    """A new, empty file in ``folder`` with a random name and the permissions ``open()`` gives.
 
     ``tempfile.mkstemp`` makes files readable by their owner only; renamed into place they
-    would make a saved model unreadable to the user's group, whatever their umask.
+    made a saved model unreadable to the user's group. Created with mode 0o666 here, the
+    umask (and default ACLs) apply, and the process's umask is never changed.
     """
-    fd, name = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(name, 0o666 & ~umask)
-    return fd, name
+    while True:
+        name = folder / f"{prefix}{secrets.token_hex(8)}{suffix}"
+        try:
+            os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        return name
 
 
 def _renamed_hint(unknown: set[str]) -> str:
