@@ -10,7 +10,7 @@ overwritten.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -400,14 +400,17 @@ def _model_adata(model, adata):
     return None if adata is model.adata else adata
 
 
-def _recorded_protein_keys(adata) -> set[str]:
-    """Raw protein keys named by the ``uns`` records of :func:`cellvae.tl.totalvi`."""
-    keys = set()
+def _protein_records(adata) -> Iterator[Mapping]:
+    """The parameters of the ``uns`` records of :func:`cellvae.tl.totalvi` (they name proteins)."""
     for record in adata.uns.values():
         params = record.get("params") if isinstance(record, Mapping) else None
         if isinstance(params, Mapping) and "protein_expression_obsm_key" in params:
-            keys.add(str(params["protein_expression_obsm_key"]))
-    return keys
+            yield params
+
+
+def _recorded_protein_keys(adata) -> set[str]:
+    """Raw protein keys named by the ``uns`` records of :func:`cellvae.tl.totalvi`."""
+    return {str(params["protein_expression_obsm_key"]) for params in _protein_records(adata)}
 
 
 def _recorded_protein_names(adata, key: str, n: int) -> list[str] | None:
@@ -415,9 +418,8 @@ def _recorded_protein_names(adata, key: str, n: int) -> list[str] | None:
 
     Its ``protein_names_uns_key``, else the names the set-up gives an unnamed array.
     """
-    for record in adata.uns.values():
-        params = record.get("params") if isinstance(record, Mapping) else None
-        if not isinstance(params, Mapping) or params.get("protein_expression_obsm_key") != key:
+    for params in _protein_records(adata):
+        if params["protein_expression_obsm_key"] != key:
             continue
         uns_key = params.get("protein_names_uns_key")
         if uns_key is None:

@@ -839,12 +839,8 @@ class BaseModel:
         written: list[Path] = []
         try:
             state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
-            tmp = _new_file(path, ".weights-", ".tmp")
+            tmp = _written_file(path, ".weights-", ".tmp", lambda fh: torch.save(state, fh), "wb")
             written.append(tmp)
-            with open(tmp, "wb") as fh:
-                torch.save(state, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
             digest = _sha256(tmp)
             weights_name = f"weights-{digest[:16]}.pt"
             if weights_name != old:  # the same weights again: the file is already there
@@ -860,15 +856,11 @@ class BaseModel:
                 "sha256": digest,
                 "anndata": bool(save_anndata),
             }
-            json_tmp = _new_file(path, ".model-", ".json.tmp")
+            json_tmp = _written_file(path, ".model-", ".json.tmp", lambda fh: json.dump(config, fh))
             written.append(json_tmp)
-            with open(json_tmp, "w") as fh:
-                json.dump(config, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
         except BaseException:
             for f in written:
-                Path(f).unlink(missing_ok=True)
+                f.unlink(missing_ok=True)
             raise
         # Stage 2: renames. The earlier save's own data go first, so that no moment has
         # model.json name one model next to another model's data.
@@ -1025,6 +1017,20 @@ def _new_file(folder: Path, prefix: str, suffix: str) -> Path:
         except FileExistsError:
             continue
         return name
+
+
+def _written_file(folder: Path, prefix: str, suffix: str, write, mode: str = "w") -> Path:
+    """A :func:`_new_file` filled by ``write(file)`` and synced to disk (removed on failure)."""
+    name = _new_file(folder, prefix, suffix)
+    try:
+        with open(name, mode) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        name.unlink(missing_ok=True)
+        raise
+    return name
 
 
 def _renamed_hint(unknown: set[str]) -> str:
