@@ -49,11 +49,15 @@ def _pyplot():
 def _finish(writekey: str, axes: Any, fig, *, show: bool | None, save: bool | str | None):
     """Save and/or show ``fig`` the way ``scanpy.pl`` does; return ``axes`` unless shown.
 
+    A saved figure is closed afterwards (its axes can still be read), and ``save=None`` follows
+    ``scanpy.settings.autosave``.
+
     ``save=True`` writes ``{figdir}/{writekey}{plot_suffix}.{file_format_figs}``; a string is
     appended to ``writekey`` (its extension, if any, picks the format), as in scanpy.
     """
     import scanpy as sc  # here, not at import: 145 MB and 2 s that training never needs
 
+    save = sc.settings.autosave if save is None else save
     if save:
         ext = sc.settings.file_format_figs
         if isinstance(save, str):
@@ -68,8 +72,9 @@ def _finish(writekey: str, axes: Any, fig, *, show: bool | None, save: bool | st
     show = sc.settings.autoshow if show is None else show
     if show:
         _pyplot().show()
-        return None
-    return axes
+    if save:  # a saved figure is closed, as in scanpy: a loop of saves keeps none open
+        _pyplot().close(fig)
+    return None if show else axes
 
 
 def _axes_list(ax, n: int, panel_size: tuple[float, float]) -> tuple[list[Axes], Any]:

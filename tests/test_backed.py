@@ -329,3 +329,19 @@ def test_bad_options_are_refused_before_the_file_is_read(tmp_path, monkeypatch):
     assert not reads  # the empty-cell check reads every stored value: after the options
     model.train(max_epochs=1, progress_bar=False)
     assert reads == [1]
+
+
+def test_getters_after_the_backed_file_is_closed_or_reopened(tmp_path):
+    adata = cellvae.datasets.synthetic(120, 20, n_batches=2)
+    adata.write_h5ad(tmp_path / "b.h5ad")
+    backed = ad.read_h5ad(tmp_path / "b.h5ad", backed="r")
+    cellvae.SCVI.setup_anndata(backed, batch_key="batch")
+    model = cellvae.SCVI(backed).train(1, progress_bar=False)
+    expected = model.get_latent_representation()
+    backed.file.close()  # the cached datasets belong to the closed file
+    np.testing.assert_array_equal(model.get_latent_representation(), expected)
+    backed.file.close()
+    backed.file.open()  # anndata's way to reopen: a new h5py file
+    np.testing.assert_array_equal(model.get_latent_representation(), expected)
+    model.train(1, progress_bar=False)
+    backed.file.close()

@@ -280,3 +280,21 @@ def test_foreground_probability_violin_and_embedding(totalvi_trained):
         assert ax.get_title() == name
     # drawn in increasing probability, so positive cells are on top
     assert np.all(np.diff(axes[0].collections[0].get_array()) >= 0)
+
+
+def test_saved_figures_are_closed_as_in_scanpy(scvi_trained, tmp_path):
+    _, model = scvi_trained
+    old = sc.settings.figdir
+    sc.settings.figdir = tmp_path
+    try:
+        plt.close("all")
+        for i in range(3):
+            axes = cellvae.pl.history(model, show=False, save=f"_{i}.png")
+        assert plt.get_fignums() == []  # a loop of saves leaves no figure open
+        assert axes is not None  # still returned, as scanpy returns them
+        cellvae.pl.history(model, show=False)
+        assert len(plt.get_fignums()) == 1  # not saved: left open for the user
+    finally:
+        sc.settings.figdir = old
+        plt.close("all")
+    assert (tmp_path / "history_2.png").stat().st_size > 0

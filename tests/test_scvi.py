@@ -1941,3 +1941,43 @@ def test_saving_never_changes_the_process_umask(trained, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "umask", lambda mask: seen.append(mask) or real(mask))
     model.save(tmp_path / "m", save_anndata=True)
     assert not seen  # a moment of umask 0 made other threads' files world-writable
+
+
+@pytest.mark.parametrize("kind", ["float32 csr", "float64 csr", "float64 dense", "float32 dense"])
+def test_getters_follow_counts_transformed_in_place(kind):
+    # sc.pp.log1p keeps the matrix and (for some types) its arrays: float32 counts were shared
+    # and followed without a check, float64 ones copied and silently kept
+    adata = cellvae.datasets.synthetic(120, 20, random_state=0)
+    if "float64" in kind:
+        adata.X = adata.X.astype(np.float64)
+    if "dense" in kind:
+        adata.X = adata.X.toarray()
+    cellvae.SCVI.setup_anndata(adata)
+    model = cellvae.SCVI(adata).train(1, progress_bar=False)
+    x = adata.X.data if "csr" in kind else adata.X
+    np.log1p(x, out=x)  # in place, as scanpy's log1p on these
+    with pytest.warns(UserWarning, match="non-integer"):
+        library = model.get_latent_library_size().ravel()
+    np.testing.assert_allclose(library, np.asarray(adata.X.sum(1)).ravel(), rtol=1e-5)
+
+
+def test_models_on_the_same_matrix_share_one_converted_copy():
+    import gc
+    import weakref
+
+    adata = cellvae.datasets.synthetic(120, 20, random_state=0)
+    adata.X = adata.X.toarray().astype(np.float64)  # converted to float32: a copy
+    cellvae.SCVI.setup_anndata(adata)
+    first, second = (cellvae.SCVI(adata).train(1, progress_bar=False) for _ in range(2))
+    dense = first._data_cache[1].dense
+    assert second._data_cache[1].dense is dense
+    assert dense.dtype == torch.float32
+    adata.X *= 2  # edited in place: a new copy for the next model
+    third = cellvae.SCVI(adata)
+    third._data()
+    np.testing.assert_array_equal(third._data_cache[1].dense.numpy(), adata.X)
+    np.testing.assert_array_equal(dense.numpy(), adata.X / 2)  # the others' copy untouched
+    ref = weakref.ref(dense)
+    del dense, first, second
+    gc.collect()
+    assert ref() is None  # the shared copy lives only while a model holds it

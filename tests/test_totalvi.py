@@ -787,3 +787,16 @@ def test_tl_totalvi_records_the_adversarial_classifier_as_trained():
         adata, batch_key="batch", max_epochs=1, progress_bar=False, n_latent=3, n_hidden=16
     )
     assert adata.uns["totalvi"]["params"]["adversarial_classifier"] is True  # was left out
+
+
+def test_deterministic_getters_leave_the_global_generator(missing):
+    _, model = missing
+    torch.manual_seed(0)
+    expected = torch.randn(3)
+    torch.manual_seed(0)
+    model.get_normalized_expression()
+    model.get_protein_foreground_probability()
+    model.get_protein_background_mean()
+    assert torch.equal(torch.randn(3), expected)  # unused noise draws advanced it
+    model.get_normalized_expression(n_samples=2)  # samples: these draw on the stream
+    assert not torch.equal(torch.randn(3), expected)

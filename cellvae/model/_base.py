@@ -25,7 +25,7 @@ import scipy.sparse as sp
 import torch
 
 from .. import pp
-from .._data import TensorData, split_indices
+from .._data import TensorData, sample_digest, split_indices
 from .._registry import UNS_KEY, Registry, category_positions, get_counts, warn_user
 from ..module._base import check_flags, norm_places
 from ..train import (
@@ -1128,18 +1128,35 @@ def _sources(adata, reg: Registry) -> list:
     comparing them by identity tells when cached tensors are stale. A sparse matrix's arrays are
     compared too: ``sc.pp.normalize_total`` and ``sc.pp.log1p`` keep the matrix but replace its
     ``data``. The registered ``obs`` columns (a few bytes per cell) are compared by a digest of
-    their values, which also catches a column reassigned or edited in place. Values changed
-    inside the same arrays (``adata.X.data[:] = ...``) are not detected.
+    their values, which also catches a column reassigned or edited in place. Counts and proteins
+    edited inside the same arrays (``np.log1p(adata.X.data, out=adata.X.data)``) are caught by
+    a digest of a sample of their values (up to 65,536, spread over the matrix): an edit of a
+    few entries can escape it, a transformation of the matrix cannot.
     """
     # a backed AnnData's X stays in its file; its layers are in memory and can be replaced
     backed_x = adata.isbacked and reg.layer is None
-    counts = ("backed", str(adata.filename)) if backed_x else get_counts(adata, reg.layer)
+    # the open file too: reading through a closed or reopened file's datasets fails
+    h5 = adata.file._file if backed_x else None
+    if backed_x:
+        counts = ("backed", str(adata.filename), bool(h5 is not None and h5.id.valid))
+    else:
+        counts = get_counts(adata, reg.layer)
     # (a dense array's .data is a new buffer object at each access: not compared)
     sparse = sp.issparse(counts)
     parts = [getattr(counts, n, None) if sparse else None for n in ("data", "indices", "indptr")]
     key = reg.protein_expression_obsm_key
     protein = adata.obsm[key] if key is not None and key in adata.obsm else None
-    return [adata.obs_names, adata.var_names, counts, *parts, protein, _obs_digest(adata, reg)]
+    values = ("values", None if backed_x else sample_digest(counts), sample_digest(protein))
+    return [
+        adata.obs_names,
+        adata.var_names,
+        counts,
+        h5,
+        *parts,
+        protein,
+        _obs_digest(adata, reg),
+        values,
+    ]
 
 
 def _obs_digest(adata, reg: Registry) -> tuple:

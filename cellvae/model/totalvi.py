@@ -383,11 +383,15 @@ class TOTALVI(BaseModel):
         With ``keep_samples`` the outputs are samples × cells × width, not averaged over samples.
         The callers have checked ``n_samples`` (``samples_kept``).
         """
-        module = self.module
-        was = module.training
-        module.eval()
         lead = (n_samples,) if keep_samples else ()  # samples_kept: only with n_samples > 1
         out = {k: output_array(lead + (len(idx), w)) for k, w in widths.items()}
+        with self._getter_mode(deterministic=n_samples == 1):
+            self._decode_into(out, lead, td, idx, codes, n_samples, batch_size, fn)
+        return out
+
+    def _decode_into(self, out, lead, td, idx, codes, n_samples, batch_size, fn) -> None:
+        """:meth:`_decode`'s rows, written into ``out`` minibatch by minibatch."""
+        module = self.module
         mask = module.protein_batch_mask.float()
         start = 0
         for batch in self._batches(td, idx, batch_size):
@@ -413,15 +417,13 @@ class TOTALVI(BaseModel):
                     if k == "proteins":
                         acc["_weighted"] = acc.get("_weighted", 0) + v * w
             n = len(batch["batch"])
-            for k in widths:
+            for k in out:
                 value = acc[k] / len(codes)
                 if k == "proteins":
                     measured = weights > 0
                     value = torch.where(measured, acc["_weighted"] / weights.clamp_min(1), value)
                 out[k][..., start : start + n, :] = value.cpu().numpy()
             start += n
-        module.train(was)
-        return out
 
     @getter_doc
     @torch.no_grad()
