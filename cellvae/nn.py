@@ -1123,18 +1123,49 @@ def _drop_library_stack(module, state_dict, prefix, *args) -> None:
         del state_dict[key]
 
 
+class CovariateVectors(nn.Module):
+    """One learned vector per category of each covariate, added to a layer's output.
+
+    A linear layer on ``[h; one-hot covariates]`` is ``W h + b`` plus, for each covariate, the
+    weight column of the cell's category: this module is that second part, for an output layer
+    whose ``W h + b`` is computed elsewhere (a :class:`GeneLinear`'s fused product). Covariates
+    with one category have no vector, as in :class:`FCLayers`; initialised like
+    :class:`torch.nn.Linear` on ``[h; one-hot]`` with ``n_in`` inputs in ``h``.
+    """
+
+    def __init__(self, n_in: int, n_out: int, n_cat_list: Iterable[int] | None = None):
+        super().__init__()
+        n_cat_list = list(n_cat_list or [])
+        self.cat_keep = [i for i, n in enumerate(n_cat_list) if n > 1]
+        cats = [n_cat_list[i] for i in self.cat_keep]
+        bound = 1.0 / math.sqrt(n_in + sum(cats))
+        self.embeddings = nn.ModuleList()
+        for n_cat in cats:
+            emb = nn.Embedding(n_cat, n_out)
+            nn.init.uniform_(emb.weight, -bound, bound)
+            self.embeddings.append(emb)
+
+    def forward(self, y: torch.Tensor, *cat_list: torch.Tensor) -> torch.Tensor:
+        """``y`` (cells × n_out, or samples × cells × n_out) plus each cell's vectors."""
+        for emb, i in zip(self.embeddings, self.cat_keep):
+            y = y + emb(cat_list[i].view(-1))
+        return y
+
+
 class DecoderTOTALVI(nn.Module):
     """Decode a latent sample into gene parameters and the protein background / foreground.
 
     Four small stacks read ``z`` (with the covariates injected): one for the genes, one for
     the protein background, one for the foreground scale and one for the mixing logits (run
     side by side by :func:`parallel_stacks`). Each output head sees ``[h, z]`` (the stack's
-    output and ``z`` itself).
+    output and ``z`` itself) and the covariates (:class:`CovariateVectors`), as scvi-tools'
+    heads do. The genes' zero-inflation head reads the mixing stack, as in scvi-tools.
 
     * Genes: ``scale = softmax(W [h, z])`` (or softplus), ``rate = library · scale``, and
       zero-inflation logits ``dropout``.
     * Protein background: ``log β ~ N(α, σ)`` per cell and protein with ``α`` =
-      ``back_alpha`` and ``σ`` = ``back_beta`` ``= exp(·) + 1e-8``; the background rate is
+      ``back_alpha`` and ``σ`` = ``back_beta`` ``= softplus(·) + 1e-8`` (scvi-tools ≥ 1.2; an
+      exponential before); the background rate is
       ``exp`` of a sample (with ``sample_background=False``, its mean ``exp(α + σ²/2)``).
     * Protein foreground: ``rate_fore = rate_back · fore_scale`` with ``fore_scale = 1 +
       ReLU(·) + 1e-8 ≥ 1``.
@@ -1219,11 +1250,18 @@ class DecoderTOTALVI(nn.Module):
         self.px_dropout_decoder = GeneLinear(n_cat, n_output_genes) if zero_inflation else None
         self.py_back_decoder = stack()
         self.py_back_alpha = nn.Linear(n_cat, n_output_proteins)
-        self.py_back_log_beta = nn.Linear(n_cat, n_output_proteins)
+        self.py_back_beta = nn.Linear(n_cat, n_output_proteins)
         self.py_fore_decoder = stack()
         self.py_fore_scale = nn.Linear(n_cat, n_output_proteins)
         self.py_mixing_decoder = stack()
         self.py_mixing = nn.Linear(n_cat, n_output_proteins)
+        # each head's covariate vectors, by the head's name
+        genes = ("px_scale", "px_dropout") if zero_inflation else ("px_scale",)
+        proteins = ("back_alpha", "back_beta", "fore_scale", "mixing")
+        heads = dict.fromkeys(genes, n_output_genes) | dict.fromkeys(proteins, n_output_proteins)
+        self.head_covariates = nn.ModuleDict(
+            {name: CovariateVectors(n_cat, n_out, n_cat_list) for name, n_out in heads.items()}
+        )
 
     def forward(
         self,
@@ -1251,9 +1289,17 @@ class DecoderTOTALVI(nn.Module):
             z,
             *cat_list,
         )
-        hz = torch.cat([h, z], dim=-1)
-        dropout_layer = self.px_dropout_decoder if compute_dropout else None
-        logits, dropout = gene_linears(hz, self.px_scale_decoder, dropout_layer)
+
+        def cov(name: str, y: torch.Tensor) -> torch.Tensor:  # a head's covariate vectors added
+            return self.head_covariates[name](y, *cat_list)
+
+        hz_mix = torch.cat([h_mix, z], dim=-1)
+        (logits,) = gene_linears(torch.cat([h, z], dim=-1), self.px_scale_decoder)
+        logits = cov("px_scale", logits)
+        dropout = None
+        if compute_dropout:
+            (dropout,) = gene_linears(hz_mix, self.px_dropout_decoder)
+            dropout = cov("px_dropout", dropout)
         px = {"dropout": dropout}
         if scale_logits:
             px.update(scale_logits=logits, scale=None, rate=None)
@@ -1265,8 +1311,8 @@ class DecoderTOTALVI(nn.Module):
             px.update(scale=scale, rate=library_gene * scale)
 
         hz = torch.cat([h_back, z], dim=-1)
-        back_alpha = self.py_back_alpha(hz)
-        back_beta = torch.exp(self.py_back_log_beta(hz)) + 1e-8
+        back_alpha = cov("back_alpha", self.py_back_alpha(hz))
+        back_beta = F.softplus(cov("back_beta", self.py_back_beta(hz))) + 1e-8
         if sample_background:
             log_pro_back_mean = back_alpha + back_beta * torch.randn_like(back_alpha)
         else:  # the log of the log-normal mean: what the samples average to
@@ -1277,13 +1323,12 @@ class DecoderTOTALVI(nn.Module):
         rate_back = torch.exp(log_pro_back_mean.clamp(max=60.0))
 
         hz = torch.cat([h_fore, z], dim=-1)
-        fore_scale = F.relu(self.py_fore_scale(hz)) + 1.0 + 1e-8
-        hz = torch.cat([h_mix, z], dim=-1)
+        fore_scale = F.relu(cov("fore_scale", self.py_fore_scale(hz))) + 1.0 + 1e-8
         py = {
             "back_alpha": back_alpha,
             "back_beta": back_beta,
             "fore_scale": fore_scale,
-            "mixing": self.py_mixing(hz),
+            "mixing": cov("mixing", self.py_mixing(hz_mix)),
             "rate_back": rate_back,
             "rate_fore": rate_back * fore_scale,
         }

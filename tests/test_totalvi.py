@@ -148,13 +148,71 @@ def test_decoder_totalvi_contract():
         nb(z, lib, b)
 
 
+def test_decoder_totalvi_heads_equal_linear_layers_on_h_z_and_one_hot_covariates():
+    # scvi-tools' heads are linear layers on [h, z, one-hot batch, one-hot covariate]; the
+    # zero-inflation head reads the mixing stack's h; the background scale is a softplus
+    n_cats = [3, 1, 4]  # the one-category covariate gets no columns, as in the stacks
+    dec = DecoderTOTALVI(5, 30, 4, n_cat_list=n_cats, n_hidden=16).eval()
+    z = torch.randn(12, 5)
+    cats = [torch.arange(12) % 3, torch.zeros(12, dtype=torch.long), torch.arange(12) // 3]
+    with torch.no_grad():
+        px, py, _ = dec(z, torch.full((12, 1), 100.0), *cats, sample_background=False)
+        h = {
+            name: torch.cat([getattr(dec, name)(z, *cats), z], -1)
+            for name in ("px_decoder", "py_back_decoder", "py_fore_decoder", "py_mixing_decoder")
+        }
+    one_hot = torch.cat(
+        [torch.nn.functional.one_hot(cats[0], 3), torch.nn.functional.one_hot(cats[2], 4)], 1
+    )
+
+    def reference(layer, key, x):
+        embs = dec.head_covariates[key].embeddings
+        weight = torch.cat([layer.weight.double(), *(e.weight.double().T for e in embs)], 1)
+        return torch.cat([x.double(), one_hot.double()], 1) @ weight.T + layer.bias.double()
+
+    expected = {
+        "scale": torch.softmax(reference(dec.px_scale_decoder, "px_scale", h["px_decoder"]), -1),
+        "dropout": reference(dec.px_dropout_decoder, "px_dropout", h["py_mixing_decoder"]),
+        "back_alpha": reference(dec.py_back_alpha, "back_alpha", h["py_back_decoder"]),
+        "back_beta": torch.nn.functional.softplus(
+            reference(dec.py_back_beta, "back_beta", h["py_back_decoder"])
+        ),
+        "fore_scale": 1
+        + torch.relu(reference(dec.py_fore_scale, "fore_scale", h["py_fore_decoder"])),
+        "mixing": reference(dec.py_mixing, "mixing", h["py_mixing_decoder"]),
+    }
+    got = {**px, **py}
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key].double(), value, rtol=1e-5, atol=1e-6, msg=key)
+    assert len(dec.head_covariates["mixing"].embeddings) == 2  # batch and the 4-category one
+
+
+@pytest.mark.parametrize("scale", [1e-3, 0.4, 3.0, 150.0])
+def test_background_scale_starts_at_its_prior(scale):
+    # σ = softplus(bias): the bias starts at softplus's inverse of the prior's scale (finite
+    # for large scales too, where log(e^s - 1) overflows float32)
+    module = TOTALVAE(
+        30,
+        4,
+        n_batch=1,
+        n_hidden=16,
+        use_observed_lib_size=True,
+        protein_background_prior_mean=np.zeros((4, 1)),
+        protein_background_prior_scale=np.full((4, 1), scale),
+    )
+    sigma = torch.nn.functional.softplus(module.decoder.py_back_beta.bias.double())
+    torch.testing.assert_close(
+        sigma, torch.full((4,), scale, dtype=torch.float64), rtol=1e-4, atol=0
+    )
+
+
 def test_decoder_totalvi_background_rate_stays_finite():
     # an outlier cell drove back_beta to ~400 in training: exp of its log-normal sample or mean
     # overflowed float32 to inf, and the protein likelihood became NaN; the rate stops at e^60
     dec = DecoderTOTALVI(5, 30, 4, n_cat_list=[2], n_hidden=16).eval()
     z, lib, b = torch.randn(6, 5), torch.full((6, 1), 500.0), torch.tensor([0, 1] * 3)
     with torch.no_grad():
-        dec.py_back_log_beta.bias[:2] = 6.0  # σ ≈ 400 for the first two proteins
+        dec.py_back_beta.bias[:2] = 400.0  # σ ≈ 400 for the first two proteins
     for sample in (False, True):
         _, py, log_back = dec(z, lib, b, sample_background=sample)
         big = log_back > 60
@@ -800,3 +858,28 @@ def test_deterministic_getters_leave_the_global_generator(missing):
     assert torch.equal(torch.randn(3), expected)  # unused noise draws advanced it
     model.get_normalized_expression(n_samples=2)  # samples: these draw on the stream
     assert not torch.equal(torch.randn(3), expected)
+
+
+def test_loading_a_model_saved_by_an_earlier_module_format_says_so(missing, tmp_path):
+    # format 1 (before session 36): the background scale head was py_back_log_beta and the
+    # heads had no covariate vectors
+    import hashlib
+    import json
+
+    adata, model = missing
+    model.save(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert config["format_version"] == 2
+    weights = tmp_path / "m" / config["weights"]
+    state = torch.load(weights, weights_only=True)
+    state = {
+        k.replace("py_back_beta", "py_back_log_beta"): v
+        for k, v in state.items()
+        if "head_covariates" not in k
+    }
+    torch.save(state, weights)
+    config["format_version"] = 1
+    config["sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    (tmp_path / "m" / "model.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="saved in format 1 .now 2.*train the model again"):
+        cellvae.TOTALVI.load(tmp_path / "m", adata)

@@ -38,7 +38,8 @@ from ..train import (
 
 logger = logging.getLogger(__name__)
 
-_FORMAT_VERSION = 1
+# 2: TOTALVI's decoder heads take the covariates and its background scale is a softplus
+_FORMAT_VERSION = 2
 
 
 def output_array(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
@@ -935,7 +936,14 @@ class BaseModel:
         try:
             model.module_.load_state_dict(state)
         except RuntimeError as err:
-            raise ValueError(f"The saved weights do not fit this model: {err}") from err
+            saved = config.get("format_version", 1)
+            hint = (
+                f" They were saved in format {saved} (now {_FORMAT_VERSION}), by an earlier"
+                " cellvae whose module differs: train the model again with this version."
+                if saved < _FORMAT_VERSION
+                else ""
+            )
+            raise ValueError(f"The saved weights do not fit this model:{hint} {err}") from err
         model.module_.eval()
         model.history_ = {k: list(v) for k, v in config.get("history", {}).items()}
         model.is_trained_ = bool(config.get("is_trained", True))

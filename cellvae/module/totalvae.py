@@ -276,8 +276,9 @@ class TOTALVAE(nn.Module):
                 present = mask.T.float()
                 n_present = present.sum(1).clamp_min(1)
                 self.decoder.py_back_alpha.bias.copy_((mean * present).sum(1) / n_present)
-                log_scale = (torch.log(scale) * present).sum(1) / n_present
-                self.decoder.py_back_log_beta.bias.copy_(log_scale)
+                # σ = softplus(bias): its inverse log(e^s - 1) = s + log(1 - e^-s) (no overflow)
+                inv_scale = scale + torch.log(-torch.expm1(-scale))
+                self.decoder.py_back_beta.bias.copy_((inv_scale * present).sum(1) / n_present)
         self.classifier = None
         if adversarial_classifier and n_batch > 1:
             self.classifier = nn.Sequential(
