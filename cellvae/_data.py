@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import numbers
+import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
@@ -378,64 +379,103 @@ class TensorData:
 
 
 class _Conversions:
-    """Count tensors converted from in-memory matrices, while both are alive.
+    """Float32 count tensors copied from in-memory matrices, shared while both are alive.
 
-    A float64, integer, dense non-float32 or CSC matrix is copied into float32 tensors; without
-    this, each model on the same AnnData held its own copy (six models on 100k cells x 2,000
-    dense genes: six times 800 MB). Entries hold weak references only, so they keep neither the
-    matrix nor the tensors alive, and a digest of a sample of the values (:func:`sample_digest`)
-    so that a matrix edited in place is converted again.
+    A float64, integer, non-contiguous dense or non-canonical CSR matrix is copied into float32
+    tensors; without this, each model on the same AnnData held its own copy (six models on 100k
+    cells x 2,000 dense genes: six times 800 MB). A copy is reused only while the matrix holds
+    exactly the values it was made from, compared in full (in chunks: about the time of
+    converting again, without a second copy), so no edit of the matrix, in place or by replacing
+    its arrays, reaches a model through a shared copy. Tensors that are the matrix's own memory
+    are not entered (nothing to save). Entries hold weak references only; thread-safe.
     """
 
     def __init__(self):
         self._entries: dict[int, tuple] = {}
+        self._lock = threading.Lock()
 
     def get(self, matrix) -> list[torch.Tensor] | None:
-        entry = self._entries.get(id(matrix))
+        with self._lock:
+            entry = self._entries.get(id(matrix))
         if entry is None:
             return None
-        ref, digest, refs = entry
+        ref, refs = entry
         tensors = [r() for r in refs]
         if ref() is not matrix or any(t is None for t in tensors):
-            del self._entries[id(matrix)]
             return None
-        return tensors if digest == sample_digest(matrix) else None
+        return tensors if _same_values(matrix, tensors) else None
 
     def put(self, matrix, tensors: list[torch.Tensor]) -> None:
+        source = matrix if isinstance(matrix, np.ndarray) else matrix.data
+        if any(np.may_share_memory(t.numpy(), source) for t in tensors):
+            return  # the matrix's own arrays: a new model gets them for free
         try:
             ref = weakref.ref(matrix)
         except TypeError:  # an array type without weak references: not shared
             return
-        key = id(matrix)
-        self._entries = {k: e for k, e in self._entries.items() if e[0]() is not None}
-        self._entries[key] = (ref, sample_digest(matrix), [weakref.ref(t) for t in tensors])
+        with self._lock:
+            self._entries = {k: e for k, e in self._entries.items() if e[0]() is not None}
+            self._entries[id(matrix)] = (ref, [weakref.ref(t) for t in tensors])
 
 
 _converted = _Conversions()
 
 
+def _same_values(matrix, tensors: list[torch.Tensor], chunk: int = 1 << 22) -> bool:
+    """Whether ``tensors`` (dense, or CSR arrays) hold exactly ``matrix`` in float32.
+
+    A CSR matrix compares one to one only where its conversion kept its entries (canonical, no
+    stored zeros); any other (and CSC) compares unequal and is converted again.
+    """
+    if isinstance(matrix, np.ndarray):
+        (dense,) = tensors
+        if dense.shape != matrix.shape:
+            return False
+        rows = max(1, chunk // max(1, matrix.shape[1] if matrix.ndim > 1 else 1))
+        d = dense.numpy()
+        return all(
+            np.array_equal(d[i : i + rows], matrix[i : i + rows].astype(np.float32))
+            for i in range(0, matrix.shape[0], rows)
+        )
+    indptr, indices, values = (t.numpy() for t in tensors)
+    if matrix.format != "csr" or len(values) != matrix.nnz or len(indptr) != len(matrix.indptr):
+        return False
+    if not (np.array_equal(indptr, matrix.indptr) and np.array_equal(indices, matrix.indices)):
+        return False
+    return all(
+        np.array_equal(values[i : i + chunk], matrix.data[i : i + chunk].astype(np.float32))
+        for i in range(0, len(values), chunk)
+    )
+
+
 def sample_digest(a, n: int = 1 << 16) -> str | None:
     """A digest of up to ``n`` values spread evenly over an in-memory matrix, else ``None``.
 
-    Strided views, so only the sample is copied: ~1 ms at 65,536 values, whatever the size.
-    An edit of a few entries can escape it; a transformation of the matrix cannot.
+    Strided views, so only the sample is copied: ~2 ms at 65,536 values, whatever the size.
+    An edit of a few entries can escape it; a transformation of the matrix cannot. Takes a
+    sparse matrix, a numpy array or a DataFrame (proteins).
     """
-    if hasattr(a, "to_numpy") and not isinstance(a, np.ndarray):  # a DataFrame of proteins
-        a = a.to_numpy()
     if sp.issparse(a):
         data = getattr(a, "data", None)  # CSR, CSC, COO, BSR; not LIL's lists or DOK
         if not isinstance(data, np.ndarray) or data.dtype == object:
             return None
-        sample = data[:: max(1, data.size // n)]
-    elif isinstance(a, np.ndarray):
-        side = max(1, int(n**0.5))
-        sample = a[:: max(1, a.shape[0] // side)] if a.ndim else a
-        if a.ndim > 1:
-            sample = sample[:, :: max(1, a.shape[1] // side)]
+        sample, kind = data[:: max(1, data.size // n)], str(a.dtype)
+    elif isinstance(a, np.ndarray) or hasattr(a, "iloc"):
+        if isinstance(a, np.ndarray) and (a.ndim == 0 or a.dtype == object):
+            return None
+        n_cols = a.shape[1] if a.ndim > 1 else 1
+        col_step = max(1, n_cols // max(1, int(n**0.5)))
+        row_step = max(1, a.shape[0] * -(-n_cols // col_step) // n)
+        if isinstance(a, np.ndarray):
+            sample = a[::row_step, ::col_step] if a.ndim > 1 else a[::row_step]
+            kind = str(a.dtype)
+        else:  # sampled before the conversion: a frame of several dtypes is not copied whole
+            sample = a.iloc[::row_step, ::col_step].to_numpy(dtype=np.float64, na_value=np.nan)
+            kind = ",".join(map(str, a.dtypes))
     else:
         return None  # no matrix, or one that stays where it is (on disk)
     h = hashlib.blake2b(np.ascontiguousarray(sample).tobytes(), digest_size=16)
-    h.update(f"{a.shape}|{a.dtype}".encode())
+    h.update(f"{a.shape}|{kind}".encode())
     return h.hexdigest()
 
 

@@ -330,7 +330,10 @@ def latent(
         umap_key,
         umap_key,
     )
-    axes = sc.pl.embedding(adata, basis=umap_key, color=color, ax=ax, show=False, **kwargs)
+    # save=False: scanpy's own autosave would write (and close) the figure under its name
+    axes = sc.pl.embedding(
+        adata, basis=umap_key, color=color, ax=ax, show=False, save=False, **kwargs
+    )
     axs = list(np.ravel(axes)) if isinstance(axes, list | np.ndarray) else [axes]
     for a in axs:  # scanpy names the axes after the basis, "X_umap_scVI1"
         a.set_xlabel(f"UMAP1 ({name})")

@@ -340,6 +340,9 @@ def test_getters_after_the_backed_file_is_closed_or_reopened(tmp_path):
     expected = model.get_latent_representation()
     backed.file.close()  # the cached datasets belong to the closed file
     np.testing.assert_array_equal(model.get_latent_representation(), expected)
+    cached = model._data_cache[1]
+    np.testing.assert_array_equal(model.get_latent_representation(), expected)
+    assert model._data_cache[1] is cached  # rebuilt once, not again for the reopened file
     backed.file.close()
     backed.file.open()  # anndata's way to reopen: a new h5py file
     np.testing.assert_array_equal(model.get_latent_representation(), expected)

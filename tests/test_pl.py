@@ -298,3 +298,16 @@ def test_saved_figures_are_closed_as_in_scanpy(scvi_trained, tmp_path):
         sc.settings.figdir = old
         plt.close("all")
     assert (tmp_path / "history_2.png").stat().st_size > 0
+
+
+def test_latent_under_scanpy_autosave_writes_one_file(scvi_trained, tmp_path):
+    # scanpy's own autosave inside pl.latent wrote a second file under scanpy's name
+    adata, _ = scvi_trained
+    adata = adata.copy()
+    old = sc.settings.figdir, sc.settings.autosave
+    sc.settings.figdir, sc.settings.autosave = tmp_path, True
+    try:
+        cellvae.pl.latent(adata, color="batch", show=False)
+    finally:
+        sc.settings.figdir, sc.settings.autosave = old
+    assert [p.name for p in tmp_path.iterdir()] == [f"latent.{sc.settings.file_format_figs}"]

@@ -1981,3 +1981,46 @@ def test_models_on_the_same_matrix_share_one_converted_copy():
     del dense, first, second
     gc.collect()
     assert ref() is None  # the shared copy lives only while a model holds it
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_replaced_data_array_with_one_entry_changed_is_read(dtype):
+    # the shared conversion was reused on a sampled digest that missed the changed entry
+    adata = cellvae.datasets.synthetic(2000, 1000, random_state=0)
+    adata.X = adata.X.astype(dtype)
+    assert adata.X.nnz > 4 * 65536  # the digest samples every second entry or fewer
+    cellvae.SCVI.setup_anndata(adata)
+    model = cellvae.SCVI(adata)
+    model._data()
+    new = adata.X.data.copy()
+    new[1] += 5  # off the sample's stride
+    adata.X.data = new
+    td, _ = model._data()
+    np.testing.assert_array_equal(td.values.numpy(), new.astype(np.float32))
+
+
+def test_a_new_model_does_not_share_a_copy_after_a_small_in_place_edit():
+    adata = cellvae.datasets.synthetic(2000, 500, random_state=0)
+    adata.X = adata.X.toarray().astype(np.float64)
+    cellvae.SCVI.setup_anndata(adata)
+    first = cellvae.SCVI(adata)
+    first._data()
+    adata.X[1] = 0  # one cell, off the sample's rows
+    second = cellvae.SCVI(adata)
+    td, _ = second._data()
+    np.testing.assert_array_equal(td.dense.numpy(), adata.X.astype(np.float32))
+
+
+def test_load_hint_about_an_earlier_format_only_where_the_module_changed(tmp_path):
+    adata = cellvae.datasets.synthetic(100, 20, random_state=0)
+    cellvae.SCVI.setup_anndata(adata)
+    cellvae.SCVI(adata).train(1, progress_bar=False).save(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "model.json").read_text())
+    config["format_version"] = 1
+    (tmp_path / "m" / "model.json").write_text(json.dumps(config))
+    cellvae.SCVI.load(tmp_path / "m", adata)  # SCVI's module is the same in format 1
+    config["hparams"]["n_hidden"] = 64  # weights of another shape
+    (tmp_path / "m" / "model.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="do not fit this model") as err:
+        cellvae.SCVI.load(tmp_path / "m", adata)
+    assert "earlier cellvae" not in str(err.value)

@@ -881,5 +881,26 @@ def test_loading_a_model_saved_by_an_earlier_module_format_says_so(missing, tmp_
     config["format_version"] = 1
     config["sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
     (tmp_path / "m" / "model.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="saved in format 1 .now 2.*train the model again"):
+    with pytest.raises(
+        ValueError, match="saved in format 1 .*TOTALVI module differs: train the model again"
+    ):
         cellvae.TOTALVI.load(tmp_path / "m", adata)
+
+
+def test_sampled_protein_mixing_draws_anew_at_each_call(missing):
+    _, model = missing
+    first = model.get_normalized_expression(sample_protein_mixing=True)[1]
+    second = model.get_normalized_expression(sample_protein_mixing=True)[1]
+    assert not np.array_equal(first, second)  # a random draw, not the same one every call
+
+
+def test_nullable_integer_proteins_do_not_rebuild_the_tensors_at_each_call():
+    adata = cellvae.datasets.synthetic(200, 30, n_batches=2, n_proteins=5, random_state=0)
+    adata.obsm["protein_expression"] = adata.obsm["protein_expression"].round().astype("Int64")
+    cellvae.TOTALVI.setup_anndata(
+        adata, batch_key="batch", protein_expression_obsm_key="protein_expression"
+    )
+    model = cellvae.TOTALVI(adata, **SMALL)
+    first, _ = model._data()
+    second, _ = model._data()
+    assert second is first  # the digest of an object-typed frame changed at every call

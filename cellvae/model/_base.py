@@ -180,6 +180,8 @@ class BaseModel:
 
     _module_cls: type[torch.nn.Module]
     _train_defaults: dict[str, Any] = {}
+    # the save format in which this model's module last changed (older saves cannot load)
+    _module_format: int = 1
 
     def __init__(self, adata, **hparams: Any):
         if adata is not None:
@@ -296,6 +298,7 @@ class BaseModel:
                 # changed since its tensors were built: checked against the model like new data
                 reg = self._own_registry(adata) if cache is None else self._registry_of(adata)
                 td = TensorData.from_adata(adata, reg)
+                sources = _sources(adata, self.registry_)  # reading may reopen a backed file
                 self._data_cache = ([_ref(s) for s in sources], td, reg)
             return self._data_cache[1], self._data_cache[2]
         reg = self._registry_of(adata)
@@ -938,9 +941,9 @@ class BaseModel:
         except RuntimeError as err:
             saved = config.get("format_version", 1)
             hint = (
-                f" They were saved in format {saved} (now {_FORMAT_VERSION}), by an earlier"
-                " cellvae whose module differs: train the model again with this version."
-                if saved < _FORMAT_VERSION
+                f" They were saved in format {saved} by an earlier cellvae, whose {cls.__name__}"
+                " module differs: train the model again with this version."
+                if saved < cls._module_format
                 else ""
             )
             raise ValueError(f"The saved weights do not fit this model:{hint} {err}") from err

@@ -84,6 +84,7 @@ class TOTALVI(BaseModel):
     """
 
     _module_cls = TOTALVAE
+    _module_format = 2  # the decoder heads' covariates and softplus background scale
     _train_defaults = {
         "lr": 4e-3,
         "batch_size": 256,
@@ -374,6 +375,8 @@ class TOTALVI(BaseModel):
         fn: Callable[[dict, torch.Tensor], dict[str, torch.Tensor]],
         widths: dict[str, int],
         keep_samples: bool = False,
+        *,
+        deterministic: bool | None = None,
     ) -> dict[str, np.ndarray]:
         """Decode cells ``idx`` in chunks and average ``fn``'s outputs over samples and batches.
 
@@ -381,11 +384,14 @@ class TOTALVI(BaseModel):
         ``"proteins"`` (all proteins) are averaged over the batches in ``codes`` that measured
         each protein (all of them where none did); the others over all batches in ``codes``.
         With ``keep_samples`` the outputs are samples × cells × width, not averaged over samples.
-        The callers have checked ``n_samples`` (``samples_kept``).
+        The callers have checked ``n_samples`` (``samples_kept``). ``deterministic`` (default:
+        ``n_samples == 1``) says that ``fn`` draws no randomness either, so torch's generators
+        are left as they were (:meth:`_getter_mode`).
         """
         lead = (n_samples,) if keep_samples else ()  # samples_kept: only with n_samples > 1
         out = {k: output_array(lead + (len(idx), w)) for k, w in widths.items()}
-        with self._getter_mode(deterministic=n_samples == 1):
+        deterministic = n_samples == 1 if deterministic is None else deterministic
+        with self._getter_mode(deterministic=deterministic):
             self._decode_into(out, lead, td, idx, codes, n_samples, batch_size, fn)
         return out
 
@@ -531,7 +537,17 @@ class TOTALVI(BaseModel):
             return {"genes": rna if g_idx is None else rna[..., g_idx], "proteins": protein}
 
         widths = {"genes": len(genes), "proteins": reg.n_proteins}
-        out = self._decode(td, idx, codes, n_samples, batch_size, fn, widths, keep_samples)
+        out = self._decode(
+            td,
+            idx,
+            codes,
+            n_samples,
+            batch_size,
+            fn,
+            widths,
+            keep_samples,
+            deterministic=n_samples == 1 and not sample_protein_mixing,
+        )
         if scale_protein:  # the per-protein averages over the batches that measured each protein
             out["proteins"] /= out["proteins"].sum(-1, keepdims=True)  # need not sum to 1
         rna, protein = out["genes"], out["proteins"][..., protein_idx]
