@@ -406,8 +406,9 @@ class _Conversions:
         return tensors if _same_values(matrix, tensors) else None
 
     def put(self, matrix, tensors: list[torch.Tensor]) -> None:
-        source = matrix if isinstance(matrix, np.ndarray) else matrix.data
-        if any(np.may_share_memory(t.numpy(), source) for t in tensors):
+        dense = isinstance(matrix, np.ndarray)
+        own = [matrix] if dense else [matrix.indptr, matrix.indices, matrix.data]
+        if all(np.may_share_memory(t.numpy(), a) for t, a in zip(tensors, own, strict=True)):
             return  # the matrix's own arrays: a new model gets them for free
         try:
             ref = weakref.ref(matrix)

@@ -2024,3 +2024,15 @@ def test_load_hint_about_an_earlier_format_only_where_the_module_changed(tmp_pat
     with pytest.raises(ValueError, match="do not fit this model") as err:
         cellvae.SCVI.load(tmp_path / "m", adata)
     assert "earlier cellvae" not in str(err.value)
+
+
+def test_int64_column_indices_are_copied_once_for_all_models():
+    # the values stay the AnnData's own; the int32 copy of the column indices is shared
+    adata = cellvae.datasets.synthetic(120, 20, random_state=0)
+    adata.X.indices = adata.X.indices.astype(np.int64)
+    cellvae.SCVI.setup_anndata(adata)
+    first, second = cellvae.SCVI(adata), cellvae.SCVI(adata)
+    a, _ = first._data()
+    b, _ = second._data()
+    assert a.indices.dtype == torch.int32 and b.indices is a.indices
+    assert np.shares_memory(a.values.numpy(), adata.X.data)
