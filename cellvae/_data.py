@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 
@@ -407,6 +408,8 @@ class _Conversions:
 
     def put(self, matrix, tensors: list[torch.Tensor]) -> None:
         dense = isinstance(matrix, np.ndarray)
+        if not dense and matrix.format != "csr":
+            return  # converted again each time (_same_values compares CSR only)
         own = [matrix] if dense else [matrix.indptr, matrix.indices, matrix.data]
         if all(np.may_share_memory(t.numpy(), a) for t, a in zip(tensors, own, strict=True)):
             return  # the matrix's own arrays: a new model gets them for free
@@ -470,6 +473,8 @@ def sample_digest(a, n: int = 1 << 16) -> str | None:
         if isinstance(a, np.ndarray):
             sample = a[::row_step, ::col_step] if a.ndim > 1 else a[::row_step]
             kind = str(a.dtype)
+        elif not all(pd.api.types.is_numeric_dtype(t) for t in a.dtypes):
+            return None  # the set-up's checks say what is wrong with it
         else:  # sampled before the conversion: a frame of several dtypes is not copied whole
             sample = a.iloc[::row_step, ::col_step].to_numpy(dtype=np.float64, na_value=np.nan)
             kind = ",".join(map(str, a.dtypes))

@@ -2036,3 +2036,15 @@ def test_int64_column_indices_are_copied_once_for_all_models():
     b, _ = second._data()
     assert a.indices.dtype == torch.int32 and b.indices is a.indices
     assert np.shares_memory(a.values.numpy(), adata.X.data)
+
+
+@pytest.mark.parametrize("fmt", ["coo", "csc", "lil"])
+def test_counts_of_other_sparse_formats_convert_to_csr(fmt):
+    # anndata 0.10 still accepted these; the shared-conversion cache read CSR's arrays
+    import scipy.sparse as sps
+
+    m = sps.random(30, 12, density=0.3, format=fmt, random_state=0, dtype=np.float32)
+    td = TensorData.__new__(TensorData)
+    td._set_counts(m)
+    got = sps.csr_matrix((td.values.numpy(), td.indices.numpy(), td.indptr.numpy()), m.shape)
+    np.testing.assert_array_equal(got.toarray(), m.toarray())

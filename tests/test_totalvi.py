@@ -904,3 +904,14 @@ def test_nullable_integer_proteins_do_not_rebuild_the_tensors_at_each_call():
     first, _ = model._data()
     second, _ = model._data()
     assert second is first  # the digest of an object-typed frame changed at every call
+
+
+def test_getters_on_non_numeric_proteins_give_the_setup_message():
+    adata = cellvae.datasets.synthetic(100, 20, n_proteins=4, random_state=0)
+    cellvae.TOTALVI.setup_anndata(adata, protein_expression_obsm_key="protein_expression")
+    model = cellvae.TOTALVI(adata, **SMALL).train(1, progress_bar=False)
+    proteins = adata.obsm["protein_expression"].copy()
+    proteins["prot0"] = "x"
+    adata.obsm["protein_expression"] = proteins
+    with pytest.raises(ValueError, match="non-numeric protein columns"):
+        model.get_latent_representation()
