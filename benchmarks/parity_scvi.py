@@ -540,6 +540,25 @@ def softmax_mean_sd(qz_m, qz_v, n: int = 2048, chunk: int = 256, seed: int = SEE
     return mean, (s2 / n - mean**2).clamp_min(0).sqrt()
 
 
+def paired_models(name: str, adata, epochs: int, setup: dict, kw: dict):
+    """scvi-tools' model ``name`` trained on a copy of ``adata``, cellvae's (untrained) on
+    another, both set up alike; with scvi-tools' state dict and a cellvae module to map it to."""
+    import scvi
+
+    import cellvae
+
+    a_s, a_c = adata.copy(), adata.copy()
+    sm = train_scvi_tools(getattr(scvi.model, name), a_s, epochs, setup, **kw)
+    cv_cls = getattr(cellvae, name)
+    cv_cls.setup_anndata(a_c, **setup)
+    cv = cv_cls(a_c, **kw)
+    batch_codes_match(sm, cv)
+    S = {k: v.detach().clone() for k, v in sm.module.state_dict().items()}
+    with torch.random.fork_rng(devices=[]):
+        probe = cv._build_module()
+    return a_s, a_c, sm, cv, S, probe
+
+
 def library_prior_rows(model: str, cv, S: dict) -> None:
     """The latent library's prior, which each package computes from the data itself."""
     for name in ("library_log_means", "library_log_vars"):
@@ -565,20 +584,10 @@ def run_scvi(
 ) -> None:
     """One SCVI variant: ``setup`` (default: the batch) goes to both tools' ``setup_anndata``,
     ``kw`` to both models."""
-    import scvi
-
-    import cellvae
 
     setup = {"batch_key": "batch"} if setup is None else setup
     t0 = time.perf_counter()
-    a_s, a_c = adata.copy(), adata.copy()
-    sm = train_scvi_tools(scvi.model.SCVI, a_s, epochs, setup, **kw)
-    cellvae.SCVI.setup_anndata(a_c, **setup)
-    cv = cellvae.SCVI(a_c, **kw)
-    batch_codes_match(sm, cv)
-    S = {k: v.detach().clone() for k, v in sm.module.state_dict().items()}
-    with torch.random.fork_rng(devices=[]):
-        cmod_probe = cv._build_module()
+    a_s, a_c, sm, cv, S, cmod_probe = paired_models("SCVI", adata, epochs, setup, kw)
     state, used = scvi_state_to_cellvae_vae(S, cmod_probe)
     adopt(cv, state)
     unused = sorted(set(S) - used)
@@ -890,23 +899,14 @@ def run_totalvi(
 ) -> None:
     """One TOTALVI variant; ``setup``: further ``setup_anndata`` arguments (covariates) for both
     tools, ``kw``: both models' options."""
-    import scvi
 
-    import cellvae
     from cellvae.distributions import NegativeBinomialMixture as CvMixture
     from cellvae.module._base import covariate_codes
 
     t0 = time.perf_counter()
     key = "protein_expression"
     setup = {"protein_expression_obsm_key": key, "batch_key": batch_key, **(setup or {})}
-    a_s, a_c = adata.copy(), adata.copy()
-    sm = train_scvi_tools(scvi.model.TOTALVI, a_s, epochs, setup, **kw)
-    cellvae.TOTALVI.setup_anndata(a_c, **setup)
-    cv = cellvae.TOTALVI(a_c, **kw)
-    batch_codes_match(sm, cv)
-    S = {k: v.detach().clone() for k, v in sm.module.state_dict().items()}
-    with torch.random.fork_rng(devices=[]):
-        probe = cv._build_module()
+    a_s, a_c, sm, cv, S, probe = paired_models("TOTALVI", adata, epochs, setup, kw)
     state, used, head_cov = scvi_state_to_cellvae_totalvae(S, probe)
     adopt(cv, state)
     cmod, smod = cv.module, sm.module

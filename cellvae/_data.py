@@ -426,10 +426,10 @@ _converted = _Conversions()
 
 
 def _same_values(matrix, tensors: list[torch.Tensor], chunk: int = 1 << 22) -> bool:
-    """Whether ``tensors`` (dense, or CSR arrays) hold exactly ``matrix`` in float32.
+    """Whether ``tensors`` (dense, or CSR arrays) hold exactly ``matrix`` (dense or CSR).
 
     A CSR matrix compares one to one only where its conversion kept its entries (canonical, no
-    stored zeros); any other (and CSC) compares unequal and is converted again.
+    stored zeros); any other compares unequal and is converted again.
     """
     if isinstance(matrix, np.ndarray):
         (dense,) = tensors
@@ -442,7 +442,7 @@ def _same_values(matrix, tensors: list[torch.Tensor], chunk: int = 1 << 22) -> b
             for i in range(0, matrix.shape[0], rows)
         )
     indptr, indices, values = (t.numpy() for t in tensors)
-    if matrix.format != "csr" or len(values) != matrix.nnz or len(indptr) != len(matrix.indptr):
+    if len(values) != matrix.nnz or len(indptr) != len(matrix.indptr):  # put() enters CSR only
         return False
     if not (np.array_equal(indptr, matrix.indptr) and np.array_equal(indices, matrix.indices)):
         return False

@@ -508,6 +508,14 @@ def _heap_trimmer() -> Callable[[], object] | None:
     return lambda: trim(0)
 
 
+def check_not_inference_mode() -> None:
+    """Refuse training inside ``torch.inference_mode()``: its tensors take no part in autograd."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "Training cannot run inside torch.inference_mode(): call train() outside that block."
+        )
+
+
 def train_module(
     module: nn.Module,
     data: TensorData,
@@ -536,10 +544,7 @@ def train_module(
     operands (Lightning's bf16-mixed validates under autocast too). Every getter runs in float32.
     """
     config.validate()
-    if torch.is_inference_mode_enabled():  # its tensors can take no part in autograd
-        raise RuntimeError(
-            "Training cannot run inside torch.inference_mode(): call train() outside that block."
-        )
+    check_not_inference_mode()
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     logger.info("Training in %s precision.", precision)

@@ -31,6 +31,7 @@ from ..module._base import check_flags, norm_places
 from ..train import (
     TrainConfig,
     _keep_freed_memory_in_heap,
+    check_not_inference_mode,
     default_max_epochs,
     resolve_device,
     train_module,
@@ -739,11 +740,7 @@ class BaseModel:
         # everything that can refuse the call comes before anything changes: the options, the
         # device, the cells (a backed file's values are read for it) and the split
         config.validate()
-        if torch.is_inference_mode_enabled():  # its tensors can take no part in autograd
-            raise RuntimeError(
-                "Training cannot run inside torch.inference_mode(): call train() outside that "
-                "block."
-            )
+        check_not_inference_mode()
         resolve_device(device)
         empty = td.n_empty_cells()
         if empty:  # data attached by load, edited after setup, or registered by transfer_setup
