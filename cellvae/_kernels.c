@@ -15,8 +15,8 @@
  * vectorised by the compiler; the __simd__ declarations below tell it those functions exist).
  * A second pass over the stored nonzeros, gathered into contiguous double arrays, evaluates
  * the x > 0 terms in float64 (lgamma and digamma by shift and Stirling series) and overwrites
- * the dense values at those positions. theta is per gene (G values) here; other shapes are
- * left to the torch code.
+ * the dense values at those positions. theta is per gene (G values), or per entry ((B, G):
+ * dispersions per batch and gene, or per cell); other shapes are left to the torch code.
  *
  * The gradient outputs (each (B, G)) hold, for a unit gradient of each row sum:
  *   gmu = d/dmu, gpi = d/dpi (ZINB), gth = d/dtheta (summed over rows by the caller).
@@ -222,8 +222,8 @@ static inline float zinb_p0(float m, float th, float pi, float lim, float *t, fl
 }
 
 /* Dense x = 0 pass of the ZINB over one row of G entries: stores its sum in *out and returns
- * how many p(0) fell below TINY. The theta derivatives are stored in gt, or with add_gt added
- * to it (sums over rows); gp is scaled by sc. */
+ * how many p(0) fell below TINY. The theta derivatives are stored in gt scaled by sc, or with
+ * add_gt added to it unscaled (sums over rows, scaled at the end); gp is scaled by sc. */
 CLONES static int64_t zinb_dense_row(int64_t G, const float *restrict m_,
                                    const float *restrict theta, const float *restrict pi_,
                                    float *restrict out, float *restrict gm, float *restrict gp,
@@ -241,7 +241,7 @@ CLONES static int64_t zinb_dense_row(int64_t G, const float *restrict m_,
             gp[g] = (omw - s) * sc;
             gm[g] = -s * q;
             float d_th = -s * (t + q - 1.0f);
-            gt[g] = add_gt ? gt[g] + d_th : d_th;
+            gt[g] = add_gt ? gt[g] + d_th : d_th * sc;
         }
     } else {
         for (int64_t g = 0; g < G; g++) {
@@ -257,7 +257,7 @@ CLONES static int64_t zinb_dense_row(int64_t G, const float *restrict m_,
 /* Dense -theta t pass of the NB over one row (gt as in zinb_dense_row). */
 CLONES static void nb_dense_row(int64_t G, const float *restrict m_, const float *restrict theta,
                                 float *restrict out, float *restrict gm, float *restrict gt,
-                                int add_gt) {
+                                int add_gt, float sc) {
     float acc = 0.0f;
     if (gm) {
         for (int64_t g = 0; g < G; g++) {
@@ -266,7 +266,7 @@ CLONES static void nb_dense_row(int64_t G, const float *restrict m_, const float
             acc -= th * t;
             gm[g] = -q;
             float d_th = 1.0f - t - q;
-            gt[g] = add_gt ? gt[g] + d_th : d_th;
+            gt[g] = add_gt ? gt[g] + d_th : d_th * sc;
         }
     } else {
         for (int64_t g = 0; g < G; g++) acc -= theta[g] * log1pf(m_[g] / theta[g]);
@@ -327,22 +327,35 @@ CLONES static float softmax_grad_row(int64_t G, float lib, const float *restrict
     return c * sc;
 }
 
+/* lgamma and digamma of a per-entry theta at the gathered nonzeros (a per-gene theta has
+ * them computed once per call, G values): lgc += lgamma(theta), dgth = digamma(theta). */
+CLONES static void th_at_nonzeros(int64_t n, const double *restrict th, double *restrict lgc,
+                                  double *restrict dgth) {
+    for (int64_t k = 0; k < n; k++) {
+        double lg, dg;
+        lgamma_digamma_pos(th[k], &lg, &dg);
+        lgc[k] += lg;
+        dgth[k] = dg;
+    }
+}
+
 /* Gathers the stored entries [k0, k1) into the scratch and evaluates their x > 0 terms; returns
  * 1 (and evaluates nothing) when one of them lies outside the (B, G) minibatch. */
 static int nz_range(int64_t k0, int64_t k1, int64_t B, int64_t G, const float *mu,
-                    const float *theta, const float *pi, const int64_t *row, const int64_t *col,
-                    const float *val, const double *lgth, const double *dgth, double eps,
-                    const nz_buf *b) {
+                    const float *theta, int64_t th_ld, const float *pi, const int64_t *row,
+                    const int64_t *col, const float *val, const double *lgth,
+                    const double *dgth, double eps, const nz_buf *b) {
     for (int64_t k = k0; k < k1; k++) {
         int64_t c = col[k], i = row[k] * G + c;
         if (row[k] < 0 || row[k] >= B || c < 0 || c >= G) return 1;
         b->x[k] = val[k];
         b->m[k] = mu[i];
-        b->th[k] = theta[c];
+        b->th[k] = theta[row[k] * th_ld + c];
         b->pi[k] = pi ? pi[i] : 0.0;
-        b->lgc[k] = lgth[c] + lgamma_x_plus_1(val[k]);
-        b->dgth[k] = dgth[c];
+        b->lgc[k] = lgamma_x_plus_1(val[k]) + (lgth ? lgth[c] : 0.0);
+        b->dgth[k] = dgth ? dgth[c] : 0.0;
     }
+    if (!lgth) th_at_nonzeros(k1 - k0, b->th + k0, b->lgc + k0, b->dgth + k0);
     (pi ? nz_terms_zinb : nz_terms_nb)(k1 - k0, eps, b->x + k0, b->m + k0, b->th + k0,
                                        b->pi + k0, b->lgc + k0, b->dgth + k0, b->out + k0,
                                        b->gmu + k0, b->gpi + k0, b->gth + k0, b->gz + k0);
@@ -373,8 +386,9 @@ static int th_sums_alloc(th_sums *t, int64_t B, int64_t G) {
 
 /* The nonzeros' part of cv_nb_zinb: gather, evaluate, scatter into out and the gradients (or,
  * with sums, add the theta derivatives to the sums of their rows' block; gpi scaled by sc). */
-static int nz_pass(int64_t B, int64_t G, const float *mu, const float *theta, const float *pi,
-                   int64_t n, const int64_t *row, const int64_t *col, const float *val,
+static int nz_pass(int64_t B, int64_t G, const float *mu, const float *theta, int64_t th_ld,
+                   const float *pi, int64_t n, const int64_t *row, const int64_t *col,
+                   const float *val,
                    const double *lgth, const double *dgth, double eps, float *out, float *gmu,
                    float *gpi, float *gth, float sc, const th_sums *sums, int n_threads) {
     int zinb = pi != NULL, with_grad = gmu != NULL;
@@ -385,7 +399,7 @@ static int nz_pass(int64_t B, int64_t G, const float *mu, const float *theta, co
 #pragma omp parallel for num_threads(n_threads) schedule(static) reduction(| : bad)
     for (int64_t k0 = 0; k0 < n; k0 += chunk) {
         int64_t k1 = k0 + chunk < n ? k0 + chunk : n;
-        bad |= nz_range(k0, k1, B, G, mu, theta, pi, row, col, val, lgth, dgth, eps, &b);
+        bad |= nz_range(k0, k1, B, G, mu, theta, th_ld, pi, row, col, val, lgth, dgth, eps, &b);
     }
     if (bad) return -2;
     /* Scatter: each thread owns a range of rows (of whole blocks with sums) and takes their
@@ -413,13 +427,13 @@ static int nz_pass(int64_t B, int64_t G, const float *mu, const float *theta, co
                 if (th_sum)
                     *th_sum += (float)(b.gth[k] - b.gz[k]);
                 else
-                    gth[i] = (float)b.gth[k];
+                    gth[i] = (float)b.gth[k] * sc;
             } else {
                 gmu[i] += (float)b.gmu[k];
                 if (th_sum)
                     *th_sum += (float)b.gth[k];
                 else
-                    gth[i] += (float)b.gth[k];
+                    gth[i] += (float)b.gth[k] * sc;
             }
         }
     }
@@ -428,8 +442,10 @@ static int nz_pass(int64_t B, int64_t G, const float *mu, const float *theta, co
 
 /* Row sums of the log-likelihood of a (B, G) minibatch and, when gmu is not NULL, the
  * gradients of a unit row gradient. (row, col, val) are its n stored entries, in any order;
- * pi and gpi are NULL for the NB. theta is floored at eps by the caller;
- * lgth / dgth are lgamma / digamma of theta (G values, float64). The dense pass (by rows) and
+ * pi and gpi are NULL for the NB. theta is floored at eps by the caller: per gene (G values,
+ * th_ld = 0), or per entry ((B, G) with row stride th_ld = G); lgth / dgth are lgamma /
+ * digamma of a per-gene theta (G values, float64), NULL for a per-entry one, whose are
+ * computed at the nonzeros. The dense pass (by rows) and
  * the nonzeros' terms (by ranges of entries) run on n_threads OpenMP threads: torch's own
  * runtime and thread pool, since torch loaded its libgomp.so.1 first. Each output is computed
  * by one thread in a fixed order, so the results do not depend on n_threads.
@@ -440,23 +456,26 @@ static int nz_pass(int64_t B, int64_t G, const float *mu, const float *theta, co
  * There, with gth_sum (G) not NULL instead of gth, the gradients are those of a row gradient
  * of sc (not 1) and the theta derivatives come back summed over the rows: the backward pass of
  * a loss that is sc times the sum of the row sums (a mean: sc = 1/B) then has nothing left to
- * compute, and no (B, G) array of theta derivatives is written. Returns 0; -1 when out of
+ * compute, and no (B, G) array of theta derivatives is written. A per-entry theta with logits
+ * takes sc too, its derivatives stored (B, G) in gth. Returns 0; -1 when out of
  * memory; -2 when an entry lies outside the (B, G) minibatch; -3 for gth_sum without logits
- * and gmu, or with gth; 1 with gth_sum when some ZINB p(0) underflowed (rare: the caller
- * repeats the call without gth_sum). */
+ * and gmu, with gth, or with a per-entry theta, and for a per-entry theta with lgth or dgth;
+ * 1 when some ZINB p(0) underflowed and sc is not 1 (rare: the caller repeats the call for a
+ * unit row gradient). */
 int cv_nb_zinb(int64_t B, int64_t G, float *mu, const float *theta, const float *pi,
                int64_t n, const int64_t *row, const int64_t *col, const float *val,
                const double *lgth, const double *dgth, double eps, float *out, float *gmu,
                float *gpi, float *gth, const float *logits, const float *lib, float *glib,
-               float sc, float *gth_sum, int n_threads) {
+               float sc, float *gth_sum, int n_threads, int64_t th_ld) {
     int zinb = pi != NULL, with_grad = gmu != NULL;
     th_sums sums_buf, *sums = NULL;
+    if (th_ld && (lgth || dgth)) return -3;
     if (gth_sum) {
-        if (!logits || !with_grad || gth) return -3;
+        if (!logits || !with_grad || gth || th_ld) return -3;
         if (th_sums_alloc(&sums_buf, B, G)) return -1;
         sums = &sums_buf;
-    } else {
-        sc = 1.0f;
+    } else if (!(th_ld && logits && with_grad)) {
+        sc = 1.0f; /* unit gradients; a per-entry theta's are scaled by sc in place (gth) */
     }
     /* with sums, the rows go by blocks, and each block's derivatives into its own sums */
     const int64_t per = sums ? ROWS_PER_SUM : 1, n_tasks = (B + per - 1) / per;
@@ -468,16 +487,17 @@ int cv_nb_zinb(int64_t B, int64_t G, float *mu, const float *theta, const float 
             int64_t o = r * G;
             float *gt = !with_grad ? NULL : sums ? sums->blocks + task * G : gth + o;
             if (logits) softmax_row(G, logits + o, lib[r], mu + o);
+            const float *th = theta + r * th_ld;
             if (zinb)
-                n_small += zinb_dense_row(G, mu + o, theta, pi + o, out + r,
+                n_small += zinb_dense_row(G, mu + o, th, pi + o, out + r,
                                           with_grad ? gmu + o : NULL, with_grad ? gpi + o : NULL,
                                           gt, sums != NULL, sc);
             else
-                nb_dense_row(G, mu + o, theta, out + r, with_grad ? gmu + o : NULL, gt,
-                             sums != NULL);
+                nb_dense_row(G, mu + o, th, out + r, with_grad ? gmu + o : NULL, gt,
+                             sums != NULL, sc);
         }
     }
-    if (n_small && sums) return 1;
+    if (n_small && (sums || sc != 1.0f)) return 1;
     if (n_small) { /* rare: both ZINB probabilities underflow somewhere; fix those entries */
         const float lim = cv_exp_arg_max;
         for (int64_t r = 0; r < B; r++) {
@@ -485,7 +505,7 @@ int cv_nb_zinb(int64_t B, int64_t G, float *mu, const float *theta, const float 
             int fixed = 0;
             for (int64_t g = 0; g < G; g++) {
                 int64_t i = r * G + g;
-                float m = mu[i], th = theta[g], t, rr, w;
+                float m = mu[i], th = theta[r * th_ld + g], t, rr, w;
                 float p0 = zinb_p0(m, th, pi[i], lim, &t, &rr, &w), lp0 = logf(p0);
                 if (p0 < TINY) {
                     zinb_zero_stable(m, th, pi[i], &lp0, with_grad ? gmu + i : NULL,
@@ -498,8 +518,8 @@ int cv_nb_zinb(int64_t B, int64_t G, float *mu, const float *theta, const float 
         }
     }
     if (n > 0) {
-        int status = nz_pass(B, G, mu, theta, pi, n, row, col, val, lgth, dgth, eps, out, gmu,
-                             gpi, gth, sc, sums, n_threads);
+        int status = nz_pass(B, G, mu, theta, th_ld, pi, n, row, col, val, lgth, dgth, eps,
+                             out, gmu, gpi, gth, sc, sums, n_threads);
         if (status) return status;
     }
     if (logits && with_grad) {

@@ -70,7 +70,7 @@ def _load() -> ctypes.CDLL | None:
     lib.cv_nb_zinb.restype = ctypes.c_int
     lib.cv_nb_zinb.argtypes = [i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, f64]
     lib.cv_nb_zinb.argtypes += [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_float, ptr]
-    lib.cv_nb_zinb.argtypes += [ctypes.c_int]
+    lib.cv_nb_zinb.argtypes += [ctypes.c_int, i64]
     lib.cv_lgamma_digamma.restype = None
     lib.cv_lgamma_digamma.argtypes = [i64, ptr, ptr, ptr]
     lib.cv_csr_t_dense.restype = ctypes.c_int
@@ -169,11 +169,11 @@ def nb_zinb_log_prob_sum(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Row sums of the NB (``pi`` None) or ZINB log-likelihood, and their unit-row gradients.
 
-    ``mu`` and ``pi`` are contiguous float32 ``(B, G)``, ``theta`` float32 ``(G,)`` floored at
-    ``eps``; ``(row, col, x_nz)`` are the stored entries (contiguous int64, int64, float32), in
-    any order. Returns the ``(B,)`` row sums and, with ``with_grad``, the ``(B, G)`` derivatives
-    of each row sum with respect to ``mu``, ``pi`` (None for the NB) and the per-entry ``theta``
-    (otherwise three Nones).
+    ``mu`` and ``pi`` are contiguous float32 ``(B, G)``, ``theta`` float32 floored at ``eps``:
+    ``(G,)`` per gene, or contiguous ``(B, G)`` per entry; ``(row, col, x_nz)`` are the stored
+    entries (contiguous int64, int64, float32), in any order. Returns the ``(B,)`` row sums
+    and, with ``with_grad``, the ``(B, G)`` derivatives of each row sum with respect to ``mu``,
+    ``pi`` (None for the NB) and the per-entry ``theta`` (otherwise three Nones).
     """
     out, gmu, gpi, gth, _ = _nb_zinb(mu, None, theta, pi, x_nz, row, col, eps, with_grad)
     return out, gmu, gpi, gth
@@ -193,14 +193,15 @@ def softmax_nb_zinb_log_prob_sum(
 ) -> tuple[torch.Tensor, ...]:
     """:func:`nb_zinb_log_prob_sum` at ``mu = library * softmax(logits, -1)``, in one call.
 
-    ``logits`` is contiguous float32 ``(B, G)`` and ``library`` float32 ``(B,)``. Returns the
-    row sums, then (with ``with_grad``, else Nones) the unit-row derivatives by ``logits``,
-    ``pi`` and the per-entry ``theta``, and the ``(B,)`` ones by ``library``.
+    ``logits`` is contiguous float32 ``(B, G)`` and ``library`` float32 ``(B,)``; ``theta`` as
+    in :func:`nb_zinb_log_prob_sum`. Returns the row sums, then (with ``with_grad``, else
+    Nones) the unit-row derivatives by ``logits``, ``pi`` and the per-entry ``theta``, and the
+    ``(B,)`` ones by ``library``.
 
     With ``row_grad`` (and ``with_grad``), the derivatives are those of ``row_grad`` times the
-    sum of the row sums, and the ``theta`` ones come summed over the rows, ``(G,)``: the
-    gradients a loss ``row_grad * out.sum()`` sends to the inputs, with no ``(B, G)`` array of
-    ``theta`` derivatives written and no pass over the entries left to do.
+    sum of the row sums: the gradients a loss ``row_grad * out.sum()`` sends to the inputs, with
+    no pass over the entries left to do. A per-gene ``theta``'s come summed over the rows,
+    ``(G,)``, with no ``(B, G)`` array of them written; a per-entry one's are ``(B, G)``.
     """
     library = library.contiguous()
     args = (logits, library, theta, pi, x_nz, row, col, eps, with_grad)
@@ -211,23 +212,31 @@ def softmax_nb_zinb_log_prob_sum(
     except _Underflow:  # some ZINB p(0) below 1e-30: the unit gradients, scaled here
         out, gmu, gpi, gth, glib = _nb_zinb(*args)
         gpi = None if gpi is None else gpi.mul_(row_grad)
-        return out, gmu.mul_(row_grad), gpi, gth.sum(0).mul_(row_grad), glib.mul_(row_grad)
+        gth = gth.sum(0) if theta.dim() == 1 else gth
+        return out, gmu.mul_(row_grad), gpi, gth.mul_(row_grad), glib.mul_(row_grad)
 
 
 class _Underflow(Exception):
-    """cv_nb_zinb could not sum the theta derivatives: a ZINB p(0) underflowed."""
+    """cv_nb_zinb could not scale the gradients by row_grad: a ZINB p(0) underflowed."""
 
 
 def _nb_zinb(mu_or_logits, library, theta, pi, x_nz, row, col, eps, with_grad, row_grad=None):
     """Call ``cv_nb_zinb``: ``library`` None means the first argument is ``mu``.
 
     With ``row_grad`` (``library`` given, ``with_grad``), the gradients are those of a row
-    gradient ``row_grad`` and ``theta``'s come summed over the rows (raises :class:`_Underflow`
-    where the kernel cannot do that).
+    gradient ``row_grad`` and a per-gene ``theta``'s come summed over the rows (raises
+    :class:`_Underflow` where the kernel cannot do that).
     """
     n_rows, n_genes = mu_or_logits.shape
     threads = _threads(mu_or_logits.numel())
-    lgth, dgth = lgamma_digamma(theta)
+    if theta.dim() == 1:  # per gene: lgamma and digamma once per gene
+        lgth, dgth = lgamma_digamma(theta)
+        th_ld = 0
+    else:  # per entry (B, G): the kernel evaluates them at the nonzeros
+        if theta.shape != mu_or_logits.shape or not theta.is_contiguous():
+            raise ValueError("theta must be (G,) or a contiguous tensor of the minibatch's shape.")
+        lgth = dgth = None
+        th_ld = n_genes
     out = torch.empty(n_rows, dtype=torch.float32)
     mu, logits = mu_or_logits, None
     glib = None
@@ -237,7 +246,7 @@ def _nb_zinb(mu_or_logits, library, theta, pi, x_nz, row, col, eps, with_grad, r
     gmu = gpi = gth = th_sum = None
     if with_grad:
         gmu = torch.empty_like(mu)
-        if row_grad is None:
+        if row_grad is None or th_ld:
             gth = torch.empty_like(mu)
         else:
             th_sum = torch.empty(n_genes, dtype=torch.float32)
@@ -250,7 +259,7 @@ def _nb_zinb(mu_or_logits, library, theta, pi, x_nz, row, col, eps, with_grad, r
     scale = 1.0 if row_grad is None else row_grad
     status = _lib.cv_nb_zinb(
         n_rows, n_genes, m, th, p, row.numel(), rw, cl, xv, lg, dg, eps, o, gm, gp, gt, lo, lb,
-        glb, scale, ts, threads,
+        glb, scale, ts, threads, th_ld,
     )  # fmt: skip
     if status == 1:
         raise _Underflow

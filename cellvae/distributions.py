@@ -480,7 +480,8 @@ class _FusedLogProbSum(torch.autograd.Function):
     """Row sums of log NB (``pi`` None) or log ZINB by the compiled kernels of :mod:`._kernels`.
 
     The same quantities as :class:`_NBLogProbSum` / :class:`_ZINBLogProbSum` (which the tests
-    hold it to), for float32 CPU tensors and a per-gene ``theta``: the forward pass computes the
+    hold it to), for float32 CPU tensors and a ``theta`` per gene ``(G,)`` or per entry
+    (``(B, G)``: per batch and gene, or per cell): the forward pass computes the
     gradients of a unit row gradient, the backward pass scales them. With ``library`` (one value
     per row), the first argument holds logits and ``mu = library * softmax(logits, -1)``: the
     kernel evaluates the softmax with the likelihood and returns the gradients by the logits and
@@ -498,6 +499,7 @@ class _FusedLogProbSum(torch.autograd.Function):
         x_nz, row, col = x_nz.to(torch.float32).contiguous(), row.contiguous(), col.contiguous()
         args = (theta, pi, x_nz, row, col, eps, with_grad)
         ctx.row_grad = None
+        ctx.theta_per_gene = theta.dim() == 1
         if library is None:
             out, gmu, gpi, gth = _kernels.nb_zinb_log_prob_sum(mu, *args)
             glib = None
@@ -506,7 +508,7 @@ class _FusedLogProbSum(torch.autograd.Function):
             ctx.library_shape = library.shape
             out, gmu, gpi, gth, glib = _kernels.softmax_nb_zinb_log_prob_sum(
                 mu, flat, *args, row_grad=row_grad
-            )  # with row_grad (and gradients), gth holds theta's sums over the rows
+            )  # with row_grad (and gradients), gth holds a per-gene theta's sums over the rows
             if with_grad and row_grad is not None:
                 ctx.row_grad, ctx.eps = row_grad, eps
                 ctx.save_for_backward(gmu, gpi, gth, glib, mu, flat, *args[:5])
@@ -531,7 +533,9 @@ class _FusedLogProbSum(torch.autograd.Function):
         g = grad_out[:, None]
         grad_mu = gmu * g if needs[0] else None
         grad_lib = (glib * grad_out).reshape(ctx.library_shape) if needs[1] else None
-        grad_theta = torch.mv(gth.t(), grad_out) if needs[2] else None
+        grad_theta = None
+        if needs[2]:
+            grad_theta = torch.mv(gth.t(), grad_out) if ctx.theta_per_gene else gth * g
         grad_pi = gpi * g if gpi is not None and needs[3] else None
         return grad_mu, grad_lib, grad_theta, grad_pi, None, None, None, None, None, None
 
@@ -542,6 +546,16 @@ def _fused(theta: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
     They need a 1-D (per-feature) ``theta`` and every tensor float32 on the CPU.
     """
     return theta.dim() == 1 and _kernels.takes(theta, *tensors)
+
+
+def _fused_nb(theta: torch.Tensor, shape, *tensors: torch.Tensor | None) -> bool:
+    """:func:`_fused` for the NB / ZINB kernel, which also takes a ``theta`` per entry.
+
+    ``theta`` as :func:`_param_view` returns it: ``(G,)``, or contiguous of the minibatch's
+    ``shape`` (per batch and gene, or per cell).
+    """
+    per_entry = theta.dim() == 2 and tuple(theta.shape) == tuple(shape) and theta.is_contiguous()
+    return (theta.dim() == 1 or per_entry) and _kernels.takes(theta, *tensors)
 
 
 def _nb_log_prob_sum(x, mu, theta, eps, nz, pi=None, library=None, row_grad=None):
@@ -559,7 +573,7 @@ def _nb_log_prob_sum(x, mu, theta, eps, nz, pi=None, library=None, row_grad=None
         grad = _wants_grad(*params, library)
         return _FusedLogProbSum.apply(mu, library, theta, pi, x_nz, row, col, eps, grad, row_grad)
     grad = _wants_grad(*params)
-    if _fused(theta, mu, pi):
+    if _fused_nb(theta, shape, mu, pi):
         return _FusedLogProbSum.apply(mu, None, theta, pi, x_nz, row, col, eps, grad)
     lin = _flat(row, col, lin, shape)
     if pi is None:
@@ -576,7 +590,7 @@ def _softmax_fusable(logits, library, theta, pi, x) -> bool:
         and library.numel() == n_cells
         and library.shape[0] == n_cells
         and library.device.type == "cpu"
-        and _per_gene(theta, logits.shape[1])
+        and (_per_gene(theta, logits.shape[1]) or tuple(theta.shape) == tuple(logits.shape))
         and (pi is None or pi.shape[-1] == logits.shape[1])
         and _fused(theta.reshape(-1), logits, pi)
     )

@@ -146,29 +146,108 @@ def test_entries_outside_the_minibatch_raise():
 
 
 def test_other_cases_use_the_torch_code():
-    # per-cell dispersion and float64 are left to the torch code
+    # float64 is left to the torch code; a per-entry dispersion goes to the kernels where built
     mu, x = torch.ones(3, 4, requires_grad=True), CSRBatch.from_dense(torch.eye(3, 4))
-    assert "Fused" not in NegativeBinomial(mu, torch.ones(3, 4)).log_prob_sum(x).grad_fn.name()
+    out = NegativeBinomial(mu, torch.ones(3, 4)).log_prob_sum(x)
+    assert ("Fused" in out.grad_fn.name()) == (_kernels._lib is not None)
     mu64 = torch.ones(3, 4, dtype=torch.float64, requires_grad=True)
     out = NegativeBinomial(mu64, torch.ones(4, dtype=torch.float64)).log_prob_sum(x)
     assert "Fused" not in out.grad_fn.name() and out.dtype == torch.float64
 
 
 @built
-def test_scvi_trains_the_same_with_and_without_kernels(monkeypatch):
+@pytest.mark.parametrize("name", ["nb", "zinb"])
+@pytest.mark.parametrize("softmax", [False, True])
+@pytest.mark.parametrize("mean", [False, True])
+def test_per_entry_theta_in_the_kernel_matches_float64_torch(name, softmax, mean, monkeypatch):
+    # a (B, G) theta (dispersion per batch and gene, or per cell): row sums and the gradients by
+    # every input, theta's per entry, against the torch code in float64, for the row gradient
+    # the loss announces (a mean) and another; a row whose ZINB p(0) underflows; the same bits
+    # on 1, 2 and 3 threads with entries in any order
+    monkeypatch.setattr(_kernels, "_MIN_PARALLEL", 0)
+    logits, library, _, pi, x = _softmax_inputs(7, n_cells=23)
+    gen = torch.Generator().manual_seed(7)
+    theta = torch.exp(torch.randn(x.shape, generator=gen) * 1.5)
+    if name == "zinb":
+        pi[4, :30] = -120.0  # p(0) below 1e-30 where x = 0: the stable branch, per-entry theta
+        theta[4, :30] = 50.0
+        logits[4, :30] = 10.0
+        library[4] = 1e5  # mu ~ 3,000 there: theta log(1 + mu / theta) > 80
+    weights = torch.rand(len(x), generator=gen) + 0.5
+    if mean:
+        weights = torch.full((len(x),), -1.0 / len(x))
+    nz = torch.nonzero(x, as_tuple=True)
+    cls = NegativeBinomial if name == "nb" else ZeroInflatedNegativeBinomial
+
+    def run(dtype, fused):
+        params = [p.to(dtype).clone().requires_grad_() for p in (logits, library, theta, pi)]
+        extra = {} if name == "nb" else {"zi_logits": params[3]}
+        if softmax:
+            dist = cls(scale_logits=params[0], library=params[1], theta=params[2], **extra)
+            if not fused:
+                dist.mu  # noqa: B018 (the torch code)
+            wrt = params if name == "zinb" else params[:3]
+        else:
+            mu = (params[1] * torch.softmax(params[0], -1)).detach().requires_grad_()
+            dist = cls(mu=mu, theta=params[2], **extra)
+            wrt = [mu, params[2]] + ([params[3]] if name == "zinb" else [])
+        if not fused:
+            monkeypatch.setattr(_kernels, "enabled", False)
+        out = dist.log_prob_sum(x.to(dtype), nz, row_grad=-1.0 / len(x))
+        monkeypatch.setattr(_kernels, "enabled", True)
+        return out, torch.autograd.grad((out * weights.to(dtype)).sum(), wrt), out.grad_fn.name()
+
+    out, grads, fn = run(torch.float32, fused=True)
+    assert fn == "_FusedLogProbSumBackward"
+    ref, ref_grads, ref_fn = run(torch.float64, fused=False)
+    assert "Fused" not in ref_fn
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-3)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert g.shape == r.shape and torch.isfinite(g).all()
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4 * r.abs().max().item())
+    row, col = nz
+    perm = torch.randperm(len(row), generator=gen)
+    row, col = row[perm], col[perm]
+    mu = library * torch.softmax(logits, -1)
+    p = None if name == "nb" else pi
+    results = _on_1_2_3_threads(
+        lambda: _kernels.nb_zinb_log_prob_sum(mu, theta, p, x[row, col], row, col, 1e-8, True)
+    )
+    for other in results[1:]:
+        assert all(a is b or torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@built
+def test_per_entry_theta_needs_the_minibatch_shape():
+    mu, idx, val = torch.ones(2, 3), torch.zeros(1, dtype=torch.int64), torch.ones(1)
+    for bad in (torch.ones(3, 3), torch.ones(3, 2).t()):
+        with pytest.raises(ValueError, match="theta must be"):
+            _kernels.nb_zinb_log_prob_sum(mu, bad, None, val, idx, idx, 1e-8, True)
+
+
+@built
+@pytest.mark.parametrize("dispersion", ["gene", "gene-batch", "gene-cell"])
+def test_scvi_trains_the_same_with_and_without_kernels(dispersion, monkeypatch):
     # the training losses of a few epochs agree (not bit for bit: float64 lgamma at the nonzeros,
     # float64 sums in batch norm); without dropout, whose masks the kernels draw from another
-    # stream (test_random_lanes_are_splitmix64)
+    # stream (test_random_lanes_are_splitmix64); per-batch and per-cell dispersions take the
+    # kernel too (a (B, G) theta)
     adata = cellvae.datasets.kang_ifnb()[:400, :300]
     adata = adata[:, np.asarray(adata.X.sum(0)).ravel() > 0].copy()
-    histories = []
+    histories, calls = [], []
+    kernel = _kernels.softmax_nb_zinb_log_prob_sum
+    monkeypatch.setattr(
+        _kernels, "softmax_nb_zinb_log_prob_sum", lambda *a, **k: calls.append(1) or kernel(*a, **k)
+    )
     for enabled in (True, False):
         monkeypatch.setattr(_kernels, "enabled", enabled)
+        calls.clear()
         bdata = adata.copy()
         cellvae.pp.setup_anndata(bdata, batch_key="stim")
-        model = cellvae.SCVI(bdata, n_latent=5, dropout_rate=0.0)
+        model = cellvae.SCVI(bdata, n_latent=5, dropout_rate=0.0, dispersion=dispersion)
         model.train(max_epochs=3, seed=0, progress_bar=False)
         histories.append(model.history["validation_elbo"].to_numpy())
+        assert (len(calls) > 0) == enabled
     np.testing.assert_allclose(histories[0], histories[1], rtol=1e-4)
 
 
@@ -657,14 +736,19 @@ def test_softmax_kernel_without_gradients_and_its_mu():
 
 @built
 @pytest.mark.parametrize("name", ["nb", "zinb"])
-def test_softmax_kernel_for_an_expected_row_gradient(name, monkeypatch):
-    # with row_grad c the kernel returns the gradients of c times the sum of the row sums, theta's
-    # summed over the rows: the unit gradients times c, on 1, 2 and 3 threads bit for bit, with
-    # entries in any order and stored zeros; a row whose ZINB p(0) underflows takes the unit
-    # call and is scaled in torch
+@pytest.mark.parametrize("per_entry", [False, True])
+def test_softmax_kernel_for_an_expected_row_gradient(name, per_entry, monkeypatch):
+    # with row_grad c the kernel returns the gradients of c times the sum of the row sums, a
+    # per-gene theta's summed over the rows (a per-entry one's not): the unit gradients times c,
+    # on 1, 2 and 3 threads bit for bit, with entries in any order and stored zeros; a row whose
+    # ZINB p(0) underflows takes the unit call and is scaled in torch
     monkeypatch.setattr(_kernels, "_MIN_PARALLEL", 0)
     logits, library, theta, pi, x = _softmax_inputs(5, n_cells=37)
     theta[:5] = 20.0
+    if per_entry:  # one theta per entry: the per-gene values times a factor per entry
+        gen = torch.Generator().manual_seed(6)
+        theta = theta * torch.exp(torch.randn(x.shape, generator=gen) * 0.5)
+        theta[5, :5] = 20.0
     logits[5, :5] = 40.0  # row 5's counts on genes 0-4: mu ~ 2e5, theta log(1 + mu / theta) > 80
     library[5] = 1e6
     pi = None if name == "nb" else pi
@@ -691,7 +775,7 @@ def test_softmax_kernel_for_an_expected_row_gradient(name, monkeypatch):
         torch.testing.assert_close(s_glib, glib * c)
         if pi is not None:
             torch.testing.assert_close(s_gpi, gpi * c)
-        th_sum = gth.double().sum(0) * c
+        th_sum = gth.double().sum(0) * c if not per_entry else gth.double() * c
         atol = 1e-6 * th_sum.abs().max()
         torch.testing.assert_close(s_gth.double(), th_sum, rtol=1e-5, atol=atol)
 

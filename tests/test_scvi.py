@@ -24,7 +24,7 @@ from cellvae._sparse import (
     sparse_linear,
 )
 from cellvae.module import VAE
-from cellvae.module._base import tile_cells
+from cellvae.module._base import rows_of, tile_cells
 from cellvae.nn import DecoderSCVI, Dropout, Encoder, FCLayers
 from cellvae.train import TrainConfig, TrainingError, train_module
 
@@ -2048,3 +2048,20 @@ def test_counts_of_other_sparse_formats_convert_to_csr(fmt):
     td._set_counts(m)
     got = sps.csr_matrix((td.values.numpy(), td.indices.numpy(), td.indptr.numpy()), m.shape)
     np.testing.assert_array_equal(got.toarray(), m.toarray())
+
+
+@pytest.mark.parametrize("codes_shape", [(7,), (3, 5)])
+def test_rows_of_is_indexing_with_its_gradient(codes_shape):
+    # the per-batch / per-label parameters' rows by index_select: the values and the gradient of
+    # advanced indexing, a transposed (non-contiguous) table included
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 4, codes_shape, generator=g)
+    for table in (torch.randn(4, 6, generator=g), torch.randn(6, 4, generator=g).T):
+        weights = torch.randn(*codes_shape, 6, generator=g)
+        a = table.clone().requires_grad_()
+        b = table.clone().requires_grad_()
+        got, expected = rows_of(a, codes), b[codes]
+        assert torch.equal(got, expected)
+        (ga,) = torch.autograd.grad((got * weights).sum(), a)
+        (gb,) = torch.autograd.grad((expected * weights).sum(), b)
+        torch.testing.assert_close(ga, gb)

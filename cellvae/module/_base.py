@@ -70,6 +70,16 @@ def latent_kl(inf: dict) -> torch.Tensor:
     return kl_normal(inf["qz_m"], inf["qz_v"]) if kl is None else kl
 
 
+def rows_of(table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """``table[codes]``: the table's row of each code, shape ``codes.shape + table.shape[1:]``.
+
+    By ``index_select``, whose backward pass adds the rows' gradients with ``index_add_``:
+    advanced indexing's (``index_put_`` with accumulation) took 1.6 ms against 0.3 ms for a
+    128-cell minibatch of a (4, 2,000) per-batch dispersion.
+    """
+    return table.index_select(0, codes.reshape(-1)).reshape(*codes.shape, *table.shape[1:])
+
+
 def covariate_codes(tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """The codes injected into the networks: the batch, then each categorical covariate."""
     cats = [tensors["batch"]]

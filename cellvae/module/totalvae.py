@@ -40,6 +40,7 @@ from ._base import (
     kl_normal_elementwise,
     latent_kl,
     norm_places,
+    rows_of,
 )
 
 GeneDispersion = Literal["gene", "gene-batch", "gene-label"]
@@ -313,7 +314,7 @@ class TOTALVAE(nn.Module):
     @staticmethod
     def _by_code(param: torch.Tensor, codes: torch.Tensor | None) -> torch.Tensor:
         """A per-feature parameter, or its row per cell when it has one row per category."""
-        return param if param.dim() == 1 else param[codes]
+        return param if param.dim() == 1 else rows_of(param, codes)
 
     # ------------------------------------------------------------------ the model
     def inference(self, tensors: dict[str, torch.Tensor], n_samples: int = 1) -> dict:
@@ -478,8 +479,8 @@ class TOTALVAE(nn.Module):
             )
         mask = self.protein_batch_mask[b].to(y.dtype)  # (cells, proteins), 1 = measured
         rec = -(py.log_prob(y) * mask).sum(-1)
-        prior_m = self.prior_mean.T[b]
-        prior_v = torch.exp(2 * self.prior_log_scale.T[b])
+        prior_m = rows_of(self.prior_mean.T, b)
+        prior_v = torch.exp(2 * rows_of(self.prior_log_scale.T, b))
         kl = kl_normal_elementwise(alpha, beta**2, prior_m, prior_v)
         return rec, (kl * mask).sum(-1)
 

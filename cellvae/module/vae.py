@@ -27,6 +27,7 @@ from ._base import (
     kl_normal,
     latent_kl,
     norm_places,
+    rows_of,
     tile_cells,
 )
 
@@ -253,9 +254,9 @@ class VAE(nn.Module):
         if self.dispersion == "gene":
             px_r = self.px_r
         elif self.dispersion == "gene-batch":
-            px_r = self.px_r[tensors["batch"] if batch is None else batch]
+            px_r = rows_of(self.px_r, tensors["batch"] if batch is None else batch)
         elif self.dispersion == "gene-label":
-            px_r = self.px_r[tensors["labels"]]
+            px_r = rows_of(self.px_r, tensors["labels"])
         if gene_idx is not None and self.dispersion != "gene-cell":
             px_r = px_r[..., gene_idx]
         theta = torch.exp(px_r)
