@@ -444,6 +444,11 @@ def main() -> int:
     parser.add_argument("--with-1m", action="store_true", help="add cellvae on 1M x 2,000 (18%%)")
     parser.add_argument("--scvi-1m", action="store_true", help="also try scvi-tools on 1M")
     parser.add_argument(
+        "--with-shapes",
+        action="store_true",
+        help="add bench_shapes.py: both tools with one model option changed at a time (~35 min)",
+    )
+    parser.add_argument(
         "--skip",
         nargs="*",
         default=[],
@@ -479,6 +484,8 @@ def main() -> int:
             codes["totalvi"] = run("bench_totalvi.py", common + repeats, a.threads)
         if "marginal_ll" not in a.skip:
             codes["marginal_ll"] = run("bench_marginal_ll.py", common, a.threads)
+        if a.with_shapes:
+            codes["shapes"] = run("bench_shapes.py", common, a.threads)
         if a.with_1m and not a.quick:
             codes["backed"] = run("bench_backed.py", ["--in-memory"], a.threads)
         info["exit_codes"] = codes

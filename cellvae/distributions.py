@@ -242,9 +242,10 @@ def log_mixture_nb(
 # only those; the backward pass scales them by the incoming row gradients. (A separate backward
 # recomputed half of the forward and held twice as many cells x genes tensors: the SCVI training
 # step took 15.1 ms, now 13.9 ms, medians of 10 interleaved runs on 100k x 2,000, batch 128.)
-# For float32 CPU tensors with a per-gene dispersion, _FusedLogProbSum computes the same in the
-# compiled kernels of cellvae/_kernels.c (where they were built); these functions are the
-# reference the tests hold the kernels to, and the code for GPUs, float64 and per-cell θ.
+# For float32 CPU tensors (θ per gene, or per entry: per batch and gene, or per cell),
+# _FusedLogProbSum computes the same in the compiled kernels of cellvae/_kernels.c (where they
+# were built); these functions are the reference the tests hold the kernels to, and the code for
+# GPUs and float64.
 # --------------------------------------------------------------------------------------------------
 def _nonzeros(x, nz: _Nonzero | None):
     """Nonzero entries of ``x`` (a dense tensor or a CSR batch).
