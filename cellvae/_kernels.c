@@ -75,6 +75,8 @@ static inline void lgamma_digamma_pos(double z, double *lg, double *dg) {
     *dg = lz - 0.5 * r - dser - (small ? D / P : 0.0);
 }
 
+void cv_lgamma_digamma(int64_t n, const float *z, double *lg, double *dg);
+
 static inline double lgamma_pos(double z) {
     double lg, dg;
     lgamma_digamma_pos(z, &lg, &dg);
@@ -556,7 +558,8 @@ static inline double mixture_part(double x, double m, double th, double eps, dou
  *              + logaddexp(a1, a2 - pi) - softplus(-pi)
  * with a_k the component terms of mixture_part (mu1 background, mu2 foreground, pi the logit
  * of the background). With g1 not NULL, also the derivatives of each entry by mu1, mu2, pi and
- * theta. lgth / dgth: lgamma / digamma of theta (P values; theta floored at eps by the caller).
+ * theta. lgth / dgth: lgamma / digamma of theta (one value per entry of the row; theta floored
+ * at eps by the caller).
  * Rows are split among n_threads OpenMP threads; each entry is computed alone, so the results
  * do not depend on n_threads. */
 CLONES static void mixture_terms(int64_t P, const float *restrict mu1, const float *restrict mu2,
@@ -587,6 +590,8 @@ CLONES static void mixture_terms(int64_t P, const float *restrict mu1, const flo
     }
 }
 
+/* One row of P proteins. lgth / dgth: lgamma / digamma of a per-protein theta (P values), or
+ * NULL for a per-entry one (theta is then this row's P values), evaluated here. */
 static void mixture_row(int64_t P, const float *restrict mu1, const float *restrict mu2,
                                const float *restrict theta, const float *restrict pi,
                                const float *restrict x, const double *restrict lgth,
@@ -594,24 +599,29 @@ static void mixture_row(int64_t P, const float *restrict mu1, const float *restr
                                float *restrict g1, float *restrict g2, float *restrict gpi,
                                float *restrict gth) {
     double lgx[MIXTURE_CHUNK]; /* lgamma(x + 1), looked up first: the loop below vectorises */
+    double lgt[MIXTURE_CHUNK], dgt[MIXTURE_CHUNK]; /* a per-entry theta's */
     for (int64_t p0 = 0; p0 < P; p0 += MIXTURE_CHUNK) {
         int64_t n = P - p0 < MIXTURE_CHUNK ? P - p0 : MIXTURE_CHUNK;
         for (int64_t k = 0; k < n; k++) lgx[k] = lgamma_x_plus_1(x[p0 + k]);
-        mixture_terms(n, mu1 + p0, mu2 + p0, theta + p0, pi + p0, x + p0, lgx, lgth + p0,
-                      dgth + p0, eps, out + p0, g1 ? g1 + p0 : NULL, g1 ? g2 + p0 : NULL,
-                      g1 ? gpi + p0 : NULL, g1 ? gth + p0 : NULL);
+        if (!lgth) cv_lgamma_digamma(n, theta + p0, lgt, dgt);
+        mixture_terms(n, mu1 + p0, mu2 + p0, theta + p0, pi + p0, x + p0, lgx,
+                      lgth ? lgth + p0 : lgt, lgth ? dgth + p0 : dgt, eps, out + p0,
+                      g1 ? g1 + p0 : NULL, g1 ? g2 + p0 : NULL, g1 ? gpi + p0 : NULL,
+                      g1 ? gth + p0 : NULL);
     }
 }
 
+/* theta per protein (th_ld = 0; lgth / dgth its lgamma / digamma) or per entry ((B, P) with
+ * th_ld = P; lgth and dgth NULL). */
 void cv_nb_mixture(int64_t B, int64_t P, const float *mu1, const float *mu2, const float *theta,
                    const float *pi, const float *x, const double *lgth, const double *dgth,
                    double eps, float *out, float *g1, float *g2, float *gpi, float *gth,
-                   int n_threads) {
+                   int n_threads, int64_t th_ld) {
 #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int64_t r = 0; r < B; r++) {
         int64_t o = r * P;
-        mixture_row(P, mu1 + o, mu2 + o, theta, pi + o, x + o, lgth, dgth, eps, out + o,
-                    g1 ? g1 + o : NULL, g1 ? g2 + o : NULL, g1 ? gpi + o : NULL,
+        mixture_row(P, mu1 + o, mu2 + o, theta + r * th_ld, pi + o, x + o, lgth, dgth, eps,
+                    out + o, g1 ? g1 + o : NULL, g1 ? g2 + o : NULL, g1 ? gpi + o : NULL,
                     g1 ? gth + o : NULL);
     }
 }
@@ -623,22 +633,23 @@ void cv_nb_mixture(int64_t B, int64_t P, const float *mu1, const float *mu2, con
  * the prior's mean pm = prior_m[t, c] and log scale pls = prior_ls[t, c] ((P, n_codes) arrays).
  * lp: (B, P) scratch for log p. With g1 not NULL, stores the derivatives of rec by mu1, mu2,
  * pi and the per-entry theta (g1, g2, gpi, gth) and of kl by alpha, beta and pls (ga, gb, gls),
- * all (B, P), zero where m = 0 (the derivative of kl by pm is -ga). Returns -2 for a code
- * outside [0, n_codes), else 0. Rows are split among n_threads threads, each computed alone. */
+ * all (B, P), zero where m = 0 (the derivative of kl by pm is -ga). theta per protein or per
+ * entry as in cv_nb_mixture (th_ld). Returns -2 for a code outside [0, n_codes), else 0. Rows
+ * are split among n_threads threads, each computed alone. */
 int cv_protein_terms(int64_t B, int64_t P, const float *mu1, const float *mu2,
                      const float *theta, const float *pi, const float *x, const float *alpha,
                      const float *beta, const int64_t *codes, int64_t n_codes,
                      const uint8_t *mask, const float *prior_m, const float *prior_ls,
                      const double *lgth, const double *dgth, double eps, float *lp, float *rec,
                      float *kl, float *g1, float *g2, float *gpi, float *gth, float *ga,
-                     float *gb, float *gls, int n_threads) {
+                     float *gb, float *gls, int n_threads, int64_t th_ld) {
     for (int64_t r = 0; r < B; r++)
         if (codes[r] < 0 || codes[r] >= n_codes) return -2;
 #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int64_t r = 0; r < B; r++) {
         int64_t o = r * P, c = codes[r];
-        mixture_row(P, mu1 + o, mu2 + o, theta, pi + o, x + o, lgth, dgth, eps, lp + o,
-                    g1 ? g1 + o : NULL, g1 ? g2 + o : NULL, g1 ? gpi + o : NULL,
+        mixture_row(P, mu1 + o, mu2 + o, theta + r * th_ld, pi + o, x + o, lgth, dgth, eps,
+                    lp + o, g1 ? g1 + o : NULL, g1 ? g2 + o : NULL, g1 ? gpi + o : NULL,
                     g1 ? gth + o : NULL);
         double rec_r = 0.0, kl_r = 0.0;
         for (int64_t t = 0; t < P; t++) {
@@ -669,23 +680,26 @@ int cv_protein_terms(int64_t B, int64_t P, const float *mu1, const float *mu2,
 
 /* The gradients of cv_protein_terms for the upstream gradients grad_rec and grad_kl (B each):
  * d_mu1, d_mu2, d_pi = g1, g2, gpi times grad_rec and d_a, d_b = ga, gb times grad_kl per row
- * ((B, P) each); d_theta (P) = sum_r grad_rec[r] gth[r]; d_pm and d_pls (P, n_codes) sum
- * -ga grad_kl and gls grad_kl over the rows of each code. Each output is summed by one thread
- * in row order. */
+ * ((B, P) each); d_theta (P) = sum_r grad_rec[r] gth[r], or for a per-entry theta (th_ld not
+ * 0) d_theta (B, P) = gth times grad_rec per row; d_pm and d_pls (P, n_codes) sum -ga grad_kl
+ * and gls grad_kl over the rows of each code. Each output is summed by one thread in row
+ * order. */
 void cv_protein_terms_backward(int64_t B, int64_t P, const float *grad_rec, const float *grad_kl,
                                const int64_t *codes, int64_t n_codes, const float *g1,
                                const float *g2, const float *gpi, const float *gth,
                                const float *ga, const float *gb, const float *gls, float *d_mu1,
                                float *d_mu2, float *d_pi, float *d_a, float *d_b, float *d_theta,
-                               float *d_pm, float *d_pls, int n_threads) {
+                               float *d_pm, float *d_pls, int n_threads, int64_t th_ld) {
 #pragma omp parallel num_threads(n_threads)
     {
         int64_t t0, t1, r0, r1;
         thread_range(P, &t0, &t1);
         for (int64_t t = t0; t < t1; t++) {
-            double dth = 0.0;
-            for (int64_t r = 0; r < B; r++) dth += (double)grad_rec[r] * gth[r * P + t];
-            d_theta[t] = (float)dth;
+            if (!th_ld) {
+                double dth = 0.0;
+                for (int64_t r = 0; r < B; r++) dth += (double)grad_rec[r] * gth[r * P + t];
+                d_theta[t] = (float)dth;
+            }
             for (int64_t c = 0; c < n_codes; c++) d_pm[t * n_codes + c] = d_pls[t * n_codes + c] = 0;
             for (int64_t r = 0; r < B; r++) {
                 int64_t i = r * P + t, j = t * n_codes + codes[r];
@@ -703,6 +717,7 @@ void cv_protein_terms_backward(int64_t B, int64_t P, const float *grad_rec, cons
                 d_pi[i] = gpi[i] * gr;
                 d_a[i] = ga[i] * gk;
                 d_b[i] = gb[i] * gk;
+                if (th_ld) d_theta[i] = gth[i] * gr;
             }
         }
     }

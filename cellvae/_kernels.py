@@ -95,12 +95,13 @@ def _load() -> ctypes.CDLL | None:
     lib.cv_bn_relu_drop_bwd.argtypes += [ptr, ptr, ptr, ptr, f32, ptr, ptr, ptr, ptr, c_int]
     lib.cv_nb_mixture.restype = None
     lib.cv_nb_mixture.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, f64, ptr, ptr]
-    lib.cv_nb_mixture.argtypes += [ptr, ptr, ptr, ctypes.c_int]
+    lib.cv_nb_mixture.argtypes += [ptr, ptr, ptr, ctypes.c_int, i64]
     lib.cv_protein_terms.restype = c_int
     lib.cv_protein_terms.argtypes = [i64, i64, *[ptr] * 7, ptr, i64, ptr, ptr, ptr, ptr, ptr, f64]
-    lib.cv_protein_terms.argtypes += [*[ptr] * 10, c_int]
+    lib.cv_protein_terms.argtypes += [*[ptr] * 10, c_int, i64]
     lib.cv_protein_terms_backward.restype = None
     lib.cv_protein_terms_backward.argtypes = [i64, i64, ptr, ptr, ptr, i64, *[ptr] * 15, c_int]
+    lib.cv_protein_terms_backward.argtypes += [i64]
     lib.cv_bf16_split_widen.restype = None
     lib.cv_bf16_split_widen.argtypes = [i64, i64, ptr, c_int, ptr, ptr, ptr, c_int]
     lib.cv_bf16_join_narrow.restype = None
@@ -285,20 +286,38 @@ def nb_mixture_log_prob(
     """Elementwise log-likelihood of the totalVI protein mixture (shared ``theta``).
 
     ``mu1``, ``mu2``, ``pi`` and ``x`` are contiguous float32 ``(B, P)``, ``theta`` float32
-    ``(P,)`` floored at ``eps``. Returns ``log p`` ``(B, P)`` and, with ``with_grad``, its
-    derivatives by ``mu1``, ``mu2``, ``pi`` and the per-entry ``theta`` (otherwise four Nones).
+    floored at ``eps``: ``(P,)``, or contiguous ``(B, P)`` (per batch and protein). Returns
+    ``log p`` ``(B, P)`` and, with ``with_grad``, its derivatives by ``mu1``, ``mu2``, ``pi`` and
+    the per-entry ``theta`` (otherwise four Nones).
     """
     n_rows, n_cols = x.shape
     threads = _threads(x.numel())
-    lgth, dgth = lgamma_digamma(theta)
+    lgth, dgth, th_ld = _theta_terms(theta, x.shape)
     out = torch.empty_like(x)
     grads = [torch.empty_like(x) for _ in range(4)] if with_grad else [None] * 4
     ptrs = [None if t is None else t.data_ptr() for t in grads]
     _lib.cv_nb_mixture(
         n_rows, n_cols, mu1.data_ptr(), mu2.data_ptr(), theta.data_ptr(), pi.data_ptr(),
-        x.data_ptr(), lgth.data_ptr(), dgth.data_ptr(), eps, out.data_ptr(), *ptrs, threads,
+        x.data_ptr(), _ptr(lgth), _ptr(dgth), eps, out.data_ptr(), *ptrs, threads, th_ld,
     )  # fmt: skip
     return out, *grads
+
+
+def _theta_terms(theta: torch.Tensor, shape) -> tuple[torch.Tensor | None, ...]:
+    """The lgamma and digamma of a per-feature ``theta`` (float64), and its row stride.
+
+    A per-entry ``theta`` (contiguous, of the minibatch's ``shape``) gets Nones (NULL for the
+    kernel, which evaluates them itself) and a stride of one row.
+    """
+    if theta.dim() == 1:
+        return (*lgamma_digamma(theta), 0)
+    if tuple(theta.shape) != tuple(shape) or not theta.is_contiguous():
+        raise ValueError("theta must be 1-D or a contiguous tensor of the minibatch's shape.")
+    return None, None, shape[-1]
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 def protein_terms(
@@ -319,7 +338,8 @@ def protein_terms(
     """The per-cell protein reconstruction and background KL of totalVI (``cv_protein_terms``).
 
     ``mu1``, ``mu2``, ``pi``, ``x``, ``alpha`` and ``beta`` are contiguous float32 ``(B, P)``;
-    ``theta`` float32 ``(P,)`` floored at ``eps``; ``codes`` int64 ``(B,)``; ``mask`` bool
+    ``theta`` float32 floored at ``eps``, ``(P,)`` or per entry as in
+    :func:`nb_mixture_log_prob`; ``codes`` int64 ``(B,)``; ``mask`` bool
     ``(n_codes, P)`` (torch stores one byte, 0 or 1, per entry: the kernel reads it as is);
     ``prior_m`` and ``prior_ls`` contiguous float32 ``(P, n_codes)``. Returns ``rec`` and ``kl``
     ``(B,)`` and, with ``with_grad``, the seven per-entry derivatives
@@ -328,7 +348,7 @@ def protein_terms(
     """
     n_rows, n_cols = x.shape
     threads = _threads(x.numel())
-    lgth, dgth = lgamma_digamma(theta)
+    lgth, dgth, th_ld = _theta_terms(theta, x.shape)
     lp, rec, kl = torch.empty_like(x), x.new_empty(n_rows), x.new_empty(n_rows)
     grads = [torch.empty_like(x) for _ in range(7)] if with_grad else [None] * 7
     ptrs = [None if t is None else t.data_ptr() for t in grads]
@@ -338,8 +358,8 @@ def protein_terms(
     status = _lib.cv_protein_terms(
         n_rows, n_cols, mu1.data_ptr(), mu2.data_ptr(), theta.data_ptr(), pi.data_ptr(),
         x.data_ptr(), alpha.data_ptr(), beta.data_ptr(), codes.data_ptr(), mask.shape[0],
-        mask.data_ptr(), prior_m.data_ptr(), prior_ls.data_ptr(), lgth.data_ptr(),
-        dgth.data_ptr(), eps, lp.data_ptr(), rec.data_ptr(), kl.data_ptr(), *ptrs, threads,
+        mask.data_ptr(), prior_m.data_ptr(), prior_ls.data_ptr(), _ptr(lgth), _ptr(dgth), eps,
+        lp.data_ptr(), rec.data_ptr(), kl.data_ptr(), *ptrs, threads, th_ld,
     )  # fmt: skip
     if status:
         raise IndexError(f"A batch code is outside [0, {mask.shape[0]}).")
@@ -347,23 +367,30 @@ def protein_terms(
 
 
 def protein_terms_backward(
-    grad_rec: torch.Tensor, grad_kl: torch.Tensor, codes: torch.Tensor, n_codes: int, grads
+    grad_rec: torch.Tensor,
+    grad_kl: torch.Tensor,
+    codes: torch.Tensor,
+    n_codes: int,
+    grads,
+    theta_per_entry: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """The gradients of :func:`protein_terms` for upstream ``grad_rec`` and ``grad_kl``.
 
     ``grads`` are its seven derivatives. Returns the gradients by ``mu1``, ``mu2``, ``pi``,
-    ``alpha`` and ``beta`` ``(B, P)``, ``theta`` ``(P,)``, ``prior_m`` and ``prior_ls``
-    ``(P, n_codes)``.
+    ``alpha`` and ``beta`` ``(B, P)``, ``theta`` (``(P,)``, or ``(B, P)`` with
+    ``theta_per_entry``), ``prior_m`` and ``prior_ls`` ``(P, n_codes)``.
     """
     g1 = grads[0]
     n_rows, n_cols = g1.shape
     threads = _threads(g1.numel())
     outs = [torch.empty_like(g1) for _ in range(5)]
-    outs += [g1.new_empty(n_cols), g1.new_empty(n_cols, n_codes), g1.new_empty(n_cols, n_codes)]
+    outs += [torch.empty_like(g1) if theta_per_entry else g1.new_empty(n_cols)]
+    outs += [g1.new_empty(n_cols, n_codes), g1.new_empty(n_cols, n_codes)]
     grad_rec, grad_kl = grad_rec.contiguous(), grad_kl.contiguous()
     _lib.cv_protein_terms_backward(
         n_rows, n_cols, grad_rec.data_ptr(), grad_kl.data_ptr(), codes.data_ptr(), n_codes,
         *(t.data_ptr() for t in grads), *(t.data_ptr() for t in outs), threads,
+        n_cols if theta_per_entry else 0,
     )  # fmt: skip
     return tuple(outs)
 

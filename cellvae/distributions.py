@@ -541,16 +541,8 @@ class _FusedLogProbSum(torch.autograd.Function):
         return grad_mu, grad_lib, grad_theta, grad_pi, None, None, None, None, None, None
 
 
-def _fused(theta: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
-    """Whether the compiled kernels take these tensors (None entries skipped).
-
-    They need a 1-D (per-feature) ``theta`` and every tensor float32 on the CPU.
-    """
-    return theta.dim() == 1 and _kernels.takes(theta, *tensors)
-
-
 def _fused_nb(theta: torch.Tensor, shape, *tensors: torch.Tensor | None) -> bool:
-    """:func:`_fused` for the NB / ZINB kernel, which also takes a ``theta`` per entry.
+    """Whether the NB / ZINB kernel takes these tensors: float32 on the CPU (None skipped).
 
     ``theta`` as :func:`_param_view` returns it: ``(G,)``, or contiguous of the minibatch's
     ``shape`` (per batch and gene, or per cell).
@@ -593,7 +585,7 @@ def _softmax_fusable(logits, library, theta, pi, x) -> bool:
         and library.device.type == "cpu"
         and (_per_gene(theta, logits.shape[1]) or tuple(theta.shape) == tuple(logits.shape))
         and (pi is None or pi.shape[-1] == logits.shape[1])
-        and _fused(theta.reshape(-1), logits, pi)
+        and _kernels.takes(theta, logits, pi)
     )
 
 
@@ -616,6 +608,7 @@ class _FusedMixtureLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mu1, mu2, theta, pi, x, eps, with_grad):
         out, g1, g2, gpi, gth = _kernels.nb_mixture_log_prob(mu1, mu2, theta, pi, x, eps, with_grad)
+        ctx.theta_per_feature = theta.dim() == 1
         if with_grad:
             ctx.save_for_backward(g1, g2, gpi, gth)
         return out
@@ -625,10 +618,13 @@ class _FusedMixtureLogProb(torch.autograd.Function):
     def backward(ctx, grad):
         g1, g2, gpi, gth = ctx.saved_tensors
         needs = ctx.needs_input_grad
+        grad_theta = None
+        if needs[2]:  # summed over the cells for a theta per protein
+            grad_theta = (gth * grad).sum(0) if ctx.theta_per_feature else gth * grad
         return (
             g1 * grad if needs[0] else None,
             g2 * grad if needs[1] else None,
-            (gth * grad).sum(0) if needs[2] else None,
+            grad_theta,
             gpi * grad if needs[3] else None,
             None,
             None,
@@ -637,17 +633,19 @@ class _FusedMixtureLogProb(torch.autograd.Function):
 
 
 def _mixture_log_prob(x, mu1, mu2, theta1, theta2, pi, eps) -> torch.Tensor:
-    """:func:`log_mixture_nb`, by the compiled kernel for 2-D float32 CPU data and a shared θ."""
+    """:func:`log_mixture_nb`, by the compiled kernel for 2-D float32 CPU data and a shared θ.
+
+    θ per protein ``(P,)``, or per entry ``(B, P)`` (per batch and protein).
+    """
     shape = _broadcast_shapes(x.shape, mu1.shape, mu2.shape, pi.shape)
     if (
         theta2 is None
         and len(shape) == 2
-        and theta1.dim() == 1
-        and theta1.shape[0] == shape[1]
-        and _fused(theta1, mu1, mu2, pi, x)
+        and tuple(theta1.shape) in ((shape[1],), tuple(shape))
+        and _kernels.takes(theta1, mu1, mu2, pi, x)
     ):
         args = [t.expand(shape).contiguous() for t in (mu1, mu2, pi, x)]
-        theta = theta1.clamp_min(eps)
+        theta = theta1.clamp_min(eps).contiguous()
         grad = _wants_grad(mu1, mu2, theta, pi)
         return _FusedMixtureLogProb.apply(args[0], args[1], theta, args[2], args[3], eps, grad)
     return log_mixture_nb(x, mu1, mu2, theta1, theta2, pi, eps)

@@ -252,6 +252,41 @@ def test_scvi_trains_the_same_with_and_without_kernels(dispersion, monkeypatch):
 
 
 @built
+@pytest.mark.parametrize("dispersions", [("gene", "protein"), ("gene-batch", "protein-batch")])
+def test_totalvi_trains_the_same_with_and_without_kernels(dispersions, monkeypatch):
+    # as test_scvi_trains_the_same_with_and_without_kernels, for totalVI with one dispersion per
+    # gene and protein, or per batch and gene / protein (the kernels then read (B, G) and
+    # (B, P) thetas); the protein kernel runs in both, with a 1-D and a 2-D theta
+    adata = cellvae.datasets.synthetic(300, 40, n_batches=2, n_proteins=6, random_state=1)
+    histories, calls = [], []
+    kernel = _kernels.protein_terms
+    monkeypatch.setattr(
+        _kernels, "protein_terms", lambda *a, **k: calls.append(a[2].dim()) or kernel(*a, **k)
+    )
+    gene, protein = dispersions
+    for enabled in (True, False):
+        monkeypatch.setattr(_kernels, "enabled", enabled)
+        calls.clear()
+        bdata = adata.copy()
+        cellvae.TOTALVI.setup_anndata(
+            bdata, batch_key="batch", protein_expression_obsm_key="protein_expression"
+        )
+        model = cellvae.TOTALVI(
+            bdata,
+            n_hidden=32,
+            n_latent=5,
+            gene_dispersion=gene,
+            protein_dispersion=protein,
+            dropout_rate_encoder=0.0,
+            dropout_rate_decoder=0.0,
+        )
+        model.train(max_epochs=3, batch_size=64, seed=0, progress_bar=False)
+        histories.append(model.history["validation_elbo"].to_numpy())
+        assert set(calls) == ({1 if protein == "protein" else 2} if enabled else set())
+    np.testing.assert_allclose(histories[0], histories[1], rtol=1e-4)
+
+
+@built
 @pytest.mark.parametrize("name", ["nb", "zinb"])
 def test_non_finite_parameters_stay_non_finite(name):
     # the dense pass clamps expf's arguments (for speed); a NaN must still reach the row sum
@@ -824,18 +859,22 @@ def test_expected_row_gradient_hint_keeps_the_gradients_exact(name, monkeypatch)
 
 @built
 @pytest.mark.parametrize("seed", [0, 1])
-def test_protein_mixture_kernel_matches_float64_torch(seed):
-    # totalVI's NB mixture with a shared per-protein theta: values and the gradients by both
-    # means, the mixing logits and theta, against the torch code in float64, at extremes too
+@pytest.mark.parametrize("per_entry", [False, True])
+def test_protein_mixture_kernel_matches_float64_torch(seed, per_entry):
+    # totalVI's NB mixture with a shared theta, per protein or per entry (per batch and
+    # protein): values and the gradients by both means, the mixing logits and theta, against the
+    # torch code in float64, at extremes too
     g = torch.Generator().manual_seed(seed)
     n_cells, n_proteins = 40, 30
     mu1 = torch.exp(torch.randn(n_cells, n_proteins, generator=g) * 2)
     fore = torch.rand(n_cells, n_proteins, generator=g) * 5 + 1
     pi = torch.randn(n_cells, n_proteins, generator=g) * 3
     theta = torch.exp(torch.randn(n_proteins, generator=g) * 2)
+    if per_entry:
+        theta = theta * torch.exp(torch.randn(n_cells, n_proteins, generator=g))
     mu1[0, :3] = torch.tensor([0.0, 1e-12, 1e6])  # an underflowed, a floored and a huge mean
     pi[1, :2] = torch.tensor([-60.0, 60.0])  # all foreground, all background
-    theta[4] = 1e-10  # below the floor: no gradient
+    theta[..., 4] = 1e-10  # below the floor: no gradient
     y = torch.poisson(torch.where(torch.rand(mu1.shape, generator=g) < 0.5, mu1, mu1 * fore))
     y[2, :2] = torch.tensor([5000.0, 2.5])  # past the log-factorial table; not an integer
     weights = torch.rand(mu1.shape, generator=g)
@@ -852,9 +891,9 @@ def test_protein_mixture_kernel_matches_float64_torch(seed):
     assert "Fused" not in ref.grad_fn.name()
     torch.testing.assert_close(lp.double(), ref, rtol=1e-5, atol=1e-4)
     for got, exp in zip(grads, ref_grads, strict=True):
-        assert torch.isfinite(got).all()
+        assert torch.isfinite(got).all() and got.shape == exp.shape
         torch.testing.assert_close(got.double(), exp, rtol=1e-4, atol=1e-5 * exp.abs().max())
-    assert grads[3][4] == 0.0
+    assert (grads[3][..., 4] == 0.0).all()
     with torch.no_grad():  # no gradients asked: the same values
         mix = NegativeBinomialMixture(mu1, mu1 * fore, theta, pi)
         torch.testing.assert_close(mix.log_prob(y), lp.detach())
@@ -862,11 +901,13 @@ def test_protein_mixture_kernel_matches_float64_torch(seed):
 
 @built
 @pytest.mark.parametrize("seed", [0, 1])
-def test_protein_terms_kernel_matches_float64_torch(seed, monkeypatch):
+@pytest.mark.parametrize("per_entry", [False, True])
+def test_protein_terms_kernel_matches_float64_torch(seed, per_entry, monkeypatch):
     # totalVI's per-cell protein reconstruction and background KL in one kernel: values and the
-    # gradients by both means, theta, the mixing logits, alpha, beta and the prior's mean and log
-    # scale, for random upstream gradients, against the torch code in float64; proteins a batch
-    # did not measure count nowhere; bit-identical on 1, 2 and 3 threads
+    # gradients by both means, theta (per protein, or per entry: per batch and protein), the
+    # mixing logits, alpha, beta and the prior's mean and log scale, for random upstream
+    # gradients, against the torch code in float64; proteins a batch did not measure count
+    # nowhere; bit-identical on 1, 2 and 3 threads
     from cellvae.module import TOTALVAE
 
     monkeypatch.setattr(_kernels, "_MIN_PARALLEL", 0)
@@ -881,6 +922,8 @@ def test_protein_terms_kernel_matches_float64_torch(seed, monkeypatch):
     fore = torch.rand(n_cells, n_proteins, generator=g) * 5 + 1
     pi = torch.randn(n_cells, n_proteins, generator=g) * 3
     theta = torch.exp(torch.randn(n_proteins, generator=g))
+    if per_entry:
+        theta = theta * torch.exp(torch.randn(n_cells, n_proteins, generator=g))
     alpha = torch.randn(n_cells, n_proteins, generator=g)
     beta = torch.exp(torch.randn(n_cells, n_proteins, generator=g) * 0.5)
     y = torch.poisson(mu1 * fore, generator=g)
@@ -909,10 +952,11 @@ def test_protein_terms_kernel_matches_float64_torch(seed, monkeypatch):
     torch.testing.assert_close(rec.double(), ref_rec.detach(), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(kl.double(), ref_kl.detach(), rtol=1e-5, atol=1e-4)
     for got, exp in zip(grads, ref_grads, strict=True):
-        assert torch.isfinite(got).all()
+        assert torch.isfinite(got).all() and got.shape == exp.shape
         torch.testing.assert_close(got.double(), exp, rtol=1e-4, atol=1e-5 * exp.abs().max())
     unmeasured = module.protein_batch_mask[codes] == 0
-    assert unmeasured.any() and all((g[unmeasured] == 0).all() for g in grads[:2] + grads[3:6])
+    cell_grads = grads[:6] if per_entry else grads[:2] + grads[3:6]
+    assert unmeasured.any() and all((g[unmeasured] == 0).all() for g in cell_grads)
 
     module.float()
     gen = {

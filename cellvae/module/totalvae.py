@@ -26,7 +26,6 @@ from ..distributions import (
     NegativeBinomial,
     NegativeBinomialMixture,
     ZeroInflatedNegativeBinomial,
-    _fused,
     _wants_grad,
 )
 from ..nn import DecoderTOTALVI, EncoderTOTALVI, reparameterize
@@ -65,6 +64,7 @@ class _ProteinTerms(torch.autograd.Function):
         if with_grad:
             ctx.save_for_backward(codes, *grads)
             ctx.n_codes = mask.shape[0]
+            ctx.theta_per_entry = theta.dim() == 2
         return rec, kl
 
     @staticmethod
@@ -72,7 +72,7 @@ class _ProteinTerms(torch.autograd.Function):
     def backward(ctx, grad_rec, grad_kl):
         codes, *grads = ctx.saved_tensors
         d_mu1, d_mu2, d_pi, d_a, d_b, d_theta, d_pm, d_pls = _kernels.protein_terms_backward(
-            grad_rec, grad_kl, codes, ctx.n_codes, grads
+            grad_rec, grad_kl, codes, ctx.n_codes, grads, ctx.theta_per_entry
         )
         return d_mu1, d_mu2, d_theta, d_pi, d_a, d_b, d_pm, d_pls, None, None, None, None, None
 
@@ -462,10 +462,10 @@ class TOTALVAE(nn.Module):
         if (
             y.dim() == 2
             and py.theta2 is None
-            and py.theta1.shape == y.shape[1:]
+            and py.theta1.shape in (y.shape[1:], y.shape)  # per protein, or batch and protein
             and b.shape == y.shape[:1]
             and all(t.shape == y.shape for t in entries)
-            and _fused(py.theta1, y, *entries, *priors)
+            and _kernels.takes(py.theta1, y, *entries, *priors)
         ):
             theta = py.theta1.clamp_min(py.eps)
             tensors = [t.contiguous() for t in (*entries[:2], theta, *entries[2:], *priors)]
