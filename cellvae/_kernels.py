@@ -19,8 +19,8 @@ core). Each output is computed by one thread in a fixed order, so results do not
 number of threads.
 
 Used by :mod:`cellvae.distributions` for float32 CPU tensors (the NB / ZINB with a dispersion
-per gene, per batch and gene, or per cell; the protein mixture with one per protein); every
-other case (GPU, float64, a per-batch protein dispersion) runs the torch code, also the reference
+per gene, per batch and gene, or per cell; the protein mixture with one per protein, or per
+batch and protein); every other case (GPU, float64) runs the torch code, also the reference
 the tests hold these kernels to. ``CELLVAE_NO_KERNELS=1`` in the environment, or
 ``_kernels.enabled = False``, turns them off.
 """
