@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -40,10 +41,10 @@ from _common import (
     write_child_result,
     write_csv,
 )
+from bench_scvi import VALIDATION_SIZE, make_split, n_obs_of, scvi_train_kwargs
 
 SCRIPT = Path(__file__).resolve()
 TOOLS = ("cellvae", "scvi-tools")
-VALIDATION_SIZE = 0.1
 
 # name -> (data set, epochs, setup_anndata options, model options, train options). Every
 # option is spelt the same in both tools. "batch32" is a 32-category batch column made in the
@@ -101,8 +102,8 @@ def dataset_path(name: str, quick: bool) -> Path:
     """The cached ``.h5ad`` of a data set (made on first use)."""
     from simulate import dataset_path as simulated_path
 
-    if quick:
-        return simulated_path("sim2k")
+    if quick:  # 2,000 cells, CITE-seq-shaped for the TOTALVI rows
+        return simulated_path("citesim2k" if name.startswith("citesim") else "sim2k")
     if name == "kang_full":
         path = results_dir(False) / "kang_full.h5ad"
         if not path.exists():
@@ -165,7 +166,6 @@ def child_train(a) -> dict[str, Any]:
         rec["final_val_neg_elbo"] = float(model.history_["validation_elbo"][-1])
     else:
         import scvi
-        from bench_scvi import scvi_train_kwargs
 
         scvi.settings.seed = a.seed
         kwargs = scvi_train_kwargs(epochs, batch_size, train, val)
@@ -190,19 +190,14 @@ def parent(a) -> int:
     unknown = [n for n in names if n not in OPTIONS]
     if unknown:
         raise SystemExit(f"unknown options {unknown}; choose from {list(OPTIONS)}")
-    from cellvae._data import split_indices
-
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="cvshapes-"))
     for name in names:
         data = dataset_path(OPTIONS[name][0], a.quick)
-        import anndata as ad
-
-        n_obs = ad.read_h5ad(data, backed="r").n_obs
+        n_obs = n_obs_of(data)
         split_path = tmp / f"split_{n_obs}.npz"
         if not split_path.exists():
-            tr, va = split_indices(n_obs, VALIDATION_SIZE, a.seed)
-            np.savez(split_path, train=tr.numpy(), val=va.numpy())
+            make_split(split_path, n_obs, a.seed)  # bench_scvi.py's 10% validation split
         print(f"== {name} ({data.name})", flush=True)
         for rep, tool in interleaved(a.tools, a.repeats):
             args = ["--task", "train", "--tool", tool, "--option", name, "--data", data]
@@ -211,6 +206,7 @@ def parent(a) -> int:
                 args += ["--epochs", a.epochs or 2]
             rec = run_child(SCRIPT, args, threads=a.threads, label=f"{tool} #{rep}")
             rows.append({"option": name, "tool": tool, "repeat": rep, "data": data.name, **rec})
+    shutil.rmtree(tmp, ignore_errors=True)
     table = summarise(rows)
     write_csv(out_dir / "shapes.csv", rows)
     write_csv(out_dir / "shapes_summary.csv", table)

@@ -231,14 +231,7 @@ def _nb_zinb(mu_or_logits, library, theta, pi, x_nz, row, col, eps, with_grad, r
     """
     n_rows, n_genes = mu_or_logits.shape
     threads = _threads(mu_or_logits.numel())
-    if theta.dim() == 1:  # per gene: lgamma and digamma once per gene
-        lgth, dgth = lgamma_digamma(theta)
-        th_ld = 0
-    else:  # per entry (B, G): the kernel evaluates them at the nonzeros
-        if theta.shape != mu_or_logits.shape or not theta.is_contiguous():
-            raise ValueError("theta must be (G,) or a contiguous tensor of the minibatch's shape.")
-        lgth = dgth = None
-        th_ld = n_genes
+    lgth, dgth, th_ld = _theta_terms(theta, mu_or_logits.shape)  # per entry: at the nonzeros
     out = torch.empty(n_rows, dtype=torch.float32)
     mu, logits = mu_or_logits, None
     glib = None
@@ -255,9 +248,7 @@ def _nb_zinb(mu_or_logits, library, theta, pi, x_nz, row, col, eps, with_grad, r
         gpi = None if pi is None else torch.empty_like(mu)
     tensors = (mu, theta, pi, row, col, x_nz, lgth, dgth, out, gmu, gpi, gth, logits, library)
     tensors += (glib, th_sum)
-    m, th, p, rw, cl, xv, lg, dg, o, gm, gp, gt, lo, lb, glb, ts = (
-        None if t is None else t.data_ptr() for t in tensors
-    )
+    m, th, p, rw, cl, xv, lg, dg, o, gm, gp, gt, lo, lb, glb, ts = map(_ptr, tensors)
     scale = 1.0 if row_grad is None else row_grad
     status = _lib.cv_nb_zinb(
         n_rows, n_genes, m, th, p, row.numel(), rw, cl, xv, lg, dg, eps, o, gm, gp, gt, lo, lb,
@@ -295,7 +286,7 @@ def nb_mixture_log_prob(
     lgth, dgth, th_ld = _theta_terms(theta, x.shape)
     out = torch.empty_like(x)
     grads = [torch.empty_like(x) for _ in range(4)] if with_grad else [None] * 4
-    ptrs = [None if t is None else t.data_ptr() for t in grads]
+    ptrs = [_ptr(t) for t in grads]
     _lib.cv_nb_mixture(
         n_rows, n_cols, mu1.data_ptr(), mu2.data_ptr(), theta.data_ptr(), pi.data_ptr(),
         x.data_ptr(), _ptr(lgth), _ptr(dgth), eps, out.data_ptr(), *ptrs, threads, th_ld,
@@ -317,6 +308,7 @@ def _theta_terms(theta: torch.Tensor, shape) -> tuple[torch.Tensor | None, ...]:
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
+    """A tensor's data pointer for ctypes, or None (NULL)."""
     return None if t is None else t.data_ptr()
 
 
@@ -351,7 +343,7 @@ def protein_terms(
     lgth, dgth, th_ld = _theta_terms(theta, x.shape)
     lp, rec, kl = torch.empty_like(x), x.new_empty(n_rows), x.new_empty(n_rows)
     grads = [torch.empty_like(x) for _ in range(7)] if with_grad else [None] * 7
-    ptrs = [None if t is None else t.data_ptr() for t in grads]
+    ptrs = [_ptr(t) for t in grads]
     mask = mask.contiguous()
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor, got {mask.dtype}.")
@@ -507,7 +499,7 @@ def _pointers(tensors: Sequence[torch.Tensor | None]) -> ctypes.Array | None:
     """A C array of the tensors' data pointers, NULL for a None entry (None for no tensors)."""
     if not tensors:
         return None
-    return (ctypes.c_void_p * len(tensors))(*(None if t is None else t.data_ptr() for t in tensors))
+    return (ctypes.c_void_p * len(tensors))(*map(_ptr, tensors))
 
 
 def _sizes(parts: Sequence[int]) -> ctypes.Array:
