@@ -292,6 +292,33 @@ def test_expression_scale_equals_generative_px_scale(dispersion, size_factor):
                 torch.testing.assert_close(got, gen["px_scale"])
 
 
+@pytest.mark.parametrize("dispersion", ["gene", "gene-batch", "gene-label"])
+def test_dispersion_of_each_cell_is_its_categorys_row(dispersion):
+    """θ of each cell is exp(px_r) of its batch (the ``batch`` override's) or label, per gene."""
+    torch.manual_seed(0)
+    module = VAE(25, n_batch=3, n_labels=4, dispersion=dispersion)
+    with torch.no_grad():
+        module.px_r.normal_()
+    tensors = {
+        "x": torch.poisson(torch.full((7, 25), 2.0)),
+        "batch": torch.tensor([0, 1, 2, 0, 1, 2, 1]),
+        "labels": torch.tensor([3, 0, 1, 2, 3, 0, 2]),
+    }
+    table = np.exp(module.px_r.detach().double().numpy())
+    inf = module.inference(tensors, n_samples=2)
+    other = torch.tensor([2, 2, 0, 1, 0, 0, 2])
+    for z, lib in ((inf["qz_m"], inf["library"][0]), (inf["z"], inf["library"])):
+        for batch in (None, other):
+            for gene_idx in (None, torch.tensor([4, 0, 19])):
+                gen = module.generative(z, lib, tensors, batch=batch, gene_idx=gene_idx)
+                codes = {"gene-batch": tensors["batch"] if batch is None else batch}
+                codes["gene-label"] = tensors["labels"]
+                want = table if dispersion == "gene" else table[codes[dispersion].numpy()]
+                want = want if gene_idx is None else want[..., gene_idx.numpy()]
+                got = gen["px"].theta.expand(gen["px"].mu.shape).detach().double().numpy()
+                np.testing.assert_allclose(got, np.broadcast_to(want, got.shape), rtol=1e-6)
+
+
 def test_decoder_gene_subset_matches_full_output():
     dec = DecoderSCVI(4, 30)
     z, lib = torch.randn(5, 4), torch.zeros(5, 1)

@@ -293,6 +293,42 @@ def test_protein_loss_is_masked_mixture_log_prob_and_not_warmed_up():
 @pytest.mark.parametrize(
     "options",
     [
+        {"gene_dispersion": "gene-batch", "protein_dispersion": "protein-label"},
+        {"gene_dispersion": "gene-label", "protein_dispersion": "protein-batch"},
+        {"gene_dispersion": "gene", "protein_dispersion": "protein"},
+    ],
+)
+def test_dispersions_of_each_cell_are_its_categorys_rows(options):
+    """θ of genes and proteins: exp of the cell's batch or label row (or the one row)."""
+    adata = _synthetic_missing(40)
+    t = _tensors(adata)
+    t["labels"] = torch.arange(40) % 3
+    torch.manual_seed(0)
+    module = TOTALVAE(
+        40, 6, n_batch=2, n_labels=3, n_hidden=16, n_latent=3, **options,
+        library_log_means=[5.0, 5.0], library_log_vars=[0.5, 0.5],
+    )  # fmt: skip
+    with torch.no_grad():
+        module.px_r.normal_()
+        module.py_r.normal_()
+    codes = {"batch": t["batch"].numpy(), "label": t["labels"].numpy()}
+    inf = module.inference(t, n_samples=2)
+    for z in (inf["z"][0], inf["z"]):
+        lib = inf["library"][0] if z.dim() == 2 else inf["library"]
+        gen = module.generative(z, lib, t)
+        for got, param, kind in (
+            (gen["px"].theta, module.px_r, options["gene_dispersion"]),
+            (gen["py"].theta1, module.py_r, options["protein_dispersion"]),
+        ):
+            table = np.exp(param.detach().double().numpy())
+            want = table[codes[kind.split("-")[1]]] if "-" in kind else table
+            got = got.detach().double().numpy()
+            np.testing.assert_allclose(got, np.broadcast_to(want, got.shape), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
         {"gene_likelihood": "zinb", "latent_distribution": "ln", "gene_dispersion": "gene-batch"},
         {"protein_dispersion": "protein-batch", "use_observed_lib_size": True},
         {"protein_dispersion": "protein-label", "gene_dispersion": "gene-label"},

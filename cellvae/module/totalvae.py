@@ -395,12 +395,12 @@ class TOTALVAE(nn.Module):
             labels = labels.repeat(z.shape[0])
         codes = {"gene-batch": cats[0], "protein-batch": cats[0]}
         codes["gene-label"] = codes["protein-label"] = labels
-        px_r = self._by_code(self.px_r, codes.get(self.gene_dispersion))
-        py_r = self._by_code(self.py_r, codes.get(self.protein_dispersion))
+        # exponentiated per feature / category, then gathered: (n, G) values, not (cells, G)
+        theta_x = self._by_code(torch.exp(self.px_r), codes.get(self.gene_dispersion))
+        theta_y = self._by_code(torch.exp(self.py_r), codes.get(self.protein_dispersion))
         if z.dim() == 3:  # per-cell rows (codes were repeated per sample): restore the axis
-            px_r = unflat(px_r) if px_r.dim() == 2 else px_r
-            py_r = unflat(py_r) if py_r.dim() == 2 else py_r
-        theta_x, theta_y = torch.exp(px_r), torch.exp(py_r)
+            theta_x = unflat(theta_x) if theta_x.dim() == 2 else theta_x
+            theta_y = unflat(theta_y) if theta_y.dim() == 2 else theta_y
         mean = {"mu": px_["rate"]}
         if lazy:
             mean = {"scale_logits": px_["scale_logits"], "library": library}

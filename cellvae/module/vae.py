@@ -251,15 +251,14 @@ class VAE(nn.Module):
             self.dispersion, dec_in, lib, *cats, gene_idx=gene_idx, scale_logits=lazy
         )
         px_scale, px_r, px_rate, px_dropout = map(unflat, outputs)
-        if self.dispersion == "gene":
-            px_r = self.px_r
-        elif self.dispersion == "gene-batch":
-            px_r = rows_of(self.px_r, tensors["batch"] if batch is None else batch)
-        elif self.dispersion == "gene-label":
-            px_r = rows_of(self.px_r, tensors["labels"])
-        if gene_idx is not None and self.dispersion != "gene-cell":
-            px_r = px_r[..., gene_idx]
-        theta = torch.exp(px_r)
+        if self.dispersion == "gene-cell":
+            theta = torch.exp(px_r)
+        else:  # exponentiated per gene / category, then gathered: (n, G) values, not (cells, G)
+            theta = torch.exp(self.px_r if gene_idx is None else self.px_r[..., gene_idx])
+            if self.dispersion == "gene-batch":
+                theta = rows_of(theta, tensors["batch"] if batch is None else batch)
+            elif self.dispersion == "gene-label":
+                theta = rows_of(theta, tensors["labels"])
         mean = {"mu": px_rate}
         if lazy:  # px_scale holds the logits
             mean = {"scale_logits": px_scale, "library": torch.exp(library)}
