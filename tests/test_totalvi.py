@@ -1,3 +1,5 @@
+import itertools
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -311,11 +313,13 @@ def test_dispersions_of_each_cell_are_its_categorys_rows(options):
     with torch.no_grad():
         module.px_r.normal_()
         module.py_r.normal_()
-    codes = {"batch": t["batch"].numpy(), "label": t["labels"].numpy()}
     inf = module.inference(t, n_samples=2)
-    for z in (inf["z"][0], inf["z"]):
+    other = 1 - t["batch"]  # the batch override: decoded as if from the other batch
+    for z, batch in itertools.product((inf["z"][0], inf["z"]), (None, other)):
         lib = inf["library"][0] if z.dim() == 2 else inf["library"]
-        gen = module.generative(z, lib, t)
+        gen = module.generative(z, lib, t, batch=batch)
+        codes = {"batch": (t["batch"] if batch is None else batch).numpy()}
+        codes["label"] = t["labels"].numpy()
         for got, param, kind in (
             (gen["px"].theta, module.px_r, options["gene_dispersion"]),
             (gen["py"].theta1, module.py_r, options["protein_dispersion"]),
