@@ -49,15 +49,24 @@ class Clock:
         setattr(owner, attr, timed)
 
 
-def profile(adata: ad.AnnData, n_hidden: int, epochs: int) -> dict[str, float]:
-    """Milliseconds per step of each phase, over the epochs after the first."""
+def training_parts(adata: ad.AnnData, n_hidden: int = 128):
+    """SCVI's tensor data, module (training mode), trainable parameters and Adam, as train() has.
+
+    glibc's heap thresholds are raised as ``train()`` raises them.
+    """
     cellvae.SCVI.setup_anndata(adata, batch_key="batch")
     model = cellvae.SCVI(adata, n_hidden=n_hidden)
     data, _ = model._data(adata)
     module = model._build_module().train()
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = Adam(params, lr=1e-3)
-    _keep_freed_memory_in_heap()  # as train() does
+    _keep_freed_memory_in_heap()
+    return data, module, params, optimizer
+
+
+def profile(adata: ad.AnnData, n_hidden: int, epochs: int) -> dict[str, float]:
+    """Milliseconds per step of each phase, over the epochs after the first."""
+    data, module, params, optimizer = training_parts(adata, n_hidden)
     clock = Clock()
     clock.wrap(module.z_encoder, "forward_kl", "  encoder")
     clock.wrap(module.decoder, "forward", "  decoder")

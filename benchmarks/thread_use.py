@@ -34,20 +34,12 @@ def child(steps: int, ctl: str) -> None:
     import anndata as ad
     import torch
     from _common import init_child
+    from profile_step import training_parts
     from simulate import simulated
 
     init_child(2)
-    import cellvae
-    from cellvae.train import Adam, _keep_freed_memory_in_heap
-
     adata = ad.read_h5ad(simulated(10_000))  # bench_scvi.py's, 2,000 genes, 8% nonzero
-    cellvae.SCVI.setup_anndata(adata, batch_key="batch")
-    model = cellvae.SCVI(adata)
-    data, _ = model._data(adata)
-    module = model._build_module().train()
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = Adam(params, lr=1e-3)
-    _keep_freed_memory_in_heap()  # as train() does
+    data, module, params, optimizer = training_parts(adata)
     idx = torch.arange(adata.n_obs)
 
     def run(n: int, epoch: int) -> int:

@@ -599,7 +599,7 @@ def _poisson_log_prob_sum(x, rate, eps, nz):
 
 
 class _FusedMixtureLogProb(torch.autograd.Function):
-    """:func:`log_mixture_nb` with a shared per-protein ``theta`` by the compiled kernel.
+    """:func:`log_mixture_nb` with a shared ``theta`` (per protein, or per entry) by the kernel.
 
     One call evaluates every entry and, when autograd will need them, its derivatives (about 60
     torch operators forward and backward on small cells × proteins tensors otherwise).
@@ -712,7 +712,8 @@ class NegativeBinomial(Distribution):
         The mean as ``mu = library * softmax(scale_logits, -1)``: a decoder's gene logits
         ``(cells, genes)`` and the library size ``(cells, 1)`` (count scale). ``mu`` is computed
         when first used; :meth:`log_prob_sum` evaluates the softmax inside the compiled
-        likelihood kernel where it can (float32 on the CPU, per-gene ``theta``), without it.
+        likelihood kernel where it can (float32 on the CPU, ``theta`` per gene or of the logits'
+        shape), without it.
 
     Examples
     --------
