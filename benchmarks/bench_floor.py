@@ -125,11 +125,14 @@ def cellvae_step(adata: ad.AnnData, batches: list[np.ndarray], bf16: bool = Fals
     data = [td[torch.from_numpy(b)] for b in batches]
     state = {"i": 0}
 
-    def step():
-        with bf16_products(bf16):
-            out = module(data[state["i"] % len(data)], kl_weight=0.5)
+    def step():  # as train() steps: the hand-written step in float32
+        batch = data[state["i"] % len(data)]
         module.zero_grad()
-        out.loss.backward()
+        out = None if bf16 else module.training_step(batch, 0.5)
+        if out is None:
+            with bf16_products(bf16):
+                out = module(batch, kl_weight=0.5)
+            out.loss.backward()
         opt.step()
         state["i"] += 1
 

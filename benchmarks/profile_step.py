@@ -10,6 +10,7 @@ Python, torch's dispatch of each operator and autograd's bookkeeping.
 
     .venv/bin/python benchmarks/profile_step.py [--hidden 128] [--n-obs 10000] [--epochs 3]
     .venv/bin/python benchmarks/profile_step.py --n-obs 100000 --density 0.18  # as the 1M set
+    .venv/bin/python benchmarks/profile_step.py --autograd  # forward + backward, not training_step
 
 The first epoch is warm-up and not counted. Prints a table (ms per step); writes nothing. This
 is a script, not a test: on a shared VM, repeat it and compare medians.
@@ -64,14 +65,19 @@ def training_parts(adata: ad.AnnData, n_hidden: int = 128):
     return data, module, params, optimizer
 
 
-def profile(adata: ad.AnnData, n_hidden: int, epochs: int) -> dict[str, float]:
-    """Milliseconds per step of each phase, over the epochs after the first."""
+def profile(adata: ad.AnnData, n_hidden: int, epochs: int, autograd: bool) -> dict[str, float]:
+    """Milliseconds per step of each phase, over the epochs after the first.
+
+    As ``train()`` steps: the module's hand-written ``training_step`` (forward and backward in
+    one, the row "forward"), or with ``autograd`` its forward pass and ``loss.backward()``.
+    """
     data, module, params, optimizer = training_parts(adata, n_hidden)
     clock = Clock()
     clock.wrap(module.z_encoder, "forward_kl", "  encoder")
     clock.wrap(module.decoder, "forward", "  decoder")
     clock.wrap(_kernels, "softmax_nb_zinb_log_prob_sum", "  likelihood kernel")
     phases = {"minibatch fetch": 0.0, "forward": 0.0, "backward": 0.0, "Adam": 0.0}
+    fused = None if autograd else module.training_step
     steps = 0
     idx = torch.arange(adata.n_obs)
     for epoch in range(epochs):
@@ -81,9 +87,12 @@ def profile(adata: ad.AnnData, n_hidden: int, epochs: int) -> dict[str, float]:
         t0 = time.perf_counter()
         for batch in data.batches(idx, 128, shuffle=True, generator=gen):
             t1 = time.perf_counter()
-            out = module(batch, kl_weight=1.0)
+            out = None if fused is None else fused(batch, 1.0)
+            if out is None:
+                out = module(batch, kl_weight=1.0)
             t2 = time.perf_counter()
-            out.loss.backward()
+            if out.loss.requires_grad:
+                out.loss.backward()
             t3 = time.perf_counter()
             optimizer.step()
             for p in params:
@@ -107,19 +116,23 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.08, help="nonzero fraction")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=THREADS)
+    parser.add_argument(
+        "--autograd", action="store_true", help="forward + loss.backward(), not training_step"
+    )
     a = parser.parse_args()
     init_child(a.threads)
     data = ad.read_h5ad(simulated(a.n_obs, density=a.density))  # bench_scvi.py's, 2,000 genes
-    full = profile(data, a.hidden, a.epochs)
+    full = profile(data, a.hidden, a.epochs, a.autograd)
     tiny_data = cellvae.datasets.synthetic(a.n_obs, 20, n_batches=4)
-    tiny = profile(tiny_data, 8, a.epochs)
+    tiny = profile(tiny_data, 8, a.epochs, a.autograd)
     order = ["minibatch fetch", "forward", "  encoder", "  decoder", "  likelihood kernel"]
     order += ["backward", "Adam", "step"]
     rows = [
         {"phase": k, "full": f"{full.get(k, 0.0):.2f}", "tiny": f"{tiny.get(k, 0.0):.2f}"}
         for k in order
     ]
-    print(f"SCVI training step, 128 cells, torch threads {a.threads}: ms per step")
+    how = "forward + loss.backward()" if a.autograd else "training_step: forward = forward + backward"
+    print(f"SCVI training step, 128 cells, torch threads {a.threads}, {how}: ms per step")
     density = data.X.nnz / (data.n_obs * data.n_vars)
     print(f"full: {data.n_vars} genes ({density:.1%} nonzero), {a.hidden} hidden; "
           "tiny: 20 genes, 8 hidden (fixed cost)")  # fmt: skip

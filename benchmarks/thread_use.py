@@ -48,7 +48,8 @@ def child(steps: int, ctl: str) -> None:
         for batch in data.batches(idx, 128, shuffle=True, generator=gen):
             if done == n:
                 break
-            module(batch, kl_weight=1.0).loss.backward()
+            if module.training_step(batch, 1.0) is None:  # as train() steps
+                module(batch, kl_weight=1.0).loss.backward()
             optimizer.step()
             for p in params:
                 p.grad = None

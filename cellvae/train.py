@@ -566,6 +566,8 @@ def train_module(
         warmup_steps = 0
 
     params = [p for p in module.parameters() if p.requires_grad]
+    # a module's forward and backward with hand-written gradients, where it has one (float32)
+    fused = None if bf16 else getattr(module, "training_step", None)
     module.zero_grad()  # gradients are freed after each step; the first step starts clean too
     # the bfloat16 products' weights, cast in the optimiser's update instead of each forward pass
     copies = BF16WeightCopies() if bf16 else None
@@ -614,9 +616,11 @@ def train_module(
             kl_weight = _kl_weight(step, warmup_steps)
             for batch in data.batches(train_idx, config.batch_size, shuffle=True, generator=gen):
                 kl_weight = _kl_weight(step, warmup_steps)
-                with bf16_products(bf16):
-                    out = module(batch, kl_weight=kl_weight)
-                out.loss.backward()
+                out = None if fused is None else fused(batch, kl_weight)
+                if out is None:  # not covered by the module's hand-written step
+                    with bf16_products(bf16):
+                        out = module(batch, kl_weight=kl_weight)
+                    out.loss.backward()
                 if config.gradient_clip_val:
                     nn.utils.clip_grad_norm_(params, config.gradient_clip_val)
                 skipped = optimizer.step()  # 1.0 when a gradient was not finite
