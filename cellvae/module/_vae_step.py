@@ -274,7 +274,7 @@ def fused_training_step(module, tensors: dict, kl_weight: float = 1.0) -> LossOu
     grads[enc.mean_encoder.bias], grads[enc.var_encoder.bias] = d_b[:n_lat], d_b[n_lat:]
     _stack_backward(enc_saved, torch.mm(d_mu, w_heads), grads, need_input=False)
 
-    for p in module.parameters():
+    for p in _plan(module)[0]:  # every parameter has its gradient (a KeyError otherwise)
         g = grads[p]
         if p.grad is None:
             p.grad = g
