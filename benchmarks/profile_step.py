@@ -131,7 +131,7 @@ def main() -> None:
         {"phase": k, "full": f"{full.get(k, 0.0):.2f}", "tiny": f"{tiny.get(k, 0.0):.2f}"}
         for k in order
     ]
-    how = "forward + loss.backward()" if a.autograd else "training_step: forward = forward + backward"
+    how = "forward + backward" if a.autograd else "training_step (its forward and backward)"
     print(f"SCVI training step, 128 cells, torch threads {a.threads}, {how}: ms per step")
     density = data.X.nnz / (data.n_obs * data.n_vars)
     print(f"full: {data.n_vars} genes ({density:.1%} nonzero), {a.hidden} hidden; "

@@ -10,7 +10,7 @@ region, i.e. the share of the step in which the second core did no work. It also
 hardware counters of the same steps (``perf stat``): instructions stay within ~0.3% from run to
 run where cycles and wall time move with the VM's load.
 
-    .venv/bin/python benchmarks/thread_use.py [--steps 210]
+    .venv/bin/python benchmarks/thread_use.py [--steps 210] [--autograd]
 
 Needs ``perf`` (Debian's linux-perf) with sampling allowed; prints a table, writes nothing
 outside a temporary folder. A script, not a test.
@@ -29,8 +29,12 @@ import time
 from pathlib import Path
 
 
-def child(steps: int, ctl: str) -> None:
-    """The measured process: warm up one epoch, then time ``steps`` steps with sampling on."""
+def child(steps: int, ctl: str, autograd: bool) -> None:
+    """The measured process: warm up one epoch, then time ``steps`` steps with sampling on.
+
+    Each step as ``train()`` takes it (``training_step``), or with ``autograd`` as the module's
+    forward pass and ``loss.backward()``.
+    """
     import anndata as ad
     import torch
     from _common import init_child
@@ -48,7 +52,7 @@ def child(steps: int, ctl: str) -> None:
         for batch in data.batches(idx, 128, shuffle=True, generator=gen):
             if done == n:
                 break
-            if module.training_step(batch, 1.0) is None:  # as train() steps
+            if autograd or module.training_step(batch, 1.0) is None:
                 module(batch, kl_weight=1.0).loss.backward()
             optimizer.step()
             for p in params:
@@ -70,7 +74,7 @@ def child(steps: int, ctl: str) -> None:
     print(f"CHILD {wall / steps * 1e3:.2f}")
 
 
-def perf_run(args: list[str], tmp: Path, steps: int) -> float:
+def perf_run(args: list[str], tmp: Path, steps: int, autograd: bool) -> float:
     """Run the child under ``perf`` with ``args``; return its ms per step."""
     ctl = tmp / "ctl.fifo"
     if ctl.exists():
@@ -78,6 +82,7 @@ def perf_run(args: list[str], tmp: Path, steps: int) -> float:
     os.mkfifo(ctl)
     cmd = ["perf", *args, "-D", "-1", "--control", f"fifo:{ctl}", "--"]
     cmd += [sys.executable, __file__, "--child", "--steps", str(steps), "--ctl", str(ctl)]
+    cmd += ["--autograd"] if autograd else []
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     line = next(v for v in out.stdout.splitlines() if v.startswith("CHILD "))
     return float(line.split()[1])
@@ -103,16 +108,19 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=210)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ctl", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--autograd", action="store_true", help="forward + loss.backward(), not training_step"
+    )
     a = p.parse_args()
     if a.child:
-        child(a.steps, a.ctl)
+        child(a.steps, a.ctl, a.autograd)
         return
     if shutil.which("perf") is None:
         sys.exit("perf is not installed (Debian: apt-get install linux-perf).")
     tmp = Path(tempfile.mkdtemp(prefix="cellvae_thread_use_"))
     try:
         data = tmp / "perf.data"
-        ms = perf_run(["record", "-F", "2000", "-o", str(data)], tmp, a.steps)
+        ms = perf_run(["record", "-F", "2000", "-o", str(data)], tmp, a.steps, a.autograd)
         script = subprocess.run(
             ["perf", "script", "-i", str(data), "-F", "tid,ip,dso"],
             capture_output=True, text=True, check=True,
@@ -124,7 +132,10 @@ def main() -> None:
                 counts[parts[0]][library(parts[-1])] += 1
         stat = tmp / "stat.txt"
         ms_stat = perf_run(
-            ["stat", "-x", ",", "-e", "instructions,cycles", "-o", str(stat)], tmp, a.steps
+            ["stat", "-x", ",", "-e", "instructions,cycles", "-o", str(stat)],
+            tmp,
+            a.steps,
+            a.autograd,
         )
         counters = {}
         for row in stat.read_text().splitlines():
@@ -135,7 +146,8 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     threads = sorted(counts, key=lambda t: -sum(counts[t].values()))[:2]
     names = ["main thread", "OpenMP worker"]
-    print(f"SCVI training step, 128 cells, 2 threads: {ms:.2f} ms per step ({a.steps} steps)")
+    how = "forward + loss.backward()" if a.autograd else "training_step"
+    print(f"SCVI training step ({how}), 128 cells, 2 threads: {ms:.2f} ms per step")
     for name, tid in zip(names, threads):
         total = sum(counts[tid].values())
         print(f"\n{name} (tid {tid}, {total} samples): share of its samples")

@@ -1,9 +1,11 @@
 """SCVI's training step with its backward pass written out: one call per layer, no autograd.
 
 :meth:`VAE.forward <cellvae.module.VAE.forward>` followed by ``loss.backward()`` runs about 150
-torch operators and 40 autograd nodes a step, each costing 3–10 µs of dispatch on a CPU: with
-the compiled kernels doing the elementwise work, that bookkeeping was a fifth of an SCVI step
-at 128 cells × 2,000 genes (benchmarks/README.md, session 39). Here the same forward pass, loss
+torch operators and 40 autograd nodes a step, each costing 3–10 µs of dispatch on a CPU, while
+the second core waits: with the compiled kernels doing the elementwise work, a step of the
+default model at 128 cells × 2,000 genes took ~10% less time without them, and a tiny
+network's step (its fixed cost) 5.1 → 1.8 ms (benchmarks/README.md, session 39). Here the same
+forward pass, loss
 and gradients are ~30 calls: per hidden layer a product and one compiled batch norm → ReLU →
 dropout (:func:`cellvae._kernels.bn_relu_drop_forward`) forward and back, the latent heads,
 sample and KL in one call each way (:func:`cellvae._kernels.normal_sample_forward`), the decoder's
@@ -18,8 +20,8 @@ gradient from the two gene heads) may round differently. :func:`fused_training_s
 None where it does not cover the model or the minibatch, and the caller then runs the module
 and autograd: continuous covariates, a latent or size-factor library, the Poisson or normal
 likelihood, a per-cell dispersion, the logistic-normal latent, layer norm or no batch norm,
-frozen parameters, anything not float32 on the CPU or a dense minibatch. The tests hold it to
-``forward`` and ``backward`` over those options.
+frozen parameters, hooks or a replaced ``forward``, anything not float32 on the CPU or a dense
+minibatch. The tests hold it to ``forward`` and ``backward`` over those options.
 """
 
 from __future__ import annotations
