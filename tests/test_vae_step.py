@@ -223,3 +223,23 @@ def test_training_takes_the_hand_written_step_and_reaches_the_same_model(monkeyp
         )  # fmt: skip
     z1, z2 = fused.get_latent_representation(), autograd.get_latent_representation()
     torch.testing.assert_close(torch.from_numpy(z1), torch.from_numpy(z2), rtol=1e-3, atol=1e-4)
+
+
+def test_step_follows_parameters_replaced_by_load_state_dict_assign():
+    """``load_state_dict(assign=True)`` swaps the parameter objects: the step reads the new ones."""
+    module, tensors = _module(), _minibatch()
+    assert fused_training_step(module, tensors, 1.0) is not None  # the module's plan is made
+    module.zero_grad()
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    module.load_state_dict({k: v.double() for k, v in state.items()}, assign=True)
+    assert fused_training_step(module, tensors, 1.0) is None  # float64 now
+    module.load_state_dict(state, assign=True)
+    assert all(p.grad is None for p in module.parameters())
+    (ref, _), (fused, _) = _both(module, tensors)
+    for (name, p_ref), p in zip(ref.named_parameters(), fused.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, msg=name)
+    module.zero_grad()
+    torch.manual_seed(1)
+    fused_training_step(module, tensors, 0.3)  # the plan made before the swaps
+    for (name, p_ref), p in zip(ref.named_parameters(), module.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, msg=name)

@@ -57,17 +57,17 @@ def _stack_fuses(stack: FCLayers) -> bool:
     return True
 
 
-def _plan(module) -> tuple[tuple[torch.Tensor, ...], tuple[torch.nn.Module, ...]] | None:
-    """The module's parameters and submodules, or None where its options or layers are not covered.
+def _plan(module) -> tuple[torch.nn.Module, ...] | None:
+    """The module's submodules, or None where its options or layers are not covered.
 
     What does not change between steps, worked out once per module: walking the module tree
-    takes ~50 µs, more than 100 µs on a slow VM.
+    takes ~50 µs, more than 100 µs on a slow VM. (Its parameters are read from the submodules
+    at each step: ``load_state_dict(assign=True)`` replaces them.)
     """
     if module not in _plans:
         from .vae import VAE as _VAE  # (vae.py imports this module)
 
         enc, dec = module.z_encoder, module.decoder
-        params = tuple(module.parameters())
         cls = type(module)
         covered = (
             all(  # a subclass that changes the model: its own code runs
@@ -86,9 +86,8 @@ def _plan(module) -> tuple[tuple[torch.Tensor, ...], tuple[torch.nn.Module, ...]
             and dec.scale_activation == "softmax"
             and _stack_fuses(enc.encoder)
             and _stack_fuses(dec.px_decoder)
-            and all(p.is_contiguous() for p in params)
         )
-        _plans[module] = (params, tuple(module.modules())) if covered else None
+        _plans[module] = tuple(module.modules()) if covered else None
     return _plans[module]
 
 
@@ -98,17 +97,17 @@ _plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def supports(module, tensors: dict) -> bool:
     """Whether :func:`fused_training_step` covers this module and minibatch."""
     x = tensors.get("x")
-    plan = _plan(module)
-    if plan is None:
+    modules = _plan(module)
+    if modules is None:
         return False
-    params, modules = plan
+    params = [p for m in modules for p in m._parameters.values() if p is not None]
     return (
         all(m.training for m in modules)  # batch norm and dropout as in training
         and isinstance(x, CSRBatch)
         and x.shape[0] > 1
         and "cont_covs" not in tensors
-        and all(p.requires_grad for p in params)
-        and _kernels.takes(x.val, params[0])  # the parameters move and change type together
+        and all(p.requires_grad and p.is_contiguous() for p in params)
+        and _kernels.takes(x.val, *params)
         and not _hooked(module, params, modules)
     )
 
@@ -276,8 +275,7 @@ def fused_training_step(module, tensors: dict, kl_weight: float = 1.0) -> LossOu
     grads[enc.mean_encoder.bias], grads[enc.var_encoder.bias] = d_b[:n_lat], d_b[n_lat:]
     _stack_backward(enc_saved, torch.mm(d_mu, w_heads), grads, need_input=False)
 
-    for p in _plan(module)[0]:  # every parameter has its gradient (a KeyError otherwise)
-        g = grads[p]
+    for p, g in grads.items():  # the live parameters (load_state_dict(assign=True) swaps them)
         if p.grad is None:
             p.grad = g
         else:
