@@ -397,6 +397,25 @@ class _BatchNormReLUDropout(torch.autograd.Function):
         return dy, dweight, dbias, None, None, None, None, None, *dtables
 
 
+def bn_fusable(bn: nn.Module) -> bool:
+    """Whether the compiled batch norm → ReLU → dropout kernels can stand for ``bn`` in training.
+
+    Affine, with running statistics and a momentum (what the kernels read and update).
+    """
+    return bn.affine and bn.running_mean is not None and bn.momentum is not None
+
+
+def dropout_masks(drop: Dropout | None) -> tuple[int | None, int, float]:
+    """``(seed, threshold, scale)`` of the kernels' dropout: the masks :meth:`Dropout.lanes` draws.
+
+    Draws the seed from torch's default generator; ``(None, 0, 1.0)`` (no dropout) where
+    ``drop`` is None, in eval mode or of rate 0.
+    """
+    if drop is None or not drop.training or drop.p == 0:
+        return None, 0, 1.0
+    return drop.draw_seed(), drop._threshold, drop._scale
+
+
 def _fuses(bn: nn.Module, x: torch.Tensor, covariates) -> bool:
     """Whether :class:`_BatchNormReLUDropout` applies to ``bn`` on a minibatch like ``x``."""
     return (
@@ -406,9 +425,7 @@ def _fuses(bn: nn.Module, x: torch.Tensor, covariates) -> bool:
         and x.dtype == torch.float32
         and x.dim() == 2
         and x.shape[0] > 1
-        and bn.affine
-        and bn.running_mean is not None
-        and bn.momentum is not None
+        and bn_fusable(bn)
         and _kernels.available()
         and all(
             t.dtype == torch.float32 and t.is_contiguous() and c.shape == x.shape[:1]
@@ -419,9 +436,7 @@ def _fuses(bn: nn.Module, x: torch.Tensor, covariates) -> bool:
 
 def _bn_relu_drop(y, gamma, beta, bn, drop, covariates):
     """Apply :class:`_BatchNormReLUDropout` with ``drop``'s masks (or none)."""
-    seed, threshold, scale = None, 0, 1.0
-    if drop is not None and drop.training and drop.p > 0:  # the masks Dropout.lanes would draw
-        seed, threshold, scale = drop.draw_seed(), drop._threshold, drop._scale
+    seed, threshold, scale = dropout_masks(drop)
     codes = tuple(c.long().contiguous() for _, c in covariates)
     tables = [t for t, _ in covariates]
     return _BatchNormReLUDropout.apply(y, gamma, beta, bn, seed, threshold, scale, codes, *tables)

@@ -32,8 +32,8 @@ from collections.abc import Sequence
 import torch
 
 from .. import _kernels
-from .._sparse import CSRBatch
-from ..nn import FCLayers
+from .._sparse import CSRBatch, row_sums
+from ..nn import FCLayers, bn_fusable, dropout_masks
 from ._base import LossOutput, covariate_codes
 
 _EPS = 1e-8  # the NB / ZINB distributions' floor of theta (their eps)
@@ -45,16 +45,12 @@ def _codes(c: torch.Tensor) -> torch.Tensor:
 
 
 def _stack_fuses(stack: FCLayers) -> bool:
-    """Whether every layer of ``stack`` is linear → batch norm (training) → ReLU (→ dropout)."""
+    """Whether every layer of ``stack`` is linear (with a bias) → batch norm → ReLU (→ dropout)."""
     if not stack._fusable:
         return False
-    for linear, post in zip(stack.linears, stack.post):
-        bn = post[0]
-        if not (bn.affine and bn.momentum is not None and bn.running_mean is not None):
-            return False
-        if linear.bias is None:
-            return False
-    return True
+    return all(
+        bn_fusable(post[0]) and lin.bias is not None for lin, post in zip(stack.linears, stack.post)
+    )
 
 
 def _plan(module) -> tuple[torch.nn.Module, ...] | None:
@@ -155,10 +151,7 @@ def _stack_forward(stack: FCLayers, x, cats: Sequence[torch.Tensor], saved: list
         else:
             y = torch.addmm(linear.bias, x, linear.weight)
         bn = post[0]
-        drop = post[2] if len(post) > 2 else None
-        seed, threshold, scale = None, 0, 1.0
-        if drop is not None and drop.p > 0:  # the masks Dropout.lanes would draw
-            seed, threshold, scale = drop.draw_seed(), drop._threshold, drop._scale
+        seed, threshold, scale = dropout_masks(post[2] if len(post) > 2 else None)
         covariates = [(e.weight, c) for e, c in zip(linear.embeddings, kept)]
         out, mean, invstd = _kernels.bn_relu_drop_forward(
             y, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.momentum, bn.eps,
@@ -229,7 +222,7 @@ def fused_training_step(module, tensors: dict, kl_weight: float = 1.0) -> LossOu
     b_heads = torch.cat([enc.mean_encoder.bias, enc.var_encoder.bias])
     mu = torch.addmm(b_heads, q, w_heads.t())
     _, _, z, kl = _kernels.normal_sample_forward(mu, noise, enc.var_eps)
-    library = torch.exp(torch.log(_kernels.csr_row_sums(x.offsets, x.val)))  # as generative's
+    library = torch.exp(torch.log(row_sums(x))).view(-1)  # as inference and generative make it
 
     # ---- generative: the decoder's logits and dispersions, and the likelihood with gradients
     dec_saved: list[_Layer] = []
