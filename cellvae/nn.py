@@ -1051,6 +1051,8 @@ class EncoderTOTALVI(nn.Module):
     True
     """
 
+    var_eps = 1e-4  # added to the variances of q(z) and q(ℓ)
+
     def __init__(
         self,
         n_input: int,
@@ -1121,12 +1123,16 @@ class EncoderTOTALVI(nn.Module):
         :func:`normal_heads` runs one (float32 CPU); elsewhere it is None.
         """
         q = self.encoder(data, *cat_list)
-        qz_m, qz_v, untran_z, kl_z = normal_heads(q, self.z_mean_encoder, self.z_var_encoder, 1e-4)
+        qz_m, qz_v, untran_z, kl_z = normal_heads(
+            q, self.z_mean_encoder, self.z_var_encoder, self.var_eps
+        )
         z = self.z_transformation(untran_z)
         if not self.latent_library:
             return qz_m, qz_v, None, None, {"z": z, "l": None}, {"z": untran_z, "l": None}, kl_z
         ql = self.l_encoder(data, *cat_list)
-        ql_m, ql_v, untran_l, _ = normal_heads(ql, self.l_mean_encoder, self.l_var_encoder, 1e-4)
+        ql_m, ql_v, untran_l, _ = normal_heads(
+            ql, self.l_mean_encoder, self.l_var_encoder, self.var_eps
+        )
         library = torch.exp(untran_l.clamp(max=_LOG_LIBRARY_MAX))
         latent, untran = {"z": z, "l": library}, {"z": untran_z, "l": untran_l}
         return qz_m, qz_v, ql_m, ql_v, latent, untran, kl_z

@@ -1,9 +1,8 @@
 """SCVI's hand-written training step (cellvae.module._vae_step) against forward + autograd."""
 
-import copy
-
 import pytest
 import torch
+from stepcheck import assert_declines, assert_same_training, both, count_steps, replace_forward
 
 import cellvae
 from cellvae import _kernels
@@ -43,17 +42,7 @@ def _module(n_cat_covs=0, **options):
 
 
 def _both(module, tensors, kl_weight=0.3, seed=1):
-    """(reference module, its output) by forward + backward and (copy, output) by the step."""
-    ref, fused = module, copy.deepcopy(module)
-    torch.manual_seed(seed)
-    out_ref = ref(tensors, kl_weight=kl_weight)
-    out_ref.loss.backward()
-    after_ref = torch.randn(3)  # the random stream after the step
-    torch.manual_seed(seed)
-    out = fused_training_step(fused, tensors, kl_weight)
-    assert out is not None
-    assert torch.equal(torch.randn(3), after_ref)  # the same draws, in the same order
-    return (ref, out_ref), (fused, out)
+    return both(fused_training_step, module, tensors, kl_weight, seed)
 
 
 COVERED = [
@@ -128,11 +117,6 @@ def _forward_hook(module):
     module.z_encoder.register_forward_hook(lambda *args: None)
 
 
-def _forward_replaced(module):
-    forward = module.forward
-    module.forward = lambda tensors, kl_weight=1.0: forward(tensors, kl_weight)
-
-
 class _OwnLoss(VAE):
     def loss(self, tensors, inf, gen, kl_weight=1.0):
         return super().loss(tensors, inf, gen, 2 * kl_weight)
@@ -155,7 +139,7 @@ NOT_COVERED = {
     "float64": (dict(), lambda m: m.double()),
     "gradient hook": (dict(), _gradient_hook),
     "forward hook": (dict(), _forward_hook),
-    "forward replaced": (dict(), _forward_replaced),
+    "forward replaced": (dict(), replace_forward),
     "subclass with its own loss": (dict(), None),
 }
 
@@ -171,15 +155,7 @@ def test_step_declines_other_models_and_changes_nothing(case):
     tensors = _minibatch()
     if case == "float64":
         tensors["x"] = tensors["x"].with_values(tensors["x"].val.double())
-    state = copy.deepcopy(module.state_dict())
-    torch.manual_seed(1)
-    assert fused_training_step(module, tensors, 0.3) is None
-    after = torch.randn(3)
-    torch.manual_seed(1)
-    assert torch.equal(after, torch.randn(3))  # it drew no random number
-    assert all(p.grad is None for p in module.parameters())
-    for key, value in module.state_dict().items():
-        assert torch.equal(value, state[key]), key
+    assert_declines(fused_training_step, module, tensors)
 
 
 def test_step_declines_dense_counts_continuous_covariates_and_single_cells():
@@ -196,33 +172,14 @@ def test_step_declines_dense_counts_continuous_covariates_and_single_cells():
 def test_training_takes_the_hand_written_step_and_reaches_the_same_model(monkeypatch):
     adata = cellvae.datasets.synthetic(400, N_GENES, n_batches=3)
     cellvae.SCVI.setup_anndata(adata, batch_key="batch")
-    calls = {"step": 0, "forward": 0}
-    step, forward = VAE.training_step, VAE.forward
-
-    def counted_step(self, tensors, kl_weight=1.0):
-        out = step(self, tensors, kl_weight)
-        calls["step"] += out is not None
-        return out
-
-    def counted_forward(self, tensors, kl_weight=1.0):
-        calls["forward"] += self.training
-        return forward(self, tensors, kl_weight)
-
-    monkeypatch.setattr(VAE, "forward", counted_forward)
-    monkeypatch.setattr(VAE, "training_step", counted_step)
+    calls = count_steps(monkeypatch, VAE)
     options = dict(max_epochs=3, batch_size=64, progress_bar=False, seed=0, precision="32-true")
     fused = cellvae.SCVI(adata).train(**options)
     assert calls == {"step": 3 * 6, "forward": 0}  # 360 training cells: 6 steps an epoch
     monkeypatch.setattr(VAE, "training_step", lambda self, tensors, kl_weight=1.0: None)
     autograd = cellvae.SCVI(adata).train(**options)
     assert calls["forward"] == 3 * 6
-    for key in ("train_loss", "validation_elbo"):
-        torch.testing.assert_close(
-            torch.tensor(fused.history_[key]), torch.tensor(autograd.history_[key]), rtol=1e-5,
-            atol=0,
-        )  # fmt: skip
-    z1, z2 = fused.get_latent_representation(), autograd.get_latent_representation()
-    torch.testing.assert_close(torch.from_numpy(z1), torch.from_numpy(z2), rtol=1e-3, atol=1e-4)
+    assert_same_training(fused, autograd)
 
 
 def test_step_follows_parameters_replaced_by_load_state_dict_assign():

@@ -41,6 +41,7 @@ from ._base import (
     norm_places,
     rows_of,
 )
+from ._totalvae_step import fused_training_step
 
 GeneDispersion = Literal["gene", "gene-batch", "gene-label"]
 ProteinDispersion = Literal["protein", "protein-batch", "protein-label"]
@@ -504,3 +505,14 @@ class TOTALVAE(nn.Module):
         inf = self.inference(tensors)
         gen = self.generative(inf["z"], inf["library"], tensors, lazy_mean=True)
         return self.loss(tensors, inf, gen, kl_weight)
+
+    def training_step(self, tensors: dict[str, torch.Tensor], kl_weight: float = 1.0):
+        """:meth:`forward` with the gradients written by hand, or None where not covered.
+
+        The loss of the minibatch, with each parameter's gradient added to its ``.grad`` as
+        ``forward(tensors, kl_weight).loss.backward()`` would, without autograd: the compiled
+        kernels, the products and a few elementwise operators between them, forward and back
+        (:mod:`cellvae.module._totalvae_step`). None where that code does not cover the model or
+        the minibatch: the caller then runs :meth:`forward` and ``backward``.
+        """
+        return fused_training_step(self, tensors, kl_weight)
