@@ -461,6 +461,58 @@ def _fused_post(
     return _bn_relu_drop(y, bn.weight, bn.bias, bn, post[2] if len(post) > 2 else None, covariates)
 
 
+def join_layers(stacks: Sequence[FCLayers]) -> tuple[SimpleNamespace, list]:
+    """Stacks of one layer each as one layer of their widths side by side.
+
+    Returns a stand-in for an :class:`FCLayers` of that one layer (``cat_keep``, ``linears``,
+    ``post``), holding the stacks' weights, biases, covariate tables, batch-norm parameters and
+    running statistics joined along their last dimension (its dropout the first stack's), and
+    the ``(joined, parts)`` pairs: :func:`restore_statistics` copies the joined running
+    statistics back into each stack's batch norm. Joined in the caller's grad mode: inside
+    autograd, gradients reach each stack's parameters through the joins.
+    """
+    lins = [s.linears[0] for s in stacks]
+    posts = [s.post[0] for s in stacks]
+    bns = [p[0] for p in posts]
+    pairs = []
+
+    def joined(parts) -> torch.Tensor:
+        parts = list(parts)
+        out = torch.cat(parts, dim=-1)
+        pairs.append((out, parts))
+        return out
+
+    tables = [
+        SimpleNamespace(weight=joined(lin.embeddings[j].weight for lin in lins))
+        for j in range(len(lins[0].embeddings))
+    ]
+    linear = SimpleNamespace(
+        weight=joined(lin.weight for lin in lins),
+        bias=joined(lin.bias for lin in lins),
+        embeddings=tables,
+    )
+    bn = SimpleNamespace(
+        weight=joined(bn.weight for bn in bns),
+        bias=joined(bn.bias for bn in bns),
+        running_mean=joined(bn.running_mean for bn in bns),
+        running_var=joined(bn.running_var for bn in bns),
+        momentum=bns[0].momentum,
+        eps=bns[0].eps,
+    )
+    post = [bn, None, posts[0][2]] if len(posts[0]) > 2 else [bn]
+    stand_in = SimpleNamespace(cat_keep=stacks[0].cat_keep, linears=[linear], post=[post])
+    return stand_in, pairs
+
+
+def restore_statistics(pairs: list) -> None:
+    """Copy the joined running statistics of :func:`join_layers` into each batch norm's."""
+    for joined, parts in pairs:
+        if isinstance(parts[0], nn.Parameter):
+            continue
+        with torch.no_grad():
+            torch._foreach_copy_(parts, list(joined.split([p.shape[-1] for p in parts], dim=-1)))
+
+
 def _side_by_side(
     stacks: Sequence[FCLayers], x: torch.Tensor, cat_list: Sequence[torch.Tensor]
 ) -> list[torch.Tensor] | None:
@@ -487,29 +539,16 @@ def _side_by_side(
         for bn, lin in zip(bns, layers)
     ):
         return None
-
-    def joined(tensors) -> torch.Tensor:
-        return torch.cat(list(tensors), dim=-1)
-
-    y = torch.addmm(joined(lin.bias for lin in layers), x, joined(lin.weight for lin in layers))
-    tables = [joined(lin.embeddings[j].weight for lin in layers) for j in range(len(codes))]
-    stats = SimpleNamespace(
-        running_mean=joined(bn.running_mean for bn in bns),
-        running_var=joined(bn.running_var for bn in bns),
-        momentum=bns[0].momentum,
-        eps=bns[0].eps,
-    )
-    drop = posts[0][2] if len(posts[0]) > 2 else None
-    gamma, beta = joined(bn.weight for bn in bns), joined(bn.bias for bn in bns)
-    out = _bn_relu_drop(y, gamma, beta, stats, drop, list(zip(tables, codes)))
-    widths = [bn.num_features for bn in bns]
-    with torch.no_grad():  # each batch norm's running statistics, as if it had run alone
-        torch._foreach_copy_(
-            [bn.running_mean for bn in bns] + [bn.running_var for bn in bns],
-            [*stats.running_mean.split(widths), *stats.running_var.split(widths)],
-        )
+    joined, pairs = join_layers(stacks)
+    lin, post = joined.linears[0], joined.post[0]
+    y = torch.addmm(lin.bias, x, lin.weight)
+    tables = [e.weight for e in lin.embeddings]
+    drop = post[2] if len(post) > 2 else None
+    out = _bn_relu_drop(y, post[0].weight, post[0].bias, post[0], drop, list(zip(tables, codes)))
+    restore_statistics(pairs)  # each batch norm's running statistics, as if it had run alone
+    with torch.no_grad():
         torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)
-    return list(out.split(widths, dim=1))
+    return list(out.split([bn.num_features for bn in bns], dim=1))
 
 
 def parallel_stacks(

@@ -1,8 +1,8 @@
 """The pieces of the hand-written training steps (:mod:`._vae_step`, :mod:`._totalvae_step`).
 
-A hidden stack of :class:`~cellvae.nn.FCLayers` forward and back with the compiled kernels,
-stacks of one layer each side by side as one wider layer (as :func:`cellvae.nn.parallel_stacks`
-runs them), a linear head's gradients, the checks that a module and minibatch are covered
+A hidden stack of :class:`~cellvae.nn.FCLayers` forward and back with the compiled kernels
+(also the one wider layer of :func:`cellvae.nn.join_layers`), the latent heads, a linear head's
+gradients, the dispersions, the checks that a module and minibatch are covered
 (training mode, trainable float32 parameters, no hooks) and the gradients handed to the
 parameters as ``backward()`` hands them.
 """
@@ -10,13 +10,13 @@ parameters as ``backward()`` hands them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from types import SimpleNamespace
 
 import torch
 
 from .. import _kernels
 from .._sparse import CSRBatch, HStack, _weight_grad
-from ..nn import FCLayers, bn_fusable, dropout_masks
+from ..nn import FCLayers, bn_fusable, dropout_masks, restore_statistics
+from ._base import rows_of
 
 
 def codes_of(c: torch.Tensor) -> torch.Tensor:
@@ -94,7 +94,7 @@ class Layer:
 def stack_forward(stack, x, cats: Sequence[torch.Tensor], saved: list) -> torch.Tensor:
     """The stack's output; each layer's :class:`Layer` appended to ``saved``.
 
-    ``stack`` is an :class:`~cellvae.nn.FCLayers` (or :func:`side_by_side`'s stand-in) and
+    ``stack`` is an :class:`~cellvae.nn.FCLayers` (or :func:`cellvae.nn.join_layers`' stand-in) and
     ``x`` the input of its first layer: a dense matrix, the CSR minibatch whose values are
     already transformed (log1p), or an :class:`~cellvae._sparse.HStack` of it and dense columns.
     ``cats`` are all the covariates' codes (the stack keeps its own).
@@ -192,60 +192,44 @@ class NormalHeads:
         return torch.mm(d_mu, self.weight)
 
 
-def side_by_side(stacks: Sequence[FCLayers]) -> tuple[SimpleNamespace, list]:
-    """Stacks of one layer each as one layer of their widths side by side.
-
-    Returns a stand-in for an :class:`~cellvae.nn.FCLayers` of that one layer, holding the
-    joined weights, biases, covariate tables, batch-norm parameters and running statistics
-    (as :func:`cellvae.nn.parallel_stacks` joins them, its dropout the first stack's), and the
-    ``(joined, parts)`` pairs for :func:`split_back`.
-    """
-    lins = [s.linears[0] for s in stacks]
-    posts = [s.post[0] for s in stacks]
-    bns = [p[0] for p in posts]
-    pairs = []
-
-    def joined(parts) -> torch.Tensor:
-        parts = list(parts)
-        out = torch.cat(parts, dim=-1)
-        pairs.append((out, parts))
-        return out
-
-    tables = [
-        SimpleNamespace(weight=joined(lin.embeddings[j].weight for lin in lins))
-        for j in range(len(lins[0].embeddings))
-    ]
-    linear = SimpleNamespace(
-        weight=joined(lin.weight for lin in lins),
-        bias=joined(lin.bias for lin in lins),
-        embeddings=tables,
-    )
-    bn = SimpleNamespace(
-        weight=joined(bn.weight for bn in bns),
-        bias=joined(bn.bias for bn in bns),
-        running_mean=joined(bn.running_mean for bn in bns),
-        running_var=joined(bn.running_var for bn in bns),
-        momentum=bns[0].momentum,
-        eps=bns[0].eps,
-    )
-    post = [bn, None, posts[0][2]] if len(posts[0]) > 2 else [bn]
-    stand_in = SimpleNamespace(cat_keep=stacks[0].cat_keep, linears=[linear], post=[post])
-    return stand_in, pairs
-
-
 def split_back(pairs: list, grads: dict) -> None:
-    """Each joined tensor's parts: the running statistics copied back, gradients split.
+    """After a step on :func:`cellvae.nn.join_layers`' stand-in: each part's share.
 
-    A joined parameter's gradient in ``grads`` is replaced by its parts' (contiguous, as
-    autograd hands them out); a joined buffer (running statistics) is copied into its parts.
+    The joined running statistics are copied back into each batch norm's; a joined parameter's
+    gradient in ``grads`` is replaced by its parts' (contiguous, as autograd hands them out).
     """
+    restore_statistics(pairs)
     for joined, parts in pairs:
-        widths = [p.shape[-1] for p in parts]
         if joined in grads:
+            widths = [p.shape[-1] for p in parts]
             for p, g in zip(parts, grads.pop(joined).split(widths, dim=-1)):
                 grads[p] = g.contiguous()
-        elif not parts[0].requires_grad:  # a buffer
-            torch._foreach_copy_(parts, list(joined.split(widths, dim=-1)))
+
+
+EPS = 1e-8  # the NB / ZINB / mixture distributions' floor of theta (their eps)
+
+
+class Dispersion:
+    """An inverse dispersion ``exp(param)``: each cell's rows, floored, and their gradient back.
+
+    ``param`` is per feature, or per category and feature (``option`` ending in ``"-batch"``:
+    the cells' batches; else their labels).
+    """
+
+    def __init__(self, param: torch.Tensor, option: str, tensors: dict):
+        self.param, self.theta, self.codes = param, torch.exp(param), None
+        if param.dim() == 2:
+            self.codes = codes_of(tensors["batch" if option.endswith("-batch") else "labels"])
+        rows = self.theta if self.codes is None else rows_of(self.theta, self.codes)
+        self.rows = rows.clamp_min(EPS)
+
+    def backward(self, d_rows: torch.Tensor, grads: dict) -> None:
+        """``param``'s gradient into ``grads`` from that of the rows (per feature: summed)."""
+        d = d_rows
+        if self.codes is not None:  # each category's rows summed
+            d = torch.zeros_like(self.theta).index_add_(0, self.codes, d_rows)
+        # exp's derivative, and none below the floor
+        grads[self.param] = d.mul_(self.theta).masked_fill_(self.theta < EPS, 0.0)
 
 
 def hand_out(grads: dict) -> None:

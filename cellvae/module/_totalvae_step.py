@@ -31,14 +31,16 @@ import torch.nn.functional as F
 
 from .. import _kernels
 from .._sparse import HStack, row_sums
+from ..nn import join_layers
 from ._backprop import (
+    EPS,
+    Dispersion,
     Layer,
     NormalHeads,
     codes_of,
     hand_out,
     head_grads,
     same_model,
-    side_by_side,
     split_back,
     stack_backward,
     stack_forward,
@@ -47,7 +49,6 @@ from ._backprop import (
 )
 from ._base import LossOutput, covariate_codes
 
-_EPS = 1e-8  # the NB / ZINB / mixture distributions' floor of theta (their eps)
 _LOG_BACK_MAX = 60.0  # the decoder's clamp of the log background rate
 
 
@@ -164,7 +165,7 @@ def fused_training_step(module, tensors: dict, kl_weight: float = 1.0) -> LossOu
     stacks = _stacks(dec)
     joined, pairs = None, []
     if all(len(s.linears) == 1 for s in stacks):
-        joined, pairs = side_by_side(stacks)
+        joined, pairs = join_layers(stacks)
         dec_saved = [[]]
         hs = stack_forward(joined, z, cats, dec_saved[0]).split(
             [s.post[0][0].num_features for s in stacks], 1
@@ -199,20 +200,18 @@ def fused_training_step(module, tensors: dict, kl_weight: float = 1.0) -> LossOu
     rate_fore = rate_back * fore
 
     # ---- the likelihoods and KL terms, with the gradients of their row sums
-    theta_x, codes_x = _dispersion(module.px_r, module.gene_dispersion, tensors, batch)
-    rows_x = theta_x if codes_x is None else theta_x.index_select(0, codes_x)
+    theta_x = Dispersion(module.px_r, module.gene_dispersion, tensors)
     row_grad = -1.0 / n_cells  # the loss is the mean over cells of minus the row sums
     log_px, d_logits, d_pi, d_theta_x, _ = _kernels.softmax_nb_zinb_log_prob_sum(
-        logits, library, rows_x.clamp_min(_EPS), pi, x.val, x.row, x.col, _EPS, True,
+        logits, library, theta_x.rows, pi, x.val, x.row, x.col, EPS, True,
         row_grad=row_grad,
     )  # fmt: skip
     rec_genes = log_px.neg_()
-    theta_y, codes_y = _dispersion(module.py_r, module.protein_dispersion, tensors, batch)
-    rows_y = theta_y if codes_y is None else theta_y.index_select(0, codes_y)
+    theta_y = Dispersion(module.py_r, module.protein_dispersion, tensors)
     mask = module.protein_batch_mask
     rec_proteins, kl_back, *unit = _kernels.protein_terms(
-        rate_back, rate_fore, rows_y.clamp_min(_EPS), mixing, y.contiguous(), alpha, beta, batch,
-        mask, module.prior_mean, module.prior_log_scale, _EPS, True,
+        rate_back, rate_fore, theta_y.rows, mixing, y.contiguous(), alpha, beta, batch,
+        mask, module.prior_mean, module.prior_log_scale, EPS, True,
     )  # fmt: skip
     loss = torch.mean(rec_genes + rec_proteins + kl_weight * (kl_z + kl_back))
 
@@ -223,8 +222,9 @@ def fused_training_step(module, tensors: dict, kl_weight: float = 1.0) -> LossOu
     grads: dict[torch.Tensor, torch.Tensor] = {}
     d_rec = torch.full_like(rec_proteins, 1.0 / n_cells)
     d_kl = torch.full_like(kl_back, 1.0 / n_cells).mul_(kl_weight)
+    per_entry = theta_y.rows.dim() == 2
     d_back, d_fore_rate, d_mixing, d_alpha, d_beta, d_theta_y, d_pm, d_pls = (
-        _kernels.protein_terms_backward(d_rec, d_kl, batch, mask.shape[0], unit, rows_y.dim() == 2)
+        _kernels.protein_terms_backward(d_rec, d_kl, batch, mask.shape[0], unit, per_entry)
     )
     grads[module.prior_mean], grads[module.prior_log_scale] = d_pm, d_pls
     d_back.add_(d_fore_rate * fore)  # rate_fore = rate_back · fore
@@ -235,8 +235,8 @@ def fused_training_step(module, tensors: dict, kl_weight: float = 1.0) -> LossOu
     d_beta.add_(d_log.mul_(back_noise))
     d_pre_beta = torch.ops.aten.softplus_backward(d_beta, pre_beta, 1.0, 20.0)
     d_pre_fore = d_fore.masked_fill_(pre_fore <= 0, 0.0)  # ReLU's: none where it gave 0
-    _give_dispersion(module.px_r, theta_x, codes_x, d_theta_x, grads)
-    _give_dispersion(module.py_r, theta_y, codes_y, d_theta_y, grads)
+    theta_x.backward(d_theta_x, grads)
+    theta_y.backward(d_theta_y, grads)
 
     # ---- the heads and stacks of the decoder
     d_hz = heads["px_scale"].backward(d_logits, grads)
@@ -267,18 +267,3 @@ def fused_training_step(module, tensors: dict, kl_weight: float = 1.0) -> LossOu
         kl_local=kl_z + kl_back,
         extra={"reconstruction_protein": rec_proteins, "kl_background": kl_back},
     )
-
-
-def _dispersion(param: torch.Tensor, option: str, tensors: dict, batch: torch.Tensor):
-    """``exp(param)``, and the codes of its rows (batch or label) where it has one per category."""
-    if param.dim() == 1:
-        return torch.exp(param), None
-    return torch.exp(param), batch if option.endswith("-batch") else codes_of(tensors["labels"])
-
-
-def _give_dispersion(param, theta, codes, d_theta, grads: dict) -> None:
-    """The gradient of the log dispersion ``param`` from that of its (floored) rows."""
-    if codes is not None:  # each category's rows summed
-        d_theta = torch.zeros_like(param).index_add_(0, codes, d_theta)
-    # exp's derivative, and none below the floor
-    grads[param] = d_theta.mul_(theta).masked_fill_(theta < _EPS, 0.0)

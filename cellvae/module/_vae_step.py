@@ -33,9 +33,10 @@ import torch
 from .. import _kernels
 from .._sparse import row_sums
 from ._backprop import (
+    EPS,
+    Dispersion,
     Layer,
     NormalHeads,
-    codes_of,
     hand_out,
     head_grads,
     same_model,
@@ -45,8 +46,6 @@ from ._backprop import (
     trainable,
 )
 from ._base import LossOutput, covariate_codes
-
-_EPS = 1e-8  # the NB / ZINB distributions' floor of theta (their eps)
 
 
 def _plan(module) -> tuple[torch.nn.Module, ...] | None:
@@ -122,15 +121,10 @@ def fused_training_step(module, tensors: dict, kl_weight: float = 1.0) -> LossOu
     pi = None
     if drop_head is not None:
         pi = torch.addmm(drop_head.bias, h, drop_head.weight.t())
-    theta = torch.exp(module.px_r)  # per gene, or per category and gene
-    codes = None
-    if module.dispersion != "gene":  # each cell's row of its category
-        key = "batch" if module.dispersion == "gene-batch" else "labels"
-        codes = codes_of(tensors[key])
-    theta_used = (theta if codes is None else theta.index_select(0, codes)).clamp_min(_EPS)
+    theta = Dispersion(module.px_r, module.dispersion, tensors)
     row_grad = -1.0 / n_cells  # the loss is the mean over cells of minus the row sums
     log_px, d_logits, d_pi, d_theta, _ = _kernels.softmax_nb_zinb_log_prob_sum(
-        logits, library, theta_used, pi, x.val, x.row, x.col, _EPS, True, row_grad=row_grad
+        logits, library, theta.rows, pi, x.val, x.row, x.col, EPS, True, row_grad=row_grad
     )
     reconstruction = log_px.neg_()
     loss = torch.mean(reconstruction + kl_weight * kl)
@@ -140,10 +134,7 @@ def fused_training_step(module, tensors: dict, kl_weight: float = 1.0) -> LossOu
 
     # ---- backward
     grads: dict[torch.Tensor, torch.Tensor] = {}
-    if codes is not None:  # each category's rows summed
-        d_theta = torch.zeros_like(theta).index_add_(0, codes, d_theta)
-    # exp's derivative, and none below the floor
-    grads[module.px_r] = d_theta.mul_(theta).masked_fill_(theta < _EPS, 0.0)
+    theta.backward(d_theta, grads)
     head_grads(d_logits, h, dec.px_scale_decoder, grads)
     d_h = torch.mm(d_logits, dec.px_scale_decoder.weight)
     if drop_head is not None:
